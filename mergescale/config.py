@@ -1,0 +1,196 @@
+"""The one config schema (pydantic) shared by the CLI, the Python API and Ray jobs.
+
+A merge config in YAML:
+
+    base: /models/llama-7b
+    experts: [/models/expert-a, {path: /models/expert-b, weight: 0.5}]
+    method: ties
+    parameters: {density: 0.2, trim_scope: global, sign: mass, lambda: 1.0}
+    out_dtype: null          # null = the base's dtype per tensor
+    out_shard_size: 5GB
+    seed: 0
+    tile_mb: 64              # float32 MB of one model's rows held at once
+
+Validation errors name the field and what is allowed (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergescale.merge.methods import REGISTRY, get_method
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each bad field and what is allowed."""
+
+
+def parse_size(value: int | str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 5GB, 512MiB or a byte count")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        m = _SIZE.match(str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ValueError(f"expected a size such as 5GB, 512MiB or a byte count, got {value!r}")
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+class ExpertSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    weight: float = 1.0
+
+
+class ClusterSpec(BaseModel):
+    """How a distributed merge is placed on Ray (ignored by the single-process executor)."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
+    address: str | None = None
+    max_actor_restarts: int = Field(3, ge=0)
+
+
+class MergeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base: str | None = None
+    experts: list[ExpertSpec] = Field(min_length=1)
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    out: str | None = None
+    out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    out_shard_size: int = 5 * 10**9
+    seed: int = Field(0, ge=0)
+    tile_mb: float = Field(64.0, gt=0)
+    tokenizer_source: str = "base"  # "base", "expert:<i>" or a model directory
+    allow_architecture_mismatch: bool = False
+    allow_pickle: bool = False
+    on_nonfinite: Literal["error", "warn"] = "error"
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _expert_strings(cls, v):
+        if isinstance(v, list):
+            return [{"path": e} if isinstance(e, (str, Path)) else e for e in v]
+        return v
+
+    @field_validator("out_shard_size", mode="before")
+    @classmethod
+    def _size(cls, v):
+        return parse_size(v)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v):
+        if v not in REGISTRY:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(REGISTRY))}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_constraints(self):
+        m = get_method(self.method)
+        try:
+            m.params.model_validate(self.parameters)
+        except ValidationError as e:
+            raise ValueError(_format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}")) from None
+        if m.needs_base and not self.base:
+            raise ValueError(f"method {self.method!r} needs a base model: set 'base'")
+        n = len(self.experts)
+        if n < m.min_experts or (m.max_experts is not None and n > m.max_experts):
+            want = f"exactly {m.min_experts}" if m.min_experts == m.max_experts else f"at least {m.min_experts}"
+            raise ValueError(f"method {self.method!r} takes {want} experts, got {n}")
+        if not m.uses_weights and any(e.weight != 1.0 for e in self.experts):
+            raise ValueError(f"method {self.method!r} does not use per-expert weights; remove 'weight' from experts")
+        if self.tokenizer_source.startswith("expert:"):
+            idx = self.tokenizer_source.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= n:
+                raise ValueError(f"tokenizer_source {self.tokenizer_source!r}: expected expert:<0..{n - 1}>")
+        if self.tokenizer_source == "base" and not self.base:
+            self.tokenizer_source = "expert:0"
+        return self
+
+    @property
+    def method_params(self):
+        return get_method(self.method).params.model_validate(self.parameters)
+
+    @property
+    def weights(self) -> list[float]:
+        return [e.weight for e in self.experts]
+
+    @property
+    def tile_bytes(self) -> int:
+        return max(4, int(self.tile_mb * 2**20))
+
+
+def _format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config") -> str:
+    lines = [header + ":"]
+    for err in e.errors():
+        loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        got = err.get("input")
+        got_s = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc or '<root>'}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
+    """A MergeConfig from a MergeConfig, a dict, or a YAML file path; ConfigError names bad fields."""
+    if isinstance(source, MergeConfig):
+        return source
+    where = ""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            source = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        where = f" in {path}"
+        if not isinstance(source, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(source).__name__}")
+        # Relative model paths are relative to the config file, so a config travels with its models.
+        for key in ("base", "out"):
+            if isinstance(source.get(key), str):
+                source[key] = _resolve(path.parent, source[key])
+        if isinstance(source.get("experts"), list):
+            source["experts"] = [
+                _resolve(path.parent, e) if isinstance(e, str)
+                else ({**e, "path": _resolve(path.parent, e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) else e)
+                for e in source["experts"]
+            ]
+    try:
+        return MergeConfig.model_validate(source)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, header=f"invalid merge config{where}")) from None
+
+
+def _resolve(root: Path, p: str) -> str:
+    """A relative path that exists next to the config file is taken from there; anything else (a path relative
+    to the working directory, a hub id such as org/model) is kept as written."""
+    q = Path(p).expanduser()
+    if q.is_absolute() or "://" in p:
+        return str(q)
+    return str((root / q).resolve()) if (root / q).exists() else p

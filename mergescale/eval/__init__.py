@@ -1,0 +1,1 @@
+"""Evaluation: task registry, rank-classification and generation scoring backends, normalized metrics."""

@@ -1,0 +1,281 @@
+"""Lazy reads of Hugging Face model directories (single or sharded safetensors; pickle only when asked).
+
+Opening a checkpoint parses only the safetensors headers: names, shapes, dtypes and byte offsets. A row range of a
+tensor is one contiguous byte range, read straight into a tensor's memory with `preadv`, so memory is bounded by
+the rows asked for, never by the tensor or the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+MAX_HEADER = 100 * 2**20
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A model directory or file that cannot be used; the message names the file (and tensor)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the tensor data in `file`
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def rows(self) -> int:
+        """Tiles are row ranges of dim 0; a scalar is one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return self.numel // self.rows if self.rows else 0
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, bytes]:
+    """Parse and check one safetensors header: (tensors, __metadata__, raw header bytes).
+
+    Detects truncated files (tensor data past the end of the file) and corrupt headers, naming the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_size = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dtype, shape, (begin, end) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {h!r}") from None
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        info = TensorInfo(name, dtype, shape, path, data_start + int(begin), int(end) - int(begin))
+        itemsize = torch.empty((), dtype=info.torch_dtype).element_size()
+        if info.nbytes != info.numel * itemsize or begin < 0:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape {list(shape)} {dtype}"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {name!r} ends at byte {end} of the data section but the file holds "
+                f"only {data_size} bytes of data"
+            )
+        tensors[name] = info
+    return tensors, meta, raw
+
+
+def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} (file truncated while reading?)")
+        done += n
+
+
+class Checkpoint:
+    """A Hugging Face model directory opened lazily.
+
+    `tensors` maps each name to its TensorInfo, in file order (shard, then offset) so reads are sequential.
+    """
+
+    def __init__(self, path: str | Path, allow_pickle: bool = False):
+        self.path = Path(path)
+        self._fds: dict[Path, int] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        self.config = self._read_config()
+        self.files, self.tensors, self.header_bytes = self._open_weights(allow_pickle)
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg}: not valid JSON: {e}") from None
+
+    def _open_weights(self, allow_pickle: bool):
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: model directory does not exist")
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"{index}: lists shard {f.name}, which does not exist in {self.path}")
+        elif single.exists():
+            weight_map, files = None, [single]
+        else:
+            other = sorted(self.path.glob("*.safetensors"))
+            pickles = sorted(p for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if other:
+                weight_map, files = None, other
+            elif pickles:
+                return self._open_pickles(pickles, allow_pickle)
+            else:
+                raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json or *.safetensors found")
+        tensors: dict[str, TensorInfo] = {}
+        headers: dict[str, bytes] = {}
+        for f in files:
+            found, _, raw = read_safetensors_header(f)
+            headers[f.name] = raw
+            for name, info in found.items():
+                if name in tensors:
+                    raise CheckpointError(f"{f}: tensor {name!r} also stored in {tensors[name].file.name}")
+                tensors[name] = info
+        if weight_map is not None:
+            for name, fname in weight_map.items():
+                if name not in tensors or tensors[name].file.name != fname:
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {fname}, but that shard does not contain it")
+        order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
+        return files, {t.name: t for t in order}, headers
+
+    def _open_pickles(self, files: list[Path], allow_pickle: bool):
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{self.path}: holds only pickle checkpoints ({', '.join(f.name for f in files)}); pickle can run "
+                "arbitrary code, so it is not loaded by default. Convert to safetensors, or set allow_pickle: true "
+                "(loaded with torch.load(weights_only=True))."
+            )
+        tensors: dict[str, TensorInfo] = {}
+        headers: dict[str, bytes] = {}
+        for f in files:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
+                raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True): {e}") from None
+            with open(f, "rb") as fh:
+                headers[f.name] = fh.read(65536)
+            for name, t in sd.items():
+                if not isinstance(t, torch.Tensor):
+                    continue
+                t = t.contiguous()
+                self._pickled[name] = t
+                tensors[name] = TensorInfo(name, TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape), f, -1, t.numel() * t.element_size())
+        return files, tensors, headers
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of dim 0 (a scalar: the whole value), in the stored dtype; reads only those bytes."""
+        info = self.tensors[name]
+        shape = (end - start,) + info.shape[1:] if info.shape else ()
+        if name in self._pickled:
+            t = self._pickled[name]
+            return (t[start:end] if info.shape else t).clone()
+        itemsize = info.nbytes // max(info.numel, 1) if info.numel else 0
+        row_bytes = info.row_numel * itemsize
+        nbytes = (end - start) * row_bytes if info.shape else info.nbytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)
+        return buf.view(info.torch_dtype).reshape(shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_rows(name, 0, self.tensors[name].rows)
+
+    def fingerprint(self) -> dict:
+        """Cheap identity of the inputs: each weight file's size and the sha256 of its header bytes."""
+        return {
+            f.name: {"size": f.stat().st_size, "header_sha256": hashlib.sha256(self.header_bytes[f.name]).hexdigest()}
+            for f in self.files
+        }
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face Hub id (org/name), fetched with huggingface_hub
+    (safetensors, configs and tokenizer files only). Fails with a clear message when offline."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{spec}: model directory does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo
+        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: {e}") from None

@@ -1,0 +1,307 @@
+"""The single-process streaming merge, top to bottom.
+
+    open + validate inputs (headers only)  ->  plan units and the output layout  ->  statistics passes
+    (whole-model TIES thresholds; whole-tensor stats of tiled tensors)  ->  merge pass: read one unit's rows
+    from every model, merge in float32, cast, pwrite to the partial output  ->  commit atomically.
+
+Peak memory is a few tiles per model (see MergePlan.estimated_peak_bytes), independent of model size. The
+helpers `unit_statistics`, `merge_unit` and the selection feeders are the same code the Ray actors run
+(mergescale.cluster.merge), so the two paths give identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import mergescale
+from mergescale.config import MergeConfig, load_config
+from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.merge.inputs import (
+    MergeInputError, MergeInputs, MergePlan, Unit, check_output, human_bytes, open_inputs, plan_merge, read_unit,
+)
+from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
+from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
+from mergescale.merge.writer import PartialOutput
+
+log = logging.getLogger(__name__)
+JOURNAL_EVERY_S = 10.0  # how often finished units are made durable (fdatasync + journal line)
+GLOBAL = "*"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Statistics: what each tensor's merge needs beyond its own rows
+
+
+@dataclass
+class MergeStats:
+    """thresholds[scope][expert] = {"min": .., "max": ..}, scope = GLOBAL or a tensor name; sums[tensor] = float64."""
+
+    thresholds: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def prepass_needs(method: MergeMethod, params, plan: MergePlan) -> tuple[bool, list[str], list[str]]:
+    """(global selection?, tensors needing a selection pre-pass, tensors needing a row-stats pre-pass).
+
+    Tensors that fit in one unit get their per-tensor statistics inline, from the rows already read for the merge.
+    """
+    sel = method.selection(params)
+    tiled = [t.name for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
+    return (
+        sel is not None and sel.scope == "global",
+        tiled if sel is not None and sel.scope == "tensor" else [],
+        tiled if method.row_stats is not None else [],
+    )
+
+
+def selection_queries(method: MergeMethod, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
+    ranks = method.selection(params).ranks(n)
+    return [KthQuery((scope, i), k, tag) for i in range(n_experts) for tag, k in ranks.items() if k is not None]
+
+
+def thresholds_from(queries: list[KthQuery], n_experts: int) -> dict[str, list[dict[str, float]]]:
+    out: dict[str, list[dict[str, float]]] = {}
+    for q in queries:
+        scope, i = q.stream
+        out.setdefault(scope, [dict() for _ in range(n_experts)])[i][q.tag] = q.value
+    return out
+
+
+def scope_of(name: str, global_selection: bool) -> str:
+    return GLOBAL if global_selection else name
+
+
+def tile_context(config: MergeConfig, plan_tensor, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
+    return TileContext(
+        name=unit.name,
+        shape=plan_tensor.shape,
+        element_offset=unit.row_start * plan_tensor.row_numel,
+        seed=config.seed,
+        thresholds=stats.thresholds.get(scope, [dict() for _ in range(n_experts)]),
+        stats=stats.sums.get(unit.name),
+    )
+
+
+def feed_selection(selector: StreamingSelector, pass_no: int, method, params, ctx: TileContext, scope: str, base, experts) -> None:
+    for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
+        (selector.add_pass1 if pass_no == 1 else selector.add_pass2)((scope, i), mags)
+
+
+def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, experts, have_sel: bool) -> TileContext:
+    """Per-tensor statistics of a tensor that is a single unit, from its rows already in memory."""
+    updates = {}
+    sel = method.selection(params)
+    if sel is not None and not have_sel:
+        n = experts[0].numel()
+        ranks = sel.ranks(n)
+        mags = method.magnitudes(base, experts, params, ctx)
+        updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
+    if method.row_stats is not None and ctx.stats is None:
+        updates["stats"] = column_totals(method.row_stats(base, experts, params))
+    if not updates:
+        return ctx
+    return TileContext(**{**ctx.__dict__, **updates})
+
+
+def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan, stats: MergeStats, global_sel: bool,
+               unit: Unit, base, experts) -> torch.Tensor:
+    """Merge one unit's rows (float32 inputs) and cast to the output dtype. Integer tensors pass through."""
+    info = _tensor(plan, unit.name)
+    out_dtype = SAFETENSORS_DTYPES[plan.out_dtypes[unit.name]]
+    if not info.is_float:
+        return (base if base is not None else experts[0]).to(out_dtype)
+    scope = scope_of(unit.name, global_sel)
+    ctx = tile_context(config, info, unit, stats, scope, len(experts))
+    ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
+    merged = method.merge(base, experts, config.weights, params, ctx)
+    return merged.to(out_dtype)
+
+
+def _tensor(plan: MergePlan, name: str):
+    if not hasattr(plan, "_by_name"):
+        plan._by_name = {t.name: t for t in plan.tensors}
+    return plan._by_name[name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Passes over units (single process)
+
+
+def _iter_read(inputs: MergeInputs, units: list[Unit], config: MergeConfig, warnings: list[str]):
+    """Yield (unit, base, experts), reading the next unit in a background thread while the caller computes."""
+    if not units:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-read") as pool:
+        fut = pool.submit(read_unit, inputs, units[0], config.on_nonfinite, warnings)
+        for i, unit in enumerate(units):
+            base, experts = fut.result()
+            if i + 1 < len(units):
+                fut = pool.submit(read_unit, inputs, units[i + 1], config.on_nonfinite, warnings)
+            yield unit, base, experts
+
+
+def _bar(total: int, desc: str, progress: bool):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
+
+
+def _unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
+    info = inputs.layout_source.tensors[unit.name]
+    return sum(c.tensors[unit.name].nbytes for c in inputs.all) * (unit.row_end - unit.row_start) // max(info.rows, 1)
+
+
+def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, progress: bool, warnings: list[str]) -> MergeStats:
+    stats = MergeStats()
+    global_sel, sel_tensors, sum_tensors = prepass_needs(method, params, plan)
+    n_exp = len(inputs.experts)
+    # Selection: one selector per scope (the whole model, or each tiled tensor); two passes over its units.
+    groups: list[tuple[str, list[Unit], int]] = []
+    if global_sel:
+        units = [u for t in plan.tensors if t.is_float for u in plan.units_of[t.name]]
+        groups.append((GLOBAL, units, plan.float_numel))
+    for name in sel_tensors:
+        groups.append((name, plan.units_of[name], _tensor(plan, name).numel))
+    for scope, units, n in groups:
+        selector = StreamingSelector(selection_queries(method, params, scope, n, n_exp))
+        for pass_no in (1, 2):
+            label = "whole model" if scope == GLOBAL else scope
+            bar = _bar(sum(_unit_read_bytes(inputs, u) for u in units), f"thresholds {label} pass {pass_no}/2", progress)
+            for unit, base, experts in _iter_read(inputs, units, config, warnings):
+                ctx = tile_context(config, _tensor(plan, unit.name), unit, stats, scope, n_exp)
+                feed_selection(selector, pass_no, method, params, ctx, scope, base, experts)
+                bar.update(_unit_read_bytes(inputs, unit))
+            bar.close()
+            selector.finish_pass1() if pass_no == 1 else selector.finish_pass2()
+        stats.thresholds.update(thresholds_from(selector.queries, n_exp))
+    for name in sum_tensors:
+        parts = []
+        for unit, base, experts in _iter_read(inputs, plan.units_of[name], config, warnings):
+            parts.append(method.row_stats(base, experts, params))
+        stats.sums[name] = column_totals(torch.cat(parts))
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole merge
+
+
+def run_key(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
+    """Identity of a run: a partial output is resumed only by a run with the same config, inputs and layout."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster"}), sort_keys=True).encode())
+    h.update(json.dumps([c.fingerprint() for c in inputs.all], sort_keys=True).encode())
+    h.update(plan.layout.fingerprint().encode())
+    return h.hexdigest()
+
+
+def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, stats: MergeStats, timing: dict, warnings: list[str]) -> dict:
+    def model_entry(c):
+        return {"path": str(c.path), "files": c.fingerprint()}
+
+    thresholds = {scope: th for scope, th in stats.thresholds.items() if scope == GLOBAL}
+    return {
+        "mergescale_version": mergescale.__version__,
+        "created_unix": time.time(),
+        "config": config.model_dump(mode="json", by_alias=True),
+        "inputs": {
+            "base": model_entry(inputs.base) if inputs.base is not None else None,
+            "experts": [model_entry(c) for c in inputs.experts],
+        },
+        "plan": {"tensors": len(plan.tensors), "units": len(plan.units), "bytes_written": plan.write_bytes},
+        "global_thresholds": thresholds or None,
+        "timing": timing,
+        "warnings": warnings,
+    }
+
+
+def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
+    method = get_method(config.method)
+    global_sel, sel_t, sum_t = prepass_needs(method, config.method_params, plan)
+    passes = "2 threshold passes over the whole model + " if global_sel else ""
+    extra = f" (+2 pre-passes over {len(sel_t)} tiled tensors)" if sel_t else ""
+    extra += f" (+1 stats pre-pass over {len(sum_t)} tiled tensors)" if sum_t else ""
+    lines = [
+        f"method            {config.method} {config.method_params.model_dump(by_alias=True)}",
+        f"models            {'base + ' if inputs.base is not None else ''}{len(inputs.experts)} experts",
+        f"tensors           {len(plan.tensors)} ({sum(1 for t in plan.tensors if t.is_float)} merged, the rest copied)",
+        f"units             {len(plan.units)} (tile {human_bytes(config.tile_bytes)} float32 per model)",
+        f"passes            {passes}1 merge pass{extra}",
+        f"bytes to read     {human_bytes(plan.read_bytes(inputs))} per pass",
+        f"bytes to write    {human_bytes(plan.write_bytes)} in {len(plan.layout.shard_names)} shard(s) of <= {human_bytes(config.out_shard_size)}",
+        f"output dtype      {config.out_dtype or 'as the base, per tensor'}",
+        f"est. peak memory  {human_bytes(plan.estimated_peak_bytes())} (independent of model size; lower with tile_mb)",
+    ]
+    return "\n".join(lines)
+
+
+def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, overwrite: bool):
+    """Everything before the first byte is written: config, inputs, validation, plan."""
+    config = load_config(config)
+    out = out or config.out
+    if out is None:
+        raise MergeInputError("no output directory: pass --out DIR (or set 'out' in the config)")
+    out = Path(out)
+    inputs = open_inputs(config)
+    check_output(out, overwrite)
+    plan = plan_merge(config, inputs)
+    return config, out, inputs, plan
+
+
+def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
+              progress: bool = True, dry_run: bool = False, resume: bool = True) -> dict:
+    """Merge on this process. Returns the manifest (or, with dry_run, the plan as a dict and its description)."""
+    config, out, inputs, plan = prepare(config, out, overwrite)
+    method, params = get_method(config.method), config.method_params
+    if dry_run:
+        inputs.close()
+        return {"dry_run": True, "description": describe_plan(config, inputs, plan)}
+    warnings: list[str] = []
+    t0 = time.time()
+    partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan))
+    try:
+        stats = compute_statistics(config, method, params, plan, inputs, progress, warnings)
+        t_stats = time.time() - t0
+        done = partial.open(resume=resume)
+        if done:
+            log.info("resuming %s: %d of %d units already written", out, len(done), len(plan.units))
+        todo = [u for u in plan.units if u.id not in done]
+        global_sel = prepass_needs(method, params, plan)[0]
+        bar = _bar(sum(_unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
+        pending, last_sync, tensors_done = [], time.time(), set()
+        for unit, base, experts in _iter_read(inputs, todo, config, warnings):
+            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
+            partial.write_rows(unit.name, unit.row_start, tile)
+            pending.append(unit.id)
+            if unit.row_end == _tensor(plan, unit.name).rows:
+                tensors_done.add(unit.name)
+            bar.update(_unit_read_bytes(inputs, unit))
+            bar.set_postfix_str(f"tensors {len(tensors_done)}/{len(plan.tensors)}", refresh=False)
+            if time.time() - last_sync > JOURNAL_EVERY_S:
+                partial.mark_done(pending)
+                pending, last_sync = [], time.time()
+        bar.close()
+        timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3)}
+        manifest = build_manifest(config, inputs, plan, stats, timing, warnings)
+        return partial.commit(inputs.metadata_source, manifest, config_updates=_config_updates(config), overwrite=overwrite)
+    except MergeInputError:
+        partial.abort()  # bad data: a rerun would fail the same way, nothing worth keeping
+        raise
+    except BaseException:
+        partial.close()  # crash or interrupt: keep the partial output so a rerun resumes
+        raise
+    finally:
+        inputs.close()
+
+
+def _config_updates(config: MergeConfig) -> dict:
+    if not config.out_dtype:
+        return {}
+    return {"dtype": config.out_dtype}

@@ -1,0 +1,419 @@
+"""Merge methods: pure functions (float32 tensors in, float32 tensor out, no I/O) and their registry.
+
+Notation: theta_b = base, theta_i = expert i (i = 1..N), tau_i = theta_i - theta_b (task vector).
+Every function here is elementwise given its per-tensor or per-model statistics (thresholds, norms), so a tile of
+rows merged alone gives exactly the bytes that the same rows get when the whole tensor is merged. The statistics
+that need the whole tensor or the whole model are computed by the executor before the merge pass (see
+`Selection` and `row_stats`), by the same code on one process or many Ray actors.
+
+Where reference implementations disagree (PAPER.md, "How other implementations differ") an option selects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergescale.merge.masks import dare_keep_mask
+
+# ----------------------------------------------------------------------------------------------------------
+# The math
+
+
+def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [e - base for e in experts]
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i * t_i, accumulated left to right (a fixed order keeps results bitwise reproducible)."""
+    # Separate multiply and add (never add_(alpha=)): ATen fuses alpha into an FMA on its vector path but not on
+    # its scalar tail, which would make a tile's last elements round differently from the same elements mid-tile.
+    acc = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        acc += t * w
+    return acc
+
+
+def average(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
+    """M = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. Paper's Averaging: w_i = 1."""
+    out = weighted_sum(models, weights)
+    if normalize:
+        out.div_(sum(weights))
+    return out
+
+
+def task_arithmetic(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], lam: float) -> torch.Tensor:
+    """M = theta_b + lambda * sum_i w_i tau_i  (Ilharco et al. 2023; paper's Task Arithmetic: w_i = 1)."""
+    return base + lam * weighted_sum(task_vectors(base, experts), weights)
+
+
+def trim(tau: torch.Tensor, low: float = 0.0, high: float = math.inf) -> torch.Tensor:
+    """Keep entries with low <= |tau| < high, zero the rest."""
+    mag = tau.abs()
+    keep = mag >= low
+    if high != math.inf:
+        keep &= mag < high
+    return tau * keep
+
+
+def elect_sign(taus: list[torch.Tensor], mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
+    """gamma = sgn(sum_i tau_i) ("mass", TIES paper and reference code) or sgn(sum_i sgn(tau_i)) ("count")."""
+    if mode == "mass":
+        return torch.sign(weighted_sum(taus, [1.0] * len(taus)))
+    return torch.sign(weighted_sum([torch.sign(t) for t in taus], [1.0] * len(taus)))
+
+
+def disjoint_mean(taus: list[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
+    """Mean over only the nonzero entries whose sign agrees with `sign` (divide by their count, min 1).
+
+    As the TIES reference code (`disjoint_merge`). mergekit instead divides by the sum of agreeing weights.
+    Where the elected sign is 0 (all trimmed entries zero, or an exact cancellation) the update is 0; the
+    reference code would resolve an exact cancellation with the whole model's majority sign.
+    """
+    total = torch.zeros_like(taus[0])
+    count = torch.zeros_like(taus[0])
+    for t in taus:
+        agree = (torch.sign(t) == sign) & (t != 0)
+        total.add_(t * agree)
+        count.add_(agree.to(total.dtype))
+    return total / count.clamp_(min=1.0)
+
+
+def ties(
+    base: torch.Tensor,
+    experts: list[torch.Tensor],
+    thresholds: list[float],
+    lam: float = 1.0,
+    sign_mode: Literal["mass", "count"] = "mass",
+) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023): M = theta_b + lambda * disjoint_mean(trim(tau_i), elect_sign(...)).
+
+    `thresholds[i]` is the magnitude threshold of expert i (entries with |tau_i| >= threshold survive); the
+    executor computes it over the whole model (trim_scope=global, the reference code) or per tensor (mergekit).
+    """
+    trimmed = [trim(t, thr) for t, thr in zip(task_vectors(base, experts), thresholds)]
+    return base + lam * disjoint_mean(trimmed, elect_sign(trimmed, sign_mode))
+
+
+def dare(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """DARE (Yu et al. 2024): drop entries where keep is False (each with probability p), rescale by 1/(1-p).
+
+    Rescale as the paper, MergeLM, FusionBench and PEFT (mergekit matches L1 norms per tensor instead).
+    """
+    if p == 0.0:
+        return tau.clone()
+    return tau * keep / (1.0 - p)
+
+
+def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float = 1e-8, lerp_above: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation: M = sin((1-t)W)/sin(W) v0 + sin(tW)/sin(W) v1, W = arccos(dot).
+
+    `dot` is the cosine between the whole tensors v0 and v1 (computed by the executor over all tiles). Falls
+    back to linear interpolation when |dot| > lerp_above, as mergekit does.
+    """
+    if abs(dot) > lerp_above:
+        return (1.0 - t) * v0 + t * v1
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    s = math.sin(theta)
+    return (math.sin((1.0 - t) * theta) / s) * v0 + (math.sin(t * theta) / s) * v1
+
+
+def model_stock_ratio(cos: float, n: int) -> float:
+    """Model Stock (Jang et al. 2024): t = N cos / (1 + (N - 1) cos), cos = mean pairwise task-vector cosine."""
+    return n * cos / (1.0 + (n - 1) * cos)
+
+
+def model_stock(base: torch.Tensor, experts: list[torch.Tensor], ratio: float) -> torch.Tensor:
+    """M = t * mean_i theta_i + (1 - t) * theta_b, t from `model_stock_ratio` for this tensor."""
+    return ratio * average(experts, [1.0] * len(experts)) + (1.0 - ratio) * base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole-tensor / whole-model statistics the executor provides
+
+
+@dataclass(frozen=True)
+class TileContext:
+    """Where a tile sits: the tensor it belongs to and its first element's flat index in that tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    element_offset: int
+    seed: int = 0
+    thresholds: list[dict[str, float]] = field(default_factory=list)  # per expert: {"min": .., "max": ..}
+    stats: torch.Tensor | None = None  # per-tensor sums from row_stats (float64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Order statistics a method needs of each expert's magnitudes: rank(n) gives 1-based k-th smallest
+    ranks by bound name ("min": keep |x| >= value, "max": keep |x| < value); a None rank means no bound."""
+
+    scope: Literal["global", "tensor"]
+    ranks: Callable[[int], dict[str, int | None]]
+
+
+def ties_ranks(density: float) -> Callable[[int], dict[str, int | None]]:
+    """The TIES reference code's `topk_values_mask`: threshold = (n - floor(d n))-th smallest |tau|, keep
+    |tau| >= threshold. Ties at the threshold are all kept, so at least floor(d n) + 1 entries survive
+    (floor(d n) + 1 exactly when magnitudes are distinct). density 1 keeps everything."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        kept = math.floor(density * n)
+        return {"min": None if kept >= n else n - kept}
+
+    return ranks
+
+
+def breadcrumbs_ranks(density: float, gamma: float) -> Callable[[int], dict[str, int | None]]:
+    """mergekit's `magnitude_outliers`: drop the n_top = floor(gamma n) largest and the n - floor(d n) - n_top
+    smallest magnitudes. As thresholds: keep (n_bot+1)-th smallest <= |tau| < (n - n_top + 1)-th smallest."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        target, n_top = math.floor(density * n), math.floor(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_bot, n_top = 0, n - target
+        return {"min": n_bot + 1 if n_bot > 0 else None, "max": n - n_top + 1 if n_top > 0 else None}
+
+    return ranks
+
+
+def bounds(th: dict[str, float]) -> tuple[float, float]:
+    return th.get("min", 0.0), th.get("max", math.inf)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters (validated by the config schema) and the registry
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AverageParams(_Params):
+    normalize: bool = True
+
+
+class TaskArithmeticParams(_Params):
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class TiesParams(_Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
+    trim_scope: Literal["global", "tensor"] = "global"
+    sign: Literal["mass", "count"] = "mass"
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class DareLinearParams(_Params):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class DareTiesParams(TiesParams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    # DARE already sparsifies; density 1 = no further magnitude trim (mergekit's dare_ties); < 1 also trims
+    # the DARE'd vectors by magnitude (MergeLM's dare + ties_merging).
+    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of each DARE'd task vector kept")
+
+
+class SlerpParams(_Params):
+    t: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class BreadcrumbsParams(_Params):
+    density: float = Field(0.9, gt=0.0, le=1.0)
+    gamma: float = Field(0.01, ge=0.0, lt=1.0)
+    trim_scope: Literal["global", "tensor"] = "tensor"
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class ModelStockParams(_Params):
+    pass
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: parameters, what it needs, and how to merge one tile given its context."""
+
+    name: str
+    params: type[_Params]
+    merge: Callable[..., torch.Tensor]  # (base, experts, weights, params, ctx) -> tensor
+    needs_base: bool = True
+    uses_weights: bool = False
+    min_experts: int = 1
+    max_experts: int | None = None
+    selection: Callable[[_Params], Selection | None] = lambda p: None
+    # Per-expert values whose order statistics `selection` asks for (|tau|, or |DARE(tau)|).
+    magnitudes: Callable[..., list[torch.Tensor]] | None = None
+    # Per-row float64 sums [rows, S] whose column totals over the whole tensor the method needs.
+    row_stats: Callable[..., torch.Tensor] | None = None
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown merge method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def _dared(base, experts, p, ctx):
+    masks = [dare_keep_mask(ctx.seed, i, ctx.name, ctx.element_offset, tuple(e.shape), p) for i, e in enumerate(experts)]
+    return [dare(tau, keep, p) for tau, keep in zip(task_vectors(base, experts), masks)]
+
+
+def _abs(ts):
+    return [t.abs() for t in ts]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View a tile as [rows, cols] in float64 (a 1-D tensor's rows are its elements)."""
+    t = t.to(torch.float64)
+    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+
+
+SUM_BLOCK = 1024
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sum each row of a 2-D tensor in an order that depends only on that row, never on how many rows the tile
+    has or how many threads run: fixed 1024-wide blocks (each far below ATen's parallel grain, so reduced
+    serially), then a sequential scan over the blocks. Whole-tensor statistics summed from tiles are then
+    bitwise the same for any tiling and any number of actors."""
+    rows, cols = x.shape
+    if cols % SUM_BLOCK:
+        x = torch.nn.functional.pad(x, (0, SUM_BLOCK - cols % SUM_BLOCK))
+    return x.reshape(rows, -1, SUM_BLOCK).sum(-1).cumsum(-1)[:, -1]
+
+
+def column_totals(parts: torch.Tensor) -> torch.Tensor:
+    """Totals of per-row statistics [rows, S] -> [S], with the same tiling-independent order."""
+    return row_sums(parts.t().contiguous())
+
+
+register(MergeMethod(
+    name="average",
+    params=AverageParams,
+    needs_base=False,
+    uses_weights=True,
+    merge=lambda base, experts, w, p, ctx: average(experts, w, p.normalize),
+))
+
+register(MergeMethod(
+    name="task_arithmetic",
+    params=TaskArithmeticParams,
+    uses_weights=True,
+    merge=lambda base, experts, w, p, ctx: task_arithmetic(base, experts, w, p.lambda_),
+))
+
+register(MergeMethod(
+    name="ties",
+    params=TiesParams,
+    merge=lambda base, experts, w, p, ctx: ties(base, experts, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign),
+    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)),
+    magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
+))
+
+
+def _dare_linear(base, experts, w, p, ctx):
+    return base + p.lambda_ * weighted_sum(_dared(base, experts, p.p, ctx), w)
+
+
+register(MergeMethod(
+    name="dare_linear",
+    params=DareLinearParams,
+    uses_weights=True,
+    merge=_dare_linear,
+))
+
+
+def _dare_ties(base, experts, w, p, ctx):
+    # TIES on the DARE'd experts: theta_b + DARE(tau_i) are the "experts" TIES sees.
+    dared = [base + d for d in _dared(base, experts, p.p, ctx)]
+    return ties(base, dared, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign)
+
+
+register(MergeMethod(
+    name="dare_ties",
+    params=DareTiesParams,
+    merge=_dare_ties,
+    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)) if p.density < 1.0 else None,
+    magnitudes=lambda base, experts, p, ctx: _abs(_dared(base, experts, p.p, ctx)),
+))
+
+
+def _slerp_stats(base, experts, p):
+    a, b = _rows(experts[0]), _rows(experts[1])
+    return torch.stack([row_sums(a * a), row_sums(b * b), row_sums(a * b)], dim=1)
+
+
+def _slerp(base, experts, w, p, ctx):
+    s00, s11, s01 = (float(x) for x in ctx.stats)
+    n0, n1 = math.sqrt(s00), math.sqrt(s11)
+    dot = 1.0 if n0 <= 1e-8 or n1 <= 1e-8 else s01 / (n0 * n1)  # degenerate: plain lerp
+    return slerp(experts[0], experts[1], p.t, dot)
+
+
+register(MergeMethod(
+    name="slerp",
+    params=SlerpParams,
+    needs_base=False,
+    min_experts=2,
+    max_experts=2,
+    merge=_slerp,
+    row_stats=lambda base, experts, p: _slerp_stats(base, experts, p),
+))
+
+
+def _breadcrumbs(base, experts, w, p, ctx):
+    taus = [trim(t, *bounds(th)) for t, th in zip(task_vectors(base, experts), ctx.thresholds)]
+    return base + p.lambda_ * weighted_sum(taus, w)
+
+
+register(MergeMethod(
+    name="breadcrumbs",
+    params=BreadcrumbsParams,
+    uses_weights=True,
+    merge=_breadcrumbs,
+    selection=lambda p: Selection(p.trim_scope, breadcrumbs_ranks(p.density, p.gamma)),
+    magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
+))
+
+
+def _model_stock_stats(base, experts, p):
+    taus = [_rows(t) for t in task_vectors(base, experts)]
+    cols = [row_sums(t * t) for t in taus]
+    cols += [row_sums(taus[i] * taus[j]) for i in range(len(taus)) for j in range(i + 1, len(taus))]
+    return torch.stack(cols, dim=1)
+
+
+def model_stock_cosine(stats: torch.Tensor, n: int, eps: float = 1e-8) -> float:
+    """Mean pairwise cosine of the task vectors from whole-tensor sums [|tau_1|^2..|tau_N|^2, tau_i.tau_j (i<j)]."""
+    norms = [math.sqrt(float(stats[i])) for i in range(n)]
+    cos, col = [], n
+    for i in range(n):
+        for j in range(i + 1, n):
+            cos.append(float(stats[col]) / max(norms[i] * norms[j], eps))
+            col += 1
+    return sum(cos) / len(cos)
+
+
+register(MergeMethod(
+    name="model_stock",
+    params=ModelStockParams,
+    min_experts=2,
+    merge=lambda base, experts, w, p, ctx: model_stock(base, experts, model_stock_ratio(model_stock_cosine(ctx.stats, len(experts)), len(experts))),
+    row_stats=_model_stock_stats,
+))

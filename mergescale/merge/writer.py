@@ -1,0 +1,285 @@
+"""Writing a merged model: a layout planned up front, rows written in place, one atomic commit.
+
+Because every output tensor's shape and dtype is known before any math runs, the whole output (which shard each
+tensor goes to, its byte offset, every shard's header) is planned first. Shard files are created at full size with
+their headers, and each merged tile is written straight to its final byte range with `pwrite`. So no tensor is
+ever assembled in memory, tiles may arrive in any order (Ray actors write their own rows), and a crashed run
+can resume: a journal in the partial directory lists the units whose bytes are durable.
+
+Everything goes into a hidden sibling directory `.NAME.partial`; `commit` fsyncs it, writes the index and the
+manifest, and renames it to NAME. A directory named NAME is therefore always complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+
+METADATA_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+MANIFEST = "mergescale_manifest.json"
+HASH_CHUNK = 16 * 2**20
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    shard: int
+    offset: int  # absolute byte offset in the shard file
+    nbytes: int
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+
+@dataclass
+class OutputLayout:
+    shard_names: list[str]
+    shard_sizes: list[int]
+    headers: list[bytes]
+    tensors: dict[str, OutTensor]
+
+    @classmethod
+    def plan(cls, specs: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int) -> "OutputLayout":
+        """Greedy in input order: a shard takes tensors until the next would pass max_shard_size."""
+        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for name, dtype, shape in specs:
+            n = 1
+            for s in shape:
+                n *= s
+            nbytes = n * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+            if groups[-1] and size + nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, dtype, tuple(shape), nbytes))
+            size += nbytes
+        k = len(groups)
+        names = ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
+        tensors, headers, sizes = {}, [], []
+        for shard, group in enumerate(groups):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            pos = 0
+            for name, dtype, shape, nbytes in group:
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+                pos += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+            data_start = 8 + len(raw)
+            for name, dtype, shape, nbytes in group:
+                begin = header[name]["data_offsets"][0]
+                tensors[name] = OutTensor(name, dtype, shape, shard, data_start + begin, nbytes)
+            headers.append(len(raw).to_bytes(8, "little") + raw)
+            sizes.append(data_start + pos)
+        return cls(names, sizes, headers, tensors)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, raw in zip(self.shard_names, self.headers):
+            h.update(name.encode())
+            h.update(raw)
+        return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+class PartialOutput:
+    """The hidden directory a merge writes into; `commit` turns it into the real output directory."""
+
+    def __init__(self, out: str | Path, layout: OutputLayout, run_key: str):
+        self.out = Path(out)
+        self.dir = partial_dir(self.out)
+        self.layout = layout
+        self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
+        self._fds: dict[int, int] = {}
+        self._hash: dict[int, tuple[object, int]] = {}
+        self.done: set[int] = set()
+
+    # -- opening: fresh or resumed ----------------------------------------------------------------------------
+    def open(self, resume: bool = True) -> set[int]:
+        """Create the partial directory, or reopen a matching one; returns the unit ids already durable."""
+        marker = self.dir / "run.json"
+        if self.dir.exists():
+            same = marker.exists() and json.loads(marker.read_text()).get("run_key") == self.run_key
+            if resume and same:
+                self.done = self._read_journal()
+                for i in range(len(self.layout.shard_names)):
+                    self._fds[i] = os.open(self.dir / self.layout.shard_names[i], os.O_RDWR)
+                return set(self.done)
+            shutil.rmtree(self.dir)  # left by a different config or inputs: cannot be reused
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir()
+        for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes, self.layout.headers)):
+            fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, size)
+            self._fds[i] = fd
+            self._hash[i] = (hashlib.sha256(header), len(header))
+        marker.write_text(json.dumps({"run_key": self.run_key, "started": time.time()}))
+        return set()
+
+    def _read_journal(self) -> set[int]:
+        path = self.dir / "done.journal"
+        if not path.exists():
+            return set()
+        done = set()
+        for line in path.read_text().splitlines():
+            if line.strip().isdigit():  # a torn last line (crash mid-append) is ignored
+                done.add(int(line))
+        return done
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def write_rows(self, name: str, row_start: int, tile: torch.Tensor) -> int:
+        """Write a tile (already in the output dtype) at rows [row_start, ...) of tensor `name`."""
+        t = self.layout.tensors[name]
+        data = tile.contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = t.offset + row_start * t.row_bytes
+        fd = self._fds[t.shard]
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        # Hash on the fly while a shard is written front to back (the single-process order); else rehash at commit.
+        state = self._hash.get(t.shard)
+        if state is not None:
+            sha, pos = state
+            if pos == offset:
+                sha.update(view)
+                self._hash[t.shard] = (sha, pos + len(view))
+            else:
+                self._hash[t.shard] = None
+        return len(view)
+
+    def mark_done(self, unit_ids: list[int]) -> None:
+        """Make the listed units durable: data first (fdatasync), then the journal line that says so."""
+        if not unit_ids:
+            return
+        for fd in self._fds.values():
+            os.fdatasync(fd)
+        with open(self.dir / "done.journal", "a") as f:
+            f.write("".join(f"{u}\n" for u in unit_ids))
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(unit_ids)
+
+    # -- commit ----------------------------------------------------------------------------------------------
+    def shard_digests(self) -> dict[str, dict]:
+        out = {}
+        for i, name in enumerate(self.layout.shard_names):
+            state = self._hash.get(i)
+            if state is not None and state[1] == self.layout.shard_sizes[i]:
+                digest = state[0].hexdigest()
+            else:
+                sha = hashlib.sha256()
+                with open(self.dir / name, "rb") as f:
+                    while chunk := f.read(HASH_CHUNK):
+                        sha.update(chunk)
+                digest = sha.hexdigest()
+            out[name] = {"size": self.layout.shard_sizes[i], "sha256": digest}
+        return out
+
+    def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None, overwrite: bool = False) -> dict:
+        """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
+
+        Returns the manifest as written (with each shard's size and sha256)."""
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()
+        names = self.layout.shard_names
+        if len(names) > 1:
+            index = {
+                "metadata": {"total_size": self.layout.total_tensor_bytes},
+                "weight_map": {n: names[t.shard] for n, t in self.layout.tensors.items()},
+            }
+            _write_json(self.dir / "model.safetensors.index.json", index)
+        for fname in METADATA_FILES:
+            src = metadata_source / fname
+            if not src.exists():
+                continue
+            if fname == "config.json" and config_updates:
+                _write_json(self.dir / fname, {**json.loads(src.read_text()), **config_updates})
+            else:
+                shutil.copyfile(src, self.dir / fname)
+                _fsync_file(self.dir / fname)
+        manifest = {**manifest, "outputs": self.shard_digests()}
+        _write_json(self.dir / MANIFEST, manifest)
+        for leftover in ("run.json", "done.journal"):
+            (self.dir / leftover).unlink(missing_ok=True)
+        _fsync_dir(self.dir)
+        if self.out.exists():
+            if not overwrite:
+                raise FileExistsError(f"{self.out} appeared while merging; the result is kept in {self.dir}")
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.rename(self.out, old)
+            os.rename(self.dir, self.out)
+            shutil.rmtree(old)
+        else:
+            os.rename(self.dir, self.out)
+        _fsync_dir(self.out.parent)
+        return manifest
+
+    def abort(self) -> None:
+        """Remove the partial directory (a deterministic input error: nothing worth resuming)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Leave the partial directory for a later resume (crash, interrupt)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def layout_to_dict(layout: OutputLayout) -> dict:
+    return {"shards": layout.shard_names, "tensors": {n: asdict(t) for n, t in layout.tensors.items()}}

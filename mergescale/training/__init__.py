@@ -1,0 +1,1 @@
+"""Fine-tuning with DeepSpeed ZeRO: expert, multitask and instruction-tuning recipes."""
