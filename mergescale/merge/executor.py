@@ -48,18 +48,42 @@ class MergeStats:
     thresholds: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def to_json(self) -> dict:
+        # Python floats round-trip exactly through JSON, so a resumed run uses bitwise the same statistics.
+        return {"thresholds": self.thresholds, "sums": {k: v.tolist() for k, v in self.sums.items()}}
 
-def prepass_needs(method: MergeMethod, params, plan: MergePlan) -> tuple[bool, list[str], list[str]]:
-    """(global selection?, tensors needing a selection pre-pass, tensors needing a row-stats pre-pass).
+    @classmethod
+    def from_json(cls, d: dict) -> "MergeStats":
+        return cls(d["thresholds"], {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()})
 
-    Tensors that fit in one unit get their per-tensor statistics inline, from the rows already read for the merge.
-    """
+
+@dataclass
+class StatisticsWork:
+    """What must be read before the merge pass: units for the two selection passes, units for row sums."""
+
+    global_selection: bool
+    selection_units: list[Unit]
+    sum_units: list[Unit]
+    selector: StreamingSelector | None
+
+
+def statistics_work(method: MergeMethod, params, plan: MergePlan, n_experts: int) -> StatisticsWork:
+    """Whole-model thresholds need every float unit; per-tensor statistics of tensors split into several units
+    need those units. A tensor that is a single unit gets its statistics inline, from the rows read to merge it."""
     sel = method.selection(params)
-    tiled = [t.name for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
-    return (
-        sel is not None and sel.scope == "global",
-        tiled if sel is not None and sel.scope == "tensor" else [],
-        tiled if method.row_stats is not None else [],
+    tiled = [t for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
+    queries, sel_units = [], []
+    if sel is not None and sel.scope == "global":
+        sel_units = [u for t in plan.tensors if t.is_float for u in plan.units_of[t.name]]
+        queries = selection_queries(method, params, GLOBAL, plan.float_numel, n_experts)
+    elif sel is not None:
+        sel_units = [u for t in tiled for u in plan.units_of[t.name]]
+        queries = [q for t in tiled for q in selection_queries(method, params, t.name, t.numel, n_experts)]
+    return StatisticsWork(
+        global_selection=sel is not None and sel.scope == "global",
+        selection_units=sel_units,
+        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if method.row_stats is not None else [],
+        selector=StreamingSelector(queries) if queries else None,
     )
 
 
@@ -80,20 +104,33 @@ def scope_of(name: str, global_selection: bool) -> str:
     return GLOBAL if global_selection else name
 
 
-def tile_context(config: MergeConfig, plan_tensor, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
+def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
     return TileContext(
         name=unit.name,
-        shape=plan_tensor.shape,
-        element_offset=unit.row_start * plan_tensor.row_numel,
+        shape=info.shape,
+        element_offset=unit.row_start * info.row_numel,
         seed=config.seed,
         thresholds=stats.thresholds.get(scope, [dict() for _ in range(n_experts)]),
         stats=stats.sums.get(unit.name),
     )
 
 
-def feed_selection(selector: StreamingSelector, pass_no: int, method, params, ctx: TileContext, scope: str, base, experts) -> None:
+def feed_selection(selector: StreamingSelector, pass_no: int, config, method, params, plan, global_sel: bool,
+                   unit: Unit, base, experts) -> None:
+    """Add one unit's magnitudes (per expert) to the selector's pass-1 or pass-2 histograms."""
+    scope = scope_of(unit.name, global_sel)
+    ctx = tile_context(config, plan_tensor(plan, unit.name), unit, MergeStats(), scope, len(experts))
     for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
         (selector.add_pass1 if pass_no == 1 else selector.add_pass2)((scope, i), mags)
+
+
+def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole-tensor sums from per-unit row statistics, concatenated in row order (any tiling, any actor count)."""
+    by_tensor: dict[str, list[Unit]] = {}
+    for u in plan.units:
+        if u.id in parts:
+            by_tensor.setdefault(u.name, []).append(u)
+    return {name: column_totals(torch.cat([parts[u.id] for u in units])) for name, units in by_tensor.items()}
 
 
 def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, experts, have_sel: bool) -> TileContext:
@@ -101,8 +138,7 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
     updates = {}
     sel = method.selection(params)
     if sel is not None and not have_sel:
-        n = experts[0].numel()
-        ranks = sel.ranks(n)
+        ranks = sel.ranks(experts[0].numel())
         mags = method.magnitudes(base, experts, params, ctx)
         updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
     if method.row_stats is not None and ctx.stats is None:
@@ -115,7 +151,7 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
 def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan, stats: MergeStats, global_sel: bool,
                unit: Unit, base, experts) -> torch.Tensor:
     """Merge one unit's rows (float32 inputs) and cast to the output dtype. Integer tensors pass through."""
-    info = _tensor(plan, unit.name)
+    info = plan_tensor(plan, unit.name)
     out_dtype = SAFETENSORS_DTYPES[plan.out_dtypes[unit.name]]
     if not info.is_float:
         return (base if base is not None else experts[0]).to(out_dtype)
@@ -126,7 +162,7 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     return merged.to(out_dtype)
 
 
-def _tensor(plan: MergePlan, name: str):
+def plan_tensor(plan: MergePlan, name: str):
     if not hasattr(plan, "_by_name"):
         plan._by_name = {t.name: t for t in plan.tensors}
     return plan._by_name[name]
@@ -149,43 +185,33 @@ def _iter_read(inputs: MergeInputs, units: list[Unit], config: MergeConfig, warn
             yield unit, base, experts
 
 
-def _bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
 
 
-def _unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
+def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
     info = inputs.layout_source.tensors[unit.name]
     return sum(c.tensors[unit.name].nbytes for c in inputs.all) * (unit.row_end - unit.row_start) // max(info.rows, 1)
 
 
 def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, progress: bool, warnings: list[str]) -> MergeStats:
+    work = statistics_work(method, params, plan, len(inputs.experts))
     stats = MergeStats()
-    global_sel, sel_tensors, sum_tensors = prepass_needs(method, params, plan)
-    n_exp = len(inputs.experts)
-    # Selection: one selector per scope (the whole model, or each tiled tensor); two passes over its units.
-    groups: list[tuple[str, list[Unit], int]] = []
-    if global_sel:
-        units = [u for t in plan.tensors if t.is_float for u in plan.units_of[t.name]]
-        groups.append((GLOBAL, units, plan.float_numel))
-    for name in sel_tensors:
-        groups.append((name, plan.units_of[name], _tensor(plan, name).numel))
-    for scope, units, n in groups:
-        selector = StreamingSelector(selection_queries(method, params, scope, n, n_exp))
+    if work.selector is not None:
+        units = work.selection_units
+        what = "whole model" if work.global_selection else f"{len(units)} tiles of split tensors"
         for pass_no in (1, 2):
-            label = "whole model" if scope == GLOBAL else scope
-            bar = _bar(sum(_unit_read_bytes(inputs, u) for u in units), f"thresholds {label} pass {pass_no}/2", progress)
+            bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in units), f"thresholds pass {pass_no}/2 ({what})", progress)
             for unit, base, experts in _iter_read(inputs, units, config, warnings):
-                ctx = tile_context(config, _tensor(plan, unit.name), unit, stats, scope, n_exp)
-                feed_selection(selector, pass_no, method, params, ctx, scope, base, experts)
-                bar.update(_unit_read_bytes(inputs, unit))
+                feed_selection(work.selector, pass_no, config, method, params, plan, work.global_selection, unit, base, experts)
+                bar.update(unit_read_bytes(inputs, unit))
             bar.close()
-            selector.finish_pass1() if pass_no == 1 else selector.finish_pass2()
-        stats.thresholds.update(thresholds_from(selector.queries, n_exp))
-    for name in sum_tensors:
-        parts = []
-        for unit, base, experts in _iter_read(inputs, plan.units_of[name], config, warnings):
-            parts.append(method.row_stats(base, experts, params))
-        stats.sums[name] = column_totals(torch.cat(parts))
+            work.selector.finish_pass1() if pass_no == 1 else work.selector.finish_pass2()
+        stats.thresholds = thresholds_from(work.selector.queries, len(inputs.experts))
+    if work.sum_units:
+        parts = {unit.id: method.row_stats(base, experts, params)
+                 for unit, base, experts in _iter_read(inputs, work.sum_units, config, warnings)}
+        stats.sums = sums_from(plan, parts)
     return stats
 
 
@@ -202,7 +228,8 @@ def run_key(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
     return h.hexdigest()
 
 
-def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, stats: MergeStats, timing: dict, warnings: list[str]) -> dict:
+def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, stats: MergeStats, timing: dict,
+                   warnings: list[str], extra: dict | None = None) -> dict:
     def model_entry(c):
         return {"path": str(c.path), "files": c.fingerprint()}
 
@@ -219,15 +246,18 @@ def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, st
         "global_thresholds": thresholds or None,
         "timing": timing,
         "warnings": warnings,
+        **(extra or {}),
     }
 
 
 def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
-    method = get_method(config.method)
-    global_sel, sel_t, sum_t = prepass_needs(method, config.method_params, plan)
-    passes = "2 threshold passes over the whole model + " if global_sel else ""
-    extra = f" (+2 pre-passes over {len(sel_t)} tiled tensors)" if sel_t else ""
-    extra += f" (+1 stats pre-pass over {len(sum_t)} tiled tensors)" if sum_t else ""
+    work = statistics_work(get_method(config.method), config.method_params, plan, len(inputs.experts))
+    passes = "2 threshold passes over the whole model + " if work.global_selection else ""
+    extra = ""
+    if work.selection_units and not work.global_selection:
+        extra += f" (+2 threshold passes over {len(work.selection_units)} tiles of split tensors)"
+    if work.sum_units:
+        extra += f" (+1 stats pass over {len(work.sum_units)} tiles of split tensors)"
     lines = [
         f"method            {config.method} {config.method_params.model_dump(by_alias=True)}",
         f"models            {'base + ' if inputs.base is not None else ''}{len(inputs.experts)} experts",
@@ -237,7 +267,7 @@ def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> 
         f"bytes to read     {human_bytes(plan.read_bytes(inputs))} per pass",
         f"bytes to write    {human_bytes(plan.write_bytes)} in {len(plan.layout.shard_names)} shard(s) of <= {human_bytes(config.out_shard_size)}",
         f"output dtype      {config.out_dtype or 'as the base, per tensor'}",
-        f"est. peak memory  {human_bytes(plan.estimated_peak_bytes())} (independent of model size; lower with tile_mb)",
+        f"est. peak memory  {human_bytes(plan.estimated_peak_bytes())} per process (independent of model size; lower with tile_mb)",
     ]
     return "\n".join(lines)
 
@@ -248,16 +278,20 @@ def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, ove
     out = out or config.out
     if out is None:
         raise MergeInputError("no output directory: pass --out DIR (or set 'out' in the config)")
-    out = Path(out)
+    out = Path(out).absolute()
     inputs = open_inputs(config)
-    check_output(out, overwrite)
-    plan = plan_merge(config, inputs)
+    try:
+        check_output(out, overwrite)
+        plan = plan_merge(config, inputs)
+    except BaseException:
+        inputs.close()
+        raise
     return config, out, inputs, plan
 
 
 def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
               progress: bool = True, dry_run: bool = False, resume: bool = True) -> dict:
-    """Merge on this process. Returns the manifest (or, with dry_run, the plan as a dict and its description)."""
+    """Merge on this process. Returns the manifest (or, with dry_run, {"description": the plan})."""
     config, out, inputs, plan = prepare(config, out, overwrite)
     method, params = get_method(config.method), config.method_params
     if dry_run:
@@ -267,30 +301,33 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
     t0 = time.time()
     partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan))
     try:
-        stats = compute_statistics(config, method, params, plan, inputs, progress, warnings)
-        t_stats = time.time() - t0
         done = partial.open(resume=resume)
         if done:
             log.info("resuming %s: %d of %d units already written", out, len(done), len(plan.units))
+        stats = partial.load_stats(MergeStats.from_json)
+        if stats is None:
+            stats = compute_statistics(config, method, params, plan, inputs, progress, warnings)
+            partial.save_stats(stats.to_json())
+        t_stats = time.time() - t0
+        global_sel = statistics_work(method, params, plan, len(inputs.experts)).global_selection
         todo = [u for u in plan.units if u.id not in done]
-        global_sel = prepass_needs(method, params, plan)[0]
-        bar = _bar(sum(_unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
-        pending, last_sync, tensors_done = [], time.time(), set()
+        bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
+        pending, last_sync, tensors_done = [], time.time(), 0
         for unit, base, experts in _iter_read(inputs, todo, config, warnings):
             tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
             partial.write_rows(unit.name, unit.row_start, tile)
             pending.append(unit.id)
-            if unit.row_end == _tensor(plan, unit.name).rows:
-                tensors_done.add(unit.name)
-            bar.update(_unit_read_bytes(inputs, unit))
-            bar.set_postfix_str(f"tensors {len(tensors_done)}/{len(plan.tensors)}", refresh=False)
+            tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
+            bar.update(unit_read_bytes(inputs, unit))
+            bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
             if time.time() - last_sync > JOURNAL_EVERY_S:
                 partial.mark_done(pending)
                 pending, last_sync = [], time.time()
         bar.close()
-        timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3)}
+        timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3),
+                  "units_total": len(plan.units), "units_resumed": len(done)}
         manifest = build_manifest(config, inputs, plan, stats, timing, warnings)
-        return partial.commit(inputs.metadata_source, manifest, config_updates=_config_updates(config), overwrite=overwrite)
+        return partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
     except MergeInputError:
         partial.abort()  # bad data: a rerun would fail the same way, nothing worth keeping
         raise
@@ -301,7 +338,6 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         inputs.close()
 
 
-def _config_updates(config: MergeConfig) -> dict:
-    if not config.out_dtype:
-        return {}
-    return {"dtype": config.out_dtype}
+def config_updates(config: MergeConfig) -> dict:
+    """config.json changes for the output: its dtype when out_dtype overrides the base's."""
+    return {"dtype": config.out_dtype} if config.out_dtype else {}

@@ -39,11 +39,16 @@ def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Ten
 
 
 def average(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """M = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. Paper's Averaging: w_i = 1."""
-    out = weighted_sum(models, weights)
+    """M = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. Paper's Averaging: w_i = 1.
+
+    Accumulated in float64 (one model at a time) and rounded once, so the average of identical models is exactly
+    that model for any weights; in float32, (x + x + x) / 3 != x for about 1 value in 7."""
+    out = models[0].to(torch.float64) * weights[0]
+    for m, w in zip(models[1:], weights[1:]):
+        out += m.to(torch.float64) * w
     if normalize:
         out.div_(sum(weights))
-    return out
+    return out.to(models[0].dtype)
 
 
 def task_arithmetic(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], lam: float) -> torch.Tensor:
@@ -95,8 +100,13 @@ def ties(
     `thresholds[i]` is the magnitude threshold of expert i (entries with |tau_i| >= threshold survive); the
     executor computes it over the whole model (trim_scope=global, the reference code) or per tensor (mergekit).
     """
-    trimmed = [trim(t, thr) for t, thr in zip(task_vectors(base, experts), thresholds)]
-    return base + lam * disjoint_mean(trimmed, elect_sign(trimmed, sign_mode))
+    return base + lam * ties_update(task_vectors(base, experts), thresholds, sign_mode)
+
+
+def ties_update(taus: list[torch.Tensor], thresholds: list[float], sign_mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
+    """The merged task vector of TIES: disjoint_mean(trim(tau_i), elect_sign(...)), trimming the given vectors."""
+    trimmed = [trim(t, thr) for t, thr in zip(taus, thresholds)]
+    return disjoint_mean(trimmed, elect_sign(trimmed, sign_mode))
 
 
 def dare(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -270,7 +280,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 def _dared(base, experts, p, ctx):
-    masks = [dare_keep_mask(ctx.seed, i, ctx.name, ctx.element_offset, tuple(e.shape), p) for i, e in enumerate(experts)]
+    masks = [dare_keep_mask(ctx.seed, i, ctx.name, ctx.element_offset, tuple(e.shape), p).to(e.device) for i, e in enumerate(experts)]
     return [dare(tau, keep, p) for tau, keep in zip(task_vectors(base, experts), masks)]
 
 
@@ -340,9 +350,10 @@ register(MergeMethod(
 
 
 def _dare_ties(base, experts, w, p, ctx):
-    # TIES on the DARE'd experts: theta_b + DARE(tau_i) are the "experts" TIES sees.
-    dared = [base + d for d in _dared(base, experts, p.p, ctx)]
-    return ties(base, dared, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign)
+    # TIES on the DARE'd task vectors themselves: trimming (theta_b + DARE(tau_i)) - theta_b instead would round
+    # them, and entries at the threshold (computed on |DARE(tau_i)|) could fall below it.
+    taus = _dared(base, experts, p.p, ctx)
+    return base + p.lambda_ * ties_update(taus, [bounds(t)[0] for t in ctx.thresholds], p.sign)
 
 
 register(MergeMethod(

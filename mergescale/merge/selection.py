@@ -91,6 +91,14 @@ class StreamingSelector:
     def pass2_buckets(self, stream) -> set[int]:
         return self._buckets.get(stream, set())
 
+    def buckets(self) -> dict:
+        """After pass 1: which high buckets each stream's pass 2 must histogram (sent to Ray actors)."""
+        return {s: set(b) for s, b in self._buckets.items()}
+
+    def set_buckets(self, buckets: dict) -> None:
+        """Prepare a query-less selector (an actor's) to feed pass 2 for the coordinator's buckets."""
+        self._buckets = {s: set(b) for s, b in buckets.items()}
+
     def add_pass2(self, stream, values: torch.Tensor) -> None:
         for bucket in self.pass2_buckets(stream):
             h = lo_histogram(values, bucket)

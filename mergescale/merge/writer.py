@@ -124,7 +124,7 @@ class PartialOutput:
         self.layout = layout
         self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
         self._fds: dict[int, int] = {}
-        self._hash: dict[int, tuple[object, int]] = {}
+        self._hash: dict[int, tuple[object, int] | None] = {}
         self.done: set[int] = set()
 
     # -- opening: fresh or resumed ----------------------------------------------------------------------------
@@ -149,6 +149,41 @@ class PartialOutput:
             self._hash[i] = (hashlib.sha256(header), len(header))
         marker.write_text(json.dumps({"run_key": self.run_key, "started": time.time()}))
         return set()
+
+    def attach(self) -> None:
+        """Open the shard files of a partial directory another process created (a Ray actor writing its rows).
+        Shards written by several processes are hashed at commit, not on the fly."""
+        for i, name in enumerate(self.layout.shard_names):
+            self._fds[i] = os.open(self.dir / name, os.O_RDWR)
+        self._hash.clear()
+
+    def external_writers(self) -> None:
+        """Rows will be written by other processes: hash the shards at commit."""
+        self._hash.clear()
+
+    def sync(self) -> None:
+        for fd in self._fds.values():
+            os.fdatasync(fd)
+
+    def save_stats(self, stats: dict) -> None:
+        """Keep the statistics pass's result so a resumed run does not repeat it."""
+        tmp = self.dir / "stats.json.tmp"
+        _write_json(tmp, stats)
+        os.rename(tmp, self.dir / "stats.json")
+
+    def load_stats(self, parse):
+        path = self.dir / "stats.json"
+        return parse(json.loads(path.read_text())) if path.exists() else None
+
+    def journal(self, unit_ids: list[int]) -> None:
+        """Record units whose bytes their writers have already made durable."""
+        if not unit_ids:
+            return
+        with open(self.dir / "done.journal", "a") as f:
+            f.write("".join(f"{u}\n" for u in unit_ids))
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(unit_ids)
 
     def _read_journal(self) -> set[int]:
         path = self.dir / "done.journal"
@@ -186,13 +221,8 @@ class PartialOutput:
         """Make the listed units durable: data first (fdatasync), then the journal line that says so."""
         if not unit_ids:
             return
-        for fd in self._fds.values():
-            os.fdatasync(fd)
-        with open(self.dir / "done.journal", "a") as f:
-            f.write("".join(f"{u}\n" for u in unit_ids))
-            f.flush()
-            os.fsync(f.fileno())
-        self.done.update(unit_ids)
+        self.sync()
+        self.journal(unit_ids)
 
     # -- commit ----------------------------------------------------------------------------------------------
     def shard_digests(self) -> dict[str, dict]:
@@ -236,7 +266,7 @@ class PartialOutput:
                 _fsync_file(self.dir / fname)
         manifest = {**manifest, "outputs": self.shard_digests()}
         _write_json(self.dir / MANIFEST, manifest)
-        for leftover in ("run.json", "done.journal"):
+        for leftover in ("run.json", "done.journal", "stats.json"):
             (self.dir / leftover).unlink(missing_ok=True)
         _fsync_dir(self.dir)
         if self.out.exists():

@@ -1,0 +1,414 @@
+"""Distributed merge on Ray: K actors each read, merge and write their own row slices.
+
+The flow mirrors the single-process executor (mergescale.merge.executor) and calls the same functions for the
+math, so the output is byte-identical for any number of actors:
+
+    driver: validate + plan (headers only)  ->  create the partial output (shard files with headers)
+    actors: statistics passes on their units -> histograms / row sums  ->  driver adds them, sends thresholds
+    actors: merge pass, pwrite rows into the shared shard files, fdatasync  ->  driver journals finished units
+    driver: commit (index, manifest, atomic rename)
+
+Work is handed out in small batches from per-actor queues balanced by bytes (an idle actor steals from the
+longest queue). A batch whose actor dies is simply handed to another actor: units are idempotent (same bytes to
+the same place), so a lost actor, a lost node or a killed driver (rerun: the journal skips finished units) never
+changes the output. Inputs and the output directory must be on storage every node sees (NFS, Lustre, a PVC).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+
+from mergescale.config import MergeConfig, load_config
+from mergescale.merge.executor import (
+    MergeStats, build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key,
+    statistics_work, sums_from, thresholds_from, unit_read_bytes,
+)
+from mergescale.merge.inputs import MergeInputError, Unit, human_bytes, open_inputs, plan_merge, read_unit
+from mergescale.merge.methods import get_method
+from mergescale.merge.selection import StreamingSelector
+from mergescale.merge.writer import PartialOutput
+
+log = logging.getLogger(__name__)
+BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
+ACTOR_START_TIMEOUT_S = 120.0
+# Testing aid for fault-injection tests: seconds each actor sleeps per unit, so a test can kill mid-merge.
+UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
+
+
+class MergeWorker:
+    """One actor: opens the inputs lazily, holds nothing but the tiles of the unit it is working on."""
+
+    def __init__(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool):
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        self.config = MergeConfig.model_validate(config_json)
+        self.method, self.params = get_method(self.config.method), self.config.method_params
+        self.inputs = open_inputs(self.config)
+        self.plan = plan_merge(self.config, self.inputs)
+        if self.plan.layout.fingerprint() != layout_fingerprint:
+            raise MergeInputError(f"actor on {socket.gethostname()} sees different input files than the driver")
+        self.units = {u.id: u for u in self.plan.units}
+        self.partial = PartialOutput(Path(out), self.plan.layout, key)
+        self.partial.attach()
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.node = ray.get_runtime_context().get_node_id()
+        self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
+        self.stats = MergeStats()
+        self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
+
+    def info(self) -> dict:
+        return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
+
+    def _read(self, unit: Unit):
+        base, experts = read_unit(self.inputs, unit, self.config.on_nonfinite)
+        if self.device.type != "cpu":
+            base = base.to(self.device) if base is not None else None
+            experts = [e.to(self.device) for e in experts]
+        return base, experts
+
+    def selection(self, pass_no: int, unit_ids: list[int], buckets: dict | None = None) -> dict:
+        """This batch's contribution to pass 1 (high-bit histograms) or pass 2 (low-bit histograms)."""
+        sel = StreamingSelector([])
+        if buckets is not None:
+            sel.set_buckets(buckets)
+        for uid in unit_ids:
+            base, experts = self._read(self.units[uid])
+            feed_selection(sel, pass_no, self.config, self.method, self.params, self.plan, self.global_sel,
+                           self.units[uid], base, experts)
+        hists = sel.hi if pass_no == 1 else sel.lo
+        return {k: v.cpu() for k, v in hists.items()}
+
+    def row_stats(self, unit_ids: list[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        for uid in unit_ids:
+            base, experts = self._read(self.units[uid])
+            out[uid] = self.method.row_stats(base, experts, self.params).cpu()
+        return out
+
+    def set_stats(self, stats_json: dict) -> None:
+        self.stats = MergeStats.from_json(stats_json)
+        if self.device.type != "cpu":
+            self.stats.sums = {k: v.to(self.device) for k, v in self.stats.sums.items()}
+
+    def merge(self, unit_ids: list[int]) -> dict:
+        """Merge and write the units, make them durable, and say so (the driver journals them)."""
+        t0, nbytes = time.time(), 0
+        for uid in unit_ids:
+            unit = self.units[uid]
+            base, experts = self._read(unit)
+            tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, self.global_sel, unit, base, experts)
+            self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
+            nbytes += unit_read_bytes(self.inputs, unit)
+            if self.delay:
+                time.sleep(self.delay)
+        self.partial.sync()
+        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node}
+
+
+@dataclass
+class _Slot:
+    """An actor, its queue of batches, and what it is doing: `busy` (a call in flight) or `starting` (a
+    replacement actor's first call, which resolves once it is placed and has opened the inputs)."""
+
+    index: int
+    actor: object
+    queue: deque = field(default_factory=deque)
+    busy: object = None
+    batch: list[int] | None = None
+    starting: object = None
+    bytes: int = 0
+    seconds: float = 0.0
+    units: int = 0
+    node: str | None = None
+
+
+def balanced_batches(units: list[Unit], unit_bytes: dict[int, int], k: int) -> list[deque]:
+    """Split units into k queues of batches with nearly equal bytes (largest first onto the lightest queue),
+    keeping each queue in file order so actors read sequentially."""
+    loads, assigned = [0] * k, [[] for _ in range(k)]
+    for u in sorted(units, key=lambda u: -unit_bytes[u.id]):
+        i = min(range(k), key=lambda j: loads[j])
+        assigned[i].append(u)
+        loads[i] += unit_bytes[u.id]
+    queues = []
+    for mine in assigned:
+        mine.sort(key=lambda u: u.id)
+        q, batch, size = deque(), [], 0
+        for u in mine:
+            if batch and size + unit_bytes[u.id] > BATCH_BYTES:
+                q.append(batch)
+                batch, size = [], 0
+            batch.append(u.id)
+            size += unit_bytes[u.id]
+        if batch:
+            q.append(batch)
+        queues.append(q)
+    return queues
+
+
+_ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+               ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
+
+
+class ActorPool:
+    """K merge actors in a placement group; dead actors are replaced, idle actors steal queued batches."""
+
+    def __init__(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str, workers: int):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = config.cluster
+        self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, spec.num_gpus > 0)
+        bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
+        self.pg = placement_group([bundle] * workers, strategy=spec.placement)
+        ready, _ = ray.wait([self.pg.ready()], timeout=ACTOR_START_TIMEOUT_S)
+        if not ready:
+            ray.util.remove_placement_group(self.pg)
+            raise MergeInputError(
+                f"cannot place {workers} merge workers of {bundle} ({spec.placement}) on this cluster "
+                f"(resources: {ray.cluster_resources()}); lower cluster.workers, num_cpus or num_gpus"
+            )
+        self.remote_cls = ray.remote(MergeWorker)
+        self.resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
+        self.name_prefix = f"mergescale-merge-{key[:10]}"  # named so operators (and tests) can find them
+        self.slots = [
+            _Slot(i, self.remote_cls.options(
+                **self.resources,
+                name=f"{self.name_prefix}-{i}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(*self.args))
+            for i in range(workers)
+        ]
+        infos = ray.get([s.actor.info.remote() for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
+        for s, info in zip(self.slots, infos):
+            s.node = info["node"]
+        self.replacements = 0
+        self.stats_ref = None  # once set, every replacement actor gets the statistics before any merge work
+
+    def _replace(self, slot: _Slot) -> None:
+        """A fresh actor for a dead one, scheduled anywhere (its bundle may have died with its node)."""
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.replacements += 1
+        slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.args)
+        slot.starting = slot.actor.set_stats.remote(self.stats_ref) if self.stats_ref is not None else slot.actor.info.remote()
+        slot.node = None
+
+    def set_stats(self, stats_json: dict) -> None:
+        self.stats_ref = ray.put(stats_json)
+        ray.get([s.actor.set_stats.remote(self.stats_ref) for s in self.slots])
+
+    def run(self, method: str, queues: list[deque], make_args, on_result, max_failures: int) -> None:
+        """Call `method` on every batch, one call in flight per actor; on_result(slot, batch, result).
+
+        A batch whose actor died goes back to the front of that slot's queue (idle actors may steal it) and
+        the actor is replaced. Errors raised by the merge code itself (bad data) propagate."""
+        for slot, q in zip(self.slots, queues):
+            slot.queue = q
+        failures = 0
+        while True:
+            for slot in self.slots:
+                if slot.busy is None and slot.starting is None:
+                    batch = slot.queue.popleft() if slot.queue else self._steal()
+                    if batch is not None:
+                        slot.batch, slot.busy = batch, getattr(slot.actor, method).remote(*make_args(batch))
+            waiting = {s.busy: s for s in self.slots if s.busy is not None}
+            if not waiting and not any(s.queue for s in self.slots):
+                return
+            waiting.update({s.starting: s for s in self.slots if s.starting is not None})
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=ACTOR_START_TIMEOUT_S)
+            if not done:
+                raise RuntimeError(f"no merge worker made progress in {ACTOR_START_TIMEOUT_S:.0f} s")
+            slot = waiting[done[0]]
+            is_start = slot.starting is not None
+            batch = slot.batch
+            if is_start:
+                slot.starting = None
+            else:
+                slot.busy, slot.batch = None, None
+            try:
+                result = ray.get(done[0])
+            except _ACTOR_DIED as e:
+                failures += 1
+                if failures > max_failures:
+                    raise RuntimeError(f"merge workers failed {failures} times; last: {e}") from e
+                log.warning("merge worker %d died (%s)%s; replacing it", slot.index, type(e).__name__,
+                            "" if is_start else f"; its batch of {len(batch)} units is redone")
+                if not is_start:
+                    slot.queue.appendleft(batch)
+                self._replace(slot)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, Exception) else e) from None
+            if not is_start:
+                on_result(slot, batch, result)
+
+    def _steal(self) -> list[int] | None:
+        donor = max(self.slots, key=lambda s: len(s.queue))
+        return donor.queue.pop() if donor.queue else None
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            try:
+                ray.kill(s.actor, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        ray.util.remove_placement_group(self.pg)
+
+
+def _ensure_ray(address: str | None, spec) -> bool:
+    """Connect to `address` (or the Ray this process already runs); with none, start an embedded local Ray.
+    Returns True when this call started Ray (and so must shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or spec.address
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *,
+                          workers: int | None = None, address: str | None = None, overwrite: bool = False,
+                          progress: bool = True, resume: bool = True) -> dict:
+    """Merge on `workers` Ray actors (default: config.cluster.workers). Blocks; returns the manifest."""
+    config = load_config(config)
+    if workers is not None:
+        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"workers": workers})})
+    config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
+    method, params = get_method(config.method), config.method_params
+    started = _ensure_ray(address, config.cluster)
+    pool = partial = None
+    t0 = time.time()
+    try:
+        key = run_key(config, inputs, plan)
+        partial = PartialOutput(out, plan.layout, key)
+        done = partial.open(resume=resume)
+        partial.external_writers()
+        pool = ActorPool(config, out, plan.layout.fingerprint(), key, config.cluster.workers)
+        k = len(pool.slots)
+        unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
+        max_failures = 2 * k + config.cluster.max_actor_restarts * k
+
+        def queues(units):
+            return balanced_batches(units, unit_bytes, k)
+
+        # -- statistics ---------------------------------------------------------------------------------------
+        stats = partial.load_stats(MergeStats.from_json)
+        if stats is None:
+            stats = MergeStats()
+            work = statistics_work(method, params, plan, len(inputs.experts))
+            if work.selector is not None:
+                sel = work.selector
+                for pass_no in (1, 2):
+                    bar = progress_bar(sum(unit_bytes[u.id] for u in work.selection_units),
+                                       f"thresholds pass {pass_no}/2 on {k} workers", progress)
+                    buckets = sel.buckets() if pass_no == 2 else None
+
+                    def add_histograms(slot, batch, hists, pass_no=pass_no, bar=bar):
+                        sel.merge_from(hists if pass_no == 1 else None, hists if pass_no == 2 else None)
+                        bar.update(sum(unit_bytes[u] for u in batch))
+
+                    pool.run("selection", queues(work.selection_units), lambda b, p=pass_no, bk=buckets: (p, b, bk),
+                             add_histograms, max_failures)
+                    bar.close()
+                    sel.finish_pass1() if pass_no == 1 else sel.finish_pass2()
+                stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
+            if work.sum_units:
+                parts: dict[int, torch.Tensor] = {}
+                pool.run("row_stats", queues(work.sum_units), lambda b: (b,),
+                         lambda slot, batch, res: parts.update(res), max_failures)
+                stats.sums = sums_from(plan, parts)
+            partial.save_stats(stats.to_json())
+        t_stats = time.time() - t0
+        pool.set_stats(stats.to_json())
+
+        # -- merge pass ---------------------------------------------------------------------------------------
+        todo = [u for u in plan.units if u.id not in done]
+        bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"merge {config.method} on {k} workers", progress)
+        unit_nodes: dict[int, str] = {}
+
+        def on_merged(slot, batch, res):
+            partial.journal(res["units"])  # the actor already fdatasync'ed these rows
+            slot.bytes += res["bytes"]
+            slot.seconds += res["seconds"]
+            slot.units += len(res["units"])
+            slot.node = res["node"]
+            for u in res["units"]:
+                unit_nodes[u] = res["node"]
+            bar.update(res["bytes"])
+            bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
+
+        pool.run("merge", queues(todo), lambda b: (b,), on_merged, max_failures)
+        bar.close()
+
+        # -- commit -------------------------------------------------------------------------------------------
+        total_s = time.time() - t0
+        per_actor = [
+            {"actor": s.index, "node": s.node, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
+             "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None}
+            for s in pool.slots
+        ]
+        timing = {"statistics_s": round(t_stats, 3), "total_s": round(total_s, 3), "units_total": len(plan.units),
+                  "units_resumed": len(done), "actor_replacements": pool.replacements}
+        extra = {"distributed": {"workers": k, "placement": config.cluster.placement, "actors": per_actor,
+                                 "unit_nodes": {str(u): n for u, n in sorted(unit_nodes.items())}}}
+        manifest = build_manifest(config, inputs, plan, stats, timing, [], extra)
+        manifest = partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
+        if progress:
+            print_actor_summary(per_actor)
+        return manifest
+    except MergeInputError:
+        if partial is not None:
+            partial.abort()
+        raise
+    except BaseException:
+        if partial is not None:
+            partial.close()  # keep for resume
+        raise
+    finally:
+        inputs.close()
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def print_actor_summary(per_actor: list[dict]) -> None:
+    print(f"{'actor':>5}  {'node':<14}{'units':>7}{'read':>12}{'busy s':>9}{'MB/s':>9}")
+    for a in per_actor:
+        print(f"{a['actor']:>5}  {str(a['node'])[:12]:<14}{a['units']:>7}{human_bytes(a['bytes_read']):>12}"
+              f"{a['busy_s']:>9.1f}{(a['MB_per_s'] or 0):>9.1f}")
+
+
+@ray.remote(num_cpus=0)
+def _merge_task(config_json: dict, out: str, workers: int | None, overwrite: bool) -> dict:
+    return run_distributed_merge(config_json, out, workers=workers, overwrite=overwrite, progress=False)
+
+
+def merge_async(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *, workers: int | None = None,
+                overwrite: bool = False):
+    """Non-blocking form for use inside a Ray program: returns an ObjectRef of the manifest.
+
+    The coordinator runs as a zero-CPU Ray task that starts the merge actors; `ray.get(ref)` waits for it.
+    Ray must already be initialized by the caller.
+    """
+    if not ray.is_initialized():
+        raise RuntimeError("merge_async needs a running Ray (call ray.init first); use run_distributed_merge otherwise")
+    config = load_config(config)
+    out = out or config.out
+    if out is None:
+        raise MergeInputError("no output directory: pass out= (or set 'out' in the config)")
+    return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers, overwrite)
