@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,7 @@ def parse_size(value: int | str) -> int:
             raise ValueError(f"expected a size such as 5GB, 512MiB or a byte count, got {value!r}")
         n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if n <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(f"size must be positive, such as 5GB, 512MiB or a byte count, got {value!r}")
     return n
 
 
@@ -64,7 +64,8 @@ class ClusterSpec(BaseModel):
     num_gpus: float = Field(0.0, ge=0)
     placement: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = "SPREAD"
     address: str | None = None
-    max_actor_restarts: int = Field(3, ge=0)
+    max_actor_restarts: int = Field(3, ge=0, description="replacement actors per worker before the merge fails")
+    placement_timeout_s: float = Field(120.0, gt=0, description="wait this long for resources (autoscaling)")
 
 
 class MergeConfig(BaseModel):
@@ -110,7 +111,7 @@ class MergeConfig(BaseModel):
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
-            raise ValueError(_format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}")) from None
+            raise ValueError(_format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}", model=m.params)) from None
         if m.needs_base and not self.base:
             raise ValueError(f"method {self.method!r} needs a base model: set 'base'")
         n = len(self.experts)
@@ -140,19 +141,40 @@ class MergeConfig(BaseModel):
         return max(4, int(self.tile_mb * 2**20))
 
 
-def _format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config") -> str:
+def _format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:
     lines = [header + ":"]
     for err in e.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            msg = "unknown field" + _allowed_fields(model, tuple(err["loc"]))
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         got = err.get("input")
         got_s = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        if got_s and repr(got) in msg:
+            got_s = ""
         lines.append(f"  {loc or '<root>'}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+def _allowed_fields(model: type[BaseModel] | None, loc: tuple) -> str:
+    """'; allowed: ...' for an unknown field at `loc` of `model` (through nested models and lists of them)."""
+
+    def as_model(annotation):
+        for a in (annotation, *get_args(annotation)):
+            if isinstance(a, type) and not get_args(a) and issubclass(a, BaseModel):
+                return a
+        return None
+
+    for part in loc[:-1]:
+        if model is not None and not isinstance(part, int):
+            field = model.model_fields.get(part)
+            model = as_model(field.annotation) if field is not None else None
+    if model is None:
+        return ""
+    names = [f.alias or name for name, f in model.model_fields.items()]
+    return "; allowed: " + (", ".join(names) if names else "none")
 
 
 def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
@@ -171,10 +193,12 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         where = f" in {path}"
         if not isinstance(source, dict):
             raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(source).__name__}")
-        # Relative model paths are relative to the config file, so a config travels with its models.
-        for key in ("base", "out"):
-            if isinstance(source.get(key), str):
-                source[key] = _resolve(path.parent, source[key])
+        # Relative model paths are relative to the config file, so a config travels with its models. The output
+        # does not exist yet, so a relative 'out' is always taken from the config file's directory.
+        if isinstance(source.get("base"), str):
+            source["base"] = _resolve(path.parent, source["base"])
+        if isinstance(source.get("out"), str) and not Path(source["out"]).expanduser().is_absolute():
+            source["out"] = str((path.parent / source["out"]).resolve())
         if isinstance(source.get("experts"), list):
             source["experts"] = [
                 _resolve(path.parent, e) if isinstance(e, str)
@@ -184,7 +208,7 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     try:
         return MergeConfig.model_validate(source)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, header=f"invalid merge config{where}")) from None
+        raise ConfigError(_format_errors(e, header=f"invalid merge config{where}", model=MergeConfig)) from None
 
 
 def _resolve(root: Path, p: str) -> str:

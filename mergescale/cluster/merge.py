@@ -56,8 +56,7 @@ class MergeWorker:
         if self.plan.layout.fingerprint() != layout_fingerprint:
             raise MergeInputError(f"actor on {socket.gethostname()} sees different input files than the driver")
         self.units = {u.id: u for u in self.plan.units}
-        self.partial = PartialOutput(Path(out), self.plan.layout, key)
-        self.partial.attach()
+        self.partial = PartialOutput(Path(out), self.plan.layout, key)  # shard files opened on first write
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id()
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
@@ -101,6 +100,8 @@ class MergeWorker:
     def merge(self, unit_ids: list[int]) -> dict:
         """Merge and write the units, make them durable, and say so (the driver journals them)."""
         t0, nbytes = time.time(), 0
+        if not self.partial._fds:
+            self.partial.attach()
         for uid in unit_ids:
             unit = self.units[uid]
             base, experts = self._read(unit)
@@ -168,8 +169,12 @@ class ActorPool:
         spec = config.cluster
         self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, spec.num_gpus > 0)
         bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
+        have = ray.cluster_resources()
+        if any(have.get(r, 0) < n * workers for r, n in bundle.items()):
+            log.warning("the cluster has %s now; %d workers of %s need more: waiting up to %.0f s for "
+                        "resources (autoscaling)", have, workers, bundle, spec.placement_timeout_s)
         self.pg = placement_group([bundle] * workers, strategy=spec.placement)
-        ready, _ = ray.wait([self.pg.ready()], timeout=ACTOR_START_TIMEOUT_S)
+        ready, _ = ray.wait([self.pg.ready()], timeout=spec.placement_timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
             raise MergeInputError(
@@ -294,10 +299,11 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
     t0 = time.time()
     try:
         key = run_key(config, inputs, plan)
+        pool = ActorPool(config, out, plan.layout.fingerprint(), key, config.cluster.workers)  # placed before any output
+        t_start, t0 = time.time() - t0, time.time()
         partial = PartialOutput(out, plan.layout, key)
         done = partial.open(resume=resume)
         partial.external_writers()
-        pool = ActorPool(config, out, plan.layout.fingerprint(), key, config.cluster.workers)
         k = len(pool.slots)
         unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
         max_failures = 2 * k + config.cluster.max_actor_restarts * k
@@ -361,7 +367,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
              "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None}
             for s in pool.slots
         ]
-        timing = {"statistics_s": round(t_stats, 3), "total_s": round(total_s, 3), "units_total": len(plan.units),
+        timing = {"actor_start_s": round(t_start, 3), "statistics_s": round(t_stats, 3), "total_s": round(total_s + t_start, 3), "units_total": len(plan.units),
                   "units_resumed": len(done), "actor_replacements": pool.replacements}
         extra = {"distributed": {"workers": k, "placement": config.cluster.placement, "actors": per_actor,
                                  "unit_nodes": {str(u): n for u, n in sorted(unit_nodes.items())}}}

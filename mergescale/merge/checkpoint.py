@@ -221,9 +221,15 @@ class Checkpoint:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of dim 0 (a scalar: the whole value), in the stored dtype; reads only those bytes."""
+    def read_rows(self, name: str, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, end) of dim 0 (a scalar: the whole value), in the stored dtype; reads only those bytes.
+
+        `out`: a reusable uint8 buffer of at least the rows' bytes to read into (the result is a view of it); a
+        fresh buffer is allocated otherwise. Reusing one avoids faulting in new pages for every tile."""
         info = self.tensors[name]
+        if not 0 <= start <= end <= info.rows:
+            # Out-of-range rows would silently read the bytes of the next tensor in the file.
+            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
         shape = (end - start,) + info.shape[1:] if info.shape else ()
         if name in self._pickled:
             t = self._pickled[name]
@@ -231,7 +237,7 @@ class Checkpoint:
         itemsize = info.nbytes // max(info.numel, 1) if info.numel else 0
         row_bytes = info.row_numel * itemsize
         nbytes = (end - start) * row_bytes if info.shape else info.nbytes
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)
         return buf.view(info.torch_dtype).reshape(shape)

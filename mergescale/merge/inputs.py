@@ -122,11 +122,16 @@ def check_architectures(inputs: MergeInputs, allow_mismatch: bool) -> None:
             )
 
 
-def check_output(out: Path, overwrite: bool) -> None:
+def check_output(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
     if out.exists() and not overwrite:
         raise MergeInputError(f"output directory {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise MergeInputError(f"output path {out} exists and is not a directory")
+    target = out.resolve()
+    for p in inputs:  # --overwrite would delete an input model (the commit replaces the whole directory)
+        p = Path(p).resolve()
+        if p == target or target in p.parents:
+            raise MergeInputError(f"output directory {out} holds the input model {p}; choose another --out")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,17 +207,31 @@ def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     )
 
 
-def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list[str] | None = None):
+def all_finite(t: torch.Tensor) -> bool:
+    """True iff every value of a float tensor is finite. A float sum is NaN or inf whenever any term is (NaN and inf
+    propagate through every addition order), so one cheap reduction in the stored dtype settles the common case;
+    only a non-finite sum (a bad value, or an overflow of the sum itself) pays for the exact elementwise check."""
+    try:
+        if bool(torch.isfinite(t.sum())):
+            return True
+    except RuntimeError:  # dtypes without a CPU sum (float8): exact check only
+        pass
+    return bool(torch.isfinite(t).all())
+
+
+def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list[str] | None = None,
+              convert: bool = True, buffers: list[torch.Tensor] | None = None):
     """Rows of the unit from the base (None without one) and every expert, as float32 (integers stay as stored).
 
-    Non-finite values are an error naming the model and tensor, or a warning with on_nonfinite='warn'.
+    convert=False keeps float tiles in their stored dtype (callers convert small chunks as they compute, which
+    is much faster than converting whole tiles); `buffers` (one uint8 tensor per model, base first) are reused
+    for the reads. Non-finite values are an error naming the model and tensor, or a warning with on_nonfinite='warn'.
     """
     tiles = []
-    for c in inputs.all:
-        t = c.read_rows(unit.name, unit.row_start, unit.row_end)
+    for j, c in enumerate(inputs.all):
+        t = c.read_rows(unit.name, unit.row_start, unit.row_end, out=buffers[j] if buffers is not None else None)
         if c.tensors[unit.name].is_float:
-            t = t.to(torch.float32)
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 msg = (f"{c.path}: tensor {unit.name!r} (rows {unit.row_start}-{unit.row_end}, file "
                        f"{c.tensors[unit.name].file.name}) has {bad} non-finite values (NaN/inf)")
@@ -221,6 +240,8 @@ def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list
                 log.warning(msg)
                 if warnings is not None:
                     warnings.append(msg)
+            if convert:
+                t = t.to(torch.float32)
         tiles.append(t)
     if inputs.base is None:
         return None, tiles

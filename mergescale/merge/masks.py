@@ -32,10 +32,11 @@ def stream_keys(seed: int, expert: int, tensor_name: str) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
-def uniform_bits(seed: int, expert: int, tensor_name: str, start: int, count: int) -> np.ndarray:
-    """uint32 hash for flat element indices start..start+count-1 of one tensor of one expert.
+def uniform_bits_reference(seed: int, expert: int, tensor_name: str, start: int, count: int) -> np.ndarray:
+    """uint32 hash for flat element indices start..start+count-1 of one tensor of one expert (the definition).
 
     h(i) = mix(mix(lo32(i) ^ k1) ^ hi32(i) ^ k2): two rounds so tensors over 2**32 elements stay distinct.
+    `uniform_bits` computes the same bits faster; this plain numpy form is kept as the specification (tests).
     """
     k1, k2 = stream_keys(seed, expert, tensor_name)
     idx = np.arange(start, start + count, dtype=np.uint64)
@@ -45,6 +46,61 @@ def uniform_bits(seed: int, expert: int, tensor_name: str, start: int, count: in
     h ^= (idx >> np.uint64(32)).astype(np.uint32)
     h ^= np.uint32(k2)
     return _mix32(h)
+
+
+def _shift_xor_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> None:
+    """x ^= x >> shift (logical) on the int32 view of uint32 bits: arithmetic shift, then clear the sign copies."""
+    torch.bitwise_right_shift(x, shift, out=tmp)
+    tmp.bitwise_and_((1 << (32 - shift)) - 1)
+    x.bitwise_xor_(tmp)
+
+
+def _mix32_torch_(x: torch.Tensor, tmp: torch.Tensor) -> None:
+    """lowbias32 in place on a uint32 tensor (uint32 multiply wraps mod 2**32; shifts on its int32 view)."""
+    xi = x.view(torch.int32)
+    _shift_xor_(xi, 16, tmp)
+    x.mul_(0x7FEB352D)
+    _shift_xor_(xi, 15, tmp)
+    x.mul_(0x846CA68B)
+    _shift_xor_(xi, 16, tmp)
+
+
+# Elements hashed per step: small enough that the ~12 in-place passes over a chunk stay in cache.
+HASH_CHUNK = 1 << 16
+
+
+def _hash_chunk_(h: torch.Tensor, tmp: torch.Tensor, k1: int, k2: int, first: int) -> None:
+    """Fill uint32 `h` with the hash of flat indices first..first+len(h)-1 (`tmp`: int32 scratch, same length)."""
+    n = h.numel()
+    if (first & 0xFFFFFFFF) + n <= 2**32:  # one value of hi32(i) in this chunk (always, below 4G elements)
+        h.copy_(torch.arange(first & 0xFFFFFFFF, (first & 0xFFFFFFFF) + n, dtype=torch.int64))  # lo32(i)
+        h.bitwise_xor_(k1)
+        _mix32_torch_(h, tmp)
+        h.bitwise_xor_((first >> 32) ^ k2)
+    else:  # crosses a multiple of 2**32: per-element high words
+        idx = torch.arange(first, first + n, dtype=torch.int64)
+        h.copy_(idx.bitwise_and(0xFFFFFFFF))
+        h.bitwise_xor_(k1)
+        _mix32_torch_(h, tmp)
+        h.bitwise_xor_(idx.bitwise_right_shift(32).to(torch.uint32))
+        h.bitwise_xor_(k2)
+    _mix32_torch_(h, tmp)
+
+
+def uniform_bits_torch(seed: int, expert: int, tensor_name: str, start: int, count: int) -> torch.Tensor:
+    """The bits of `uniform_bits_reference` as a uint32 tensor, computed in cache-sized chunks with torch."""
+    k1, k2 = stream_keys(seed, expert, tensor_name)
+    out = torch.empty(count, dtype=torch.uint32)
+    tmp = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
+    for s in range(0, count, HASH_CHUNK):
+        n = min(HASH_CHUNK, count - s)
+        _hash_chunk_(out[s:s + n], tmp[:n], k1, k2, start + s)
+    return out
+
+
+def uniform_bits(seed: int, expert: int, tensor_name: str, start: int, count: int) -> np.ndarray:
+    """uint32 hash for flat element indices start..start+count-1 of one tensor of one expert (as numpy)."""
+    return uniform_bits_torch(seed, expert, tensor_name, start, count).numpy()
 
 
 def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -57,6 +113,15 @@ def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: 
         count *= s
     if p <= 0.0:
         return torch.ones(shape, dtype=torch.bool)
-    threshold = np.uint32(min(int(round(p * 2**32)), 2**32 - 1))
-    keep = uniform_bits(seed, expert, tensor_name, start, count) >= threshold
-    return torch.from_numpy(keep).reshape(shape)
+    threshold = min(int(round(p * 2**32)), 2**32 - 1)
+    k1, k2 = stream_keys(seed, expert, tensor_name)
+    keep = torch.empty(count, dtype=torch.bool)
+    h = torch.empty(min(count, HASH_CHUNK), dtype=torch.uint32)
+    tmp = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
+    for s in range(0, count, HASH_CHUNK):
+        n = min(HASH_CHUNK, count - s)
+        _hash_chunk_(h[:n], tmp[:n], k1, k2, start + s)
+        # unsigned h >= threshold, as a signed compare of both sides shifted by -2**31 (flip the top bit)
+        hi = h[:n].view(torch.int32).bitwise_xor_(-(2**31))
+        torch.ge(hi, threshold - 2**31, out=keep[s:s + n])
+    return keep.reshape(shape)

@@ -1,0 +1,163 @@
+"""Shared fixtures: tiny Llama checkpoints built locally once per session, and helpers to read and forge them.
+
+Families (all float32 unless noted, random init from `mergescale.tiny`, >= 2 safetensors shards):
+  family   hidden 64, 2 layers, BPE tokenizer; base + 3 experts (reference comparisons, I/O, CLI)
+  micro    hidden 32, 1 layer, vocab 64, no tokenizer; base + 3 experts (cheap: many tile sizes)
+  scaled   the family base + 2 experts whose task vectors have very different scales per tensor
+  bf16     hidden 64 in bfloat16; base + 2 experts
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mergescale.tiny import build_tiny_llama, make_expert
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+# The tensors here are tiny: intra-op threads only add OpenMP barrier waits (seconds per merge on a loaded machine).
+torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Family:
+    base: Path
+    experts: list[Path]
+
+    @property
+    def expert_strs(self) -> list[str]:
+        return [str(e) for e in self.experts]
+
+
+def shard_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def load_sd(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, as stored (dtype kept)."""
+    sd: dict[str, torch.Tensor] = {}
+    for f in shard_files(model_dir):
+        part = load_file(str(f))
+        assert not set(part) & set(sd), f"tensor stored twice in {model_dir}"
+        sd.update(part)
+    return sd
+
+
+def load_f32(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    return {k: v.to(torch.float32) for k, v in load_sd(model_dir).items()}
+
+
+def header_dtypes(model_dir: str | Path) -> dict[str, str]:
+    out = {}
+    for f in shard_files(model_dir):
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        header.pop("__metadata__", None)
+        out.update({k: v["dtype"] for k, v in header.items()})
+    return out
+
+
+def weight_map(model_dir: str | Path) -> dict[str, str]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    out = {}
+    for f in shard_files(model_dir):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: f.name for k in h.keys()})
+    return out
+
+
+def write_like(src: str | Path, dst: str | Path, sd: dict[str, torch.Tensor], *, index: bool = True) -> Path:
+    """Write `sd` as a checkpoint laid out like `src` (same shard of each tensor that src has; new tensors go to
+    the last shard) with src's config/tokenizer files. Used to forge experts with chosen values or defects."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copyfile(f, dst / f.name)
+    wm = weight_map(src)
+    last = sorted(set(wm.values()))[-1]
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    new_map = {}
+    for name, t in sd.items():
+        fname = wm.get(name, last)
+        groups.setdefault(fname, {})[name] = t.contiguous()
+        new_map[name] = fname
+    for fname, part in groups.items():
+        save_file(part, str(dst / fname), metadata={"format": "pt"})
+    if index and len(groups) > 1:
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}))
+    return dst
+
+
+def merge(config: dict, out: str | Path, **kw) -> dict:
+    import mergescale
+
+    return mergescale.merge(mergescale.MergeConfig.model_validate(config), out, progress=False, **kw)
+
+
+def no_output(out: str | Path) -> bool:
+    """Neither the output directory nor its hidden partial directory exists."""
+    out = Path(out)
+    return not out.exists() and not (out.parent / f".{out.name}.partial").exists()
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> Family:
+    root = tmp_path_factory.mktemp("family")
+    base = build_tiny_llama(root / "base", seed=0, hidden=64, heads=2, max_shard_size="100KB")
+    experts = [make_expert(base, root / f"expert{i}", seed=1 + i, max_shard_size="100KB") for i in range(3)]
+    return Family(base, experts)
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Family:
+    root = tmp_path_factory.mktemp("micro")
+    kw = dict(hidden=32, heads=1, layers=1, vocab_size=64, max_shard_size="20KB")
+    base = build_tiny_llama(root / "base", seed=5, tokenizer=False, **kw)
+    experts = [make_expert(base, root / f"expert{i}", seed=50 + i, max_shard_size="20KB") for i in range(3)]
+    return Family(base, experts)
+
+
+@pytest.fixture(scope="session")
+def scaled(tmp_path_factory, family) -> Family:
+    root = tmp_path_factory.mktemp("scaled")
+    scales = {"mlp": 10.0, "embed_tokens": 0.1}
+    experts = [
+        make_expert(family.base, root / f"expert{i}", seed=20 + i, max_shard_size="100KB", tensor_scales=scales)
+        for i in range(2)
+    ]
+    return Family(family.base, experts)
+
+
+@pytest.fixture(scope="session")
+def bf16(tmp_path_factory) -> Family:
+    root = tmp_path_factory.mktemp("bf16")
+    base = build_tiny_llama(root / "base", seed=3, dtype=torch.bfloat16, hidden=64, heads=2, max_shard_size="60KB")
+    experts = [make_expert(base, root / f"expert{i}", seed=30 + i, max_shard_size="60KB") for i in range(2)]
+    return Family(base, experts)
+
+
+@pytest.fixture(scope="session")
+def base_sd(family) -> dict[str, torch.Tensor]:
+    return load_f32(family.base)
+
+
+@pytest.fixture(scope="session")
+def expert_sds(family) -> list[dict[str, torch.Tensor]]:
+    return [load_f32(e) for e in family.experts]

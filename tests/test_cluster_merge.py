@@ -1,0 +1,118 @@
+"""Distributed merge on Ray: byte-identical to the single-process executor, exact global thresholds, the
+Python entry points. One local Ray (2 CPUs) is shared by the whole module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from mergescale.cluster.merge import balanced_batches, merge_async, run_distributed_merge
+from mergescale.merge.executor import run_merge
+from mergescale.merge.methods import REGISTRY
+
+pytestmark = pytest.mark.ray
+
+PARAMS = {
+    "average": {},
+    "task_arithmetic": {"lambda": 0.7},
+    "ties": {"density": 0.3, "trim_scope": "global"},
+    "dare_linear": {"p": 0.4, "lambda": 0.8},
+    "dare_ties": {"p": 0.3, "density": 0.5, "trim_scope": "global"},
+    "slerp": {"t": 0.3},
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "model_stock": {},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config_for(fam, method: str, tile_mb: float, **extra) -> dict:
+    experts = fam.expert_strs[:2] if method == "slerp" else fam.expert_strs
+    return {
+        "base": str(fam.base), "experts": experts, "method": method, "parameters": PARAMS[method],
+        "tile_mb": tile_mb, "out_shard_size": "40KB", "seed": 7,
+        "cluster": {"num_cpus": 0.25}, **extra,
+    }
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro, tmp_path):
+    # Two tilings: one that splits every matrix into many row tiles with odd remainders, one that keeps most
+    # tensors whole; the single-process output is itself tile-invariant (tested in test_executor).
+    expected = {}
+    for tile_mb in (0.003, 0.05):
+        single = tmp_path / f"single-{tile_mb}"
+        run_merge(config_for(micro, method, tile_mb), single, progress=False)
+        expected[tile_mb] = shard_bytes(single)
+    assert expected[0.003] == expected[0.05]
+    for k, tile_mb in ((1, 0.003), (2, 0.05), (3, 0.003), (5, 0.05)):
+        out = tmp_path / f"k{k}"
+        manifest = run_distributed_merge(config_for(micro, method, tile_mb), out, workers=k, progress=False)
+        assert shard_bytes(out) == expected[tile_mb], f"{method} K={k} tile_mb={tile_mb}"
+        assert len(manifest["distributed"]["actors"]) == k
+        assert sum(a["units"] for a in manifest["distributed"]["actors"]) == manifest["plan"]["units"]
+
+
+def test_global_thresholds_equal_single_process(micro, tmp_path):
+    cfg = config_for(micro, "ties", 0.003)
+    single = run_merge(cfg, tmp_path / "single", progress=False)
+    dist = run_distributed_merge(cfg, tmp_path / "dist", workers=3, progress=False)
+    assert dist["global_thresholds"] == single["global_thresholds"]
+    # And both equal kthvalue over the concatenated task vectors of each expert (the TIES reference rule).
+    import torch
+
+    from tests.conftest import load_f32
+
+    base = load_f32(micro.base)
+    for i, e in enumerate(micro.experts):
+        sd = load_f32(e)
+        tau = torch.cat([(sd[n] - base[n]).reshape(-1) for n in base])
+        n = tau.numel()
+        k = n - int(0.3 * n)
+        assert dist["global_thresholds"]["*"][i]["min"] == torch.kthvalue(tau.abs(), k).values.item()
+
+
+def test_units_are_balanced_by_bytes():
+    from mergescale.merge.inputs import Unit
+
+    units = [Unit(i, f"t{i}", 0, 1) for i in range(40)]
+    sizes = {i: (i % 7 + 1) * 1000 for i in range(40)}
+    queues = balanced_batches(units, sizes, 3)
+    loads = [sum(sizes[u] for batch in q for u in batch) for q in queues]
+    assert sorted(u for q in queues for b in q for u in b) == list(range(40))
+    assert max(loads) - min(loads) <= max(sizes.values())
+    for q in queues:  # each actor reads its units in file order
+        flat = [u for b in q for u in b]
+        assert flat == sorted(flat)
+
+
+def test_python_api_blocking_and_async(micro, tmp_path):
+    import mergescale
+
+    cfg = mergescale.MergeConfig.model_validate(config_for(micro, "dare_ties", 0.01))
+    blocking = mergescale.merge(cfg, tmp_path / "blocking", workers=2, progress=False)
+    ref = merge_async(cfg, tmp_path / "async", workers=2)
+    assert isinstance(ref, ray.ObjectRef)
+    manifest = ray.get(ref, timeout=300)
+    assert manifest["outputs"] == blocking["outputs"]
+    assert json.loads((tmp_path / "async" / "mergescale_manifest.json").read_text())["outputs"] == manifest["outputs"]
+
+
+def test_infeasible_placement_errors_before_output(micro, tmp_path):
+    cfg = config_for(micro, "average", 0.05, cluster={"num_cpus": 64, "placement_timeout_s": 2})
+    out = tmp_path / "never"
+    with pytest.raises(Exception, match="cannot place 2 merge workers"):
+        run_distributed_merge(cfg, out, workers=2, progress=False)
+    assert not out.exists()

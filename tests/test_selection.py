@@ -1,0 +1,184 @@
+"""The streaming k-th order statistic (radix select) and the counter-based DARE mask."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mergescale.merge.masks import dare_keep_mask
+from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
+from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
+
+
+def run_selector(tiles_by_stream: dict, ks_by_stream: dict) -> dict:
+    """Feed tiles through both passes; return {(stream, k): value}."""
+    queries = [KthQuery(s, k) for s, ks in ks_by_stream.items() for k in ks]
+    sel = StreamingSelector(queries)
+    for s, tiles in tiles_by_stream.items():
+        for t in tiles:
+            sel.add_pass1(s, t)
+    sel.finish_pass1()
+    for s, tiles in tiles_by_stream.items():
+        for t in tiles:
+            sel.add_pass2(s, t)
+    sel.finish_pass2()
+    return {(q.stream, q.k): q.value for q in queries}
+
+
+def split(v: torch.Tensor, cuts: list[int]) -> list[torch.Tensor]:
+    cuts = sorted({min(max(c, 0), v.numel()) for c in cuts})
+    edges = [0, *cuts, v.numel()]
+    return [v[a:b] for a, b in zip(edges, edges[1:])]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_selector_equals_kthvalue_on_random_tensors(seed):
+    """Many tensor sizes (1 .. 50k), with zeros, duplicates and values spanning many binades, one stream per expert."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [1, 2, 3, 7, 64, 127, 1000, 4097, 50_000]
+    streams = {}
+    for s in range(2):
+        tiles = []
+        for n in sizes:
+            t = torch.randn(n, generator=g).abs() * torch.exp(torch.randn(n, generator=g) * 4)
+            t[torch.rand(n, generator=g) < 0.1] = 0.0  # zeros (DARE-dropped entries)
+            dup = torch.rand(n, generator=g) < 0.2
+            t[dup] = 0.125  # one heavily duplicated value
+            tiles.append(t.to(torch.float32))
+        streams[s] = tiles
+    ks = {}
+    for s, tiles in streams.items():
+        n = sum(t.numel() for t in tiles)
+        ks[s] = sorted({1, 2, n // 3, n // 2, n - 1, n, *torch.randint(1, n + 1, (5,), generator=g).tolist()})
+    got = run_selector(streams, ks)
+    for s, tiles in streams.items():
+        flat = torch.cat(tiles)
+        for k in ks[s]:
+            assert got[(s, k)] == torch.kthvalue(flat, k).values.item(), (s, k)
+
+
+magnitudes = st.one_of(
+    st.floats(min_value=0.0, max_value=2.0**100, width=32, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, 1.0, 0.5, 1e-3, 1e-40, 3.4e38]),  # duplicates, subnormal, near float32 max
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(magnitudes, min_size=1, max_size=300),
+    cuts=st.lists(st.integers(0, 300), max_size=6),
+    data=st.data(),
+)
+def test_selector_property(values, cuts, data):
+    v = torch.tensor(values, dtype=torch.float32)
+    ks = data.draw(st.lists(st.integers(1, v.numel()), min_size=1, max_size=4))
+    got = run_selector({"s": split(v, cuts)}, {"s": ks})
+    for k in ks:
+        assert got[("s", k)] == torch.kthvalue(v, k).values.item()
+        assert got[("s", k)] == kth_smallest(v, k)
+
+
+def test_selector_histograms_merge_across_workers():
+    """Histograms of disjoint tiles fed to separate selectors and added (as Ray actors do) give the same answer."""
+    g = torch.Generator().manual_seed(9)
+    tiles = [torch.rand(n, generator=g) * 10 for n in (10, 300, 4000, 7)]
+    flat = torch.cat(tiles)
+    k = 1234
+    main = StreamingSelector([KthQuery("s", k)])
+    workers = [StreamingSelector([]) for _ in range(2)]
+    for i, t in enumerate(tiles):
+        workers[i % 2].add_pass1("s", t)
+    for w in workers:
+        main.merge_from(w.hi)
+    main.finish_pass1()
+    workers = [StreamingSelector([]) for _ in range(2)]
+    for w in workers:
+        w.set_buckets(main.buckets())
+    for i, t in enumerate(tiles):
+        workers[i % 2].add_pass2("s", t)
+    for w in workers:
+        main.merge_from(None, w.lo)
+    main.finish_pass2()
+    assert main.queries[0].value == torch.kthvalue(flat, k).values.item()
+
+
+def test_selector_rejects_out_of_range_rank_and_non_float32():
+    sel = StreamingSelector([KthQuery("s", 11)])
+    sel.add_pass1("s", torch.rand(10))
+    with pytest.raises(ValueError, match="k=11 out of range for 10 values"):
+        sel.finish_pass1()
+    with pytest.raises(TypeError, match="float32"):
+        StreamingSelector([]).add_pass1("s", torch.rand(10, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999, 1.0])
+def test_ties_ranks_match_reference_topk(density):
+    n = 1000
+    kept = math.floor(density * n)
+    assert ties_ranks(density)(n) == {"min": None if kept >= n else n - kept}
+
+
+@pytest.mark.parametrize("density, gamma", [(0.9, 0.01), (0.5, 0.3), (0.8, 0.5), (1.0, 0.1), (0.3, 0.0)])
+def test_breadcrumbs_ranks_keep_mergekit_count(density, gamma):
+    """With distinct magnitudes the thresholds keep exactly mergekit's floor(density n) entries."""
+    n = 997
+    v = torch.randperm(n).to(torch.float32) + 1.0
+    r = breadcrumbs_ranks(density, gamma)(n)
+    keep = torch.ones(n, dtype=torch.bool)
+    if r["min"] is not None:
+        keep &= v >= torch.kthvalue(v, r["min"]).values
+    if r["max"] is not None:
+        keep &= v < torch.kthvalue(v, r["max"]).values
+    assert int(keep.sum()) == (n if density >= 1 else math.floor(density * n))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DARE mask
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_dare_mask_keeps_one_minus_p(p):
+    keep = dare_keep_mask(0, 1, "model.layers.0.mlp.up_proj.weight", 0, (1000, 1000), p)
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    sd = math.sqrt(p * (1 - p) / 1e6)
+    assert abs(float(keep.float().mean()) - (1 - p)) < 6 * sd
+
+
+def test_dare_mask_p_zero_keeps_all_and_streams_differ():
+    assert bool(dare_keep_mask(0, 0, "w", 0, (50, 7), 0.0).all())
+    a = dare_keep_mask(0, 0, "w", 0, (100, 100), 0.5)
+    for other in (dare_keep_mask(1, 0, "w", 0, (100, 100), 0.5), dare_keep_mask(0, 1, "w", 0, (100, 100), 0.5),
+                  dare_keep_mask(0, 0, "v", 0, (100, 100), 0.5)):
+        agree = float((a == other).float().mean())
+        assert 0.4 < agree < 0.6  # independent streams agree on about half the entries
+    assert torch.equal(a, dare_keep_mask(0, 0, "w", 0, (100, 100), 0.5))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 17),
+    cuts=st.lists(st.integers(0, 40), max_size=5),
+    p=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**31),
+    expert=st.integers(0, 5),
+)
+def test_dare_mask_of_row_slices_concatenates_to_whole(rows, cols, cuts, p, seed, expert):
+    name = "model.layers.3.self_attn.q_proj.weight"
+    whole = dare_keep_mask(seed, expert, name, 0, (rows, cols), p)
+    edges = [0, *sorted({min(c, rows) for c in cuts}), rows]
+    parts = [dare_keep_mask(seed, expert, name, a * cols, (b - a, cols), p) for a, b in zip(edges, edges[1:])]
+    assert torch.equal(torch.cat(parts), whole)
+
+
+def test_dare_mask_large_offsets_stay_distinct():
+    """Element indices past 2**32 use the high word: the stream does not wrap around."""
+    lo = dare_keep_mask(0, 0, "w", 0, (4096,), 0.5)
+    hi = dare_keep_mask(0, 0, "w", 2**32, (4096,), 0.5)
+    assert not torch.equal(lo, hi)
+    assert np.isclose(float(hi.float().mean()), 0.5, atol=0.05)
