@@ -1,0 +1,78 @@
+"""Launching the trainer on Ray Train: a TorchTrainer with N workers (gloo on CPU, NCCL on GPUs).
+
+The driver has already validated the config and loaded the data (mergescale.training.api); the examples travel to
+the workers through the object store, so worker nodes need the model and output paths (shared storage) but not
+the task data. Ray Train restarts a failed worker group up to cluster.max_failures times; the loop then resumes
+from the newest DeepSpeed checkpoint in the run's checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from mergescale.merge.writer import MANIFEST
+from mergescale.training.config import TrainConfig
+from mergescale.training.trainer import FAIL_ENV
+
+
+class TrainingFailed(RuntimeError):
+    """The worker group failed more often than cluster.max_failures allows; the checkpoints stay for a rerun."""
+
+
+def _train_loop_per_worker(loop_config: dict) -> None:
+    import ray
+    import ray.train.torch
+
+    from mergescale.training.trainer import run_worker
+
+    sources, val = ray.get(loop_config["data"])
+    cfg = TrainConfig.model_validate(loop_config["config"])
+    run_worker(loop_config["recipe"], cfg, sources, val, loop_config["info"], loop_config["deepspeed"],
+               Path(loop_config["out"]), Path(loop_config["work"]), ray.train.torch.get_device(),
+               loop_config["progress"], loop_config["overwrite"], fail_at=loop_config["fail_at"])
+
+
+def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_base: dict, out: Path, work: Path, *,
+                 progress: bool = True, overwrite: bool = False) -> dict:
+    """Run the trainer on Ray (connecting to cluster.address, or an embedded local Ray) and return the manifest."""
+    import ray
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = False
+    if not ray.is_initialized():
+        if cfg.cluster.address:
+            ray.init(address=cfg.cluster.address)
+        else:
+            ray.init(include_dashboard=False)
+        started = True
+    try:
+        use_gpu = cfg.cluster.use_gpu
+        resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        loop_config = {
+            "recipe": recipe, "config": cfg.model_dump(mode="json"), "data": ray.put((sources, val)), "info": info,
+            "deepspeed": ds_base, "out": str(out), "work": str(work), "progress": progress, "overwrite": overwrite,
+            "fail_at": int(os.environ.get(FAIL_ENV, "0") or 0),  # the driver's env does not reach the workers
+        }
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(name=f"train-{out.name}-{int(time.time())}", storage_path=str(work / "ray"),
+                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+        )
+        # Train V2 reports no metrics without a Ray checkpoint: the result is the manifest rank 0 wrote.
+        try:
+            trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
+                                 f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
+        return json.loads((out / MANIFEST).read_text())
+    finally:
+        if started:
+            ray.shutdown()

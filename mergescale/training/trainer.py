@@ -1,0 +1,201 @@
+"""The training loop every recipe shares, run by each Ray Train worker (or any process group: torchrun works too).
+
+Read top to bottom: process group -> DeepSpeed config -> model + optimizer -> engine -> resume -> steps
+(deterministic batch of (seed, step), loss on target tokens, lr of the step, checkpoint, metrics, validation,
+early stop) -> consolidated Hugging Face checkpoint written by rank 0.
+
+Loss scaling: each micro-batch's loss is its sum of target-token losses divided by the target tokens of the whole
+global batch (an all-reduced count), times world x accumulation (DeepSpeed divides by both). So the gradient is the
+token mean over the global batch whatever the split into workers and micro-batches: ZeRO-3 on 2 workers and
+ZeRO-2 on 1 worker with accumulation 2 take the same steps (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mergescale.training import engine as E
+from mergescale.training.config import TrainConfig
+from mergescale.training.data import MixtureSchedule, Source, collate, encode, target_token_count
+from mergescale.training.output import METRICS, write_model
+
+log = logging.getLogger(__name__)
+FAIL_ENV = "MERGESCALE_TRAIN_FAIL_AT_STEP"  # fault injection for tests, read by the launcher (see run_worker)
+
+
+def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[tuple[str, str]], data_info: dict,
+               ds_base: dict, out: Path, work: Path, device: torch.device, progress: bool, overwrite: bool,
+               fail_at: int = 0) -> dict | None:
+    """Train on this rank; rank 0 returns the output manifest, other ranks None. fail_at (tests): rank 0 SIGKILLs
+    itself at the first checkpoint at or after that step of a fresh (not resumed) run."""
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    # -- process group: Ray Train (or torchrun) already made it; DeepSpeed reuses it --------------------------
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != cfg.cluster.workers:
+        raise RuntimeError(f"process group has {world} ranks but cluster.workers is {cfg.cluster.workers}")
+    accum, micro = cfg.grad_accum, cfg.micro_batch_size
+
+    # -- model, optimizer, engine ------------------------------------------------------------------------------
+    bf16 = E.use_bf16(cfg.precision, device)
+    ds_config = E.build_ds_config(ds_base, batch_size=cfg.batch_size, micro_batch_size=micro, grad_accum=accum,
+                                  grad_clip=cfg.grad_clip, bf16=bf16)
+    stage = ds_config["zero_optimization"]["stage"]
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = E.load_model(cfg.base, cfg.dropout, bf16, ds_config, cfg.gradient_checkpointing)
+    optimizer = E.build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    # -- resume from the newest DeepSpeed checkpoint of this run, if any ----------------------------------------
+    ckpt_root = work / "checkpoints"
+    state = {"step": 0, "best_val": None, "bad_evals": 0, "last_loss": None, "last_val": None, "tokens": 0}
+    if E.latest_checkpoint(ckpt_root):
+        _, client = engine.load_checkpoint(str(ckpt_root))
+        if client.get("fingerprint") != data_info["fingerprint"]:
+            raise RuntimeError(f"checkpoints in {ckpt_root} were made with other training data; remove the directory "
+                               "or train with --no-resume")
+        state.update({k: client[k] for k in state if k in client})
+        if rank == 0:
+            log.info("resuming from %s at step %d", ckpt_root / E.latest_checkpoint(ckpt_root), state["step"])
+    start = state["step"]
+    metrics_path = work / METRICS
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start)
+
+    schedule = MixtureSchedule([len(s.examples) for s in sources], cfg.mixture_cap, cfg.seed)
+    bar = _progress(rank == 0 and progress, cfg.max_steps, start)
+    t0, tokens_run = time.time(), 0
+    step = start
+    for step in range(start, cfg.max_steps):
+        # -- this rank's micro-batches of the global batch of (seed, step) ------------------------------------
+        pairs = schedule.batch(step, cfg.batch_size)
+        per_rank = micro * accum
+        mine = pairs[rank * per_rank:(rank + 1) * per_rank]
+        batches = [collate([encode(tokenizer, *sources[s].examples[i], cfg.max_input_len, cfg.max_output_len)
+                            for s, i in mine[m * micro:(m + 1) * micro]], pad_id) for m in range(accum)]
+        counts = torch.tensor([sum(target_token_count(b["labels"]) for b in batches),
+                               sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64,
+                              device=engine.device)
+        dist.all_reduce(counts)  # target tokens (the loss normaliser) and all tokens of the global batch
+        global_tokens, all_tokens = max(counts[0].item(), 1.0), int(counts[1].item())
+
+        # -- forward/backward per micro-batch; DeepSpeed steps the optimizer on the last one -----------------
+        E.set_lr(engine.optimizer, E.lr_at(step, cfg.lr, cfg.max_steps, cfg.warmup_steps, cfg.lr_schedule,
+                                           cfg.min_lr_ratio))
+        torch.manual_seed(E.step_seed(cfg.seed, step, rank))  # dropout masks: a function of (seed, step, rank)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for b in batches:
+            b = {k: v.to(engine.device) for k, v in b.items()}
+            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            s = E.target_loss_sum(logits, b["labels"])
+            engine.backward(s * (world * accum) / global_tokens)
+            engine.step()
+            loss_sum += s.detach().double()
+        dist.all_reduce(loss_sum)
+        state.update(step=step + 1, last_loss=loss_sum.item() / global_tokens)
+        state["tokens"] += int(global_tokens)
+        tokens_run += all_tokens
+
+        # -- validation loss and early stop (same all-reduced numbers on every rank: same decision) ------------
+        stop = False
+        if cfg.eval_every and val and (step + 1) % cfg.eval_every == 0:
+            state["last_val"] = _validation_loss(engine, tokenizer, val, cfg, pad_id, rank, world)
+            if cfg.early_stop:
+                best = state["best_val"]
+                if best is None or state["last_val"] < best - cfg.early_stop.min_delta:
+                    state.update(best_val=state["last_val"], bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                stop = state["bad_evals"] >= cfg.early_stop.patience
+
+        # -- metrics, progress, periodic checkpoint -----------------------------------------------------------
+        elapsed = time.time() - t0
+        if rank == 0:
+            row = {"step": step + 1, "loss": state["last_loss"], "lr": E.lr_at(step, cfg.lr, cfg.max_steps,
+                   cfg.warmup_steps, cfg.lr_schedule, cfg.min_lr_ratio), "tokens": all_tokens,
+                   "target_tokens": int(global_tokens), "tokens_per_s": tokens_run / max(elapsed, 1e-9),
+                   "elapsed_s": round(elapsed, 3)}
+            if state["last_val"] is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                row["val_loss"] = state["last_val"]
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{state['last_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)  # tqdm's remaining-time estimate is the ETA
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps and not stop:
+            _checkpoint(engine, ckpt_root, state, data_info, cfg.keep_checkpoints, rank)
+            if fail_at and step + 1 >= fail_at and start == 0 and rank == 0:
+                os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-run, as a preempted node would
+        if stop:
+            break
+    bar.close()
+
+    # -- consolidated Hugging Face checkpoint -----------------------------------------------------------------
+    sd = E.consolidated_state_dict(engine, stage)
+    manifest = None
+    if rank == 0:
+        manifest = {
+            "kind": "mergescale-train", "recipe": recipe, "config": cfg.model_dump(mode="json"), "data": data_info,
+            "deepspeed": ds_config, "steps": state["step"], "stopped_early": state["step"] < cfg.max_steps,
+            "final": {"train_loss": state["last_loss"], "val_loss": state["last_val"], "target_tokens": state["tokens"]},
+            "world_size": world, "resumed_from_step": start or None,
+        }
+        manifest = write_model(sd, out, base=cfg.base, tokenizer=tokenizer, manifest=manifest, metrics=metrics_path,
+                               shard_size=cfg.out_shard_size, overwrite=overwrite)
+    dist.barrier()
+    return manifest
+
+
+def _checkpoint(engine, root: Path, state: dict, data_info: dict, keep: int, rank: int) -> None:
+    engine.save_checkpoint(str(root), tag=E.checkpoint_tag(state["step"]),
+                           client_state={**state, "fingerprint": data_info["fingerprint"]})
+    dist.barrier()  # every rank's shards are on disk before old checkpoints go
+    if rank == 0:
+        E.rotate_checkpoints(root, keep)
+
+
+@torch.no_grad()
+def _validation_loss(engine, tokenizer, val, cfg: TrainConfig, pad_id: int, rank: int, world: int) -> float:
+    """Token-mean loss over the held-out examples; each rank takes a strided share, sums are all-reduced.
+    Under ZeRO-3 every rank must run the same number of forwards (each gathers parameters collectively)."""
+    engine.eval()
+    mine = val[rank::world]
+    n_batches = -(-len(val[0::world]) // cfg.micro_batch_size)  # rank 0 has the most: everybody runs that many
+    sums = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    for k in range(n_batches):
+        chunk = mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size] or val[:1]
+        b = collate([encode(tokenizer, i, t, cfg.max_input_len, cfg.max_output_len) for i, t in chunk], pad_id)
+        b = {k2: v.to(engine.device) for k2, v in b.items()}
+        s = E.target_loss_sum(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        if mine[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]:  # padding forwards count for nothing
+            sums += torch.tensor([s.item(), target_token_count(b["labels"])], dtype=torch.float64, device=engine.device)
+    dist.all_reduce(sums)
+    engine.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows past the resumed step: a resumed run rewrites them, so the log has each step once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,47 @@
+"""The KubeRay RayJob example parses, runs our train entry point, and asks for what the train config needs."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+from mergescale.cluster.train_job import main  # noqa: F401 - the entry point the job runs must import
+from mergescale.training.cli import add_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_rayjob_example():
+    doc = yaml.safe_load((ROOT / "configs/kuberay/train-rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and isinstance(spec["backoffLimit"], int)
+    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+
+    # entrypoint: our job module, with arguments the train parser accepts
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "mergescale.cluster.job", "train"]
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(argv[4:])
+    assert args.recipe in ("expert", "multitask", "instruct")
+
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] and cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    groups = cluster["workerGroupSpecs"]
+    gpus = 0
+    for g in groups:
+        c = g["template"]["spec"]["containers"][0]
+        per_pod = int(c["resources"]["limits"]["nvidia.com/gpu"])
+        assert per_pod == int(c["resources"]["requests"]["nvidia.com/gpu"])
+        gpus += per_pod * g["replicas"]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert "/shared" in mounts  # checkpoints and output on storage every worker sees
+    # one Ray Train worker per GPU: the cluster holds exactly the workers the job asks for
+    assert gpus == args.workers == 8
