@@ -177,6 +177,19 @@ def _allowed_fields(model: type[BaseModel] | None, loc: tuple) -> str:
     return "; allowed: " + (", ".join(names) if names else "none")
 
 
+def read_yaml_mapping(path: Path, what: str = "config") -> dict:
+    """A YAML file's top-level mapping, or a ConfigError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
 def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     """A MergeConfig from a MergeConfig, a dict, or a YAML file path; ConfigError names bad fields."""
     if isinstance(source, MergeConfig):
@@ -184,15 +197,8 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
     where = ""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        source = read_yaml_mapping(path)
         where = f" in {path}"
-        if not isinstance(source, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of fields, got {type(source).__name__}")
         # Relative model paths are relative to the config file, so a config travels with its models. The output
         # does not exist yet, so a relative 'out' is always taken from the config file's directory.
         if isinstance(source.get("base"), str):

@@ -111,7 +111,7 @@ class MergeWorker:
             if self.delay:
                 time.sleep(self.delay)
         self.partial.sync()
-        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node}
+        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node, "device": str(self.device)}
 
 
 @dataclass
@@ -129,6 +129,7 @@ class _Slot:
     seconds: float = 0.0
     units: int = 0
     node: str | None = None
+    device: str | None = None
 
 
 def balanced_batches(units: list[Unit], unit_bytes: dict[int, int], k: int) -> list[deque]:
@@ -142,9 +143,11 @@ def balanced_batches(units: list[Unit], unit_bytes: dict[int, int], k: int) -> l
     queues = []
     for mine in assigned:
         mine.sort(key=lambda u: u.id)
+        # At least ~8 batches per actor even for small models: progress, journaling and retries stay fine-grained.
+        max_units = max(1, -(-len(mine) // 8))
         q, batch, size = deque(), [], 0
         for u in mine:
-            if batch and size + unit_bytes[u.id] > BATCH_BYTES:
+            if batch and (size + unit_bytes[u.id] > BATCH_BYTES or len(batch) >= max_units):
                 q.append(batch)
                 batch, size = [], 0
             batch.append(u.id)
@@ -351,7 +354,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             slot.bytes += res["bytes"]
             slot.seconds += res["seconds"]
             slot.units += len(res["units"])
-            slot.node = res["node"]
+            slot.node, slot.device = res["node"], res["device"]
             for u in res["units"]:
                 unit_nodes[u] = res["node"]
             bar.update(res["bytes"])
@@ -363,7 +366,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         # -- commit -------------------------------------------------------------------------------------------
         total_s = time.time() - t0
         per_actor = [
-            {"actor": s.index, "node": s.node, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
+            {"actor": s.index, "node": s.node, "device": s.device, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
              "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None}
             for s in pool.slots
         ]

@@ -29,14 +29,16 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
 def hi_histogram(values: torch.Tensor) -> torch.Tensor:
     """Pass-1 contribution: counts of the high 16 bits of non-negative float32 values."""
     hi = torch.bitwise_right_shift(_bits(values), 16)
-    return torch.bincount(hi, minlength=HI_BINS).to(torch.int64)
+    # Histograms live on the CPU whatever device the values are on: they are tiny, and adding those of many
+    # tiles, tensors and actors must not care where each was computed.
+    return torch.bincount(hi, minlength=HI_BINS).to("cpu", torch.int64)
 
 
 def lo_histogram(values: torch.Tensor, hi_bucket: int) -> torch.Tensor:
     """Pass-2 contribution: counts of the low 16 bits of the values whose high 16 bits equal `hi_bucket`."""
     bits = _bits(values)
     inside = bits[torch.bitwise_right_shift(bits, 16) == hi_bucket]
-    return torch.bincount(torch.bitwise_and(inside, 0xFFFF), minlength=LO_BINS).to(torch.int64)
+    return torch.bincount(torch.bitwise_and(inside, 0xFFFF), minlength=LO_BINS).to("cpu", torch.int64)
 
 
 def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -19,10 +19,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.config import ConfigError, _format_errors, _resolve, parse_size
+from mergescale.config import ConfigError, _format_errors, _resolve, parse_size, read_yaml_mapping
 
 RECIPES = ("expert", "multitask", "instruct")
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -150,14 +149,7 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
     where = ""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"train config file {path} does not exist")
-        try:
-            source = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"train config file {path} is not valid YAML: {e}") from None
-        if not isinstance(source, dict):
-            raise ConfigError(f"train config file {path} must hold a mapping of fields, got {type(source).__name__}")
+        source = read_yaml_mapping(path, "train config")
         where = f" in {path}"
         # Paths are relative to the config file when they exist there, as for merge configs.
         for key in ("base", "tokenizer", "out", "data_dir", "checkpoint_dir"):

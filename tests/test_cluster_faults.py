@@ -1,0 +1,139 @@
+"""Fault tolerance of the distributed merge: an actor killed mid-merge, the driver killed mid-merge.
+
+Actors sleep a little per unit (MERGESCALE_UNIT_DELAY_S, read by the merge actors) so the kills land mid-merge.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from mergescale.cluster.merge import UNIT_DELAY_ENV, run_distributed_merge
+from mergescale.merge.executor import run_merge
+from mergescale.merge.writer import partial_dir
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slow_local_ray():
+    os.environ[UNIT_DELAY_ENV] = "0.08"  # inherited by this Ray's worker processes only
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        del os.environ[UNIT_DELAY_ENV]
+    yield
+    ray.shutdown()
+
+
+def ties_config(fam) -> dict:
+    return {"base": str(fam.base), "experts": fam.expert_strs, "method": "dare_ties",
+            "parameters": {"p": 0.3, "density": 0.4, "trim_scope": "global"}, "tile_mb": 0.001,
+            "out_shard_size": "40KB", "cluster": {"num_cpus": 0.5}}
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def journaled(out: Path) -> int:
+    j = partial_dir(out) / "done.journal"
+    return len(j.read_text().split()) if j.exists() else 0
+
+
+def wait_for(cond, timeout=120.0):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def expected(micro, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "single"
+    manifest = run_merge(ties_config(micro), out, progress=False)
+    return shard_bytes(out), manifest["plan"]["units"]
+
+
+def test_actor_killed_mid_merge_is_replaced_and_output_identical(micro, expected, tmp_path):
+    out = tmp_path / "merged"
+    result = {}
+
+    def merge():
+        try:
+            result["manifest"] = run_distributed_merge(ties_config(micro), out, workers=2, progress=False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            result["error"] = e
+
+    th = threading.Thread(target=merge)
+    th.start()
+    wait_for(lambda: journaled(out) >= 3)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
+    assert names, "merge actors are named"
+    ray.kill(ray.get_actor(names[0]), no_restart=True)
+    th.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    manifest = result["manifest"]
+    assert manifest["timing"]["actor_replacements"] >= 1
+    assert shard_bytes(out) == expected[0]
+
+
+def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, tmp_path):
+    cfg_path = tmp_path / "merge.yaml"
+    cfg_path.write_text(yaml.safe_dump(ties_config(micro)))
+    out = tmp_path / "merged"
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "mergescale.cli", "merge", str(cfg_path), "--out", str(out), "--workers", "2",
+           "--address", address, "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: journaled(out) >= 4 or proc.poll() is not None, timeout=180)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        proc.kill()  # SIGKILL: no cleanup runs, as when a node or a session dies
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = journaled(out)
+    total = expected[1]
+    assert not out.exists() and 0 < before < total, (before, total)
+    manifest = run_distributed_merge(cfg_path, out, workers=2, progress=False)
+    assert manifest["timing"]["units_resumed"] >= before
+    redone = sum(a["units"] for a in manifest["distributed"]["actors"])
+    assert redone == total - manifest["timing"]["units_resumed"]  # only unfinished units were redone
+    assert shard_bytes(out) == expected[0]
+    assert not partial_dir(out).exists()
+
+
+def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatch):
+    """The single-process executor journals too: a crash keeps the partial output and a rerun finishes it."""
+    import mergescale.merge.executor as ex
+
+    out = tmp_path / "merged"
+    calls = {"n": 0}
+    real = ex.merge_unit
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt  # an interrupt mid-merge
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(ex, "merge_unit", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(ties_config(micro), out, progress=False)
+    assert not out.exists() and journaled(out) == 24  # every unit before the crash, none after
+    monkeypatch.setattr(ex, "merge_unit", real)
+    manifest = run_merge(ties_config(micro), out, progress=False)
+    assert manifest["timing"]["units_resumed"] == 24
+    assert shard_bytes(out) == expected[0]
