@@ -29,7 +29,7 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 256):
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 384):
     """Train a byte-level BPE tokenizer (GPT-2 style, leading-space tokens) and save it with HF metadata."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -44,6 +44,8 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 256):
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    if tok.get_vocab_size() > vocab_size:  # byte alphabet (256) + specials is the floor of a byte-level BPE
+        raise ValueError(f"a byte-level BPE needs vocab_size >= {tok.get_vocab_size()}, got {vocab_size}")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
@@ -51,7 +53,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 256):
     return fast
 
 
-def tiny_llama_config(vocab_size: int = 256, hidden: int = 128, layers: int = 2, heads: int = 4, **overrides):
+def tiny_llama_config(vocab_size: int = 384, hidden: int = 128, layers: int = 2, heads: int = 4, **overrides):
     """A 2-layer Llama config. Head size 32 so vLLM's CPU attention backend accepts it."""
     from transformers import LlamaConfig
 

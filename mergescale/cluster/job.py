@@ -1,15 +1,20 @@
 """Entry point for `ray job submit ... -- python -m mergescale.cluster.job {merge,eval,train} ...`.
 
-Inside a Ray job the driver connects to the cluster it was submitted to (address "auto"); the same config files
-as the CLI are used, so a job is the CLI command with the cluster already there.
+Inside a Ray job the driver connects to the cluster it was submitted to (address "auto" unless --address is
+given). Each subcommand takes exactly the arguments of the matching `mergescale` CLI command, so a job is the
+CLI command with the cluster already there. Models, data and outputs must be on storage every node mounts.
+
+    python -m mergescale.cluster.job merge CONFIG [--out DIR] [--workers K]
+    python -m mergescale.cluster.job eval MODEL_DIR --tasks held-out --replicas K --out DIR
+    python -m mergescale.cluster.job train expert CONFIG [--out DIR] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
+import logging
 import sys
 
 
@@ -29,22 +34,40 @@ def _merge(argv: list[str]) -> int:
     return 0
 
 
+def _from_cli(module: str, name: str):
+    """A job subcommand from a subpackage's CLI module (its add_arguments + run), defaulting to address auto."""
+
+    def main(argv: list[str]) -> int:
+        cli = importlib.import_module(module)
+        p = argparse.ArgumentParser(prog=f"python -m mergescale.cluster.job {name}")
+        cli.add_arguments(p)
+        args = p.parse_args(argv)
+        if args.address is None:
+            args.address = "auto"  # inside `ray job submit`: the cluster this job runs on
+        return cli.run(args)
+
+    return main
+
+
+COMMANDS = {
+    "merge": _merge,
+    "eval": _from_cli("mergescale.eval.cli", "eval"),
+    "train": _from_cli("mergescale.training.cli", "train"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"merge": _merge}
-    # eval / train register through their own job modules when present.
-    for name, module in (("eval", "mergescale.cluster.eval_job"), ("train", "mergescale.cluster.train_job")):
-        if importlib.util.find_spec(module) is not None:
-            commands[name] = importlib.import_module(module).main
-    if not argv or argv[0] not in commands:
-        print(f"usage: python -m mergescale.cluster.job {{{','.join(commands)}}} ...", file=sys.stderr)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m mergescale.cluster.job {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mergescale.config import ConfigError
     from mergescale.merge.checkpoint import CheckpointError
     from mergescale.merge.inputs import MergeInputError
 
     try:
-        return commands[argv[0]](argv[1:])
+        return COMMANDS[argv[0]](argv[1:])
     except (ConfigError, MergeInputError, CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,71 @@
+"""The paper's normalized metric and its aggregation.
+
+Held-in: a merged model's score on a dataset / the score of the expert of that dataset's category.
+Held-out: merged score / the base model's score. Aggregation: mean over datasets within a category, then
+over categories, then over seeds. Scores are plain {task name: score} dicts (e.g. from evaluate()["metrics"]).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import fmean
+
+from mergescale.eval.tasks import get_task
+
+
+def scores_from_metrics(metrics: list[dict]) -> dict[str, float]:
+    """{task: primary score} from evaluate()["metrics"] or a metrics.parquet read as a list of dicts."""
+    return {m["task"]: float(m["score"]) for m in metrics}
+
+
+def normalize(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """score / reference per task; every task needs a positive finite reference (a ratio needs one)."""
+    out = {}
+    for task, s in scores.items():
+        ref = reference.get(task)
+        if ref is None:
+            raise KeyError(f"no reference score for task {task!r}")
+        if not math.isfinite(ref) or ref <= 0:
+            raise ValueError(f"reference score for task {task!r} is {ref}; cannot normalize by it")
+        out[task] = s / ref
+    return out
+
+
+def held_in_reference(expert_scores: dict[str, dict[str, float]], tasks) -> dict[str, float]:
+    """Reference for held-in tasks: the score of the expert trained on the task's category.
+    expert_scores: {category: {task: score of that category's expert}}."""
+    ref = {}
+    for name in tasks:
+        cat = get_task(name).category
+        if cat not in expert_scores or name not in expert_scores[cat]:
+            raise KeyError(f"no score of the {cat!r} expert on task {name!r}")
+        ref[name] = expert_scores[cat][name]
+    return ref
+
+
+def category_means(normalized: dict[str, float], category_of=None) -> dict[str, float]:
+    """Mean of the normalized scores of the datasets in each category."""
+    category_of = category_of or (lambda t: get_task(t).category)
+    by_cat: dict[str, list[float]] = {}
+    for task, v in normalized.items():
+        by_cat.setdefault(category_of(task), []).append(v)
+    return {c: fmean(vs) for c, vs in sorted(by_cat.items())}
+
+
+def aggregate(normalized: dict[str, float], category_of=None) -> float:
+    """One seed: mean over categories of the per-category means (so each category weighs the same)."""
+    return fmean(category_means(normalized, category_of).values())
+
+
+def aggregate_seeds(per_seed: list[dict[str, float]], category_of=None) -> float:
+    """Mean over seeds of the per-seed aggregate (each seed may merge a different set of categories)."""
+    if not per_seed:
+        raise ValueError("no seeds to aggregate")
+    return fmean(aggregate(n, category_of) for n in per_seed)
+
+
+def normalized_performance(merged: dict[str, float], reference: dict[str, float], category_of=None) -> dict:
+    """Convenience: per-task ratios, per-category means and the overall average for one merged model."""
+    norm = normalize(merged, reference)
+    cats = category_means(norm, category_of)
+    return {"tasks": norm, "categories": cats, "average": fmean(cats.values())}

@@ -1,0 +1,59 @@
+"""`mergescale eval`: evaluate a model directory on registry tasks (registered by mergescale/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="model directory (safetensors + config + tokenizer) or a Hub id")
+    p.add_argument("--tasks", default="held-out",
+                   help="comma-separated selectors: all, held-in, held-out, held-in:<category>, <category>, <task>")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    p.add_argument("--replicas", type=int, default=1, help="K backend replicas as Ray actors (1: in process)")
+    p.add_argument("--out", help="output directory (cache, examples/<task>.parquet, metrics.parquet/json)")
+    p.add_argument("--data-dir", help="offline data: DIR/<task>/<split>.parquet|jsonl|json|arrow (default: the Hub)")
+    p.add_argument("--template", help="template name to use where a task has it (default: each task's first)")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--max-length", type=int, help="token window (default: the model's max_position_embeddings - 1)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
+    p.add_argument("--device", help="hf backend device (default: cuda if available, else cpu)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--address", help="Ray cluster address for replicas (default: an embedded local Ray)")
+    p.add_argument("--tasks-yaml", action="append", default=[], help="extra task YAML file(s) to register")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from mergescale.eval.backends import EvalError
+    from mergescale.eval.runner import evaluate
+    from mergescale.eval.tasks import TaskError, register_tasks
+    from mergescale.merge.checkpoint import CheckpointError
+
+    try:
+        for y in args.tasks_yaml:
+            register_tasks(y, replace=True)
+        result = evaluate(args.model_dir, tasks=args.tasks, backend=args.backend, replicas=args.replicas,
+                          out=args.out, data_dir=args.data_dir, template=args.template, limit=args.limit,
+                          max_length=args.max_length, dtype=args.dtype, device=args.device, address=args.address,
+                          num_cpus_per_replica=args.num_cpus_per_replica,
+                          num_gpus_per_replica=args.num_gpus_per_replica, progress=not args.quiet)
+    except (EvalError, TaskError, CheckpointError, ConnectionError) as e:  # ConnectionError: no Ray cluster
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'task':<16} {'category':<26} {'metric':<12} {'score':>7} {'n':>6}")
+    for m in result["metrics"]:
+        print(f"{m['task']:<16} {m['category']:<26} {m['metric']:<12} {m['score']:>7.4f} {m['n']:>6}")
+    print(f"{result['computed']} examples computed, {result['cached']} from cache"
+          + (f"; results in {result['out']}" if result["out"] else ""))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="evaluate a model on held-in / held-out tasks",
+                              description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,200 @@
+"""`evaluate()`: validate everything, build token-level requests once, run them (in process or on Ray
+replicas), cache scores as chunks finish, write per-example rows and per-task metrics as tasks finish."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from mergescale.eval.backends import BACKENDS, EvalError, load_tokenizer, make_backend, model_max_length
+from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
+from mergescale.eval.scoring import GEN_METRICS, gen_request, rank_prediction, rank_request
+from mergescale.eval.tasks import PromptedExample, Task, tasks_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """One example's work: its request and the cache keys of its choices (or its generation)."""
+
+    task: str
+    template: str
+    example: PromptedExample
+    request: object
+    keys: list[str]
+    cost: int  # tokens, for sorting and balancing
+
+
+@dataclass
+class Chunk:
+    kind: str  # "rank" | "generate"
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def cost(self) -> int:
+        return sum(i.cost for i in self.items)
+
+
+def _prepare(task: Task, template: str | None, examples, tok, max_length: int, model_fp: str) -> list[Item]:
+    tpl = task.template(template).name
+    items = []
+    for ex in examples:
+        if task.scoring == "rank":
+            req = rank_request(tok, ex, max_length)
+            keys = [cache_key(model_fp, task.name, tpl, ex.example_id, ex.input, c) for c in ex.choices]
+            cost = sum(len(c) + len(k) for c, k in zip(req.contexts, req.continuations))
+        else:
+            req = gen_request(tok, ex, max_length, task.max_new_tokens)
+            keys = [cache_key(model_fp, task.name, tpl, ex.example_id, ex.input, f"<generate:{task.max_new_tokens}>")]
+            cost = len(req.context) + task.max_new_tokens
+        items.append(Item(task.name, tpl, ex, req, keys, cost))
+    return items
+
+
+def make_chunks(items: list[Item], kind: str, chunk_size: int) -> list[Chunk]:
+    """Length-sorted chunks (longest first), so each backend batch holds similar lengths."""
+    items = sorted(items, key=lambda i: -i.cost)
+    return [Chunk(kind, items[s:s + chunk_size]) for s in range(0, len(items), chunk_size)]
+
+
+def run_chunk(backend, kind: str, requests: list) -> list:
+    """Backend-agnostic chunk execution (in process or inside a replica actor)."""
+    if kind == "rank":
+        return backend.loglikelihood(requests)
+    return backend.generate(requests)
+
+
+def cache_rows(chunk: Chunk, results: list, tok) -> list[dict]:
+    rows = []
+    for item, res in zip(chunk.items, results):
+        base = dict(task=item.task, template=item.template, example_id=item.example.example_id)
+        if chunk.kind == "rank":
+            for j, (key, lp) in enumerate(zip(item.keys, res)):
+                rows.append(dict(base, key=key, choice=j, logprob=float(lp),
+                                 n_tokens=len(item.request.continuations[j]), generation=None))
+        else:
+            rows.append(dict(base, key=item.keys[0], choice=GENERATE, logprob=None, n_tokens=len(res),
+                             generation=tok.decode(res, skip_special_tokens=True)))
+    return rows
+
+
+def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str) -> dict:
+    ex = item.example
+    row = dict(model_fingerprint=model_fp, task=task.name, category=task.category, group=task.group,
+               template=item.template, example_id=ex.example_id, label=ex.label, target=ex.target)
+    if task.scoring == "rank":
+        hits = [cache.get(k) for k in item.keys]
+        lps = [h["logprob"] for h in hits]
+        pred, pred_norm = rank_prediction(lps, ex.choices)
+        row.update(choices=list(ex.choices), logprobs=lps, n_tokens=[h["n_tokens"] for h in hits],
+                   n_chars=[len(c) for c in ex.choices], prediction=pred, prediction_norm=pred_norm,
+                   acc=float(pred == ex.label), acc_norm=float(pred_norm == ex.label))
+    else:
+        gen = cache.get(item.keys[0])["generation"].strip()
+        row.update(generation=gen, references=list(ex.references),
+                   **{m: fn(gen, ex.references) for m, fn in GEN_METRICS.items()})
+    return row
+
+
+def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str) -> dict:
+    names = ("acc", "acc_norm") if task.scoring == "rank" else tuple(GEN_METRICS)
+    m = {n: (sum(r[n] for r in rows) / len(rows) if rows else float("nan")) for n in names}
+    primary = "acc" if task.metric == "accuracy" else task.metric
+    return dict(model_fingerprint=model_fp, model_dir=str(model_dir), task=task.name, category=task.category,
+                group=task.group, template=rows[0]["template"] if rows else "", metric=task.metric,
+                score=m[primary], n=len(rows), **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)})
+
+
+def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
+             template: str | None = None, limit: int | None = None, max_length: int | None = None,
+             dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
+             num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
+             backend_kw: dict | None = None, engine=None) -> dict:
+    """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
+    run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
+    VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
+    See mergescale/eval/cli.py for the other options."""
+    from mergescale.merge.checkpoint import resolve_model_dir
+
+    # -- validation: everything that can fail does so before any output is written --------------------------
+    if backend not in BACKENDS:
+        raise EvalError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EvalError("backend vllm: vllm is not installed (pip install 'mergescale[vllm]'); or use --backend hf")
+    if replicas < 1:
+        raise EvalError(f"replicas must be >= 1, got {replicas}")
+    model_dir = resolve_model_dir(str(model_dir))
+    selected = tasks_for(tasks)
+    tok, cfg = load_tokenizer(model_dir)
+    max_len = model_max_length(cfg, max_length)
+    model_fp = model_fingerprint(model_dir, {"max_length": max_len})
+    datasets_ = {t.name: t.load(None, data_dir) for t in selected}
+    out = Path(out) if out is not None else None
+    cache = ScoreCache(out, model_fp)
+
+    items: dict[str, list[Item]] = {}
+    for t in selected:
+        tpl = template if template in {x.name for x in t.templates} else None
+        exs = list(t.prompted(template=tpl, limit=limit, dataset=datasets_[t.name]))
+        items[t.name] = _prepare(t, tpl, exs, tok, max_len, model_fp)
+    todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}
+    n_cached = sum(len(items[n]) - len(todo[n]) for n in items)
+    chunks = [c for t in selected for c in make_chunks(todo[t.name], t.scoring, chunk_size)]
+    remaining = {name: len(v) for name, v in todo.items()}
+    metrics: dict[str, dict] = {}
+
+    def finish_task(t: Task):
+        rows = [example_row(t, i, cache, model_fp) for i in items[t.name]]
+        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir)
+        if out is not None:
+            write_parquet_atomic(pa.Table.from_pylist(rows), out / "examples" / f"{t.name}.parquet")
+            ordered = [metrics[x.name] for x in selected if x.name in metrics]
+            write_parquet_atomic(pa.Table.from_pylist(ordered), out / "metrics.parquet")
+            write_json_atomic(ordered, out / "metrics.json")
+
+    by_name = {t.name: t for t in selected}
+    for t in selected:
+        if remaining[t.name] == 0:
+            finish_task(t)
+
+    def on_done(chunk: Chunk, results: list):
+        cache.add(cache_rows(chunk, results, tok))
+        for it in chunk.items:
+            remaining[it.task] -= 1
+        for name in {it.task for it in chunk.items}:
+            if remaining[name] == 0:
+                finish_task(by_name[name])
+
+    n_examples = sum(len(c.items) for c in chunks)
+    t0 = time.perf_counter()
+    if chunks:
+        bar = _bar(n_examples, progress)
+        kw = dict(device=device, dtype=dtype, max_length=max_len, **(backend_kw or {}))
+        if engine is not None or (replicas == 1 and address is None):
+            engine = engine or make_backend(backend, model_dir, **kw)
+            for c in chunks:
+                on_done(c, run_chunk(engine, c.kind, [i.request for i in c.items]))
+                bar.update(len(c.items))
+        else:
+            from mergescale.cluster.eval_replicas import run_on_replicas
+
+            run_on_replicas(chunks, on_done, backend, model_dir, kw, replicas=replicas, address=address,
+                            num_cpus=num_cpus_per_replica, num_gpus=num_gpus_per_replica, bar=bar)
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    log.info("evaluated %d examples (%d cached) in %.1f s", n_examples, n_cached, elapsed)
+    return {"metrics": [metrics[t.name] for t in selected], "computed": n_examples, "cached": n_cached,
+            "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # tqdm shows examples, examples/s and the ETA
+    return tqdm(total=total, unit="ex", desc="eval", disable=not enabled, smoothing=0.1)
