@@ -30,7 +30,7 @@ import torch
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge.executor import (
     MergeStats, build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key,
-    statistics_work, sums_from, thresholds_from, unit_read_bytes,
+    statistics_work, sums_from, thresholds_from, unit_read_bytes, unit_row_stats,
 )
 from mergescale.merge.inputs import MergeInputError, Unit, human_bytes, open_inputs, plan_merge, read_unit
 from mergescale.merge.methods import get_method
@@ -67,7 +67,8 @@ class MergeWorker:
         return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
 
     def _read(self, unit: Unit):
-        base, experts = read_unit(self.inputs, unit, self.config.on_nonfinite)
+        # Stored dtype: the math converts cache-sized chunks itself (executor.chunks), much faster than whole tiles.
+        base, experts = read_unit(self.inputs, unit, self.config.on_nonfinite, convert=False)
         if self.device.type != "cpu":
             base = base.to(self.device) if base is not None else None
             experts = [e.to(self.device) for e in experts]
@@ -89,7 +90,7 @@ class MergeWorker:
         out = {}
         for uid in unit_ids:
             base, experts = self._read(self.units[uid])
-            out[uid] = self.method.row_stats(base, experts, self.params).cpu()
+            out[uid] = unit_row_stats(self.method, self.params, base, experts).cpu()
         return out
 
     def set_stats(self, stats_json: dict) -> None:

@@ -134,6 +134,9 @@ def feed_selection(selector: StreamingSelector, pass_no: int, config, method, pa
 # chunk by chunk gives exactly the bytes of merging it whole; but ~10-60 full passes over a 64 MB tile (plus fresh
 # pages for every temporary) run several times slower than the same passes over 1 MB chunks that stay in cache.
 CHUNK_ELEMS = 1 << 18
+# Per-tensor thresholds of a tensor held in one unit: torch.kthvalue (a sort-like selection, ~25 ns per value)
+# for small tensors, the two-pass radix select (a few ns per value, same answer) for larger ones.
+KTHVALUE_MAX = 1 << 14
 
 
 def unit_row_stats(method: MergeMethod, params, base, experts) -> torch.Tensor:
@@ -180,7 +183,7 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
     sel = method.selection(params)
     if sel is not None and not have_sel:
         ranks = sel.ranks(experts[0].numel())
-        if experts[0].numel() <= CHUNK_ELEMS:
+        if experts[0].numel() <= KTHVALUE_MAX:
             mags = method.magnitudes(_f32(base) if base is not None else None, [_f32(e) for e in experts], params, ctx)
             updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
         else:

@@ -48,54 +48,65 @@ def uniform_bits_reference(seed: int, expert: int, tensor_name: str, start: int,
     return _mix32(h)
 
 
+def _s32(x: int) -> int:
+    """The int32 whose bits are the uint32 x."""
+    x &= 0xFFFFFFFF
+    return x - 2**32 if x >= 2**31 else x
+
+
 def _shift_xor_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> None:
-    """x ^= x >> shift (logical) on the int32 view of uint32 bits: arithmetic shift, then clear the sign copies."""
+    """x ^= x >> shift (logical) on int32 bits: arithmetic shift, then clear the copies of the sign bit."""
     torch.bitwise_right_shift(x, shift, out=tmp)
     tmp.bitwise_and_((1 << (32 - shift)) - 1)
     x.bitwise_xor_(tmp)
 
 
+_M1_S32, _M2_S32 = _s32(0x7FEB352D), _s32(0x846CA68B)
+
+
 def _mix32_torch_(x: torch.Tensor, tmp: torch.Tensor) -> None:
-    """lowbias32 in place on a uint32 tensor (uint32 multiply wraps mod 2**32; shifts on its int32 view)."""
-    xi = x.view(torch.int32)
-    _shift_xor_(xi, 16, tmp)
-    x.mul_(0x7FEB352D)
-    _shift_xor_(xi, 15, tmp)
-    x.mul_(0x846CA68B)
-    _shift_xor_(xi, 16, tmp)
+    """lowbias32 in place on int32 bits. int32 multiplication keeps the low 32 bits of the product (two's
+    complement wrap-around, as ATen's vector and scalar kernels do), i.e. exactly the uint32 product's bits;
+    torch's uint32 multiply is a slow generic loop, about 15x slower. tests check the bits against numpy."""
+    _shift_xor_(x, 16, tmp)
+    x.mul_(_M1_S32)
+    _shift_xor_(x, 15, tmp)
+    x.mul_(_M2_S32)
+    _shift_xor_(x, 16, tmp)
 
 
-# Elements hashed per step: small enough that the ~12 in-place passes over a chunk stay in cache.
+# Elements hashed per step: small enough that the ~14 in-place passes over a chunk stay in cache.
 HASH_CHUNK = 1 << 16
+_ARANGE: list[torch.Tensor] = []
 
 
 def _hash_chunk_(h: torch.Tensor, tmp: torch.Tensor, k1: int, k2: int, first: int) -> None:
-    """Fill uint32 `h` with the hash of flat indices first..first+len(h)-1 (`tmp`: int32 scratch, same length)."""
+    """Fill int32 `h` with the hash bits of flat indices first..first+len(h)-1 (`tmp`: int32 scratch, same length)."""
     n = h.numel()
-    if (first & 0xFFFFFFFF) + n <= 2**32:  # one value of hi32(i) in this chunk (always, below 4G elements)
-        h.copy_(torch.arange(first & 0xFFFFFFFF, (first & 0xFFFFFFFF) + n, dtype=torch.int64))  # lo32(i)
-        h.bitwise_xor_(k1)
-        _mix32_torch_(h, tmp)
-        h.bitwise_xor_((first >> 32) ^ k2)
-    else:  # crosses a multiple of 2**32: per-element high words
-        idx = torch.arange(first, first + n, dtype=torch.int64)
-        h.copy_(idx.bitwise_and(0xFFFFFFFF))
-        h.bitwise_xor_(k1)
-        _mix32_torch_(h, tmp)
-        h.bitwise_xor_(idx.bitwise_right_shift(32).to(torch.uint32))
-        h.bitwise_xor_(k2)
+    lo = first & 0xFFFFFFFF
+    if lo + n > 2**32:  # the chunk crosses a multiple of 2**32: two runs, each with one value of hi32(i)
+        cut = 2**32 - lo
+        _hash_chunk_(h[:cut], tmp[:cut], k1, k2, first)
+        _hash_chunk_(h[cut:], tmp[cut:], k1, k2, first + cut)
+        return
+    if not _ARANGE or _ARANGE[0].numel() < n:
+        _ARANGE[:] = [torch.arange(max(n, HASH_CHUNK), dtype=torch.int32)]
+    torch.add(_ARANGE[0][:n], _s32(lo), out=h)  # lo32(i); wraps past 2**31 like uint32 bits
+    h.bitwise_xor_(_s32(k1))
+    _mix32_torch_(h, tmp)
+    h.bitwise_xor_(_s32((first >> 32) ^ k2))
     _mix32_torch_(h, tmp)
 
 
 def uniform_bits_torch(seed: int, expert: int, tensor_name: str, start: int, count: int) -> torch.Tensor:
     """The bits of `uniform_bits_reference` as a uint32 tensor, computed in cache-sized chunks with torch."""
     k1, k2 = stream_keys(seed, expert, tensor_name)
-    out = torch.empty(count, dtype=torch.uint32)
+    out = torch.empty(count, dtype=torch.int32)
     tmp = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
     for s in range(0, count, HASH_CHUNK):
         n = min(HASH_CHUNK, count - s)
         _hash_chunk_(out[s:s + n], tmp[:n], k1, k2, start + s)
-    return out
+    return out.view(torch.uint32)
 
 
 def uniform_bits(seed: int, expert: int, tensor_name: str, start: int, count: int) -> np.ndarray:
@@ -116,12 +127,11 @@ def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: 
     threshold = min(int(round(p * 2**32)), 2**32 - 1)
     k1, k2 = stream_keys(seed, expert, tensor_name)
     keep = torch.empty(count, dtype=torch.bool)
-    h = torch.empty(min(count, HASH_CHUNK), dtype=torch.uint32)
+    h = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
     tmp = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
     for s in range(0, count, HASH_CHUNK):
         n = min(HASH_CHUNK, count - s)
         _hash_chunk_(h[:n], tmp[:n], k1, k2, start + s)
         # unsigned h >= threshold, as a signed compare of both sides shifted by -2**31 (flip the top bit)
-        hi = h[:n].view(torch.int32).bitwise_xor_(-(2**31))
-        torch.ge(hi, threshold - 2**31, out=keep[s:s + n])
+        torch.ge(h[:n].bitwise_xor_(-(2**31)), threshold - 2**31, out=keep[s:s + n])
     return keep.reshape(shape)

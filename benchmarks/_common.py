@@ -1,0 +1,303 @@
+"""Shared by the merge benchmarks: synthetic Llama-like checkpoints (cached under .bench/), subprocess runs with
+peak-RSS polling over the whole process tree, and markdown tables for docs/BENCHMARKS.md.
+
+Nothing here is imported by mergescale itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / ".bench"
+GEN_VERSION = 1  # bump when the generator changes, so cached checkpoints are rebuilt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Synthetic checkpoints
+
+
+def llama_shape(model_mb: float) -> dict:
+    """A Llama-2-like config whose bf16 weights take about `model_mb` MB (10**6 bytes)."""
+    params = model_mb * 1e6 / 2
+    for hidden in (4096, 3072, 2048, 1536, 1024, 768, 512, 256):
+        # embeddings + lm_head take at most a quarter of the weights, and there are at least 8 layers
+        vocab = min(32000, int(0.25 * params / (2 * hidden)) // 64 * 64)
+        inter = int(hidden * 8 / 3 + 255) // 256 * 256
+        per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+        layers = max(1, round((params - 2 * vocab * hidden - hidden) / per_layer))
+        if layers >= 8 and vocab >= 4096:
+            break
+    heads = max(1, hidden // 128)
+    return {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads}
+
+
+def tensor_specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    specs = [("model.embed_tokens.weight", (v, h))]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        specs += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (h, h)),
+            (p + "self_attn.v_proj.weight", (h, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)),
+            (p + "mlp.up_proj.weight", (i, h)),
+            (p + "mlp.down_proj.weight", (h, i)),
+        ]
+    specs += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+    return specs
+
+
+def _save_model(out: Path, cfg: dict, tensors_fn, shard_bytes: int) -> None:
+    """Write sharded safetensors + index + config.json, tensor by tensor (memory: one shard)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tmp = out.parent / (out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    specs = tensor_specs(cfg)
+    groups, size = [[]], 0
+    for name, shape in specs:
+        nbytes = 2 * int(torch.Size(shape).numel())
+        if groups[-1] and size + nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, shape))
+        size += nbytes
+    k = len(groups)
+    weight_map, total = {}, 0
+    for g, group in enumerate(groups):
+        fname = f"model-{g + 1:05d}-of-{k:05d}.safetensors"
+        shard = {name: tensors_fn(name, shape) for name, shape in group}
+        save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+        for name in shard:
+            weight_map[name] = fname
+            total += shard[name].numel() * 2
+        del shard
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", "hidden_act": "silu",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, **cfg,
+    }
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+
+
+def _stable_seed(*parts) -> int:
+    import zlib
+
+    return zlib.crc32("\x00".join(map(str, parts)).encode())
+
+
+def make_checkpoints(model_mb: float, n_experts: int = 4, delta: float = 2e-3, log=print) -> dict:
+    """Base + n_experts synthetic Llama-like bf16 checkpoints under .bench/, reused across runs.
+
+    Base weights ~ N(0, 0.02) (norms ~ 1); expert i = base + delta * N(0, 1), each with its own seeds."""
+    import torch
+
+    cfg = llama_shape(model_mb)
+    root = BENCH / f"ckpt-{model_mb:g}mb-v{GEN_VERSION}"
+    shard_bytes = max(32 * 10**6, int(model_mb * 1e6 / 3))  # about 3 shards per model
+    paths = {"base": root / "base", "experts": [root / f"expert_{i}" for i in range(n_experts)], "config": cfg}
+    todo = [("base", paths["base"])] + [(f"expert_{i}", p) for i, p in enumerate(paths["experts"])]
+    todo = [(role, p) for role, p in todo if not (p / "model.safetensors.index.json").exists()]
+    if not todo:
+        return paths
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    def base_tensor(name, shape):
+        g = torch.Generator().manual_seed(_stable_seed("base", name))
+        if len(shape) == 1:
+            return (1.0 + 0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+        return (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+
+    for role, p in todo:
+        t0 = time.time()
+        if role == "base":
+            fn = base_tensor
+        else:
+            def fn(name, shape, role=role):
+                g = torch.Generator().manual_seed(_stable_seed(role, name))
+                b = base_tensor(name, shape).to(torch.float32)
+                b += delta * torch.randn(shape, generator=g)
+                return b.to(torch.bfloat16)
+        _save_model(p, cfg, fn, shard_bytes)
+        log(f"generated {p} in {time.time() - t0:.1f} s")
+    return paths
+
+
+def model_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def warm_page_cache(paths: list[Path]) -> float:
+    """Read every weight file once so every timed run starts from the same (warm) page cache."""
+    t0 = time.time()
+    buf = bytearray(16 * 2**20)
+    for p in paths:
+        for f in sorted(Path(p).glob("*.safetensors")):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buf):
+                    pass
+    return time.time() - t0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running a command and measuring it
+
+
+def _tree(root_pid: int, extra_pids=()):
+    import psutil
+
+    try:
+        procs = [psutil.Process(root_pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for pid in extra_pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    return list({p.pid: p for p in procs}.values())
+
+
+def tree_rss(root_pid: int, extra_pids=(), pss: bool = False) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS or 0) over a process and all its descendants (plus extra pids)."""
+    import psutil
+
+    rss = pss_total = 0
+    for p in _tree(root_pid, extra_pids):
+        try:
+            if pss:
+                m = p.memory_full_info()
+                rss += m.rss
+                pss_total += m.pss
+            else:
+                rss += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return rss, pss_total
+
+
+class RSSPoller:
+    """Polls tree_rss every `interval` s in a thread; `peak` / `peak_pss` are the largest sums seen."""
+
+    def __init__(self, pid: int, interval: float = 0.02, extra_pids_fn=None, pss: bool = False):
+        self.pid, self.interval, self.extra, self.pss = pid, interval, extra_pids_fn, pss
+        self.peak = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            extra = self.extra() if self.extra else ()
+            rss, pss = tree_rss(self.pid, extra, self.pss)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None, extra_pids_fn=None,
+                 cwd: Path | None = None, pss: bool = False) -> dict:
+    """Run cmd (in its own session, so all its processes can be found and stopped); returns wall time, polled peak
+    tree RSS (and PSS), return code, stdout/stderr and the last JSON line of stdout."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
+    with RSSPoller(proc.pid, interval=0.05 if pss else 0.02, extra_pids_fn=extra_pids_fn, pss=pss) as poller:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            out, err = proc.communicate()
+    wall = time.time() - t0
+    result = None
+    for line in reversed(out.splitlines()):
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+                break
+            except json.JSONDecodeError:
+                pass
+    return {"wall_s": wall, "peak_rss": poller.peak, "peak_pss": poller.peak_pss, "rc": proc.returncode,
+            "stdout": out, "stderr": err, "result": result}
+
+
+def machine_line() -> str:
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
+    except Exception:  # noqa: BLE001
+        mem = "?"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {mem} RAM, no GPU, Python {platform.python_version()}"
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def replace_section(doc: Path, title: str, body: str, intro: str) -> None:
+    """Replace the '## title' section of doc (up to the next '## ' heading) with body; create doc/section if missing.
+    Other sections are left as they are."""
+    text = doc.read_text() if doc.exists() else intro.rstrip() + "\n"
+    head = f"## {title}"
+    lines = text.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
+    new = [head, ""] + body.strip().splitlines() + [""]
+    if start is None:
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines += new
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        lines[start:end] = new
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines).rstrip() + "\n")
+
+
+DOC_INTRO = """# Benchmarks
+
+Measured numbers for mergescale, with the exact commands to reproduce them. Every section names its machine and
+the load average while it ran: the development machine is shared (2 cores), so timings are noisy; compare numbers
+within one table, not across tables.
+"""
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.0f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def python_exe() -> str:
+    return sys.executable

@@ -1,0 +1,201 @@
+"""Distributed merge benchmark: mergescale on K = 1 and 2 Ray workers vs mergekit 0.1.5, on identical inputs.
+
+    .venv/bin/python benchmarks/merge_ray.py                      # ~1 GB per model, base + 4 experts
+    .venv/bin/python benchmarks/merge_ray.py --model-mb 64        # quick smoke test
+    .venv/bin/python benchmarks/merge_ray.py --write-doc          # also update docs/BENCHMARKS.md
+
+Inputs are the synthetic Llama-like checkpoints of benchmarks/merge_single.py (.bench/ckpt-<size>mb-v<N>/).
+mergekit is installed into its own virtual environment, .bench/mergekit-venv (torch==2.13.0 first, so pip takes the
+CPU build, then mergekit==0.1.5); it is never a dependency of mergescale. Each run is a fresh process tree:
+mergescale calls `mergescale.cluster.merge.run_distributed_merge(config, out, workers=K)` in a child that starts its
+own local Ray; mergekit runs `mergekit-yaml config.yml out --lazy-unpickle` on CPU with bf16 output. Peak memory is
+polled every 50 ms over the whole process tree (the driver, Ray's GCS/raylet/agents and every Ray worker): the
+largest sum of RSS, and the largest sum of PSS (which counts pages shared between processes once).
+
+Methods are matched to mergekit's semantics where they differ: linear = mergescale `average` (normalized weights),
+task_arithmetic (lambda 1), TIES with per-tensor trim, density 0.2, and dare_ties with drop p 0.9 (mergekit density
+0.1). The numbers differ slightly anyway (sign election by mass vs weighted mass is the same here with unit
+weights; mergekit divides by the sum of weights, rescales DARE by L1 norm and draws its masks from torch's RNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+MERGEKIT_VENV = C.BENCH / "mergekit-venv"
+# CPU, lazy reads; the inputs have no tokenizer; no README; fixed seed for its DARE masks; torch's default threads.
+MERGEKIT_FLAGS = ["--lazy-unpickle", "--no-cuda", "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+                  "--random-seed", "0"]
+# label -> (mergescale method, mergescale parameters, mergekit method, mergekit per-model parameters)
+METHODS = {
+    "linear": ("average", {}, "linear", {"weight": 1.0}),
+    "task_arithmetic": ("task_arithmetic", {}, "task_arithmetic", {"weight": 1.0}),
+    "ties (per-tensor)": ("ties", {"trim_scope": "tensor", "density": 0.2}, "ties", {"weight": 1.0, "density": 0.2}),
+    "dare_ties": ("dare_ties", {"p": 0.9}, "dare_ties", {"weight": 1.0, "density": 0.1}),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# mergekit
+
+
+def ensure_mergekit(log=print) -> Path:
+    exe = MERGEKIT_VENV / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    log(f"installing mergekit 0.1.5 into {MERGEKIT_VENV} (torch==2.13.0 first, so pip keeps the CPU build)")
+    subprocess.run([sys.executable, "-m", "venv", str(MERGEKIT_VENV)], check=True)
+    pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["torch==2.13.0"], check=True)
+    subprocess.run(pip + ["mergekit==0.1.5"], check=True)
+    return exe
+
+
+def mergekit_config(paths: dict, label: str) -> dict:
+    _, _, method, params = METHODS[label]
+    cfg: dict = {"merge_method": method, "dtype": "bfloat16", "out_dtype": "bfloat16"}
+    models = [{"model": str(p), "parameters": dict(params)} for p in paths["experts"]]
+    if method == "linear":
+        cfg["models"] = models
+    else:
+        cfg["base_model"] = str(paths["base"])
+        cfg["models"] = models
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# mergescale child
+
+
+def child_mergescale(spec: dict) -> dict:
+    from mergescale.cluster.merge import run_distributed_merge
+
+    out = spec.pop("out")
+    workers = spec.pop("workers")
+    t0 = time.perf_counter()
+    manifest = run_distributed_merge(spec, out, workers=workers, overwrite=True, progress=False)
+    return {"time_s": time.perf_counter() - t0, "timing": manifest["timing"]}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parent
+
+
+def run_case(cmd: list[str], env: dict, out: Path, timeout: float) -> dict:
+    r = C.run_measured(cmd, env=env, timeout=timeout, pss=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+    if r["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-mb", type=float, default=1000)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--write-doc", action="store_true", help="replace the 'Distributed merge (Ray) vs mergekit' section")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        print(json.dumps(child_mergescale(json.loads(args._child))), flush=True)
+        return 0
+
+    import yaml
+
+    paths = C.make_checkpoints(args.model_mb, args.experts)
+    models = [paths["base"]] + paths["experts"]
+    in_bytes = sum(C.model_bytes(p) for p in models)
+    out_bytes = C.model_bytes(paths["base"])
+    mk = None if args.skip_mergekit else ensure_mergekit()
+    work = C.BENCH / "out-ray"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print(f"inputs: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each; warming page cache "
+          f"{C.warm_page_cache(models):.1f} s; load average {C.load_average()}", flush=True)
+    env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"}
+    load_start = C.load_average()
+    results: dict = {}
+    for label in args.methods:
+        method, params, _, _ = METHODS[label]
+        for k in args.workers:
+            out = work / "merged"
+            spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
+                    "parameters": params, "out": str(out), "workers": k}
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
+            r = run_case(cmd, env, out, args.timeout)
+            merge_s = r["result"]["timing"]["total_s"] if r["result"] else None
+            results[(label, f"mergescale K={k}")] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"], "pss": r["peak_pss"]}
+            print(f"{label:18s} mergescale K={k}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s), "
+                  f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+        if mk is not None:
+            out = work / "mergekit-out"
+            cfg_path = work / f"mergekit-{METHODS[label][2]}.yml"
+            cfg_path.write_text(yaml.safe_dump(mergekit_config(paths, label), sort_keys=False))
+            cmd = [str(mk), str(cfg_path), str(out)] + MERGEKIT_FLAGS
+            r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout)
+            results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"], "pss": r["peak_pss"]}
+            print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s, peak RSS {C.fmt_bytes(r['peak_rss'])}, "
+                  f"PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+    load_end = C.load_average()
+
+    headers = ["method", "tool", "wall (s)", "merge only (s)", "input GB/s (wall)", "vs mergekit (wall)",
+               "peak RSS, sum", "peak PSS, sum"]
+    rows = []
+    for label in args.methods:
+        ref = results.get((label, "mergekit 0.1.5"))
+        for tool in [f"mergescale K={k}" for k in args.workers] + (["mergekit 0.1.5"] if mk else []):
+            r = results[(label, tool)]
+            speed = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref else "-"
+            rows.append([label, tool, f"{r['wall_s']:.1f}", f"{r['merge_s']:.1f}" if r["merge_s"] is not None else "-",
+                         f"{in_bytes / r['wall_s'] / 1e9:.3f}", speed, C.fmt_bytes(r["rss"]), C.fmt_bytes(r["pss"])])
+    table = C.markdown_table(headers, rows)
+    print()
+    print(table)
+    print(f"\nload average: start {load_start}; end {load_end}")
+    if args.json:
+        args.json.write_text(json.dumps({f"{a} | {b}": v for (a, b), v in results.items()}, indent=2))
+    if args.write_doc:
+        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_ray.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
+        body = f"""Command: `{cmd} --write-doc`
+
+Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
+
+Inputs: the synthetic checkpoints of the single-process benchmark, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16
+weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU only. mergescale: a fresh process calls
+`run_distributed_merge(config, out, workers=K)`, which starts a local Ray (`ray.init`, included in "wall") and K merge
+actors of 1 CPU each; "merge only" is the manifest's total_s (statistics + merge + commit, without Ray start-up).
+mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
+same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
+task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9
+(mergekit density 0.1), unit weights. Peak memory: largest sum over the whole process tree, polled every 50 ms
+(Ray's GCS, raylet, agents and workers included); PSS counts pages shared between processes once. Input GB/s =
+bytes of all inputs / wall time.
+
+{table}
+"""
+        C.replace_section(C.ROOT / "docs" / "BENCHMARKS.md", "Distributed merge (Ray) vs mergekit", body, C.DOC_INTRO)
+        print("updated docs/BENCHMARKS.md")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Single-process merge benchmark: each method vs the I/O floor on the same synthetic checkpoints.
+
+    .venv/bin/python benchmarks/merge_single.py                       # ~1 GB per model, base + 4 experts
+    .venv/bin/python benchmarks/merge_single.py --model-mb 64         # quick smoke test
+    .venv/bin/python benchmarks/merge_single.py --write-doc           # also update docs/BENCHMARKS.md
+
+Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
+into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.executor.run_merge` in a fresh
+subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
+subprocess too. Page cache is warmed first, so every run reads the same (cached) files. Peak RSS is the kernel's
+high-water mark of the child (ru_maxrss) and, as a cross-check, the largest RSS sum seen polling its process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+METHODS = {
+    "average": ("average", {}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "ties (tensor)": ("ties", {"trim_scope": "tensor"}),
+    "ties (global)": ("ties", {"trim_scope": "global"}),
+    "dare_linear": ("dare_linear", {}),
+    "dare_ties": ("dare_ties", {}),
+}
+TARGETS = {"ties (tensor)": 1.5, "dare_ties": 1.5, "ties (global)": 2.5}
+RSS_TARGET = 10**9
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Children (run in a fresh interpreter)
+
+
+def _rss_now() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def child_merge(spec: dict) -> dict:
+    import torch  # noqa: F401 - imported before the baseline RSS is taken
+
+    from mergescale.merge.executor import run_merge
+
+    base_rss = _rss_now()
+    profile = spec.pop("profile", None)
+    out = spec.pop("out")
+    t0 = time.perf_counter()
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        manifest = run_merge(spec, out, overwrite=True, progress=False)
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
+    else:
+        manifest = run_merge(spec, out, overwrite=True, progress=False)
+    dt = time.perf_counter() - t0
+    return {"time_s": dt, "timing": manifest["timing"], "base_rss": base_rss,
+            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def child_floor(spec: dict) -> dict:
+    """Read every input tensor's bytes once (preadv into a reused buffer), write out_bytes to a new file, fsync."""
+    import torch  # noqa: F401 - same interpreter baseline as the merge children
+
+    from mergescale.merge.checkpoint import Checkpoint
+
+    base_rss = _rss_now()
+    chunk = int(spec.get("chunk_mb", 16) * 2**20)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    read = 0
+    for path in spec["models"]:
+        ck = Checkpoint(path)
+        for info in ck.tensors.values():
+            fd = ck._fd(info.file)
+            pos, end = info.offset, info.offset + info.nbytes
+            while pos < end:
+                n = os.preadv(fd, [view[: min(chunk, end - pos)]], pos)
+                pos += n
+                read += n
+        ck.close()
+    t_read = time.perf_counter() - t0
+    out = Path(spec["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written, total = 0, spec["out_bytes"]
+    while written < total:
+        written += os.pwrite(fd, view[: min(chunk, total - written)], written)
+    os.fsync(fd)
+    os.close(fd)
+    dt = time.perf_counter() - t0
+    out.unlink()
+    return {"time_s": dt, "read_s": t_read, "read_bytes": read, "write_bytes": written, "base_rss": base_rss,
+            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Parent
+
+
+def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)]
+    r = C.run_measured(cmd, env=env, timeout=timeout)
+    if r["rc"] != 0 or r["result"] is None:
+        raise RuntimeError(f"{kind} child failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
+    res = r["result"]
+    res["poll_peak_rss"] = r["peak_rss"]
+    res["wall_s"] = r["wall_s"]
+    if spec.get("profile"):
+        print(r["stderr"], file=sys.stderr)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-mb", type=float, default=1000, help="size of each model in MB of bf16 weights (default 1000)")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                    help="subset of: " + ", ".join(METHODS))
+    ap.add_argument("--tile-mb", type=float, default=None, help="override the config's tile_mb (default: mergescale's default)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
+    ap.add_argument("--profile", action="store_true", help="run each method under cProfile and print the top functions")
+    ap.add_argument("--write-doc", action="store_true", help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child:
+        kind, spec = args._child[0], json.loads(args._child[1])
+        res = child_merge(spec) if kind == "merge" else child_floor(spec)
+        print(json.dumps(res), flush=True)
+        return 0
+
+    from mergescale.config import MergeConfig
+
+    paths = C.make_checkpoints(args.model_mb, args.experts)
+    models = [paths["base"]] + paths["experts"]
+    in_bytes = sum(C.model_bytes(p) for p in models)
+    out_bytes = C.model_bytes(paths["base"])
+    tile_mb = args.tile_mb if args.tile_mb is not None else MergeConfig.model_fields["tile_mb"].default
+    cfg = paths["config"]
+    print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
+          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_mb:g}")
+    print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
+    out_dir = C.BENCH / "out-single"
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+    def best(kind, spec):
+        runs = [run_child(kind, dict(spec)) for _ in range(args.repeat)]
+        return min(runs, key=lambda r: r["time_s"])
+
+    load_start = C.load_average()
+    floor = best("floor", {"models": [str(p) for p in models], "out": str(out_dir / "floor.bin"), "out_bytes": out_bytes})
+    print(f"I/O floor: {floor['time_s']:.2f} s (read {floor['read_s']:.2f} s), peak RSS {C.fmt_bytes(floor['maxrss'])}")
+    rows, raw = [], {"floor": floor, "methods": {}}
+    for label in args.methods:
+        method, params = METHODS[label]
+        spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
+                "parameters": params, "tile_mb": tile_mb, "out": str(out_dir / "merged"), "profile": args.profile}
+        try:
+            r = best("merge", spec)
+        finally:
+            shutil.rmtree(out_dir / "merged", ignore_errors=True)
+            shutil.rmtree(out_dir / ".merged.partial", ignore_errors=True)
+        raw["methods"][label] = r
+        ratio = r["time_s"] / floor["time_s"]
+        target = TARGETS.get(label)
+        ok = (f"{'yes' if ratio <= target else 'NO'} (<= {target}x)") if target else "-"
+        peak = max(r["maxrss"], r["poll_peak_rss"])
+        rows.append([label, f"{r['time_s']:.2f}", f"{r['timing']['statistics_s']:.2f}", f"{ratio:.2f}x", ok,
+                     f"{in_bytes / r['time_s'] / 1e9:.2f}", C.fmt_bytes(peak), C.fmt_bytes(r["base_rss"]),
+                     "yes" if peak < RSS_TARGET else "NO"])
+        print(f"{label:16s} {r['time_s']:7.2f} s  {ratio:5.2f}x floor  peak RSS {C.fmt_bytes(peak)}", flush=True)
+    load_end = C.load_average()
+    headers = ["method", "time (s)", "of which stats (s)", "vs I/O floor", "time target", "input GB/s",
+               "peak RSS", "RSS after imports", "RSS < 1 GB"]
+    rows.insert(0, ["I/O floor", f"{floor['time_s']:.2f}", "-", "1.00x", "-", f"{in_bytes / floor['time_s'] / 1e9:.2f}",
+                    C.fmt_bytes(max(floor["maxrss"], floor["poll_peak_rss"])), C.fmt_bytes(floor["base_rss"]), "-"])
+    table = C.markdown_table(headers, rows)
+    print()
+    print(table)
+    print(f"\nload average: start {load_start}; end {load_end}")
+    if args.json:
+        args.json.write_text(json.dumps(raw, indent=2, default=str))
+    if args.write_doc:
+        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_single.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
+        cmd += (f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
+        body = f"""Command: `{cmd} --write-doc`
+
+Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
+
+Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16 weights each
+({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
+experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
+(all inputs fit in RAM), output fsynced. tile_mb {tile_mb:g}. Default method parameters (TIES density 0.2, DARE p 0.9,
+dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start and
+imports. I/O floor: read every input tensor once (preadv, 16 MiB chunks) and write + fsync one output of the same
+size, single thread. Peak RSS: max of the child's ru_maxrss and the polled RSS of its process tree (includes
+~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
+
+{table}
+"""
+        C.replace_section(C.ROOT / "docs" / "BENCHMARKS.md", "Single-process merge", body, C.DOC_INTRO)
+        print("updated docs/BENCHMARKS.md")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
