@@ -161,3 +161,29 @@ def base_sd(family) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def expert_sds(family) -> list[dict[str, torch.Tensor]]:
     return [load_f32(e) for e in family.experts]
+
+
+def _task_registry():
+    from mergescale.eval import tasks
+
+    tasks.all_tasks()  # load the shipped registry first, so a snapshot holds it
+    return tasks._TASKS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_task_registry_per_module():
+    """Tasks a test module registers (register_tasks) must not leak into later modules' view of the registry."""
+    registry = _task_registry()
+    saved = dict(registry)
+    yield
+    registry.clear()
+    registry.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _restore_task_registry_per_test(_restore_task_registry_per_module):
+    registry = _task_registry()
+    saved = dict(registry)
+    yield
+    registry.clear()
+    registry.update(saved)

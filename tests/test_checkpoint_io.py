@@ -137,8 +137,9 @@ def test_writer_shards_and_index(merged, family):
     total = 0
     for shard in shards:
         with safe_open(str(out / shard), "pt") as h:
-            nbytes = sum(torch.Size(h.get_slice(k).get_shape()).numel() * 4 for k in h.keys())  # all F32
-        assert nbytes <= 70_000, shard
+            keys = list(h.keys())
+            nbytes = sum(torch.Size(h.get_slice(k).get_shape()).numel() * 4 for k in keys)  # all F32
+        assert nbytes <= 70_000 or len(keys) == 1, shard  # a tensor over the limit goes alone, as in HF
         total += nbytes
     assert index["metadata"]["total_size"] == total
 
