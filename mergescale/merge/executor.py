@@ -5,7 +5,7 @@
     from every model, merge in float32, cast, pwrite to the partial output  ->  commit atomically.
 
 Peak memory is a few tiles per model (see MergePlan.estimated_peak_bytes), independent of model size. The
-helpers `unit_statistics`, `merge_unit` and the selection feeders are the same code the Ray actors run
+helpers `merge_unit`, `feed_selection` and `unit_row_stats` are the same code the Ray actors run
 (mergescale.cluster.merge), so the two paths give identical bytes.
 """
 
