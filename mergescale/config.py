@@ -111,7 +111,7 @@ class MergeConfig(BaseModel):
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
-            raise ValueError(_format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}", model=m.params)) from None
+            raise ValueError(format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}", model=m.params)) from None
         if m.needs_base and not self.base:
             raise ValueError(f"method {self.method!r} needs a base model: set 'base'")
         n = len(self.experts)
@@ -120,6 +120,9 @@ class MergeConfig(BaseModel):
             raise ValueError(f"method {self.method!r} takes {want} experts, got {n}")
         if not m.uses_weights and any(e.weight != 1.0 for e in self.experts):
             raise ValueError(f"method {self.method!r} does not use per-expert weights; remove 'weight' from experts")
+        if getattr(m.params.model_validate(self.parameters), "normalize", False) and sum(self.weights) == 0:
+            raise ValueError("experts[].weight: weights sum to 0, so normalize (divide by their sum) is undefined; "
+                             "change the weights or set parameters.normalize: false")
         if self.tokenizer_source.startswith("expert:"):
             idx = self.tokenizer_source.split(":", 1)[1]
             if not idx.isdigit() or int(idx) >= n:
@@ -141,7 +144,7 @@ class MergeConfig(BaseModel):
         return max(4, int(self.tile_mb * 2**20))
 
 
-def _format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:
+def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:
     lines = [header + ":"]
     for err in e.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
@@ -202,22 +205,22 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         # Relative model paths are relative to the config file, so a config travels with its models. The output
         # does not exist yet, so a relative 'out' is always taken from the config file's directory.
         if isinstance(source.get("base"), str):
-            source["base"] = _resolve(path.parent, source["base"])
+            source["base"] = resolve_config_path(path.parent, source["base"])
         if isinstance(source.get("out"), str) and not Path(source["out"]).expanduser().is_absolute():
             source["out"] = str((path.parent / source["out"]).resolve())
         if isinstance(source.get("experts"), list):
             source["experts"] = [
-                _resolve(path.parent, e) if isinstance(e, str)
-                else ({**e, "path": _resolve(path.parent, e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) else e)
+                resolve_config_path(path.parent, e) if isinstance(e, str)
+                else ({**e, "path": resolve_config_path(path.parent, e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) else e)
                 for e in source["experts"]
             ]
     try:
         return MergeConfig.model_validate(source)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, header=f"invalid merge config{where}", model=MergeConfig)) from None
+        raise ConfigError(format_errors(e, header=f"invalid merge config{where}", model=MergeConfig)) from None
 
 
-def _resolve(root: Path, p: str) -> str:
+def resolve_config_path(root: Path, p: str) -> str:
     """A relative path that exists next to the config file is taken from there; anything else (a path relative
     to the working directory, a hub id such as org/model) is kept as written."""
     q = Path(p).expanduser()

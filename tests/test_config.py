@@ -162,3 +162,18 @@ def test_yaml_errors_name_the_file_and_relative_paths_resolve(tmp_path):
     c = load_config(f)
     assert c.base == str(tmp_path / "m") and [e.path for e in c.experts] == [str(tmp_path / "m")] * 2 + ["org/model"]
     assert c.out == str(tmp_path / "results" / "merged")  # an output that does not exist yet: next to the config
+
+
+def test_average_weights_summing_to_zero_cannot_normalize():
+    experts = [{"path": "/m/e0", "weight": 1.0}, {"path": "/m/e1", "weight": -1.0}]
+    bad({"method": "average", "experts": experts}, "experts[].weight", "sum to 0", "normalize: false")
+    cfg = load_config({**BASE, "method": "average", "experts": experts, "parameters": {"normalize": False}})
+    assert cfg.weights == [1.0, -1.0]
+
+
+def test_model_stock_undefined_ratio_is_a_clear_error():
+    from mergescale.merge.methods import model_stock_ratio
+
+    assert model_stock_ratio(0.5, 3) == pytest.approx(3 * 0.5 / 2.0)
+    with pytest.raises(ValueError, match="model_stock: mean pairwise cosine"):
+        model_stock_ratio(-0.5, 3)

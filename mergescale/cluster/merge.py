@@ -101,8 +101,7 @@ class MergeWorker:
     def merge(self, unit_ids: list[int]) -> dict:
         """Merge and write the units, make them durable, and say so (the driver journals them)."""
         t0, nbytes = time.time(), 0
-        if not self.partial._fds:
-            self.partial.attach()
+        self.partial.attach()  # first merge call: the driver created the shard files after placing actors
         for uid in unit_ids:
             unit = self.units[uid]
             base, experts = self._read(unit)

@@ -176,7 +176,10 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float =
 
 def model_stock_ratio(cos: float, n: int) -> float:
     """Model Stock (Jang et al. 2024): t = N cos / (1 + (N - 1) cos), cos = mean pairwise task-vector cosine."""
-    return n * cos / (1.0 + (n - 1) * cos)
+    denom = 1.0 + (n - 1) * cos
+    if denom == 0.0:  # task vectors exactly "anti-aligned" on average: the ratio is undefined
+        raise ValueError(f"model_stock: mean pairwise cosine {cos} = -1/(N-1) makes t = N cos / (1 + (N-1) cos) undefined")
+    return n * cos / denom
 
 
 def model_stock(base: torch.Tensor, experts: list[torch.Tensor], ratio: float) -> torch.Tensor:

@@ -152,7 +152,9 @@ class PartialOutput:
 
     def attach(self) -> None:
         """Open the shard files of a partial directory another process created (a Ray actor writing its rows).
-        Shards written by several processes are hashed at commit, not on the fly."""
+        Shards written by several processes are hashed at commit, not on the fly. Idempotent."""
+        if self._fds:
+            return
         for i, name in enumerate(self.layout.shard_names):
             self._fds[i] = os.open(self.dir / name, os.O_RDWR)
         self._hash.clear()
@@ -263,7 +265,7 @@ class PartialOutput:
                 _write_json(self.dir / fname, {**json.loads(src.read_text()), **config_updates})
             else:
                 shutil.copyfile(src, self.dir / fname)
-                _fsync_file(self.dir / fname)
+                fsync_file(self.dir / fname)
         manifest = {**manifest, "outputs": self.shard_digests()}
         _write_json(self.dir / MANIFEST, manifest)
         for leftover in ("run.json", "done.journal", "stats.json"):
@@ -295,7 +297,7 @@ class PartialOutput:
         self._fds.clear()
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.config import ConfigError, _format_errors, _resolve, parse_size, read_yaml_mapping
+from mergescale.config import ConfigError, format_errors, resolve_config_path, parse_size, read_yaml_mapping
 
 RECIPES = ("expert", "multitask", "instruct")
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -154,11 +154,11 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
         # Paths are relative to the config file when they exist there, as for merge configs.
         for key in ("base", "tokenizer", "out", "data_dir", "checkpoint_dir"):
             if isinstance(source.get(key), str):
-                source[key] = _resolve(path.parent, source[key])
+                source[key] = resolve_config_path(path.parent, source[key])
         if isinstance(source.get("deepspeed"), str) and source["deepspeed"] not in ("zero2", "zero3"):
-            source["deepspeed"] = _resolve(path.parent, source["deepspeed"])
+            source["deepspeed"] = resolve_config_path(path.parent, source["deepspeed"])
         if isinstance(source.get("data_files"), list):
-            source["data_files"] = [_resolve(path.parent, f) if isinstance(f, str) else f for f in source["data_files"]]
+            source["data_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f for f in source["data_files"]]
     source = dict(source)
     for key, value in overrides.items():
         if value is None:
@@ -170,4 +170,4 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
     try:
         return TrainConfig.model_validate(source)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, header=f"invalid train config{where}")) from None
+        raise ConfigError(format_errors(e, header=f"invalid train config{where}")) from None

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mergescale.merge.checkpoint import TORCH_TO_SAFETENSORS, Checkpoint, CheckpointError
-from mergescale.merge.writer import OutputLayout, PartialOutput, _fsync_file
+from mergescale.merge.writer import OutputLayout, PartialOutput, fsync_file
 
 METRICS = "metrics.jsonl"
 
@@ -41,7 +41,7 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
             partial.write_rows(name, 0, t)
         if metrics is not None and metrics.exists():
             shutil.copyfile(metrics, partial.dir / METRICS)
-            _fsync_file(partial.dir / METRICS)
+            fsync_file(partial.dir / METRICS)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.meta-") as meta:
             # config.json as the base has it (training-only settings such as dropout stay out); the tokenizer as
             # the run used it (it may come from another directory than the base).
