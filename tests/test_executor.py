@@ -32,7 +32,7 @@ def counting(monkeypatch, method: str, fail_at: int | None = None) -> list:
             raise RuntimeError("simulated crash")
         return m.merge(*a, **k)
 
-    monkeypatch.setitem(REGISTRY, method, dataclasses.replace(m, merge=wrapped))
+    monkeypatch.setitem(REGISTRY, method, dataclasses.replace(m, merge=wrapped, fused_merge=None))
     return calls
 
 

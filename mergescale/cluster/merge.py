@@ -28,6 +28,7 @@ import ray
 import torch
 
 from mergescale.config import MergeConfig, load_config
+from mergescale.merge import kernels
 from mergescale.merge.executor import (
     MergeStats, build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key,
     statistics_work, sums_from, thresholds_from, unit_read_bytes, unit_row_stats,
@@ -48,7 +49,9 @@ class MergeWorker:
     """One actor: opens the inputs lazily, holds nothing but the tiles of the unit it is working on."""
 
     def __init__(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool):
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        torch.set_num_threads(cpus)
+        kernels.set_threads(cpus)  # the fused CPU kernels use the actor's CPU share, not every core of the node
         self.config = MergeConfig.model_validate(config_json)
         self.method, self.params = get_method(self.config.method), self.config.method_params
         self.inputs = open_inputs(self.config)

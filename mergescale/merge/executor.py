@@ -121,10 +121,31 @@ def feed_selection(selector: StreamingSelector, pass_no: int, config, method, pa
     """Add one unit's magnitudes (per expert) to the selector's pass-1 or pass-2 histograms."""
     scope = scope_of(unit.name, global_sel)
     ctx = tile_context(config, plan_tensor(plan, unit.name), unit, MergeStats(), scope, len(experts))
+    if fused_histograms(selector, pass_no, method, params, ctx, base, experts, lambda i: (scope, i)):
+        return
     add = selector.add_pass1 if pass_no == 1 else selector.add_pass2
     for sub, b, es in chunks(ctx, base, experts):  # histograms add exactly: chunking never changes them
         for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
             add((scope, i), mags)
+
+
+def fused_histograms(selector: StreamingSelector, pass_no: int, method: MergeMethod, params, ctx, base, experts,
+                     stream_of) -> bool:
+    """Feed one unit's histograms from the fused kernel (one pass over the raw tiles for all experts); False when
+    the kernel does not handle this unit (the caller then runs the torch path, which counts the same)."""
+    if method.fused_histograms is None:
+        return False
+    buckets = None if pass_no == 1 else [sorted(selector.pass2_buckets(stream_of(i))) for i in range(len(experts))]
+    hists = method.fused_histograms(params, ctx, base, experts, buckets)
+    if hists is None:
+        return False
+    for i, h in enumerate(hists):
+        if pass_no == 1:
+            selector.add_hi_histogram(stream_of(i), h)
+        else:
+            for bucket, hb in zip(buckets[i], h):
+                selector.add_lo_histogram(stream_of(i), bucket, hb)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -186,14 +207,18 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
         if experts[0].numel() <= KTHVALUE_MAX:
             mags = method.magnitudes(_f32(base) if base is not None else None, [_f32(e) for e in experts], params, ctx)
             updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
+        elif (len(ranks) == 1 and None not in ranks.values() and method.fused_kth is not None
+              and (kth := method.fused_kth(params, ctx, base, experts, [next(iter(ranks.values()))] * len(experts))) is not None):
+            updates["thresholds"] = [{tag: v for tag in ranks} for v in kth]
         else:
             # The streaming radix select over chunks: exactly kthvalue's answer, without a sort or whole-tile copies.
             selector = StreamingSelector([KthQuery(i, k, tag) for i in range(len(experts)) for tag, k in ranks.items() if k is not None])
             for pass_no in (1, 2):
-                add = selector.add_pass1 if pass_no == 1 else selector.add_pass2
-                for sub, b, es in chunks(ctx, base, experts):
-                    for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
-                        add(i, mags)
+                if not fused_histograms(selector, pass_no, method, params, ctx, base, experts, lambda i: i):
+                    add = selector.add_pass1 if pass_no == 1 else selector.add_pass2
+                    for sub, b, es in chunks(ctx, base, experts):
+                        for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
+                            add(i, mags)
                 selector.finish_pass1() if pass_no == 1 else selector.finish_pass2()
             thresholds = [dict() for _ in experts]
             for q in selector.queries:
@@ -214,13 +239,15 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     Float tiles may be float32 or in their stored dtype; the math runs chunk by chunk (see `chunks`)."""
     info = plan_tensor(plan, unit.name)
     out_dtype = SAFETENSORS_DTYPES[plan.out_dtypes[unit.name]]
-    if not info.is_float:
-        return (base if base is not None else experts[0]).to(out_dtype)
+    if not info.is_float:  # a copy: the input tile's read buffer is reused while this one is being written
+        return (base if base is not None else experts[0]).to(out_dtype, copy=True)
     scope = scope_of(unit.name, global_sel)
     ctx = tile_context(config, info, unit, stats, scope, len(experts))
     ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
     ref = experts[0]
     out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
+    if method.fused_merge is not None and method.fused_merge(params, config.weights, ctx, base, experts, out):
+        return out  # the fused CPU kernel: the same bits as the chunked torch path below
     row_numel = ref[0].numel() if ref.dim() and ref.shape[0] else 1
     for sub, b, es in chunks(ctx, base, experts):
         merged = method.merge(b, es, config.weights, params, sub)
@@ -398,17 +425,31 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         global_sel = statistics_work(method, params, plan, len(inputs.experts)).global_selection
         todo = [u for u in plan.units if u.id not in done]
         bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
-        pending, last_sync, tensors_done = [], time.time(), 0
-        for unit, base, experts in _iter_read(inputs, todo, config, warnings):
-            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
+        pending, last_sync, tensors_done = [], [time.time()], 0
+
+        def write(unit: Unit, tile: torch.Tensor) -> None:
+            # On the writer thread, in unit order: pwrite + hash, and journal only what has been written.
             partial.write_rows(unit.name, unit.row_start, tile)
             pending.append(unit.id)
-            tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
-            bar.update(unit_read_bytes(inputs, unit))
-            bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
-            if time.time() - last_sync > JOURNAL_EVERY_S:
+            if time.time() - last_sync[0] > JOURNAL_EVERY_S:
                 partial.mark_done(pending)
-                pending, last_sync = [], time.time()
+                pending.clear()
+                last_sync[0] = time.time()
+
+        # One write in flight overlaps the next unit's merge; waiting for it before submitting another bounds
+        # memory to one extra output tile and surfaces write errors at once.
+        with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
+            in_flight = None
+            for unit, base, experts in _iter_read(inputs, todo, config, warnings):
+                tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
+                if in_flight is not None:
+                    in_flight.result()
+                in_flight = writer.submit(write, unit, tile)
+                tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
+                bar.update(unit_read_bytes(inputs, unit))
+                bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
+            if in_flight is not None:
+                in_flight.result()
         bar.close()
         timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3),
                   "units_total": len(plan.units), "units_resumed": len(done)}

@@ -11,6 +11,8 @@ Where reference implementations disagree (PAPER.md, "How other implementations d
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -18,6 +20,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mergescale.merge import kernels
 from mergescale.merge.masks import dare_keep_mask
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,12 +311,22 @@ class MergeMethod:
     magnitudes: Callable[..., list[torch.Tensor]] | None = None
     # Per-row float64 sums [rows, S] whose column totals over the whole tensor the method needs.
     row_stats: Callable[..., torch.Tensor] | None = None
+    # Compiled CPU forms of `merge` and of histogramming `magnitudes` (mergescale.merge.kernels), bit for bit the
+    # same; they return False / None for what they do not handle, and the torch functions above run instead.
+    fused_merge: Callable[..., bool] | None = None  # (params, weights, ctx, base, experts, out) -> bool
+    fused_histograms: Callable[..., list | None] | None = None  # (params, ctx, base, experts, buckets) -> list
+    fused_kth: Callable[..., list | None] | None = None  # (params, ctx, base, experts, ks) -> k-th magnitudes
 
 
 REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
+        method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
+    if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:
+        method = dataclasses.replace(method, fused_histograms=functools.partial(kernels.histograms, method.name),
+                                     fused_kth=functools.partial(kernels.kth_magnitudes, method.name))
     REGISTRY[method.name] = method
     return method
 

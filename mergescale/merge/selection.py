@@ -81,7 +81,10 @@ class StreamingSelector:
     lo: dict = field(default_factory=dict)  # (stream, hi bucket) -> pass-2 histogram
 
     def add_pass1(self, stream, values: torch.Tensor) -> None:
-        h = hi_histogram(values)
+        self.add_hi_histogram(stream, hi_histogram(values))
+
+    def add_hi_histogram(self, stream, h: torch.Tensor) -> None:
+        """Add a pass-1 histogram computed elsewhere (a fused kernel: the same counts as hi_histogram)."""
         self.hi[stream] = self.hi[stream] + h if stream in self.hi else h
 
     def finish_pass1(self) -> None:
@@ -103,9 +106,12 @@ class StreamingSelector:
 
     def add_pass2(self, stream, values: torch.Tensor) -> None:
         for bucket in self.pass2_buckets(stream):
-            h = lo_histogram(values, bucket)
-            key = (stream, bucket)
-            self.lo[key] = self.lo[key] + h if key in self.lo else h
+            self.add_lo_histogram(stream, bucket, lo_histogram(values, bucket))
+
+    def add_lo_histogram(self, stream, bucket: int, h: torch.Tensor) -> None:
+        """Add a pass-2 histogram of one high bucket computed elsewhere (as lo_histogram would)."""
+        key = (stream, bucket)
+        self.lo[key] = self.lo[key] + h if key in self.lo else h
 
     def finish_pass2(self) -> None:
         for q in self.queries:

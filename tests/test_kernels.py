@@ -1,0 +1,140 @@
+"""The fused CPU kernels against their definition: methods.py's torch functions, selection's histograms and
+torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only allowed to be faster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergescale.merge import kernels
+from mergescale.merge.methods import TileContext, get_method
+from mergescale.merge.selection import hi_histogram, lo_histogram
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+
+CASES = [
+    ("average", {}), ("average", {"normalize": False}),
+    ("task_arithmetic", {"lambda": 0.7}),
+    ("dare_linear", {"p": 0.9}), ("dare_linear", {"p": 0.3, "lambda": 1.3}), ("dare_linear", {"p": 0.0}),
+    ("ties", {"density": 0.2}), ("ties", {"density": 0.2, "sign": "count", "lambda": 0.9}), ("ties", {"density": 1.0}),
+    ("dare_ties", {}), ("dare_ties", {"p": 0.5, "density": 0.3, "sign": "count"}),
+]
+
+
+def models(n: int, dtype: torch.dtype, n_experts: int = 4, seed: int = 0):
+    """A base and experts with the awkward cases in them: tau exactly 0, +-0 bases, sign cancellations, scales."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    base[:7] = 0.0
+    base[7:11] = -0.0
+    experts = []
+    for i in range(n_experts):
+        e = base + 0.01 * (i + 1) * torch.randn(n, generator=g)
+        e[: 20 + 5 * i] = base[: 20 + 5 * i]  # zero task vectors
+        experts.append(e)
+    if n_experts > 1:
+        experts[1][40:60] = 2 * base[40:60] - experts[0][40:60]  # tau_1 = -tau_0: cancels under "mass"
+    return base.to(dtype), [e.to(dtype) for e in experts]
+
+
+def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> TileContext:
+    thr = [{"min": x} for x in (0.005, 0.01, 0.0, 0.02, 0.007, 0.0)[:n_experts]] if with_thresholds else []
+    return TileContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7, thresholds=thr)
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method, params", CASES)
+def test_merge_kernel_equals_torch_definition(method, params, in_dtype, out_dtype):
+    n = 20_011  # not a multiple of any block size: partial sub-blocks at the end
+    base, experts = models(n, in_dtype)
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    weights = [0.3, 1.0, 0.7, 2.0]
+    ctx = context(n, len(experts))
+    out = torch.empty(n, dtype=out_dtype)
+    assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+    want = m.merge(base.float(), [e.float() for e in experts], weights, p, ctx).to(out_dtype)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))  # bits, so -0.0 vs 0.0 counts too
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3000), n_experts=st.integers(1, 5), offset=st.integers(0, 2**33), seed=st.integers(0, 10**6),
+       case=st.sampled_from(CASES))
+def test_merge_kernel_equals_definition_any_shape(n, n_experts, offset, seed, case):
+    method, params = case
+    base, experts = models(n, torch.bfloat16, n_experts, seed)
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    weights = [0.5 + i for i in range(n_experts)]
+    ctx = context(n, n_experts, offset)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+    want = m.merge(base.float(), [e.float() for e in experts], weights, p, ctx).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {})])
+def test_histogram_kernels_equal_selection_histograms(method, params):
+    n = 30_001
+    base, experts = models(n, torch.bfloat16)
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    ctx = context(n, len(experts), with_thresholds=False)
+    mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    hi = kernels.histograms(method, p, ctx, base, experts)
+    assert all(torch.equal(h, hi_histogram(x)) for h, x in zip(hi, mags))
+    buckets = [sorted({int(torch.argmax(h)), int(torch.nonzero(h)[0])}) for h in hi]  # 1 or 2 buckets each
+    lo = kernels.histograms(method, p, ctx, base, experts, buckets)
+    for j, bs in enumerate(buckets):
+        for q, bucket in enumerate(bs):
+            assert torch.equal(lo[j][q], lo_histogram(mags[j], bucket))
+
+
+@pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.3})])
+def test_bracket_selection_equals_kthvalue(method, params):
+    n = 8 * kernels.SAMPLE_RUNS * kernels.SAMPLE_RUN + 999
+    base, experts = models(n, torch.bfloat16)
+    experts[2][::7] += 0.5  # a second population of magnitudes the sample has to straddle
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    ctx = context(n, len(experts), with_thresholds=False)
+    mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    for k in (1, 2, n // 10, n // 2, n - n // 5, n - 3, n):
+        got = kernels.kth_magnitudes(method, p, ctx, base, experts, [k] * len(experts))
+        assert got is not None, k
+        assert got == [torch.kthvalue(x, k).values.item() for x in mags], k
+
+
+def test_non_finite_task_vectors_are_left_to_the_definition():
+    n = 5000
+    base, experts = models(n, torch.float32)
+    experts[1][123] = float("inf")
+    p = get_method("ties").params.model_validate({})
+    ctx = context(n, len(experts))
+    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))
+    assert kernels.histograms("ties", p, ctx, base, experts) is None
+    experts[1][123] = float("nan")
+    assert not kernels.merge_tile("task_arithmetic", get_method("task_arithmetic").params.model_validate({}),
+                                  [1.0] * 4, ctx, base, experts, torch.empty(n))
+
+
+def test_unsupported_inputs_are_declined():
+    n = 100
+    base, experts = models(n, torch.float16)
+    p = get_method("ties").params.model_validate({})
+    ctx = context(n, len(experts))
+    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # float16 tiles
+    base, experts = models(n, torch.float32)
+    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n, dtype=torch.float16))
+    assert not kernels.merge_tile("slerp", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # no kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_count_nonfinite(dtype):
+    t = torch.randn(10_000).to(dtype)
+    assert kernels.count_nonfinite(t) == 0
+    t[[5, 77, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert kernels.count_nonfinite(t) == int((~torch.isfinite(t)).sum()) == 3
