@@ -82,8 +82,9 @@ def child_mergescale(spec: dict) -> dict:
 
     out = spec.pop("out")
     workers = spec.pop("workers")
+    address = spec.pop("address", None)
     t0 = time.perf_counter()
-    manifest = run_distributed_merge(spec, out, workers=workers, overwrite=True, progress=False)
+    manifest = run_distributed_merge(spec, out, workers=workers, address=address, overwrite=True, progress=False)
     return {"time_s": time.perf_counter() - t0, "timing": manifest["timing"]}
 
 
@@ -91,8 +92,58 @@ def child_mergescale(spec: dict) -> dict:
 # Parent
 
 
-def run_case(cmd: list[str], env: dict, out: Path, timeout: float) -> dict:
-    r = C.run_measured(cmd, env=env, timeout=timeout, pss=True)
+class RunningCluster:
+    """A Ray head started once (`ray start --head --block`, its own session), as on a real cluster where merges
+    are submitted to Ray that is already up. Its whole process tree (GCS, raylet, agents, workers) is added to
+    the memory of every run against it; stopping it kills only that tree."""
+
+    def __init__(self, env: dict, cpus: int):
+        import socket
+
+        import psutil
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        self.env = {**env, "RAY_AUTH_MODE": "disabled"}  # Ray 2.60 token auth, off for head and driver alike
+        self.temp = Path("/tmp") / f"ms-bench-ray-{os.getpid()}"
+        ray_bin = Path(sys.executable).parent / "ray"
+        self.proc = subprocess.Popen(
+            [str(ray_bin), "start", "--head", f"--port={self.port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={self.temp}", "--block"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self._ps = psutil
+        t0 = time.time()
+        while True:  # up when a driver can connect
+            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{self.port}'); ray.shutdown()"],
+                                   env=self.env, capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                break
+            if time.time() - t0 > 120 or self.proc.poll() is not None:
+                raise RuntimeError(f"ray head did not come up: {probe.stderr.decode()[-2000:]}")
+            time.sleep(1)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def pids(self) -> list[int]:
+        try:
+            head = self._ps.Process(self.proc.pid)
+            return [head.pid] + [c.pid for c in head.children(recursive=True)]
+        except self._ps.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-9", "-f", str(self.temp)], check=False)
+
+
+def run_case(cmd: list[str], env: dict, out: Path, timeout: float, extra_pids_fn=None) -> dict:
+    r = C.run_measured(cmd, env=env, timeout=timeout, pss=True, extra_pids_fn=extra_pids_fn)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     if r["rc"] != 0:
@@ -107,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--no-running-cluster", action="store_true", help="only the cold runs (embedded Ray per merge)")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--write-doc", action="store_true", help="replace the 'Distributed merge (Ray) vs mergekit' section")
     ap.add_argument("--json", type=Path)
@@ -132,27 +184,44 @@ def main(argv=None) -> int:
            "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"}
     load_start = C.load_average()
     results: dict = {}
-    for label in args.methods:
-        method, params, _, _ = METHODS[label]
-        for k in args.workers:
-            out = work / "merged"
-            spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
-                    "parameters": params, "out": str(out), "workers": k}
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
-            r = run_case(cmd, env, out, args.timeout)
-            merge_s = r["result"]["timing"]["total_s"] if r["result"] else None
-            results[(label, f"mergescale K={k}")] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"], "pss": r["peak_pss"]}
-            print(f"{label:18s} mergescale K={k}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s), "
-                  f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
-        if mk is not None:
-            out = work / "mergekit-out"
-            cfg_path = work / f"mergekit-{METHODS[label][2]}.yml"
-            cfg_path.write_text(yaml.safe_dump(mergekit_config(paths, label), sort_keys=False))
-            cmd = [str(mk), str(cfg_path), str(out)] + MERGEKIT_FLAGS
-            r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout)
-            results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"], "pss": r["peak_pss"]}
-            print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s, peak RSS {C.fmt_bytes(r['peak_rss'])}, "
-                  f"PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+    cpus = os.cpu_count() or 1
+    modes = ["cold"] + ([] if args.no_running_cluster else ["running"])
+    tools = [f"mergescale K={k} ({mode})" for mode in modes for k in args.workers]
+    cluster = None
+    try:
+        for label in args.methods:
+            method, params, _, _ = METHODS[label]
+            for mode in modes:
+                # The head runs only during its own runs: an idle cluster must not slow the cold or mergekit runs.
+                cl = cluster = RunningCluster(env, cpus) if mode == "running" else None
+                for k in args.workers:
+                    out = work / "merged"
+                    # the machine's cores split among the K actors (K=1 gets all of them)
+                    spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
+                            "parameters": params, "out": str(out), "workers": k,
+                            "cluster": {"num_cpus": max(1, cpus // k)}, "address": cl.address if cl else None}
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
+                    r = run_case(cmd, cl.env if cl else env, out, args.timeout, cl.pids if cl else None)
+                    merge_s = r["result"]["timing"]["total_s"] if r["result"] else None
+                    tool = f"mergescale K={k} ({mode})"
+                    results[(label, tool)] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"], "pss": r["peak_pss"]}
+                    print(f"{label:18s} {tool}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s), "
+                          f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+                if cluster is not None:
+                    cluster.stop()
+                    cluster = None
+            if mk is not None:
+                out = work / "mergekit-out"
+                cfg_path = work / f"mergekit-{METHODS[label][2]}.yml"
+                cfg_path.write_text(yaml.safe_dump(mergekit_config(paths, label), sort_keys=False))
+                cmd = [str(mk), str(cfg_path), str(out)] + MERGEKIT_FLAGS
+                r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout)
+                results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"], "pss": r["peak_pss"]}
+                print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s, peak RSS {C.fmt_bytes(r['peak_rss'])}, "
+                      f"PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+    finally:
+        if cluster is not None:
+            cluster.stop()
     load_end = C.load_average()
 
     headers = ["method", "tool", "wall (s)", "merge only (s)", "input GB/s (wall)", "vs mergekit (wall)",
@@ -160,7 +229,7 @@ def main(argv=None) -> int:
     rows = []
     for label in args.methods:
         ref = results.get((label, "mergekit 0.1.5"))
-        for tool in [f"mergescale K={k}" for k in args.workers] + (["mergekit 0.1.5"] if mk else []):
+        for tool in tools + (["mergekit 0.1.5"] if mk else []):
             r = results[(label, tool)]
             speed = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref else "-"
             rows.append([label, tool, f"{r['wall_s']:.1f}", f"{r['merge_s']:.1f}" if r["merge_s"] is not None else "-",
@@ -179,8 +248,12 @@ Machine: {C.machine_line()}; shared with other engineers' jobs (load average {lo
 
 Inputs: the synthetic checkpoints of the single-process benchmark, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16
 weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU only. mergescale: a fresh process calls
-`run_distributed_merge(config, out, workers=K)`, which starts a local Ray (`ray.init`, included in "wall") and K merge
-actors of 1 CPU each; "merge only" is the manifest's total_s (statistics + merge + commit, without Ray start-up).
+`run_distributed_merge(config, out, workers=K)` with the machine's {cpus} cores split among K merge actors
+(`cluster.num_cpus` = {cpus} / K). "cold": no Ray is running, so the call starts an embedded local Ray (`ray.init`,
+~5 s here, plus shutdown) and everything is in "wall". "running": a Ray head started before that method's runs
+(`ray start --head`, as on a cluster that `ray job submit` or a KubeRay RayJob targets), `address=` given; "wall"
+is the driver process from start to exit, and the head's whole process tree (GCS, raylet, agents, workers) is
+counted in its memory. "merge only" is the manifest's total_s (actor start + statistics + merge + commit).
 mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
 same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
 task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9

@@ -70,7 +70,7 @@ def ref_average(base, experts, weights, normalize=True):
     out = {}
     for name in experts[0]:
         s = sum(w * e[name] for w, e in zip(weights, experts))
-        out[name] = s / sum(weights) if normalize else s
+        out[name] = s * (1.0 / sum(weights)) if normalize else s
     return out
 
 
@@ -89,7 +89,7 @@ def _dare_taus(base, experts, p, seed):
         d = {}
         for name, t in tau.items():
             keep = dare_keep_mask(seed, i, name, 0, tuple(t.shape), p)
-            d[name] = t * keep / (1.0 - p)
+            d[name] = t * keep * (1.0 / (1.0 - p))
         out.append(d)
     return out
 

@@ -298,6 +298,26 @@ def _iter_read(inputs: MergeInputs, units: list[Unit], config: MergeConfig, warn
             yield unit, base, experts
 
 
+def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, inputs: MergeInputs,
+                 units: list[Unit], warnings: list[str], write, device: torch.device | None = None):
+    """Merge units in order, yielding each after its merge: reads run one unit ahead (a thread, reused buffers),
+    writes one unit behind (`write(unit, tile)` on another thread, in unit order), the math in between. When the
+    generator finishes, every write has returned; a write's error is raised at the next unit."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
+        in_flight = None
+        for unit, base, experts in _iter_read(inputs, units, config, warnings):
+            if device is not None and device.type != "cpu":
+                base = base.to(device) if base is not None else None
+                experts = [e.to(device) for e in experts]
+            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts).cpu()
+            if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
+                in_flight.result()
+            in_flight = writer.submit(write, unit, tile)
+            yield unit
+        if in_flight is not None:
+            in_flight.result()
+
+
 def progress_bar(total: int, desc: str, progress: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
 
@@ -436,20 +456,10 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
                 pending.clear()
                 last_sync[0] = time.time()
 
-        # One write in flight overlaps the next unit's merge; waiting for it before submitting another bounds
-        # memory to one extra output tile and surfaces write errors at once.
-        with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
-            in_flight = None
-            for unit, base, experts in _iter_read(inputs, todo, config, warnings):
-                tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
-                if in_flight is not None:
-                    in_flight.result()
-                in_flight = writer.submit(write, unit, tile)
-                tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
-                bar.update(unit_read_bytes(inputs, unit))
-                bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
-            if in_flight is not None:
-                in_flight.result()
+        for unit in merge_stream(config, method, params, plan, stats, global_sel, inputs, todo, warnings, write):
+            tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
+            bar.update(unit_read_bytes(inputs, unit))
+            bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
         bar.close()
         timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3),
                   "units_total": len(plan.units), "units_resumed": len(done)}

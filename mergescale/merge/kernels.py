@@ -13,6 +13,8 @@ path special-cases non-finite values (TIES's fast path, NaN payloads, bf16 NaN e
 "not finite" and the caller reruns that unit with methods.py.
 
 Without numba (it is a dependency, but e.g. a bare GPU image may lack it) everything falls back to methods.py.
+One module on purpose (~500 lines): the kernels share their load/store/hash helpers and the sub-block layout, and
+the Python side below is only their dispatch.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ if numba is not None:
 
     @njit(inline="always")
     def _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk):
-        """brow[:m] = base, tr[j, :m] = tau_j of elements s0..s0+m (DARE'd as methods.dare: (e - b) * keep / (1 - p)
+        """brow[:m] = base, tr[j, :m] = tau_j of elements s0..s0+m (DARE'd as methods.dare: (e - b) * keep * f32(1 / (1 - p))
         when asked); chk[:m] += tau * 0, which is NaN exactly where some tau is not finite."""
         bs, bw, c = b[s0:s0 + m], brow[:m], chk[:m]
         for i in range(m):
@@ -113,7 +115,7 @@ if numba is not None:
                     idx = idx0 + np.uint64(i)  # the element's flat index in its tensor
                     h = _mix32(np.uint32(idx & np.uint64(0xFFFFFFFF)) ^ kj1)
                     h = _mix32(h ^ np.uint32(idx >> np.uint64(32)) ^ kj2)
-                    row[i] = row[i] * np.float32(h >= dare_thr) / scale
+                    row[i] = row[i] * np.float32(h >= dare_thr) * scale
             for i in range(m):
                 c[i] += row[i] * np.float32(0.0)
 
@@ -153,8 +155,8 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _average_kernel(e, w, normalize, wsum, out, bad):
-        """average: float64 sum_i w_i e_i (/ sum w), rounded once to float32."""
+    def _average_kernel(e, w, normalize, inv_wsum, out, bad):
+        """average: float64 sum_i w_i e_i (* 1 / sum w), rounded once to float32."""
         n = e[0].shape[0]
         ne = len(e)
         for blk in prange((n + BLOCK - 1) // BLOCK):
@@ -171,7 +173,7 @@ if numba is not None:
                         acc[i] += np.float64(_load(es, i)) * wj
                 if normalize:
                     for i in range(m):
-                        acc[i] /= wsum
+                        acc[i] *= inv_wsum
                 c, os = chk[:m], out[s0:s0 + m]
                 for i in range(m):
                     v = np.float32(acc[i])
@@ -257,11 +259,11 @@ if numba is not None:
                 for j in range(ne):
                     row = tr[j, :m]
                     for i in range(m):
-                        bits[i] = np.float32(abs(row[i])).view(np.int32) >> 16 if not pass2 else np.float32(abs(row[i])).view(np.int32)
+                        bits[i] = np.float32(abs(row[i])).view(np.int32)
                     if not pass2:
                         hj = h[j]
                         for i in range(m):
-                            hj[bits[i]] += 1
+                            hj[bits[i] >> 16] += 1
                         continue
                     for q in range(2):
                         bq = buckets[j, q]
@@ -379,13 +381,13 @@ def _out_view(out: torch.Tensor):
 
 
 def _dare_args(p: float, seed: int, name: str, n_experts: int, element_offset: int):
-    """(dare?, threshold, k1s, k2s, first, 1-p as float32): the mask of masks.dare_keep_mask, element for element."""
+    """(dare?, threshold, k1s, k2s, first, 1/(1-p) as float32): the mask of masks.dare_keep_mask, element for element."""
     if p <= 0.0:
         z = np.zeros(n_experts, np.uint32)
         return False, np.uint32(0), z, z, np.uint64(0), np.float32(1.0)
     keys = [stream_keys(seed, i, name) for i in range(n_experts)]
     return (True, np.uint32(min(int(round(p * 2**32)), 2**32 - 1)), np.array([k[0] for k in keys], np.uint32),
-            np.array([k[1] for k in keys], np.uint32), np.uint64(element_offset), np.float32(1.0 - p))
+            np.array([k[1] for k in keys], np.uint32), np.uint64(element_offset), np.float32(1.0 / (1.0 - p)))
 
 
 def _dare_p(method: str, params) -> float:
@@ -411,7 +413,7 @@ def merge_tile(method: str, params, weights: list[float], ctx, base, experts, ou
     bad = np.zeros(1, np.uint8)
     if method == "average":
         w = np.array(weights, np.float64)
-        _average_kernel(models, w, bool(params.normalize), float(sum(weights)), dst, bad)
+        _average_kernel(models, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
         return not bad[0]
     b, e = models[0], models[1:]
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(e), ctx.element_offset)

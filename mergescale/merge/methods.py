@@ -45,12 +45,14 @@ def average(models: list[torch.Tensor], weights: list[float], normalize: bool = 
     """M = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. Paper's Averaging: w_i = 1.
 
     Accumulated in float64 (one model at a time) and rounded once, so the average of identical models is exactly
-    that model for any weights; in float32, (x + x + x) / 3 != x for about 1 value in 7."""
+    that model for any weights; in float32, (x + x + x) / 3 != x for about 1 value in 7. Normalized by multiplying
+    with 1 / sum w (rounded once, on the host): CUDA computes a division by a scalar that way, so CPUs and GPUs
+    agree bit for bit."""
     out = models[0].to(torch.float64) * weights[0]
     for m, w in zip(models[1:], weights[1:]):
         out += m.to(torch.float64) * w
     if normalize:
-        out.div_(sum(weights))
+        out.mul_(1.0 / sum(weights))
     return out.to(models[0].dtype)
 
 
@@ -157,11 +159,13 @@ def _ties_update_fast(taus: list[torch.Tensor], thresholds: list[float], sign_mo
 def dare(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """DARE (Yu et al. 2024): drop entries where keep is False (each with probability p), rescale by 1/(1-p).
 
-    Rescale as the paper, MergeLM, FusionBench and PEFT (mergekit matches L1 norms per tensor instead).
+    Rescale as the paper, MergeLM, FusionBench and PEFT (mergekit matches L1 norms per tensor instead). The
+    factor 1/(1-p) is rounded once to float32 and multiplied in: CUDA turns a division by a scalar into such a
+    multiplication, so a division here would make GPU actors differ from CPUs in the last bit.
     """
     if p == 0.0:
         return tau.clone()
-    return tau * keep / (1.0 - p)
+    return tau * keep * (1.0 / (1.0 - p))
 
 
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float = 1e-8, lerp_above: float = 0.9995) -> torch.Tensor:
