@@ -525,3 +525,26 @@ def kth_magnitudes(method: str, params, ctx, base, experts, ks: list[int]) -> li
             log.debug("bracket missed for %s expert %d (k=%d, counts %s)", ctx.name, j, k, counts[:, j].sum(0))
             return None
     return out
+
+
+def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
+    """Compile every kernel for tiles of this dtype and expert count (or load them from numba's on-disk cache), so
+    that a timed merge does not pay for compilation; a fresh install's first merge otherwise does it on the way."""
+    if numba is None:
+        return
+    from mergescale.merge.methods import TileContext, get_method  # methods imports this module
+
+    n = 8 * SAMPLE_RUNS * SAMPLE_RUN + 1  # large enough for the bracket selection
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g)
+    experts = [(base + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(n_experts)]
+    base = base.to(dtype)
+    ctx = TileContext(name="warm_up", shape=(n,), element_offset=0, thresholds=[{"min": 0.01}] * n_experts)
+    out = torch.empty(n, dtype=out_dtype or dtype)
+    for name in MERGE_KERNELS:
+        merge_tile(name, get_method(name).params(), [1.0] * n_experts, ctx, base, experts, out)
+    for name in ("ties", "dare_ties"):
+        params = get_method(name).params.model_validate({"density": 0.5})
+        hists = histograms(name, params, ctx, base, experts)
+        histograms(name, params, ctx, base, experts, [[int(h.argmax())] for h in hists])
+        kth_magnitudes(name, params, ctx, base, experts, [n // 2] * n_experts)
