@@ -138,3 +138,19 @@ def test_count_nonfinite(dtype):
     assert kernels.count_nonfinite(t) == 0
     t[[5, 77, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
     assert kernels.count_nonfinite(t) == int((~torch.isfinite(t)).sum()) == 3
+
+
+def test_histograms_with_fewer_private_copies_than_threads(monkeypatch):
+    """On many-core nodes the histogram kernels cap their private copies (HIST_ITEMS); counts must not change."""
+    n = 30_001
+    base, experts = models(n, torch.bfloat16)
+    p = get_method("ties").params.model_validate({})
+    ctx = context(n, len(experts), with_thresholds=False)
+    want = kernels.histograms("ties", p, ctx, base, experts)
+    monkeypatch.setattr(kernels, "HIST_ITEMS", 1)
+    got = kernels.histograms("ties", p, ctx, base, experts)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    buckets = [[int(torch.argmax(h))] for h in want]
+    lo = kernels.histograms("ties", p, ctx, base, experts, buckets)
+    mags = get_method("ties").magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    assert all(torch.equal(lo[j][0], lo_histogram(mags[j], buckets[j][0])) for j in range(len(experts)))

@@ -40,6 +40,7 @@ HI_BINS, LO_BINS = 1 << 15, 1 << 16  # as mergescale.merge.selection
 RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float32: np.float32}  # stored dtypes the kernels read directly
 BLOCK = 1 << 14  # elements per parallel work item
 SAMPLE_RUN = 64  # consecutive elements per sample run (bracket selection)
+HIST_ITEMS = 8  # most private histogram copies per call (see `histograms`)
 
 
 def available() -> bool:
@@ -251,10 +252,11 @@ if numba is not None:
     def _hist_kernel(b, e, dare, dare_thr, k1, k2, first, scale, pass2, buckets, out, bad):
         """Selection histograms of |tau_j| (or |DARE(tau_j)|) for every expert in one pass.
 
-        Pass 1: out[t, j] counts the high 16 bits. Pass 2: out[t, j*2+q] counts the low 16 bits of values whose
-        high bits equal buckets[j, q] (-1: none). out[t] is private to work item t, one per thread."""
+        Pass 1: out[t, j] counts the high 16 bits. Pass 2: out[t, j*nq+q] counts the low 16 bits of values whose
+        high bits equal buckets[j, q] (-1: none), nq = buckets.shape[1]. out[t] is private to work item t."""
         n = b.shape[0]
         ne = len(e)
+        nq = buckets.shape[1]
         T = out.shape[0]
         per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
         for th in prange(T):
@@ -277,7 +279,7 @@ if numba is not None:
                         for i in range(m):
                             hj[bits[i] >> 16] += 1
                         continue
-                    for q in range(2):
+                    for q in range(nq):
                         bq = buckets[j, q]
                         if bq < 0:
                             continue
@@ -285,7 +287,7 @@ if numba is not None:
                         for i in range(m):  # compact the (few) values of the bucket, branch-free, then count them
                             sel[c] = bits[i]
                             c += (bits[i] >> 16) == bq
-                        hq = h[j * 2 + q]
+                        hq = h[j * nq + q]
                         for i in range(c):
                             hq[sel[i] & 0xFFFF] += 1
             if not _finite(chk):
@@ -452,11 +454,14 @@ def histograms(method: str, params, ctx, base, experts, buckets: list[list[int]]
     b, e = models[0], models[1:]
     n_e = len(e)
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
-    threads = numba.get_num_threads()
-    bk = np.full((n_e, 2), -1, np.int64)  # -1 never equals a high half of |x| (those are >= 0)
+    # Private histograms per work item, at most HIST_ITEMS of them: on a many-core node one per thread would be
+    # T x N x 65536 counters zeroed and summed for every unit (hundreds of MB at 64 threads).
+    items = min(numba.get_num_threads(), HIST_ITEMS)
+    nq = max([len(bs) for bs in buckets or []] + [1])
+    bk = np.full((n_e, nq), -1, np.int64)  # -1 never equals a high half of |x| (those are >= 0)
     for j, bs in enumerate(buckets or []):
         bk[j, :len(bs)] = list(bs)
-    out = np.zeros((threads, n_e, HI_BINS) if buckets is None else (threads, 2 * n_e, LO_BINS), np.int64)
+    out = np.zeros((items, n_e, HI_BINS) if buckets is None else (items, nq * n_e, LO_BINS), np.int64)
     bad = np.zeros(1, np.uint8)
     _hist_kernel(b, e, dare, dthr, k1, k2, first, scale, buckets is not None, bk, out, bad)
     if bad[0]:
@@ -464,7 +469,7 @@ def histograms(method: str, params, ctx, base, experts, buckets: list[list[int]]
     total = torch.from_numpy(out.sum(0))
     if buckets is None:
         return [total[j] for j in range(n_e)]
-    return [[total[2 * j + q] for q in range(len(bs))] for j, bs in enumerate(buckets)]
+    return [[total[nq * j + q] for q in range(len(bs))] for j, bs in enumerate(buckets)]
 
 
 def count_nonfinite(t: torch.Tensor) -> int | None:
