@@ -171,11 +171,7 @@ def main(argv=None) -> int:
     import yaml
 
     paths = C.make_checkpoints(args.model_mb, args.experts)
-    from mergescale.merge import kernels
-
-    t_warm = time.time()
-    kernels.warm_up(args.experts)  # bf16 tiles: timed runs load the compiled kernels from numba's cache
-    print(f"numba kernels compiled or loaded from cache in {time.time() - t_warm:.1f} s", flush=True)
+    C.warm_kernels(args.experts)
     models = [paths["base"]] + paths["experts"]
     in_bytes = sum(C.model_bytes(p) for p in models)
     out_bytes = C.model_bytes(paths["base"])

@@ -198,6 +198,16 @@ def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torc
     return {name: column_totals(torch.cat([parts[u.id] for u in units])) for name, units in by_tensor.items()}
 
 
+def fused_thresholds(method: MergeMethod, params, ctx: TileContext, base, experts, ranks: dict) -> list | None:
+    """One rank per expert from the fused bracket selection (kernels.kth_magnitudes); None when the method asks
+    for several ranks, has no kernel, or the bracket missed: the radix select then runs."""
+    if method.fused_kth is None or len(ranks) != 1 or None in ranks.values():
+        return None
+    ((tag, k),) = ranks.items()
+    kth = method.fused_kth(params, ctx, base, experts, [k] * len(experts))
+    return None if kth is None else [{tag: v} for v in kth]
+
+
 def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, experts, have_sel: bool) -> TileContext:
     """Per-tensor statistics of a tensor that is a single unit, from its rows already in memory."""
     updates = {}
@@ -207,9 +217,8 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
         if experts[0].numel() <= KTHVALUE_MAX:
             mags = method.magnitudes(_f32(base) if base is not None else None, [_f32(e) for e in experts], params, ctx)
             updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
-        elif (len(ranks) == 1 and None not in ranks.values() and method.fused_kth is not None
-              and (kth := method.fused_kth(params, ctx, base, experts, [next(iter(ranks.values()))] * len(experts))) is not None):
-            updates["thresholds"] = [{tag: v for tag in ranks} for v in kth]
+        elif (fused := fused_thresholds(method, params, ctx, base, experts, ranks)) is not None:
+            updates["thresholds"] = fused
         else:
             # The streaming radix select over chunks: exactly kthvalue's answer, without a sort or whole-tile copies.
             selector = StreamingSelector([KthQuery(i, k, tag) for i in range(len(experts)) for tag, k in ranks.items() if k is not None])
@@ -299,17 +308,14 @@ def _iter_read(inputs: MergeInputs, units: list[Unit], config: MergeConfig, warn
 
 
 def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, inputs: MergeInputs,
-                 units: list[Unit], warnings: list[str], write, device: torch.device | None = None):
+                 units: list[Unit], warnings: list[str], write):
     """Merge units in order, yielding each after its merge: reads run one unit ahead (a thread, reused buffers),
     writes one unit behind (`write(unit, tile)` on another thread, in unit order), the math in between. When the
     generator finishes, every write has returned; a write's error is raised at the next unit."""
     with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
         in_flight = None
         for unit, base, experts in _iter_read(inputs, units, config, warnings):
-            if device is not None and device.type != "cpu":
-                base = base.to(device) if base is not None else None
-                experts = [e.to(device) for e in experts]
-            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts).cpu()
+            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
             if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
                 in_flight.result()
             in_flight = writer.submit(write, unit, tile)
