@@ -85,3 +85,36 @@ def test_tiny_chunks_and_radix_thresholds_change_nothing(micro, tmp_path, monkey
     monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
     chunked = merge(cfg, tmp_path / "chunked")
     assert chunked["outputs"] == whole["outputs"]
+
+
+@pytest.mark.parametrize("variant", ["ties_tensor_mass", "dare_ties_trim_tensor"])
+def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch, variant):
+    """Per-tensor TIES through the fused select-and-merge kernel (sampled brackets, listed elements redone) gives
+    the bytes of selecting first (radix select) and merging after."""
+    import dataclasses
+
+    from conftest import merge
+    from mergescale.merge import executor, kernels
+    from mergescale.merge.methods import REGISTRY
+    from test_methods import variant_config
+
+    if not kernels.available():
+        pytest.skip("numba not installed")
+    cfg = variant_config(micro, variant)
+    monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
+    monkeypatch.setattr(executor, "fused_select_merge", lambda *a, **k: False)
+    separate = merge(cfg, tmp_path / "separate")
+    monkeypatch.undo()
+    monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
+    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 2)  # sample 128 values: the micro model's tensors qualify
+    calls = []
+    method = REGISTRY[cfg["method"]]
+
+    def counted(*a, **k):
+        calls.append(kernels.select_and_merge_ties(method.name, *a, **k))
+        return calls[-1]
+
+    monkeypatch.setitem(REGISTRY, method.name, dataclasses.replace(method, fused_select_merge=counted))
+    fused = merge(cfg, tmp_path / "fused")
+    assert sum(c is not None for c in calls) >= 2  # the fused path really ran (a miss may fall back)
+    assert fused["outputs"] == separate["outputs"]

@@ -3,6 +3,7 @@ torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -93,19 +94,46 @@ def test_histogram_kernels_equal_selection_histograms(method, params):
             assert torch.equal(lo[j][q], lo_histogram(mags[j], bucket))
 
 
-@pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.3})])
-def test_bracket_selection_equals_kthvalue(method, params):
+def _select_merge_case(method, params, in_dtype, offset=12345):
     n = 8 * kernels.SAMPLE_RUNS * kernels.SAMPLE_RUN + 999
-    base, experts = models(n, torch.bfloat16)
+    base, experts = models(n, in_dtype)
     experts[2][::7] += 0.5  # a second population of magnitudes the sample has to straddle
     m = get_method(method)
     p = m.params.model_validate(params)
-    ctx = context(n, len(experts), with_thresholds=False)
+    ctx = context(n, len(experts), offset=offset, with_thresholds=False)
+    return n, base, experts, m, p, ctx
+
+
+@pytest.mark.parametrize("in_dtype, out_dtype, offset", [(torch.bfloat16, torch.bfloat16, 12345),
+                                                         (torch.float32, torch.bfloat16, 2**32 - 1000),
+                                                         (torch.bfloat16, torch.float32, 3)])
+@pytest.mark.parametrize("method, params", [("ties", {}), ("ties", {"sign": "count"}), ("dare_ties", {"density": 0.3})])
+def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, out_dtype, offset):
+    """One pass (bracketed merge + redo of the listed elements) == thresholds by torch.kthvalue, then methods.py."""
+    n, base, experts, m, p, ctx = _select_merge_case(method, params, in_dtype, offset)
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     for k in (1, 2, n // 10, n // 2, n - n // 5, n - 3, n):
-        got = kernels.kth_magnitudes(method, p, ctx, base, experts, [k] * len(experts))
-        assert got is not None, k
-        assert got == [torch.kthvalue(x, k).values.item() for x in mags], k
+        out = torch.empty(n, dtype=out_dtype)
+        got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
+        want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
+        assert got == want_thr, k
+        ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=offset, seed=ctx.seed,
+                              thresholds=[{"min": v} for v in want_thr])
+        want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(out_dtype)
+        assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
+
+
+def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypatch):
+    n, base, experts, m, p, ctx = _select_merge_case("ties", {}, torch.bfloat16)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    k = [n - n // 5] * 4
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is not None
+    monkeypatch.setattr(kernels, "REDO_SLACK", 0.0)  # list buffers too small for the elements to redo
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
+    monkeypatch.undo()
+    # a bracket entirely below the answer: the counts show it, nothing is guessed
+    monkeypatch.setattr(kernels, "_sample_bracket", lambda *a: (np.zeros(4, np.float32), np.full(4, 1e-6, np.float32), 0.1))
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
 
 
 def test_non_finite_task_vectors_are_left_to_the_definition():

@@ -198,14 +198,19 @@ def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torc
     return {name: column_totals(torch.cat([parts[u.id] for u in units])) for name, units in by_tensor.items()}
 
 
-def fused_thresholds(method: MergeMethod, params, ctx: TileContext, base, experts, ranks: dict) -> list | None:
-    """One rank per expert from the fused bracket selection (kernels.kth_magnitudes); None when the method asks
-    for several ranks, has no kernel, or the bracket missed: the radix select then runs."""
-    if method.fused_kth is None or len(ranks) != 1 or None in ranks.values():
-        return None
-    ((tag, k),) = ranks.items()
-    kth = method.fused_kth(params, ctx, base, experts, [k] * len(experts))
-    return None if kth is None else [{tag: v} for v in kth]
+def fused_select_merge(method: MergeMethod, params, weights, ctx: TileContext, base, experts, out, have_sel: bool) -> bool:
+    """Per-tensor thresholds of a single-unit tensor and its merge in one fused pass (kernels.select_and_merge_ties);
+    False when the unit needs no inline selection, the method asks for several ranks or has no kernel, or the
+    kernel's sample bracket missed: inline_statistics and the merge then run separately (same bytes)."""
+    sel = method.selection(params)
+    if method.fused_select_merge is None or sel is None or have_sel or method.row_stats is not None:
+        return False
+    n = experts[0].numel()
+    ranks = {tag: k for tag, k in sel.ranks(n).items()}
+    if n <= KTHVALUE_MAX or len(ranks) != 1 or None in ranks.values():
+        return False
+    ((_, k),) = ranks.items()
+    return method.fused_select_merge(params, weights, ctx, base, experts, out, [k] * len(experts)) is not None
 
 
 def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, experts, have_sel: bool) -> TileContext:
@@ -217,8 +222,6 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
         if experts[0].numel() <= KTHVALUE_MAX:
             mags = method.magnitudes(_f32(base) if base is not None else None, [_f32(e) for e in experts], params, ctx)
             updates["thresholds"] = [{tag: kth_smallest(m, k) for tag, k in ranks.items() if k is not None} for m in mags]
-        elif (fused := fused_thresholds(method, params, ctx, base, experts, ranks)) is not None:
-            updates["thresholds"] = fused
         else:
             # The streaming radix select over chunks: exactly kthvalue's answer, without a sort or whole-tile copies.
             selector = StreamingSelector([KthQuery(i, k, tag) for i in range(len(experts)) for tag, k in ranks.items() if k is not None])
@@ -252,9 +255,11 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
         return (base if base is not None else experts[0]).to(out_dtype, copy=True)
     scope = scope_of(unit.name, global_sel)
     ctx = tile_context(config, info, unit, stats, scope, len(experts))
-    ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
     ref = experts[0]
     out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
+    if fused_select_merge(method, params, config.weights, ctx, base, experts, out, have_sel=scope in stats.thresholds):
+        return out
+    ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
     if method.fused_merge is not None and method.fused_merge(params, config.weights, ctx, base, experts, out):
         return out  # the fused CPU kernel: the same bits as the chunked torch path below
     row_numel = ref[0].numel() if ref.dim() and ref.shape[0] else 1

@@ -195,56 +195,146 @@ if numba is not None:
             if not _finite(chk):
                 bad[0] = 1
 
+    @njit(inline="always")
+    def _ties_rows(tr, m, thr, count_sign, gamma_, total_, count_):
+        """methods._ties_update_fast on the tau rows tr[:, :m] (trimmed in place): the update lands in total_[:m]."""
+        ne = tr.shape[0]
+        for j in range(ne):
+            th = thr[j]
+            if th > 0.0:  # min(sign(|t| - thr) + 1, 1): the keep mask as 0/1, multiplied in as torch does
+                row = tr[j, :m]
+                for i in range(m):
+                    row[i] = row[i] * min(_sign(abs(row[i]) - th) + np.float32(1.0), np.float32(1.0))
+        gamma, total, count = gamma_[:m], total_[:m], count_[:m]
+        row = tr[0, :m]
+        if count_sign:
+            for i in range(m):
+                gamma[i] = _sign(row[i])
+            for j in range(1, ne):
+                row = tr[j, :m]
+                for i in range(m):
+                    gamma[i] += _sign(row[i])
+        else:
+            for i in range(m):
+                gamma[i] = row[i]
+            for j in range(1, ne):
+                row = tr[j, :m]
+                for i in range(m):
+                    gamma[i] += row[i]
+        for i in range(m):
+            gamma[i] = _sign(gamma[i])
+            total[i] = 0.0
+            count[i] = 0.0
+        for j in range(ne):
+            row = tr[j, :m]
+            for i in range(m):
+                x = max(row[i] * gamma[i], np.float32(0.0))
+                total[i] += x
+                count[i] += _sign(x)
+        for i in range(m):
+            total[i] = total[i] / max(count[i], np.float32(1.0)) * gamma[i]
+
     @_jit
-    def _ties_kernel(b, e, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, out, bad):
-        """ties / dare_ties: methods._ties_update_fast on (DARE'd) task vectors, then b + lam * update."""
+    def _ties_kernel(b, e, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, lo, hi, below, defer, ndefer,
+                     out, bad):
+        """ties / dare_ties: b + lam * methods._ties_update_fast(trim(tau_j, thr_j)), tau DARE'd when asked.
+
+        Bracketed mode (lo is not empty): the exact thresholds are not known yet, only lo_j <= thr_j <= hi_j. An
+        element is trimmed the same for every such thr_j unless some lo_j <= |tau_j| <= hi_j; those elements are
+        merged with thr = hi (provisionally) and their indices listed in defer[t, :ndefer[t]] for the caller to
+        redo (`_ties_at_kernel`) once the thresholds are known; below[t, j] counts |tau_j| < lo_j. Work item t
+        covers a contiguous range, so the lists concatenated over t are in ascending order."""
         n = b.shape[0]
         ne = len(e)
-        for blk in prange((n + BLOCK - 1) // BLOCK):
+        T = below.shape[0]
+        bracket = lo.shape[0] > 0
+        cap = defer.shape[1]
+        per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
+        for t in prange(T):
+            tr = np.empty((ne, SUB), np.float32)
+            brow = np.empty(SUB, np.float32)
+            gamma_ = np.empty(SUB, np.float32)
+            total_ = np.empty(SUB, np.float32)
+            count_ = np.empty(SUB, np.float32)
+            flag_ = np.empty(SUB, np.int32)
+            chk = np.zeros(SUB, np.float32)
+            for s0 in range(t * per, min(n, (t + 1) * per), SUB):
+                m = min(SUB, n - s0)
+                _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
+                if bracket:
+                    flag = flag_[:m]
+                    for i in range(m):
+                        flag[i] = 0
+                    for j in range(ne):
+                        row, lj, hj = tr[j, :m], lo[j], hi[j]
+                        nb = 0
+                        for i in range(m):
+                            a = abs(row[i])
+                            nb += a < lj
+                            flag[i] |= (a >= lj) & (a <= hj)
+                        below[t, j] += nb
+                    nd = 0
+                    for i in range(m):
+                        nd += flag[i]
+                    c = ndefer[t]
+                    if nd and c + m <= cap:
+                        dst = defer[t]
+                        for i in range(m):  # branch-free compaction (dst has room for all m)
+                            dst[c] = s0 + i
+                            c += flag[i]
+                    else:
+                        c += nd  # past the buffer's end: counted only, the caller falls back
+                    ndefer[t] = c
+                _ties_rows(tr, m, hi if bracket else thr, count_sign, gamma_, total_, count_)
+                bw, upd, os = brow[:m], total_[:m], out[s0:s0 + m]
+                for i in range(m):
+                    _store(os, i, bw[i] + lam * upd[i])
+            if not _finite(chk):
+                bad[0] = 1
+
+    @_jit
+    def _ties_at_kernel(b, e, idx, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, mags, out, bad):
+        """The elements idx[:] of a unit only (ascending): with `mags` non-empty, mags[j, i] = |tau_j| of element
+        idx[i]; else merge them as _ties_kernel does with thresholds thr and write out[idx[i]]."""
+        nd = idx.shape[0]
+        ne = len(e)
+        want_mags = mags.shape[1] > 0
+        for blk in prange((nd + SUB - 1) // SUB):
             tr = np.empty((ne, SUB), np.float32)
             brow = np.empty(SUB, np.float32)
             gamma_ = np.empty(SUB, np.float32)
             total_ = np.empty(SUB, np.float32)
             count_ = np.empty(SUB, np.float32)
             chk = np.zeros(SUB, np.float32)
-            for s0 in range(blk * BLOCK, min(n, (blk + 1) * BLOCK), SUB):
-                m = min(SUB, n - s0)
-                _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
-                for j in range(ne):
-                    th = thr[j]
-                    if th > 0.0:  # min(sign(|t| - thr) + 1, 1): the keep mask as 0/1, multiplied in as torch does
-                        row = tr[j, :m]
-                        for i in range(m):
-                            row[i] = row[i] * min(_sign(abs(row[i]) - th) + np.float32(1.0), np.float32(1.0))
-                gamma, total, count = gamma_[:m], total_[:m], count_[:m]
-                row = tr[0, :m]
-                if count_sign:
-                    for i in range(m):
-                        gamma[i] = _sign(row[i])
-                    for j in range(1, ne):
-                        row = tr[j, :m]
-                        for i in range(m):
-                            gamma[i] += _sign(row[i])
-                else:
-                    for i in range(m):
-                        gamma[i] = row[i]
-                    for j in range(1, ne):
-                        row = tr[j, :m]
-                        for i in range(m):
-                            gamma[i] += row[i]
+            s0 = blk * SUB
+            m = min(SUB, nd - s0)
+            ix = idx[s0:s0 + m]
+            bw = brow[:m]
+            for i in range(m):
+                bw[i] = _load(b, ix[i])
+            for j in range(ne):
+                row, ej = tr[j, :m], e[j]
                 for i in range(m):
-                    gamma[i] = _sign(gamma[i])
-                    total[i] = 0.0
-                    count[i] = 0.0
-                for j in range(ne):
-                    row = tr[j, :m]
+                    row[i] = _load(ej, ix[i]) - bw[i]
+                if dare:  # the mask of element first + idx[i], as _task_rows computes it
+                    kj1, kj2 = np.uint32(k1[j]), np.uint32(k2[j])
                     for i in range(m):
-                        x = max(row[i] * gamma[i], np.float32(0.0))
-                        total[i] += x
-                        count[i] += _sign(x)
-                bw, os = brow[:m], out[s0:s0 + m]
+                        g = first + np.uint64(ix[i])
+                        h = _mix32(np.uint32(g & np.uint64(0xFFFFFFFF)) ^ kj1)
+                        h = _mix32(h ^ np.uint32(g >> np.uint64(32)) ^ kj2)
+                        row[i] = row[i] * np.float32(h >= dare_thr) * scale
                 for i in range(m):
-                    _store(os, i, bw[i] + lam * (total[i] / max(count[i], np.float32(1.0)) * gamma[i]))
+                    chk[i] += row[i] * np.float32(0.0)
+            if want_mags:
+                for j in range(ne):
+                    row, mj = tr[j, :m], mags[j, s0:s0 + m]
+                    for i in range(m):
+                        mj[i] = abs(row[i])
+            else:
+                _ties_rows(tr, m, thr, count_sign, gamma_, total_, count_)
+                upd = total_[:m]
+                for i in range(m):
+                    _store(out, ix[i], bw[i] + lam * upd[i])
             if not _finite(chk):
                 bad[0] = 1
 
@@ -310,46 +400,34 @@ if numba is not None:
             if not _finite(chk):
                 bad[0] = 1
 
-    @_jit
-    def _bracket_kernel(b, e, dare, dare_thr, k1, k2, first, scale, lo, hi, counts, cand, bad):
-        """Per expert j and work item t, with a = |tau_j|: counts[t, j] = #(a < lo), #(a == lo), #(lo < a < hi),
-        #(a == hi); the values strictly inside go to cand[t, j, :] (counted also past its end: the caller checks)."""
-        n = b.shape[0]
-        ne = len(e)
-        T = counts.shape[0]
-        cap = cand.shape[2]
-        per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
-        for th in prange(T):
-            tr = np.empty((ne, SUB), np.float32)
-            brow = np.empty(SUB, np.float32)
-            chk = np.zeros(SUB, np.float32)
-            for s0 in range(th * per, min(n, (th + 1) * per), SUB):
-                m = min(SUB, n - s0)
-                _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
-                for j in range(ne):
-                    row, lj, hj = tr[j, :m], lo[j], hi[j]
-                    nb, nl, nin, nh = 0, 0, 0, 0
-                    for i in range(m):  # vectorized counts; values inside are rare, so collect only when present
-                        a = abs(row[i])
-                        nb += a < lj
-                        nl += a == lj
-                        nin += (a > lj) & (a < hj)
-                        nh += a == hj
-                    counts[th, j, 0] += nb
-                    counts[th, j, 1] += nl
-                    counts[th, j, 3] += nh
-                    c = counts[th, j, 2]
-                    if nin and c + m <= cap:
-                        dst = cand[th, j]
-                        for i in range(m):  # branch-free compaction (dst has room for all m)
-                            a = abs(row[i])
-                            dst[c] = a
-                            c += (a > lj) & (a < hj)
-                    else:
-                        c += nin  # past the buffer's end: counted only, the caller falls back
-                    counts[th, j, 2] = c
-            if not _finite(chk):
-                bad[0] = 1
+    @_jit_serial
+    def _kth_in_bracket(mags, lo, hi, k):
+        """(how many of mags lie in [lo, hi], the k-th smallest of those (1-based) or NaN if k is out of range).
+        Counts bit patterns when the bracket spans few (no sort); else np.partition of the values inside."""
+        n_in = 0
+        for x in mags:
+            n_in += (x >= lo) & (x <= hi)
+        if k < 1 or k > n_in:
+            return n_in, np.float32(np.nan)
+        lob = np.int64(np.float32(lo).view(np.int32))
+        span = np.int64(np.float32(hi).view(np.int32)) - lob + 1  # non-negative floats order as their bits
+        if span <= (1 << 20):
+            cnt = np.zeros(span + 1, np.int32)
+            for x in mags:  # branch-free: values outside the bracket land in the spare last counter
+                o = np.int64(np.float32(x).view(np.int32)) - lob
+                cnt[o if (o >= 0) & (o < span) else span] += 1
+            acc = 0
+            for i in range(span):
+                acc += cnt[i]
+                if acc >= k:
+                    return n_in, np.int32(lob + i).view(np.float32)
+        vals = np.empty(n_in, np.float32)
+        c = 0
+        for x in mags:
+            if x >= lo and x <= hi:
+                vals[c] = x
+                c += 1
+        return n_in, np.partition(vals, k - 1)[k - 1]
 
     @_jit_serial
     def _count_nonfinite_bf16(a):
@@ -410,6 +488,7 @@ def _dare_p(method: str, params) -> float:
 
 MERGE_KERNELS = ("average", "task_arithmetic", "dare_linear", "ties", "dare_ties")
 MAGNITUDE_KERNELS = ("ties", "dare_ties", "breadcrumbs")  # their `magnitudes` are |tau| or |DARE(tau)|
+SELECT_MERGE_KERNELS = ("ties", "dare_ties")
 
 
 def merge_tile(method: str, params, weights: list[float], ctx, base, experts, out: torch.Tensor) -> bool:
@@ -436,8 +515,63 @@ def merge_tile(method: str, params, weights: list[float], ctx, base, experts, ou
         _linear_kernel(b, e, np.array(weights, np.float32), lam, dare, dthr, k1, k2, first, scale, dst, bad)
     else:
         thr = np.array([t.get("min", 0.0) for t in ctx.thresholds] if ctx.thresholds else [0.0] * len(e), np.float32)
-        _ties_kernel(b, e, thr, lam, params.sign == "count", dare, dthr, k1, k2, first, scale, dst, bad)
+        none = np.empty(0, np.float32)
+        T = _work_items(b.shape[0])
+        _ties_kernel(b, e, thr, lam, params.sign == "count", dare, dthr, k1, k2, first, scale, none, none,
+                     np.zeros((T, len(e)), np.int64), np.empty((T, 0), np.int64), np.zeros(T, np.int64), dst, bad)
     return not bad[0]
+
+
+def _work_items(n: int) -> int:
+    """Contiguous work items per kernel call: a few per thread (load balance), none smaller than a BLOCK."""
+    return max(1, min(4 * numba.get_num_threads(), n // BLOCK))
+
+
+def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, experts, out: torch.Tensor,
+                          ks: list[int]) -> list[float] | None:
+    """ties / dare_ties of one in-memory unit whose per-expert thresholds (the ks[j]-th smallest magnitude) are not
+    known yet, in one pass over the tiles instead of a selection pass and then a merge pass.
+
+    A sample brackets each threshold (_sample_bracket); the bracketed merge writes every element whose trim
+    does not depend on where in its bracket the threshold lies and lists the rest (a few percent); their
+    magnitudes give the exact thresholds, and those elements are merged again with them. Same bytes as
+    selecting first and merging after. Returns the thresholds, or None when not handled here or when a bracket
+    missed (the caller then selects and merges separately; `out` may hold garbage)."""
+    if numba is None or method not in SELECT_MERGE_KERNELS or base is None:
+        return None
+    models = _raw([base] + list(experts))
+    dst = _out_view(out)
+    if models is None or dst is None:
+        return None
+    b, e = models[0], models[1:]
+    n, n_e = b.shape[0], len(e)
+    dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
+    bracket = _sample_bracket(b, e, (dare, dthr, k1, k2, first, scale), ks)
+    if bracket is None:
+        return None
+    lo, hi, share = bracket
+    T = _work_items(n)
+    cap = int(REDO_SLACK * n / T * min(1.0, share)) + 4 * SUB
+    below, ndefer = np.zeros((T, n_e), np.int64), np.zeros(T, np.int64)
+    defer = np.empty((T, cap), np.int64)
+    lam, count_sign, bad = np.float32(params.lambda_), params.sign == "count", np.zeros(1, np.uint8)
+    none = np.empty(0, np.float32)
+    _ties_kernel(b, e, none, lam, count_sign, dare, dthr, k1, k2, first, scale, lo, hi, below, defer, ndefer, dst, bad)
+    if bad[0] or (ndefer > cap).any():
+        return None
+    idx = np.concatenate([defer[t, :ndefer[t]] for t in range(T)])
+    mags = np.empty((n_e, idx.shape[0]), np.float32)
+    _ties_at_kernel(b, e, idx, none, lam, count_sign, dare, dthr, k1, k2, first, scale, mags, dst, bad)
+    thr = np.empty(n_e, np.float32)
+    for j, k in enumerate(ks):
+        below_j = int(below[:, j].sum())
+        # every magnitude inside the bracket is in mags[j] (its element was listed), so this is its exact rank
+        inside, thr[j] = _kth_in_bracket(mags[j], lo[j], hi[j], k - below_j)
+        if not below_j < k <= below_j + inside:
+            log.debug("bracket missed for %s expert %d (k=%d, below %d, inside %d)", ctx.name, j, k, below_j, inside)
+            return None
+    _ties_at_kernel(b, e, idx, thr, lam, count_sign, dare, dthr, k1, k2, first, scale, np.empty((n_e, 0), np.float32), dst, bad)
+    return None if bad[0] else [float(v) for v in thr]
 
 
 
@@ -483,65 +617,37 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
 
 
 SAMPLE_RUNS = 1024  # runs of SAMPLE_RUN elements sampled per expert: 65536 magnitudes
+REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elements a bracketed merge must redo
 
 
-def kth_magnitudes(method: str, params, ctx, base, experts, ks: list[int]) -> list[float] | None:
-    """The ks[j]-th smallest (1-based) magnitude of expert j over one in-memory unit, exactly torch.kthvalue's
-    value, in one counting pass instead of the radix select's two histogram passes.
-
-    An evenly spaced sample (SAMPLE_RUNS runs of consecutive elements) brackets each answer between two sampled
-    values, 4 standard deviations of a sample quantile's rank either side; one pass counts the values below the
-    bracket and collects those inside it, and the answer is picked among those. The sample only decides how
-    fast this is: if a bracket misses (counts show the rank outside it, or too many values fall inside),
-    None is returned and the caller runs the radix select. None also when the kernels do not handle the unit."""
-    if numba is None or method not in MAGNITUDE_KERNELS or base is None:
-        return None
-    models = _raw([base] + list(experts))
-    if models is None:
-        return None
-    b, e = models[0], models[1:]
+def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(lo, hi, share): lo_j <= the ks[j]-th smallest magnitude of expert j <= hi_j, very likely (not certainly:
+    the callers check with counts), and the sample's share of elements with some magnitude in its bracket. An
+    evenly spaced sample (SAMPLE_RUNS runs of consecutive elements) gives each answer's sample quantile; the
+    bracket is 4 standard deviations of its rank either side. None: unit too small for sampling to pay, or
+    non-finite values."""
     n, n_e = b.shape[0], len(e)
     size = SAMPLE_RUNS * SAMPLE_RUN
     if n < 8 * size:
         return None
-    dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
     bad = np.zeros(1, np.uint8)
     sample = np.empty((n_e, size), np.float32)
-    _sample_kernel(b, e, dare, dthr, k1, k2, first, scale, (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1), sample, bad)
+    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1), sample, bad)
     if bad[0]:
         return None
-    sample.sort(axis=1)
     lo, hi = np.empty(n_e, np.float32), np.empty(n_e, np.float32)
+    share = 0.0
     for j, k in enumerate(ks):
         pos = min(size - 1, k * size // n)
         margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
+        a, z = max(pos - margin, 0), min(pos + margin, size - 1)
+        sj = np.partition(sample[j], [a, z])  # a selection, not a sort: ~4x faster
         # at the ends the bracket stays open: [0, ..] and [.., inf] hold the extremes the sample may have missed
-        lo[j] = sample[j, pos - margin] if pos - margin > 0 else 0.0
-        hi[j] = sample[j, pos + margin] if pos + margin < size - 1 else np.inf
-    threads = numba.get_num_threads()
-    cap = int(n * 3 * (2 * 4 * (size / 4) ** 0.5 + 64) / size / threads) + 1024
-    counts = np.zeros((threads, n_e, 4), np.int64)
-    cand = np.empty((threads, n_e, cap), np.float32)
-    _bracket_kernel(b, e, dare, dthr, k1, k2, first, scale, lo, hi, counts, cand, bad)
-    if bad[0] or (counts[:, :, 2] > cap).any():
-        return None
-    out = []
-    for j, k in enumerate(ks):
-        below, at_lo, inside, at_hi = (int(x) for x in counts[:, j].sum(0))
-        if lo[j] == hi[j]:
-            inside = at_hi = 0
-        if below < k <= below + at_lo:
-            out.append(float(lo[j]))
-        elif below + at_lo < k <= below + at_lo + inside:
-            vals = np.concatenate([cand[t, j, :counts[t, j, 2]] for t in range(threads)])
-            r = k - below - at_lo - 1
-            out.append(float(np.partition(vals, r)[r]))
-        elif below + at_lo + inside < k <= below + at_lo + inside + at_hi:
-            out.append(float(hi[j]))
-        else:
-            log.debug("bracket missed for %s expert %d (k=%d, counts %s)", ctx.name, j, k, counts[:, j].sum(0))
-            return None
-    return out
+        lo[j] = sj[a] if a > 0 else 0.0
+        hi[j] = sj[z] if z < size - 1 else np.inf
+        # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
+        share += np.count_nonzero((sj >= lo[j]) & (sj <= hi[j])) / size
+    return lo, hi, share
 
 
 def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
@@ -551,7 +657,7 @@ def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torc
         return
     from mergescale.merge.methods import TileContext, get_method  # methods imports this module
 
-    n = 8 * SAMPLE_RUNS * SAMPLE_RUN + 1  # large enough for the bracket selection
+    n = 8 * SAMPLE_RUNS * SAMPLE_RUN + 1  # large enough for the sampled bracket
     g = torch.Generator().manual_seed(0)
     base = torch.randn(n, generator=g)
     experts = [(base + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(n_experts)]
@@ -564,4 +670,4 @@ def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torc
         params = get_method(name).params.model_validate({"density": 0.5})
         hists = histograms(name, params, ctx, base, experts)
         histograms(name, params, ctx, base, experts, [[int(h.argmax())] for h in hists])
-        kth_magnitudes(name, params, ctx, base, experts, [n // 2] * n_experts)
+        select_and_merge_ties(name, params, [1.0] * n_experts, ctx, base, experts, out, [n // 2] * n_experts)

@@ -319,7 +319,8 @@ class MergeMethod:
     # same; they return False / None for what they do not handle, and the torch functions above run instead.
     fused_merge: Callable[..., bool] | None = None  # (params, weights, ctx, base, experts, out) -> bool
     fused_histograms: Callable[..., list | None] | None = None  # (params, ctx, base, experts, buckets) -> list
-    fused_kth: Callable[..., list | None] | None = None  # (params, ctx, base, experts, ks) -> k-th magnitudes
+    # (params, weights, ctx, base, experts, out, ks) -> thresholds: select per-tensor thresholds and merge in one pass
+    fused_select_merge: Callable[..., list | None] | None = None
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -329,8 +330,9 @@ def register(method: MergeMethod) -> MergeMethod:
     if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
         method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
     if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:
-        method = dataclasses.replace(method, fused_histograms=functools.partial(kernels.histograms, method.name),
-                                     fused_kth=functools.partial(kernels.kth_magnitudes, method.name))
+        method = dataclasses.replace(method, fused_histograms=functools.partial(kernels.histograms, method.name))
+    if method.name in kernels.SELECT_MERGE_KERNELS and method.fused_select_merge is None:
+        method = dataclasses.replace(method, fused_select_merge=functools.partial(kernels.select_and_merge_ties, method.name))
     REGISTRY[method.name] = method
     return method
 
