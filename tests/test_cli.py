@@ -48,7 +48,7 @@ def test_dry_run_prints_plan_and_writes_nothing(family, tmp_path, capsys):
     assert human_bytes(4 * nbytes) in lines["bytes to read"]  # base + 3 experts
     assert human_bytes(nbytes) in lines["bytes to write"]
     assert "est. peak memory" in lines and "B" in lines["est. peak memory"]
-    assert "2 threshold passes" in text
+    assert "1-3 threshold passes over the whole model" in text
     assert no_output(out) and sorted(tmp_path.iterdir()) == before
 
 

@@ -106,7 +106,8 @@ def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch,
     separate = merge(cfg, tmp_path / "separate")
     monkeypatch.undo()
     monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
-    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 2)  # sample 128 values: the micro model's tensors qualify
+    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 8)  # sample 8 x 16 values: the micro model's tensors qualify
+    monkeypatch.setattr(kernels, "SAMPLE_RUN", 16)
     calls = []
     method = REGISTRY[cfg["method"]]
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mergescale.merge import kernels
 from mergescale.merge.methods import TileContext, get_method
-from mergescale.merge.selection import hi_histogram, lo_histogram
+from mergescale.merge.selection import RADIX, window_around, window_histogram
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
 
@@ -85,13 +85,19 @@ def test_histogram_kernels_equal_selection_histograms(method, params):
     p = m.params.model_validate(params)
     ctx = context(n, len(experts), with_thresholds=False)
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
-    hi = kernels.histograms(method, p, ctx, base, experts)
-    assert all(torch.equal(h, hi_histogram(x)) for h, x in zip(hi, mags))
-    buckets = [sorted({int(torch.argmax(h)), int(torch.nonzero(h)[0])}) for h in hi]  # 1 or 2 buckets each
-    lo = kernels.histograms(method, p, ctx, base, experts, buckets)
-    for j, bs in enumerate(buckets):
-        for q, bucket in enumerate(bs):
-            assert torch.equal(lo[j][q], lo_histogram(mags[j], bucket))
+    windows = []
+    for x in mags:  # the radix windows, a sampled one (wide bins) and a narrow one at the median
+        med = torch.median(x).item()
+        hi = window_histogram(x, RADIX)[1]
+        windows.append([[RADIX], [RADIX.refine(int(torch.argmax(hi))), window_around(med * 0.5, med * 2)],
+                        [window_around(med, med * 1.001)]])
+    for q in range(3):
+        ws = [w[q] for w in windows]
+        got = kernels.histograms(method, p, ctx, base, experts, ws)
+        for j, x in enumerate(mags):
+            for w, (below, hist) in zip(ws[j], got[j]):
+                want_below, want_hist = window_histogram(x, w)
+                assert below == want_below and torch.equal(hist, want_hist), (j, w)
 
 
 def _select_merge_case(method, params, in_dtype, offset=12345):
@@ -143,7 +149,7 @@ def test_non_finite_task_vectors_are_left_to_the_definition():
     p = get_method("ties").params.model_validate({})
     ctx = context(n, len(experts))
     assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))
-    assert kernels.histograms("ties", p, ctx, base, experts) is None
+    assert kernels.histograms("ties", p, ctx, base, experts, [[RADIX]] * 4) is None
     experts[1][123] = float("nan")
     assert not kernels.merge_tile("task_arithmetic", get_method("task_arithmetic").params.model_validate({}),
                                   [1.0] * 4, ctx, base, experts, torch.empty(n))
@@ -174,11 +180,11 @@ def test_histograms_with_fewer_private_copies_than_threads(monkeypatch):
     base, experts = models(n, torch.bfloat16)
     p = get_method("ties").params.model_validate({})
     ctx = context(n, len(experts), with_thresholds=False)
-    want = kernels.histograms("ties", p, ctx, base, experts)
-    monkeypatch.setattr(kernels, "HIST_ITEMS", 1)
-    got = kernels.histograms("ties", p, ctx, base, experts)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    buckets = [[int(torch.argmax(h))] for h in want]
-    lo = kernels.histograms("ties", p, ctx, base, experts, buckets)
     mags = get_method("ties").magnitudes(base.float(), [e.float() for e in experts], p, ctx)
-    assert all(torch.equal(lo[j][0], lo_histogram(mags[j], buckets[j][0])) for j in range(len(experts)))
+    ws = [[RADIX, window_around(torch.median(x).item(), 1.0)] for x in mags]
+    monkeypatch.setattr(kernels, "HIST_ITEMS", 1)
+    got = kernels.histograms("ties", p, ctx, base, experts, ws)
+    for j, x in enumerate(mags):
+        for w, (below, hist) in zip(ws[j], got[j]):
+            want_below, want_hist = window_histogram(x, w)
+            assert below == want_below and torch.equal(hist, want_hist)

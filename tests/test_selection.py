@@ -1,4 +1,4 @@
-"""The streaming k-th order statistic (radix select) and the counter-based DARE mask."""
+"""The streaming k-th order statistic (windowed counting passes) and the counter-based DARE mask."""
 
 from __future__ import annotations
 
@@ -12,21 +12,25 @@ from hypothesis import strategies as st
 
 from mergescale.merge.masks import dare_keep_mask
 from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
-from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
+from mergescale.merge.selection import (
+    RADIX, KthQuery, StreamingSelector, float_bits, kth_smallest, window_around, window_histogram,
+)
 
 
-def run_selector(tiles_by_stream: dict, ks_by_stream: dict) -> dict:
-    """Feed tiles through both passes; return {(stream, k): value}."""
+def run_selector(tiles_by_stream: dict, ks_by_stream: dict, windows: dict | None = None) -> dict:
+    """Feed tiles pass after pass until every query is resolved; return {(stream, k): value}. `windows` places
+    first windows ((stream, k) -> Window), as a sample would."""
     queries = [KthQuery(s, k) for s, ks in ks_by_stream.items() for k in ks]
+    for q in queries:
+        q.window = (windows or {}).get((q.stream, q.k), q.window)
     sel = StreamingSelector(queries)
-    for s, tiles in tiles_by_stream.items():
-        for t in tiles:
-            sel.add_pass1(s, t)
-    sel.finish_pass1()
-    for s, tiles in tiles_by_stream.items():
-        for t in tiles:
-            sel.add_pass2(s, t)
-    sel.finish_pass2()
+    for _ in range(3):  # never more than three passes
+        for s, tiles in tiles_by_stream.items():
+            for t in tiles:
+                sel.add_values(s, t)
+        if sel.finish_pass():
+            break
+    assert sel.done
     return {(q.stream, q.k): q.value for q in queries}
 
 
@@ -83,37 +87,75 @@ def test_selector_property(values, cuts, data):
         assert got[("s", k)] == kth_smallest(v, k)
 
 
-def test_selector_histograms_merge_across_workers():
-    """Histograms of disjoint tiles fed to separate selectors and added (as Ray actors do) give the same answer."""
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(magnitudes, min_size=1, max_size=300),
+    data=st.data(),
+)
+def test_selector_with_any_first_window_is_exact(values, data):
+    """Whatever window a sample proposes (right, too narrow, too wide, wrong place), the answer is exact, in at
+    most three passes."""
+    v = torch.tensor(values, dtype=torch.float32)
+    ks = data.draw(st.lists(st.integers(1, v.numel()), min_size=1, max_size=4))
+    lo_hi = data.draw(st.lists(st.sampled_from(values + [0.0, 1e-30, 1e30, math.inf]), min_size=2, max_size=2))
+    lo, hi = sorted(lo_hi)
+    windows = {("s", k): window_around(lo, hi) for k in ks}
+    got = run_selector({"s": [v[: len(v) // 2], v[len(v) // 2:]]}, {"s": ks}, windows)
+    for k in ks:
+        assert got[("s", k)] == torch.kthvalue(v, k).values.item()
+
+
+def test_window_around_a_sampled_bracket_takes_one_pass():
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(200_000, generator=g).abs()
+    k = 160_000
+    sample = torch.sort(v[::2]).values  # 100000 values: 4 sd of the rank of the 0.8 quantile is 506
+    q = KthQuery("s", k, window=window_around(sample[80000 - 540].item(), sample[80000 + 540].item()))
+    sel = StreamingSelector([q])
+    sel.add_values("s", v)
+    assert q.window.shift == 0  # the bracket spans fewer bit patterns than a window's bins: one pass
+    assert sel.finish_pass() and q.passes == 1
+    assert q.value == torch.kthvalue(v, k).values.item()
+
+
+def test_window_histogram_counts():
+    v = torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 3.0, math.inf])
+    w = window_around(1.0, 2.0)  # 2**23 + 1 patterns: bins of 2**6, the window reaches up to 4.0
+    below, hist = window_histogram(v, w)
+    assert (w.shift, w.end) == (6, float_bits(4.0))
+    assert below == 2 and int(hist.sum()) == 4 and hist.shape == (w.bins,)
+    assert int(hist[0]) == 2 and int(hist[(float_bits(3.0) - w.start) >> 6]) == 1
+    below, hist = window_histogram(v, RADIX)
+    assert below == 0 and int(hist.sum()) == 7
+
+
+def test_selector_counts_merge_across_workers():
+    """Counts of disjoint tiles fed to separate selectors and added (as Ray actors do) give the same answer."""
     g = torch.Generator().manual_seed(9)
     tiles = [torch.rand(n, generator=g) * 10 for n in (10, 300, 4000, 7)]
     flat = torch.cat(tiles)
     k = 1234
     main = StreamingSelector([KthQuery("s", k)])
-    workers = [StreamingSelector([]) for _ in range(2)]
-    for i, t in enumerate(tiles):
-        workers[i % 2].add_pass1("s", t)
-    for w in workers:
-        main.merge_from(w.hi)
-    main.finish_pass1()
-    workers = [StreamingSelector([]) for _ in range(2)]
-    for w in workers:
-        w.set_buckets(main.buckets())
-    for i, t in enumerate(tiles):
-        workers[i % 2].add_pass2("s", t)
-    for w in workers:
-        main.merge_from(None, w.lo)
-    main.finish_pass2()
+    while not main.done:
+        workers = [StreamingSelector([]) for _ in range(2)]
+        for w in workers:
+            w.use_windows(main.windows())
+        for i, t in enumerate(tiles):
+            workers[i % 2].add_values("s", t)
+        for w in workers:
+            main.merge_from(w.counts)
+        main.finish_pass()
     assert main.queries[0].value == torch.kthvalue(flat, k).values.item()
+    assert main.queries[0].passes == 2  # from the whole range: the two-pass radix select
 
 
 def test_selector_rejects_out_of_range_rank_and_non_float32():
     sel = StreamingSelector([KthQuery("s", 11)])
-    sel.add_pass1("s", torch.rand(10))
+    sel.add_values("s", torch.rand(10))
     with pytest.raises(ValueError, match="k=11 out of range for 10 values"):
-        sel.finish_pass1()
+        sel.finish_pass()
     with pytest.raises(TypeError, match="float32"):
-        StreamingSelector([]).add_pass1("s", torch.rand(10, dtype=torch.float64))
+        StreamingSelector([KthQuery("s", 1)]).add_values("s", torch.rand(10, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999, 1.0])
@@ -182,3 +224,19 @@ def test_dare_mask_large_offsets_stay_distinct():
     hi = dare_keep_mask(0, 0, "w", 2**32, (4096,), 0.5)
     assert not torch.equal(lo, hi)
     assert np.isclose(float(hi.float().mean()), 0.5, atol=0.05)
+
+
+def test_streams_finished_early_drop_their_counts_and_stay_exact():
+    """finish_stream as soon as a stream's tiles are in (what the executor does per tensor) frees its counts."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.rand(5000, generator=g), torch.rand(3000, generator=g) * 7
+    sel = StreamingSelector([KthQuery("a", 4000), KthQuery("b", 17), KthQuery("b", 2999)])
+    while not sel.done:
+        sel.add_values("a", a[:2500])
+        sel.add_values("a", a[2500:])
+        sel.finish_stream("a")
+        assert all(key[0] != "a" for key in sel.counts)
+        sel.add_values("b", b)
+        sel.finish_pass()
+    assert [q.value for q in sel.queries] == [torch.kthvalue(a, 4000).values.item(), torch.kthvalue(b, 17).values.item(),
+                                              torch.kthvalue(b, 2999).values.item()]

@@ -30,8 +30,9 @@ import torch
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge import kernels
 from mergescale.merge.executor import (
-    MergeStats, build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key,
-    statistics_work, sums_from, thresholds_from, unit_read_bytes, unit_row_stats,
+    MergeStats, build_manifest, config_updates, feed_selection, finish_complete_streams, merge_unit, prepare,
+    pending_units, progress_bar, run_key, sample_windows, statistics_work, sums_from, thresholds_from,
+    unit_read_bytes, unit_row_stats, units_per_scope,
 )
 from mergescale.merge.inputs import MergeInputError, Unit, human_bytes, open_inputs, plan_merge, read_unit
 from mergescale.merge.methods import get_method
@@ -77,17 +78,15 @@ class MergeWorker:
             experts = [e.to(self.device) for e in experts]
         return base, experts
 
-    def selection(self, pass_no: int, unit_ids: list[int], buckets: dict | None = None) -> dict:
-        """This batch's contribution to pass 1 (high-bit histograms) or pass 2 (low-bit histograms)."""
+    def selection(self, unit_ids: list[int], windows: dict) -> dict:
+        """This batch's selection counts for the coordinator's windows of the current pass."""
         sel = StreamingSelector([])
-        if buckets is not None:
-            sel.set_buckets(buckets)
+        sel.use_windows(windows)
         for uid in unit_ids:
             base, experts = self._read(self.units[uid])
-            feed_selection(sel, pass_no, self.config, self.method, self.params, self.plan, self.global_sel,
-                           self.units[uid], base, experts)
-        hists = sel.hi if pass_no == 1 else sel.lo
-        return {k: v.cpu() for k, v in hists.items()}
+            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, self.units[uid],
+                           base, experts)
+        return sel.sparse_counts()
 
     def row_stats(self, unit_ids: list[int]) -> dict[int, torch.Tensor]:
         out = {}
@@ -312,6 +311,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         partial.external_writers()
         k = len(pool.slots)
         unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
+        units_by_id = {u.id: u for u in plan.units}
         max_failures = 2 * k + config.cluster.max_actor_restarts * k
 
         def queues(units):
@@ -324,19 +324,25 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             work = statistics_work(method, params, plan, len(inputs.experts))
             if work.selector is not None:
                 sel = work.selector
-                for pass_no in (1, 2):
-                    bar = progress_bar(sum(unit_bytes[u.id] for u in work.selection_units),
-                                       f"thresholds pass {pass_no}/2 on {k} workers", progress)
-                    buckets = sel.buckets() if pass_no == 2 else None
+                sample_windows(config, method, params, plan, inputs, work)  # a few MB read here, on the driver
+                pass_no = 0
+                while not sel.done:
+                    pass_no += 1
+                    todo = pending_units(sel, work.selection_units, work.global_selection)
+                    bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"thresholds pass {pass_no} on {k} workers",
+                                       progress)
+                    left = units_per_scope(todo, work.global_selection)
 
-                    def add_histograms(slot, batch, hists, pass_no=pass_no, bar=bar):
-                        sel.merge_from(hists if pass_no == 1 else None, hists if pass_no == 2 else None)
+                    def add_counts(slot, batch, counts, bar=bar, left=left):
+                        sel.merge_from(counts)  # and finish each stream as soon as all its units are counted
+                        finish_complete_streams(sel, left, [units_by_id[u] for u in batch], work.global_selection,
+                                                len(inputs.experts))
                         bar.update(sum(unit_bytes[u] for u in batch))
 
-                    pool.run("selection", queues(work.selection_units), lambda b, p=pass_no, bk=buckets: (p, b, bk),
-                             add_histograms, max_failures)
+                    windows = sel.windows()
+                    pool.run("selection", queues(todo), lambda b, ws=windows: (b, ws), add_counts, max_failures)
                     bar.close()
-                    sel.finish_pass1() if pass_no == 1 else sel.finish_pass2()
+                    sel.finish_pass()
                 stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
             if work.sum_units:
                 parts: dict[int, torch.Tensor] = {}

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from mergescale.merge.inputs import (
     MergeInputError, MergeInputs, MergePlan, Unit, check_output, human_bytes, open_inputs, plan_merge, read_unit,
 )
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
-from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
+from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest, window_around
 from mergescale.merge.writer import PartialOutput
 
 log = logging.getLogger(__name__)
@@ -116,36 +117,100 @@ def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope
     )
 
 
-def feed_selection(selector: StreamingSelector, pass_no: int, config, method, params, plan, global_sel: bool,
-                   unit: Unit, base, experts) -> None:
-    """Add one unit's magnitudes (per expert) to the selector's pass-1 or pass-2 histograms."""
+def feed_selection(selector: StreamingSelector, config, method, params, plan, global_sel: bool, unit: Unit, base,
+                   experts) -> None:
+    """Add one unit's magnitudes (per expert) to the counts of the selector's current pass."""
     scope = scope_of(unit.name, global_sel)
     ctx = tile_context(config, plan_tensor(plan, unit.name), unit, MergeStats(), scope, len(experts))
-    if fused_histograms(selector, pass_no, method, params, ctx, base, experts, lambda i: (scope, i)):
+    feed_counts(selector, method, params, ctx, base, experts, lambda i: (scope, i))
+
+
+def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, base, experts, stream_of) -> None:
+    """One unit's selection counts: from the fused kernel (one pass over the raw tiles for all experts) when it
+    handles the unit, else from method.magnitudes chunk by chunk (counts add exactly: chunking never changes them)."""
+    windows = selector.windows()
+    ws = [windows.get(stream_of(i), []) for i in range(len(experts))]
+    got = method.fused_histograms(params, ctx, base, experts, ws) if method.fused_histograms is not None else None
+    if got is not None:
+        for i, per_window in enumerate(got):
+            for w, (below, hist) in zip(ws[i], per_window):
+                selector.add_counts(stream_of(i), w, below, hist)
         return
-    add = selector.add_pass1 if pass_no == 1 else selector.add_pass2
-    for sub, b, es in chunks(ctx, base, experts):  # histograms add exactly: chunking never changes them
+    for sub, b, es in chunks(ctx, base, experts):
         for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
-            add((scope, i), mags)
+            selector.add_values(stream_of(i), mags)
 
 
-def fused_histograms(selector: StreamingSelector, pass_no: int, method: MergeMethod, params, ctx, base, experts,
-                     stream_of) -> bool:
-    """Feed one unit's histograms from the fused kernel (one pass over the raw tiles for all experts); False when
-    the kernel does not handle this unit (the caller then runs the torch path, which counts the same)."""
-    if method.fused_histograms is None:
-        return False
-    buckets = None if pass_no == 1 else [sorted(selector.pass2_buckets(stream_of(i))) for i in range(len(experts))]
-    hists = method.fused_histograms(params, ctx, base, experts, buckets)
-    if hists is None:
-        return False
-    for i, h in enumerate(hists):
-        if pass_no == 1:
-            selector.add_hi_histogram(stream_of(i), h)
-        else:
-            for bucket, hb in zip(buckets[i], h):
-                selector.add_lo_histogram(stream_of(i), bucket, hb)
-    return True
+def pending_units(selector: StreamingSelector, units: list[Unit], global_sel: bool) -> list[Unit]:
+    """The units a pass must read: those of scopes with a query still unresolved."""
+    scopes = {stream[0] for stream in selector.windows()}
+    return [u for u in units if scope_of(u.name, global_sel) in scopes]
+
+
+def units_per_scope(units: list[Unit], global_sel: bool) -> dict[str, int]:
+    left: dict[str, int] = {}
+    for u in units:
+        scope = scope_of(u.name, global_sel)
+        left[scope] = left.get(scope, 0) + 1
+    return left
+
+
+def finish_complete_streams(selector: StreamingSelector, left: dict[str, int], done: list[Unit], global_sel: bool,
+                            n_experts: int) -> None:
+    """Count down the units of each scope still to be fed this pass; finish a scope's streams at zero."""
+    for u in done:
+        scope = scope_of(u.name, global_sel)
+        left[scope] -= 1
+        if left[scope] == 0:
+            for i in range(n_experts):
+                selector.finish_stream((scope, i))
+
+
+# Magnitudes per selection stream in the sample that places the first windows: enough that a bracket of
+# bf16 experts' task vectors spans fewer bit patterns than a window has bins (one pass instead of two).
+SAMPLE_VALUES = 1 << 18
+SAMPLE_ROW_STRIDE = 8  # read this many times more rows, keep every 8th value: more rows, same sample size
+SAMPLE_BLOCK_ROWS = 16
+
+
+def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs, work: "StatisticsWork") -> None:
+    """Start every query at a window around its answer, bracketed from a sample of evenly spaced rows of the
+    tensors it covers (a few MB read), so that one counting pass usually finds it exactly. A bracket that
+    misses costs passes, never exactness (selection.StreamingSelector starts over)."""
+    sel = work.selector
+    tensors = sorted({u.name for u in work.selection_units}, key=[t.name for t in plan.tensors].index)
+    stream_numel: dict = {}
+    for name in tensors:
+        scope = scope_of(name, work.global_selection)
+        stream_numel[scope] = stream_numel.get(scope, 0) + plan_tensor(plan, name).numel
+    samples: dict = {}
+    for name in tensors:
+        info, scope = plan_tensor(plan, name), scope_of(name, work.global_selection)
+        if not info.shape:
+            continue
+        frac = min(1.0, SAMPLE_ROW_STRIDE * SAMPLE_VALUES / stream_numel[scope])
+        n_rows = min(info.rows, max(1, math.ceil(info.rows * frac)))
+        n_blocks = math.ceil(n_rows / SAMPLE_BLOCK_ROWS)  # blocks of rows: one read per model, one torch call
+        size = math.ceil(n_rows / n_blocks)
+        for r in sorted({min(info.rows - size, int((i + 0.5) * info.rows / n_blocks)) for i in range(n_blocks)}):
+            unit = Unit(-1, name, r, r + size)
+            base, experts = read_unit(inputs, unit, "ignore", convert=True)  # the passes report them
+            ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
+            for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
+                samples.setdefault((scope, i), []).append(mags.reshape(-1)[::SAMPLE_ROW_STRIDE])
+    for q in sel.queries:
+        if q.stream not in samples:
+            continue
+        sample = torch.sort(torch.cat(samples[q.stream])).values
+        if not torch.isfinite(sample).all():
+            continue
+        size, n = sample.numel(), stream_numel[q.stream[0]]
+        pos = min(size - 1, q.k * size // n)
+        margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
+        # at the ends the bracket stays open: the sample may have missed the extremes
+        lo = sample[pos - margin].item() if pos - margin > 0 else 0.0
+        hi = sample[pos + margin].item() if pos + margin < size - 1 else math.inf
+        q.window = window_around(lo, hi)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -225,13 +290,9 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
         else:
             # The streaming radix select over chunks: exactly kthvalue's answer, without a sort or whole-tile copies.
             selector = StreamingSelector([KthQuery(i, k, tag) for i in range(len(experts)) for tag, k in ranks.items() if k is not None])
-            for pass_no in (1, 2):
-                if not fused_histograms(selector, pass_no, method, params, ctx, base, experts, lambda i: i):
-                    add = selector.add_pass1 if pass_no == 1 else selector.add_pass2
-                    for sub, b, es in chunks(ctx, base, experts):
-                        for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
-                            add(i, mags)
-                selector.finish_pass1() if pass_no == 1 else selector.finish_pass2()
+            while not selector.done:
+                feed_counts(selector, method, params, ctx, base, experts, lambda i: i)
+                selector.finish_pass()
             thresholds = [dict() for _ in experts]
             for q in selector.queries:
                 thresholds[q.stream][q.tag] = q.value
@@ -344,13 +405,19 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
     if work.selector is not None:
         units = work.selection_units
         what = "whole model" if work.global_selection else f"{len(units)} tiles of split tensors"
-        for pass_no in (1, 2):
-            bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in units), f"thresholds pass {pass_no}/2 ({what})", progress)
-            for unit, base, experts in _iter_read(inputs, units, config, warnings):
-                feed_selection(work.selector, pass_no, config, method, params, plan, work.global_selection, unit, base, experts)
+        sample_windows(config, method, params, plan, inputs, work)
+        pass_no = 0
+        while not work.selector.done:
+            pass_no += 1
+            todo = pending_units(work.selector, units, work.global_selection)
+            bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"thresholds pass {pass_no} ({what})", progress)
+            left = units_per_scope(todo, work.global_selection)
+            for unit, base, experts in _iter_read(inputs, todo, config, warnings):
+                feed_selection(work.selector, config, method, params, plan, work.global_selection, unit, base, experts)
+                finish_complete_streams(work.selector, left, [unit], work.global_selection, len(inputs.experts))
                 bar.update(unit_read_bytes(inputs, unit))
             bar.close()
-            work.selector.finish_pass1() if pass_no == 1 else work.selector.finish_pass2()
+            work.selector.finish_pass()
         stats.thresholds = thresholds_from(work.selector.queries, len(inputs.experts))
     if work.sum_units:
         parts = {unit.id: unit_row_stats(method, params, base, experts)
@@ -396,10 +463,10 @@ def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, st
 
 def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
     work = statistics_work(get_method(config.method), config.method_params, plan, len(inputs.experts))
-    passes = "2 threshold passes over the whole model + " if work.global_selection else ""
+    passes = "1-3 threshold passes over the whole model (1 when the sampled brackets hold) + " if work.global_selection else ""
     extra = ""
     if work.selection_units and not work.global_selection:
-        extra += f" (+2 threshold passes over {len(work.selection_units)} tiles of split tensors)"
+        extra += f" (+1-3 threshold passes over {len(work.selection_units)} tiles of split tensors)"
     if work.sum_units:
         extra += f" (+1 stats pass over {len(work.sum_units)} tiles of split tensors)"
     lines = [

@@ -230,13 +230,14 @@ def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list
 
     convert=False keeps float tiles in their stored dtype (callers convert small chunks as they compute, which
     is much faster than converting whole tiles); `buffers` (one uint8 tensor per model, base first) are reused
-    for the reads. Non-finite values are an error naming the model and tensor, or a warning with on_nonfinite='warn'.
+    for the reads. Non-finite values are an error naming the model and tensor, or a warning with on_nonfinite='warn'
+    ('ignore', internal: a sample whose reader deals with them itself).
     """
     tiles = []
     for j, c in enumerate(inputs.all):
         t = c.read_rows(unit.name, unit.row_start, unit.row_end, out=buffers[j] if buffers is not None else None)
         if c.tensors[unit.name].is_float:
-            if not all_finite(t):
+            if on_nonfinite != "ignore" and not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 msg = (f"{c.path}: tensor {unit.name!r} (rows {unit.row_start}-{unit.row_end}, file "
                        f"{c.tensors[unit.name].file.name}) has {bad} non-finite values (NaN/inf)")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mergescale.merge.masks import stream_keys
+from mergescale.merge.selection import RADIX, window_around
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ try:  # pragma: no branch
     import numba
     from llvmlite import ir as llvm_ir
     from numba import njit, prange, types
+    from numba.cpython.unsafe.numbers import trailing_zeros as _cttz
     from numba.extending import intrinsic, overload
 except ImportError:  # pragma: no cover - exercised on images without numba
     numba = None
 
-HI_BINS, LO_BINS = 1 << 15, 1 << 16  # as mergescale.merge.selection
 RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float32: np.float32}  # stored dtypes the kernels read directly
 BLOCK = 1 << 14  # elements per parallel work item
-SAMPLE_RUN = 64  # consecutive elements per sample run (bracket selection)
+SAMPLE_RUN = 256  # consecutive elements per sample run (bracket selection)
 HIST_ITEMS = 8  # most private histogram copies per call (see `histograms`)
 
 
@@ -273,17 +274,17 @@ if numba is not None:
                             nb += a < lj
                             flag[i] |= (a >= lj) & (a <= hj)
                         below[t, j] += nb
-                    nd = 0
-                    for i in range(m):
-                        nd += flag[i]
-                    c = ndefer[t]
-                    if nd and c + m <= cap:
-                        dst = defer[t]
-                        for i in range(m):  # branch-free compaction (dst has room for all m)
-                            dst[c] = s0 + i
-                            c += flag[i]
-                    else:
-                        c += nd  # past the buffer's end: counted only, the caller falls back
+                    c, dst = ndefer[t], defer[t]
+                    for g0 in range(0, m, 64):  # a 64-bit mask per 64 elements, then only its set bits
+                        gf = flag[g0:min(m, g0 + 64)]
+                        mask = np.uint64(0)
+                        for i in range(gf.shape[0]):
+                            mask |= np.uint64(gf[i]) << np.uint64(i)
+                        while mask:
+                            if c < cap:  # past the buffer's end: counted only, the caller falls back
+                                dst[c] = s0 + g0 + _cttz(mask)
+                            c += 1
+                            mask &= mask - np.uint64(1)
                     ndefer[t] = c
                 _ties_rows(tr, m, hi if bracket else thr, count_sign, gamma_, total_, count_)
                 bw, upd, os = brow[:m], total_[:m], out[s0:s0 + m]
@@ -339,23 +340,20 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _hist_kernel(b, e, dare, dare_thr, k1, k2, first, scale, pass2, buckets, out, bad):
-        """Selection histograms of |tau_j| (or |DARE(tau_j)|) for every expert in one pass.
-
-        Pass 1: out[t, j] counts the high 16 bits. Pass 2: out[t, j*nq+q] counts the low 16 bits of values whose
-        high bits equal buckets[j, q] (-1: none), nq = buckets.shape[1]. out[t] is private to work item t."""
+    def _hist_kernel(b, e, dare, dare_thr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad):
+        """Selection counts of |tau_j| (or |DARE(tau_j)|) for every expert in one pass: for window q of expert j
+        (bit patterns [starts, starts + nbins << shifts), starts -1: unused), below[t, j*nq+q] counts the values
+        under it and out[t, j*nq+q, :nbins] its bins. Row t of both is private to work item t."""
         n = b.shape[0]
         ne = len(e)
-        nq = buckets.shape[1]
+        nq = starts.shape[1]
         T = out.shape[0]
         per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
         for th in prange(T):
-            h = out[th]
             tr = np.empty((ne, SUB), np.float32)
             brow = np.empty(SUB, np.float32)
             chk = np.zeros(SUB, np.float32)
-            bits_ = np.empty(SUB, np.int32)
-            sel = np.empty(SUB + 1, np.int32)
+            bits_ = np.empty(SUB, np.int64)
             for s0 in range(th * per, min(n, (th + 1) * per), SUB):
                 m = min(SUB, n - s0)
                 _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
@@ -363,39 +361,64 @@ if numba is not None:
                 for j in range(ne):
                     row = tr[j, :m]
                     for i in range(m):
-                        bits[i] = np.float32(abs(row[i])).view(np.int32)
-                    if not pass2:
-                        hj = h[j]
-                        for i in range(m):
-                            hj[bits[i] >> 16] += 1
-                        continue
+                        bits[i] = np.int64(np.float32(abs(row[i])).view(np.int32))
                     for q in range(nq):
-                        bq = buckets[j, q]
-                        if bq < 0:
+                        st, sh = starts[j, q], shifts[j, q]
+                        if st < 0:
                             continue
-                        c = 0
-                        for i in range(m):  # compact the (few) values of the bucket, branch-free, then count them
-                            sel[c] = bits[i]
-                            c += (bits[i] >> 16) == bq
-                        hq = h[j * nq + q]
-                        for i in range(c):
-                            hq[sel[i] & 0xFFFF] += 1
+                        width = nbins[j, q] << sh
+                        nb = 0
+                        for i in range(m):  # vectorized
+                            nb += bits[i] < st
+                        below[th, j * nq + q] += nb
+                        hq = out[th, j * nq + q]
+                        if st == 0 and width >= (1 << 31):  # the whole range (radix pass 1): every value counts
+                            for i in range(m):
+                                hq[bits[i] >> sh] += 1
+                            continue
+                        # A sampled window holds a few percent of the values: a 64-bit mask of which are inside
+                        # (vectorized), then only its set bits (a branch per element costs ~2x this kernel).
+                        for g0 in range(0, m, 64):
+                            gb = bits[g0:min(m, g0 + 64)]
+                            mask = np.uint64(0)
+                            for i in range(gb.shape[0]):
+                                mask |= np.uint64((gb[i] >= st) & (gb[i] - st < width)) << np.uint64(i)
+                            while mask:
+                                i = _cttz(mask)
+                                hq[(gb[i] - st) >> sh] += 1
+                                mask &= mask - np.uint64(1)
             if not _finite(chk):
                 bad[0] = 1
 
     @_jit
-    def _sample_kernel(b, e, dare, dare_thr, k1, k2, first, scale, step, out, bad):
-        """out[j, s*SAMPLE_RUN:(s+1)*SAMPLE_RUN] = |tau_j| of the run of elements starting at s * step."""
+    def _sum_items(out, total):
+        """total[r, :] = sum over t of out[t, r, :] (int32 private counts into int64): numpy's axis-0 sum with a
+        dtype change is ~10x slower."""
+        T, R, B = out.shape
+        for c in prange((B + BLOCK - 1) // BLOCK):
+            lo, hi = c * BLOCK, min(B, (c + 1) * BLOCK)
+            for r in range(R):
+                tr = total[r, lo:hi]
+                for i in range(hi - lo):
+                    tr[i] = 0
+                for t in range(T):
+                    src = out[t, r, lo:hi]
+                    for i in range(hi - lo):
+                        tr[i] += src[i]
+
+    @_jit
+    def _sample_kernel(b, e, dare, dare_thr, k1, k2, first, scale, step, run, out, bad):
+        """out[j, s*run:(s+1)*run] = |tau_j| of the run of elements starting at s * step."""
         ne = len(e)
-        runs = out.shape[1] // SAMPLE_RUN
+        runs = out.shape[1] // run
         for s in prange(runs):
-            tr = np.empty((ne, SAMPLE_RUN), np.float32)
-            brow = np.empty(SAMPLE_RUN, np.float32)
-            chk = np.zeros(SAMPLE_RUN, np.float32)
-            _task_rows(b, e, s * step, SAMPLE_RUN, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
+            tr = np.empty((ne, run), np.float32)
+            brow = np.empty(run, np.float32)
+            chk = np.zeros(run, np.float32)
+            _task_rows(b, e, s * step, run, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
             for j in range(ne):
-                o, row = out[j, s * SAMPLE_RUN:(s + 1) * SAMPLE_RUN], tr[j]
-                for i in range(SAMPLE_RUN):
+                o, row = out[j, s * run:(s + 1) * run], tr[j]
+                for i in range(run):
                     o[i] = abs(row[i])
             if not _finite(chk):
                 bad[0] = 1
@@ -576,34 +599,36 @@ def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, 
 
 
 
-def histograms(method: str, params, ctx, base, experts, buckets: list[list[int]] | None = None) -> list[torch.Tensor] | None:
-    """Per-expert selection histograms of the method's magnitudes over a unit, as selection.hi_histogram
-    (buckets None) or selection.lo_histogram (buckets[j]: the high buckets of expert j, at most 2) would sum
-    them. Returns [N] int64 tensors (pass 1) or [N][len(buckets[j])] (pass 2); None: not handled here."""
+def histograms(method: str, params, ctx, base, experts, windows: list[list]) -> list[list[tuple[int, torch.Tensor]]] | None:
+    """Per-expert selection counts of the method's magnitudes over a unit, as selection.window_histogram would
+    give them: windows[j] lists expert j's selection.Window's (at most 2); returns [j][q] = (values below,
+    int64 bins). None: not handled here."""
     if numba is None or method not in MAGNITUDE_KERNELS or base is None:
         return None
     models = _raw([base] + list(experts))
-    if models is None or any(len(bs) > 2 for bs in buckets or []):
+    if models is None or any(len(ws) > 2 for ws in windows):
         return None
     b, e = models[0], models[1:]
     n_e = len(e)
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
-    # Private histograms per work item, at most HIST_ITEMS of them: on a many-core node one per thread would be
+    # Private counts per work item, at most HIST_ITEMS of them: on a many-core node one per thread would be
     # T x N x 65536 counters zeroed and summed for every unit (hundreds of MB at 64 threads).
     items = min(numba.get_num_threads(), HIST_ITEMS)
-    nq = max([len(bs) for bs in buckets or []] + [1])
-    bk = np.full((n_e, nq), -1, np.int64)  # -1 never equals a high half of |x| (those are >= 0)
-    for j, bs in enumerate(buckets or []):
-        bk[j, :len(bs)] = list(bs)
-    out = np.zeros((items, n_e, HI_BINS) if buckets is None else (items, nq * n_e, LO_BINS), np.int64)
+    nq = max([len(ws) for ws in windows] + [1])
+    starts, shifts, nbins = (np.full((n_e, nq), -1, np.int64), np.zeros((n_e, nq), np.int64), np.zeros((n_e, nq), np.int64))
+    for j, ws in enumerate(windows):
+        for q, w in enumerate(ws):
+            starts[j, q], shifts[j, q], nbins[j, q] = w.start, w.shift, w.bins
+    below = np.zeros((items, n_e * nq), np.int64)
+    out = np.zeros((items, n_e * nq, int(nbins.max()) or 1), np.int32)  # a unit has < 2**31 elements
     bad = np.zeros(1, np.uint8)
-    _hist_kernel(b, e, dare, dthr, k1, k2, first, scale, buckets is not None, bk, out, bad)
+    _hist_kernel(b, e, dare, dthr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad)
     if bad[0]:
         return None
-    total = torch.from_numpy(out.sum(0))
-    if buckets is None:
-        return [total[j] for j in range(n_e)]
-    return [[total[nq * j + q] for q in range(len(bs))] for j, bs in enumerate(buckets)]
+    below, total = below.sum(0), np.empty(out.shape[1:], np.int64)
+    _sum_items(out, total)
+    return [[(int(below[j * nq + q]), torch.from_numpy(total[j * nq + q, :w.bins])) for q, w in enumerate(ws)]
+            for j, ws in enumerate(windows)]
 
 
 def count_nonfinite(t: torch.Tensor) -> int | None:
@@ -616,7 +641,7 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
     return int(_count_nonfinite_f32(flat.view(torch.int32).numpy().view(np.uint32)))
 
 
-SAMPLE_RUNS = 1024  # runs of SAMPLE_RUN elements sampled per expert: 65536 magnitudes
+SAMPLE_RUNS = 256  # runs of SAMPLE_RUN elements sampled per expert: 65536 magnitudes
 REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elements a bracketed merge must redo
 
 
@@ -632,21 +657,20 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
         return None
     bad = np.zeros(1, np.uint8)
     sample = np.empty((n_e, size), np.float32)
-    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1), sample, bad)
+    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1), SAMPLE_RUN, sample, bad)
     if bad[0]:
         return None
+    sample.sort(axis=1)
     lo, hi = np.empty(n_e, np.float32), np.empty(n_e, np.float32)
     share = 0.0
     for j, k in enumerate(ks):
         pos = min(size - 1, k * size // n)
         margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
-        a, z = max(pos - margin, 0), min(pos + margin, size - 1)
-        sj = np.partition(sample[j], [a, z])  # a selection, not a sort: ~4x faster
         # at the ends the bracket stays open: [0, ..] and [.., inf] hold the extremes the sample may have missed
-        lo[j] = sj[a] if a > 0 else 0.0
-        hi[j] = sj[z] if z < size - 1 else np.inf
+        lo[j] = sample[j, pos - margin] if pos - margin > 0 else 0.0
+        hi[j] = sample[j, pos + margin] if pos + margin < size - 1 else np.inf
         # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
-        share += np.count_nonzero((sj >= lo[j]) & (sj <= hi[j])) / size
+        share += (np.searchsorted(sample[j], hi[j], "right") - np.searchsorted(sample[j], lo[j], "left")) / size
     return lo, hi, share
 
 
@@ -668,6 +692,6 @@ def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torc
         merge_tile(name, get_method(name).params(), [1.0] * n_experts, ctx, base, experts, out)
     for name in ("ties", "dare_ties"):
         params = get_method(name).params.model_validate({"density": 0.5})
-        hists = histograms(name, params, ctx, base, experts)
-        histograms(name, params, ctx, base, experts, [[int(h.argmax())] for h in hists])
+        histograms(name, params, ctx, base, experts, [[RADIX] for _ in experts])
+        histograms(name, params, ctx, base, experts, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in experts])
         select_and_merge_ties(name, params, [1.0] * n_experts, ctx, base, experts, out, [n // 2] * n_experts)

@@ -1,23 +1,64 @@
-"""Exact streaming k-th order statistics of non-negative float32 values, in exactly two passes.
+"""Exact streaming k-th order statistics of non-negative float32 values, in one to three passes.
 
 Non-negative IEEE-754 floats order the same way as their bit patterns read as int32, so the k-th smallest
-value is found by a radix select: pass 1 histograms the high 16 bits of every value (one 32768-bin histogram
-per query stream), which fixes the high half of the answer and how many values lie below it; pass 2 histograms
-the low 16 bits of only the values inside that bucket, which fixes the rest. Memory is O(bins), never the
-data; histograms from different tiles, tensors or Ray actors add up, so the same code is the single-process
-path and the distributed one (actors send histograms, the coordinator adds them).
+value can be found by counting bit patterns. Each pass counts, for every query, the values below a *window* of
+bit patterns and a histogram of the window (bins of 2**shift patterns). If the k-th value falls in a bin one
+pattern wide, that is the answer; if in a wider bin, the next pass looks at that bin only; if outside the
+window, the next pass starts over from the whole range. The whole range in 2**15 bins of 2**16 patterns, then
+one bin in 2**16 patterns, is the classic two-pass radix select; a window from a sample (see
+`window_around`) usually finds the answer in one pass. Memory is O(bins), never the data; counts from
+different tiles, tensors or Ray actors add up, so the same code is the single-process path and the
+distributed one (actors send counts, the coordinator adds them).
 
-The result equals `torch.kthvalue(torch.cat(all values), k)` exactly.
+The result equals `torch.kthvalue(torch.cat(all values), k)` exactly, whatever the first window was.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 HI_BINS = 1 << 15  # sign bit is 0 for |x|, so high halves lie in [0, 2**15)
-LO_BINS = 1 << 16
+WINDOW_BINS = 1 << 18  # a window from a sample: 2 MB of int64 counts per stream, 1 MB of int32 in a kernel
+INF_BITS = 0x7F800000
+
+
+@dataclass(frozen=True)
+class Window:
+    """Bit patterns [start, start + bins * 2**shift), counted in `bins` bins of 2**shift patterns each."""
+
+    start: int
+    shift: int
+    bins: int
+
+    @property
+    def end(self) -> int:
+        return self.start + (self.bins << self.shift)
+
+    def refine(self, bucket: int) -> "Window":
+        """The window of one bin of this one: 2**16 bins (radix pass 2), one pattern wide if it can be."""
+        shift = max(0, self.shift - 16)
+        return Window(self.start + (bucket << self.shift), shift, 1 << (self.shift - shift))
+
+
+RADIX = Window(0, 16, HI_BINS)  # every non-negative float: the high 16 bits
+
+
+def window_around(lo: float, hi: float) -> Window:
+    """The narrowest window of WINDOW_BINS bins that holds [lo, hi] (a sample's bracket around the answer)."""
+    lb, hb = float_bits(lo), float_bits(min(hi, math.inf))
+    shift = max(0, math.ceil(math.log2((hb - lb + 1) / WINDOW_BINS)))
+    return Window(lb, shift, WINDOW_BINS)
+
+
+def float_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
+
+
+def bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
 
 
 def _bits(values: torch.Tensor) -> torch.Tensor:
@@ -26,34 +67,21 @@ def _bits(values: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1).view(torch.int32)
 
 
-def hi_histogram(values: torch.Tensor) -> torch.Tensor:
-    """Pass-1 contribution: counts of the high 16 bits of non-negative float32 values."""
-    hi = torch.bitwise_right_shift(_bits(values), 16)
-    # Histograms live on the CPU whatever device the values are on: they are tiny, and adding those of many
-    # tiles, tensors and actors must not care where each was computed.
-    return torch.bincount(hi, minlength=HI_BINS).to("cpu", torch.int64)
+def window_histogram(values: torch.Tensor, w: Window) -> tuple[int, torch.Tensor]:
+    """(number of values below the window, int64 histogram of the window's bins) of non-negative float32 values."""
+    bits = _bits(values).to(torch.int64)
+    offset = bits - w.start
+    inside = offset[(offset >= 0) & (offset < (w.bins << w.shift))]
+    # Counts live on the CPU whatever device the values are on: they are small, and adding those of many tiles,
+    # tensors and actors must not care where each was computed.
+    hist = torch.bincount(torch.bitwise_right_shift(inside, w.shift), minlength=w.bins).to("cpu", torch.int64)
+    return int((offset < 0).sum()), hist
 
 
-def lo_histogram(values: torch.Tensor, hi_bucket: int) -> torch.Tensor:
-    """Pass-2 contribution: counts of the low 16 bits of the values whose high 16 bits equal `hi_bucket`."""
-    bits = _bits(values)
-    inside = bits[torch.bitwise_right_shift(bits, 16) == hi_bucket]
-    return torch.bincount(torch.bitwise_and(inside, 0xFFFF), minlength=LO_BINS).to("cpu", torch.int64)
-
-
-def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bucket holding the k-th smallest (1-based) and the rank of the answer inside that bucket."""
+def locate(hist: torch.Tensor, r: int) -> int:
+    """Bin holding the r-th smallest (1-based) value counted in hist (1 <= r <= hist.sum())."""
     cum = torch.cumsum(hist, 0)
-    total = int(cum[-1])
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} out of range for {total} values")
-    bucket = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype)))
-    below = int(cum[bucket - 1]) if bucket > 0 else 0
-    return bucket, k - below
-
-
-def bits_to_float(hi: int, lo: int) -> float:
-    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+    return int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype)))
 
 
 @dataclass
@@ -63,66 +91,101 @@ class KthQuery:
     stream: object  # which stream of values this query reads, e.g. ("*", expert) or (tensor name, expert)
     k: int  # 1-based rank of the smallest value to find
     tag: str = ""  # what the caller calls this statistic, e.g. "min" or "max"
-    hi_bucket: int | None = None
-    rank_in_bucket: int | None = None
+    window: Window = RADIX  # what the next pass counts for this query
     value: float | None = None
+    passes: int = 0
 
 
 @dataclass
 class StreamingSelector:
-    """Find several k-th smallest values over several value streams, fed tile by tile.
+    """Find several k-th smallest values over several value streams, fed tile by tile, pass after pass.
 
-    Usage: `for tile: sel.add_pass1(stream, values)`; `sel.finish_pass1()`; `for tile: sel.add_pass2(stream,
-    values)`; `sel.finish_pass2()`; read `q.value`. `merge_from` adds another selector's histograms (Ray).
+    Usage: optionally `q.window = window_around(..)` from a sample; then `while not sel.done: for tile:
+    sel.add_values(stream, values); sel.finish_pass()`; read `q.value`. `finish_stream(s)` as soon as a stream's
+    last tile of the pass is in bounds memory. For Ray: the coordinator sends `sel.windows()` to actors, whose
+    query-less selectors `use_windows(..)`, count their tiles and return `.sparse_counts()`; the coordinator adds
+    them with `merge_from`.
     """
 
     queries: list[KthQuery]
-    hi: dict = field(default_factory=dict)  # stream -> pass-1 histogram
-    lo: dict = field(default_factory=dict)  # (stream, hi bucket) -> pass-2 histogram
+    counts: dict = field(default_factory=dict)  # (stream, Window) -> [values below, histogram]
+    _windows: dict | None = None
+    _finished: set = field(default_factory=set)  # streams finished early this pass (finish_stream)
 
-    def add_pass1(self, stream, values: torch.Tensor) -> None:
-        self.add_hi_histogram(stream, hi_histogram(values))
+    @property
+    def done(self) -> bool:
+        return all(q.value is not None for q in self.queries)
 
-    def add_hi_histogram(self, stream, h: torch.Tensor) -> None:
-        """Add a pass-1 histogram computed elsewhere (a fused kernel: the same counts as hi_histogram)."""
-        self.hi[stream] = self.hi[stream] + h if stream in self.hi else h
-
-    def finish_pass1(self) -> None:
-        self._buckets: dict = {}
+    def windows(self) -> dict:
+        """stream -> the windows this pass counts (a query-less selector: those it was given)."""
+        if self._windows is not None:
+            return self._windows
+        out: dict = {}
         for q in self.queries:
-            q.hi_bucket, q.rank_in_bucket = locate(self.hi[q.stream], q.k)
-            self._buckets.setdefault(q.stream, set()).add(q.hi_bucket)
+            if q.value is None and q.window not in out.setdefault(q.stream, []):
+                out[q.stream].append(q.window)
+        return out
 
-    def pass2_buckets(self, stream) -> set[int]:
-        return self._buckets.get(stream, set())
+    def use_windows(self, windows: dict) -> None:
+        self._windows = {s: list(ws) for s, ws in windows.items()}
+        self.counts = {}
 
-    def buckets(self) -> dict:
-        """After pass 1: which high buckets each stream's pass 2 must histogram (sent to Ray actors)."""
-        return {s: set(b) for s, b in self._buckets.items()}
+    def add_values(self, stream, values: torch.Tensor) -> None:
+        for w in self.windows().get(stream, ()):
+            self.add_counts(stream, w, *window_histogram(values, w))
 
-    def set_buckets(self, buckets: dict) -> None:
-        """Prepare a query-less selector (an actor's) to feed pass 2 for the coordinator's buckets."""
-        self._buckets = {s: set(b) for s, b in buckets.items()}
+    def add_counts(self, stream, w: Window, below: int, hist: torch.Tensor) -> None:
+        """Add one tile's counts for a window, computed here or elsewhere (a fused kernel, another actor)."""
+        key = (stream, w)
+        if key in self.counts:
+            acc = self.counts[key]
+            acc[0] += below
+            acc[1] += hist
+        else:
+            self.counts[key] = [below, hist.clone()]
 
-    def add_pass2(self, stream, values: torch.Tensor) -> None:
-        for bucket in self.pass2_buckets(stream):
-            self.add_lo_histogram(stream, bucket, lo_histogram(values, bucket))
+    def merge_from(self, counts: dict) -> None:
+        for (stream, w), (below, hist) in counts.items():
+            self.add_counts(stream, w, below, hist.to_dense() if hist.is_sparse else hist)
 
-    def add_lo_histogram(self, stream, bucket: int, h: torch.Tensor) -> None:
-        """Add a pass-2 histogram of one high bucket computed elsewhere (as lo_histogram would)."""
-        key = (stream, bucket)
-        self.lo[key] = self.lo[key] + h if key in self.lo else h
+    def sparse_counts(self) -> dict:
+        """.counts with mostly-empty histograms as sparse tensors (what an actor sends: a narrow window of bf16
+        task vectors touches a few thousand of its 2**18 bins)."""
+        return {key: (below, hist.to_sparse() if int(torch.count_nonzero(hist)) * 4 < hist.numel() else hist)
+                for key, (below, hist) in self.counts.items()}
 
-    def finish_pass2(self) -> None:
+    def finish_stream(self, stream) -> None:
+        """Every value of `stream` has been counted this pass: narrow (or resolve) its queries and drop its counts.
+        Calling this as soon as a stream is complete keeps memory to the streams being fed (a per-tensor selection
+        of a 70B model has thousands of streams; counts for all of them at once would be gigabytes)."""
+        self._finished.add(stream)
         for q in self.queries:
-            lo_bucket, _ = locate(self.lo[(q.stream, q.hi_bucket)], q.rank_in_bucket)
-            q.value = bits_to_float(q.hi_bucket, lo_bucket)
+            if q.value is not None or q.stream != stream:
+                continue
+            below, hist = self.counts.get((q.stream, q.window), (0, torch.zeros(q.window.bins, dtype=torch.int64)))
+            inside = int(hist.sum())
+            q.passes += 1
+            r = q.k - below
+            if 1 <= r <= inside:
+                bucket = locate(hist, r)
+                if q.window.shift == 0:
+                    q.value = bits_to_float(q.window.start + bucket)
+                else:
+                    q.window = q.window.refine(bucket)
+            elif q.window == RADIX:  # holds every value: the rank itself is impossible
+                raise ValueError(f"k={q.k} out of range for {below + inside} values")
+            else:  # the sample's bracket missed: start over from the whole range
+                q.window = RADIX
+        for key in [key for key in self.counts if key[0] == stream]:
+            del self.counts[key]
 
-    def merge_from(self, other_hi: dict | None = None, other_lo: dict | None = None) -> None:
-        for s, h in (other_hi or {}).items():
-            self.hi[s] = self.hi[s] + h if s in self.hi else h.clone()
-        for key, h in (other_lo or {}).items():
-            self.lo[key] = self.lo[key] + h if key in self.lo else h.clone()
+    def finish_pass(self) -> bool:
+        """Finish every stream not finished yet this pass; True when all queries are resolved."""
+        for stream in dict.fromkeys(q.stream for q in self.queries if q.value is None):
+            if stream not in self._finished:
+                self.finish_stream(stream)
+        self.counts, self._finished = {}, set()
+        return self.done
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
