@@ -3,6 +3,8 @@ torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,28 @@ def test_histograms_with_fewer_private_copies_than_threads(monkeypatch):
         for w, (below, hist) in zip(ws[j], got[j]):
             want_below, want_hist = window_histogram(x, w)
             assert below == want_below and torch.equal(hist, want_hist)
+
+
+def test_kernels_from_several_threads_at_once():
+    """The kernels run on numba's workqueue layer, which must not be entered by two threads at once: the
+    dispatch serializes launches, so concurrent callers (e.g. two merges in one process) get correct results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numba
+
+    n = 50_000
+    base, experts = models(n, torch.bfloat16)
+    p = get_method("ties").params.model_validate({})
+    ctx = context(n, len(experts))
+    want = get_method("ties").merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ctx).to(torch.bfloat16)
+
+    def one(_):
+        out = torch.empty(n, dtype=torch.bfloat16)
+        assert kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, out)
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(one, range(16)))
+    assert all(torch.equal(o.view(torch.uint8), want.view(torch.uint8)) for o in outs)
+    if "NUMBA_THREADING_LAYER" not in os.environ:  # the layer whose threads sleep between kernels
+        assert numba.threading_layer() == "workqueue"
