@@ -30,13 +30,16 @@ import torch
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge import kernels
 from mergescale.merge.executor import (
-    MergeStats, build_manifest, config_updates, feed_selection, finish_complete_streams, merge_unit, prepare,
-    pending_units, progress_bar, run_key, sample_windows, statistics_work, sums_from, thresholds_from,
-    unit_read_bytes, unit_row_stats, units_per_scope,
+    build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key, unit_read_bytes,
+    unit_row_stats,
 )
 from mergescale.merge.inputs import MergeInputError, Unit, human_bytes, open_inputs, plan_merge, read_unit
 from mergescale.merge.methods import get_method
 from mergescale.merge.selection import StreamingSelector
+from mergescale.merge.statistics import (
+    MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from, thresholds_from,
+    units_per_scope,
+)
 from mergescale.merge.writer import PartialOutput
 
 log = logging.getLogger(__name__)
