@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mergescale.merge.masks import dare_keep_mask
 from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
 from mergescale.merge.selection import (
-    RADIX, KthQuery, StreamingSelector, float_bits, kth_smallest, window_around, window_histogram,
+    RADIX, KthQuery, StreamingSelector, float_bits, kth_smallest, sample_bracket, window_around, window_histogram,
 )
 
 
@@ -240,3 +240,16 @@ def test_streams_finished_early_drop_their_counts_and_stay_exact():
         sel.finish_pass()
     assert [q.value for q in sel.queries] == [torch.kthvalue(a, 4000).values.item(), torch.kthvalue(b, 17).values.item(),
                                               torch.kthvalue(b, 2999).values.item()]
+
+
+def test_sample_bracket_holds_the_answer_and_opens_at_the_ends():
+    g = torch.Generator().manual_seed(11)
+    v = torch.rand(400_000, generator=g)
+    sample = torch.sort(v[::40]).values  # 10000 values
+    for k in (5, 40_000, 200_000, 320_000, 399_990):
+        lo, hi = sample_bracket(sample, k, v.numel())
+        assert lo <= torch.kthvalue(v, k).values.item() <= hi, k
+    assert sample_bracket(sample, 1, v.numel())[0] == 0.0  # the sample may have missed the minimum
+    assert sample_bracket(sample, v.numel(), v.numel())[1] == math.inf
+    lo, hi = sample_bracket(sample, 200_000, v.numel())
+    assert hi - lo < 0.05  # 4 sd of the median's rank in 10000 values: ~0.04 of the range

@@ -118,7 +118,7 @@ def fused_select_merge(method: MergeMethod, params, weights, ctx: TileContext, b
     if method.fused_select_merge is None or sel is None or have_sel or method.row_stats is not None:
         return False
     n = experts[0].numel()
-    ranks = {tag: k for tag, k in sel.ranks(n).items()}
+    ranks = sel.ranks(n)
     if n <= KTHVALUE_MAX or len(ranks) != 1 or None in ranks.values():
         return False
     ((_, k),) = ranks.items()

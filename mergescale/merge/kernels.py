@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mergescale.merge.masks import stream_keys
-from mergescale.merge.selection import RADIX, window_around
+from mergescale.merge.selection import RADIX, sample_bracket, window_around
 
 log = logging.getLogger(__name__)
 
@@ -685,11 +685,9 @@ REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elemen
 
 
 def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(lo, hi, share): lo_j <= the ks[j]-th smallest magnitude of expert j <= hi_j, very likely (not certainly:
-    the callers check with counts), and the sample's share of elements with some magnitude in its bracket. An
-    evenly spaced sample (SAMPLE_RUNS runs of consecutive elements) gives each answer's sample quantile; the
-    bracket is 4 standard deviations of its rank either side. None: unit too small for sampling to pay, or
-    non-finite values."""
+    """(lo, hi, share): selection.sample_bracket of each ks[j]-th smallest magnitude of expert j, from an evenly
+    spaced sample (SAMPLE_RUNS runs of consecutive elements), and the sample's share of elements with some
+    magnitude in its bracket. None: unit too small for sampling to pay, or non-finite values."""
     n, n_e = b.shape[0], len(e)
     size = SAMPLE_RUNS * SAMPLE_RUN
     if n < 8 * size:
@@ -703,11 +701,7 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     lo, hi = np.empty(n_e, np.float32), np.empty(n_e, np.float32)
     share = 0.0
     for j, k in enumerate(ks):
-        pos = min(size - 1, k * size // n)
-        margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
-        # at the ends the bracket stays open: [0, ..] and [.., inf] hold the extremes the sample may have missed
-        lo[j] = sample[j, pos - margin] if pos - margin > 0 else 0.0
-        hi[j] = sample[j, pos + margin] if pos + margin < size - 1 else np.inf
+        lo[j], hi[j] = sample_bracket(sample[j], k, n)
         # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
         share += (np.searchsorted(sample[j], hi[j], "right") - np.searchsorted(sample[j], lo[j], "left")) / size
     return lo, hi, share

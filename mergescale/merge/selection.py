@@ -53,6 +53,18 @@ def window_around(lo: float, hi: float) -> Window:
     return Window(lb, shift, WINDOW_BINS)
 
 
+def sample_bracket(sorted_sample, k: int, n: int) -> tuple[float, float]:
+    """(lo, hi) around the k-th smallest of n values, from a sorted sample of them: 4 standard deviations of the
+    sample quantile's rank either side, plus 32 sample values. Open at the ends ([0, ..], [.., inf]), where the
+    sample may have missed the extremes. Very likely, not certainly, holds the answer: callers check by counting."""
+    size = len(sorted_sample)
+    pos = min(size - 1, k * size // n)
+    margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
+    lo = float(sorted_sample[pos - margin]) if pos - margin > 0 else 0.0
+    hi = float(sorted_sample[pos + margin]) if pos + margin < size - 1 else math.inf
+    return lo, hi
+
+
 def float_bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 

@@ -16,7 +16,7 @@ import torch
 from mergescale.config import MergeConfig
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit, read_unit
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals
-from mergescale.merge.selection import KthQuery, StreamingSelector, window_around
+from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around
 
 GLOBAL = "*"
 
@@ -153,19 +153,12 @@ def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs,
             ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
             for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
                 samples.setdefault((scope, i), []).append(mags.reshape(-1)[::SAMPLE_ROW_STRIDE])
+    sorted_samples = {stream: torch.sort(torch.cat(parts)).values for stream, parts in samples.items()}
     for q in sel.queries:
-        if q.stream not in samples:
+        sample = sorted_samples.get(q.stream)
+        if sample is None or not torch.isfinite(sample).all():
             continue
-        sample = torch.sort(torch.cat(samples[q.stream])).values
-        if not torch.isfinite(sample).all():
-            continue
-        size, n = sample.numel(), stream_numel[q.stream[0]]
-        pos = min(size - 1, q.k * size // n)
-        margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
-        # at the ends the bracket stays open: the sample may have missed the extremes
-        lo = sample[pos - margin].item() if pos - margin > 0 else 0.0
-        hi = sample[pos + margin].item() if pos + margin < size - 1 else math.inf
-        q.window = window_around(lo, hi)
+        q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
 
 
 def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
