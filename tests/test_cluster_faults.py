@@ -5,6 +5,8 @@ Actors sleep a little per unit (MERGESCALE_UNIT_DELAY_S, read by the merge actor
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import subprocess
 import sys
@@ -42,6 +44,10 @@ def ties_config(fam) -> dict:
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def manifest_digests(manifest: dict) -> dict[str, str]:
+    return {name: entry["sha256"] for name, entry in manifest["outputs"].items()}
 
 
 def journaled(out: Path) -> int:
@@ -85,6 +91,7 @@ def test_actor_killed_mid_merge_is_replaced_and_output_identical(micro, expected
     manifest = result["manifest"]
     assert manifest["timing"]["actor_replacements"] >= 1
     assert shard_bytes(out) == expected[0]
+    assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}
 
 
 def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, tmp_path):
@@ -112,6 +119,7 @@ def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, 
     assert redone == total - manifest["timing"]["units_resumed"]  # only unfinished units were redone
     assert shard_bytes(out) == expected[0]
     assert not partial_dir(out).exists()
+    assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}
 
 
 def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatch):
@@ -137,3 +145,4 @@ def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatc
     manifest = run_merge(ties_config(micro), out, progress=False)
     assert manifest["timing"]["units_resumed"] == 24
     assert shard_bytes(out) == expected[0]
+    assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}

@@ -3,6 +3,8 @@ Python entry points. One local Ray (2 CPUs) is shared by the whole module."""
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 from pathlib import Path
 
@@ -47,6 +49,10 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
 
+def manifest_digests(manifest: dict) -> dict[str, str]:
+    return {name: entry["sha256"] for name, entry in manifest["outputs"].items()}
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro, tmp_path):
     # Two tilings: one that splits every matrix into many row tiles with odd remainders, one that keeps most
@@ -61,6 +67,7 @@ def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro
         out = tmp_path / f"k{k}"
         manifest = run_distributed_merge(config_for(micro, method, tile_mb), out, workers=k, progress=False)
         assert shard_bytes(out) == expected[tile_mb], f"{method} K={k} tile_mb={tile_mb}"
+        assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}
         assert len(manifest["distributed"]["actors"]) == k
         assert sum(a["units"] for a in manifest["distributed"]["actors"]) == manifest["plan"]["units"]
 

@@ -311,10 +311,15 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         t_start, t0 = time.time() - t0, time.time()
         partial = PartialOutput(out, plan.layout, key)
         done = partial.open(resume=resume)
-        partial.external_writers()
         k = len(pool.slots)
         unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
         units_by_id = {u.id: u for u in plan.units}
+
+        def durable(unit_ids):  # the output's sha256s advance in the background as rows become final
+            for u in unit_ids:
+                partial.rows_durable(units_by_id[u].name, units_by_id[u].row_start, units_by_id[u].row_end)
+
+        durable(sorted(done))
         max_failures = 2 * k + config.cluster.max_actor_restarts * k
 
         def queues(units):
@@ -363,6 +368,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
 
         def on_merged(slot, batch, res):
             partial.journal(res["units"])  # the actor already fdatasync'ed these rows
+            durable(res["units"])
             slot.bytes += res["bytes"]
             slot.seconds += res["seconds"]
             slot.units += len(res["units"])

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.merge.shard_hash import ShardHashes
 
 METADATA_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 MANIFEST = "mergescale_manifest.json"
-HASH_CHUNK = 16 * 2**20
 
 
 def _libc_sync_file_range():
@@ -146,7 +146,7 @@ class PartialOutput:
         self.layout = layout
         self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
         self._fds: dict[int, int] = {}
-        self._hash: dict[int, tuple[object, int] | None] = {}
+        self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final
         self.done: set[int] = set()
 
     # -- opening: fresh or resumed ----------------------------------------------------------------------------
@@ -159,6 +159,7 @@ class PartialOutput:
                 self.done = self._read_journal()
                 for i in range(len(self.layout.shard_names)):
                     self._fds[i] = os.open(self.dir / self.layout.shard_names[i], os.O_RDWR)
+                self.hashes = ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
                 return set(self.done)
             shutil.rmtree(self.dir)  # left by a different config or inputs: cannot be reused
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,22 +169,22 @@ class PartialOutput:
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, size)
             self._fds[i] = fd
-            self._hash[i] = (hashlib.sha256(header), len(header))
+        self.hashes = ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
         marker.write_text(json.dumps({"run_key": self.run_key, "started": time.time()}))
         return set()
 
     def attach(self) -> None:
         """Open the shard files of a partial directory another process created (a Ray actor writing its rows).
-        Shards written by several processes are hashed at commit, not on the fly. Idempotent."""
+        The process that created it hashes the shards (`rows_durable`). Idempotent."""
         if self._fds:
             return
         for i, name in enumerate(self.layout.shard_names):
             self._fds[i] = os.open(self.dir / name, os.O_RDWR)
-        self._hash.clear()
 
-    def external_writers(self) -> None:
-        """Rows will be written by other processes: hash the shards at commit."""
-        self._hash.clear()
+    def rows_durable(self, name: str, row_start: int, row_end: int) -> None:
+        """Rows another process wrote and synced: hashed in the background once all bytes before them are."""
+        t = self.layout.tensors[name]
+        self.hashes.durable(t.shard, t.offset + row_start * t.row_bytes, t.offset + row_end * t.row_bytes)
 
     def sync(self) -> None:
         for fd in self._fds.values():
@@ -231,15 +232,8 @@ class PartialOutput:
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
         start_writeback(fd, offset, len(view))
-        # Hash on the fly while a shard is written front to back (the single-process order); else rehash at commit.
-        state = self._hash.get(t.shard)
-        if state is not None:
-            sha, pos = state
-            if pos == offset:
-                sha.update(view)
-                self._hash[t.shard] = (sha, pos + len(view))
-            else:
-                self._hash[t.shard] = None
+        if self.hashes is not None:  # on the fly while this process writes a shard front to back
+            self.hashes.wrote(t.shard, offset, view)
         return len(view)
 
     def mark_done(self, unit_ids: list[int]) -> None:
@@ -251,19 +245,10 @@ class PartialOutput:
 
     # -- commit ----------------------------------------------------------------------------------------------
     def shard_digests(self) -> dict[str, dict]:
-        out = {}
-        for i, name in enumerate(self.layout.shard_names):
-            state = self._hash.get(i)
-            if state is not None and state[1] == self.layout.shard_sizes[i]:
-                digest = state[0].hexdigest()
-            else:
-                sha = hashlib.sha256()
-                with open(self.dir / name, "rb") as f:
-                    while chunk := f.read(HASH_CHUNK):
-                        sha.update(chunk)
-                digest = sha.hexdigest()
-            out[name] = {"size": self.layout.shard_sizes[i], "sha256": digest}
-        return out
+        sizes = self.layout.shard_sizes
+        hashes = self.hashes or ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
+        digests = hashes.digests(sizes)
+        return {name: {"size": size, "sha256": d} for name, size, d in zip(self.layout.shard_names, sizes, digests)}
 
     def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None, overwrite: bool = False) -> dict:
         """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
@@ -308,6 +293,8 @@ class PartialOutput:
 
     def abort(self) -> None:
         """Remove the partial directory (a deterministic input error: nothing worth resuming)."""
+        if self.hashes is not None:
+            self.hashes.stop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -315,6 +302,8 @@ class PartialOutput:
 
     def close(self) -> None:
         """Leave the partial directory for a later resume (crash, interrupt)."""
+        if self.hashes is not None:
+            self.hashes.stop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
