@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mergescale.merge import kernels
 from mergescale.merge.methods import TileContext, get_method
-from mergescale.merge.selection import RADIX, window_around, window_histogram
+from mergescale.merge.selection import RADIX, sample_bracket, window_around, window_histogram
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
 
@@ -129,6 +129,27 @@ def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, o
                               thresholds=[{"min": v} for v in want_thr])
         want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(out_dtype)
         assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("n", [3000, 20_000, 200_000])  # fewer runs than the cap, and capped at SAMPLE_MAX
+def test_sampled_bracket_equals_sample_bracket_on_the_sorted_sample(monkeypatch, n):
+    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 4)
+    monkeypatch.setattr(kernels, "SAMPLE_RUN", 16)
+    monkeypatch.setattr(kernels, "SAMPLE_MAX", 2**12)
+    base, experts = models(n, torch.float32)
+    ks = [1, n // 3, n - n // 5, n]
+    raw = kernels._raw([base] + experts)
+    lo, hi, share = kernels._sample_bracket(raw[0], raw[1:], kernels._dare_args(0.0, 0, "t", 4, 0), ks)
+    runs = min(2**12 // 16, n // (8 * 16))
+    step = (n - 16) // (runs - 1)
+    pos = torch.cat([torch.arange(s * step, s * step + 16) for s in range(runs)])
+    inside = torch.zeros(len(pos), dtype=torch.bool)
+    for j, (e, k) in enumerate(zip(experts, ks)):
+        sample = (e - base).abs()[pos]
+        want = sample_bracket(np.sort(sample.numpy()), k, n)
+        assert (float(lo[j]), float(hi[j])) == want, j
+        inside |= (sample >= want[0]) & (sample <= want[1])
+    assert share == pytest.approx(inside.float().mean().item())
 
 
 def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypatch):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mergescale.merge.masks import stream_keys
-from mergescale.merge.selection import RADIX, sample_bracket, window_around
+from mergescale.merge.selection import RADIX, bracket_positions, window_around
 
 log = logging.getLogger(__name__)
 
@@ -330,27 +330,20 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _ties_at_kernel(b, e, idx, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, mags, out, bad):
-        """The elements idx[:] of a unit only (ascending): with `mags` non-empty, mags[j, i] = |tau_j| of element
-        idx[i]; else merge them as _ties_kernel does with thresholds thr and write out[idx[i]]."""
+    def _ties_gather_kernel(b, e, idx, dare, dare_thr, k1, k2, first, scale, taus, bvals, bad):
+        """The elements idx[:] of a unit only: taus[j, i] = tau_j (DARE'd when asked) and bvals[i] = base of
+        element idx[i], exactly as _task_rows computes them, for _kth_in_brackets and _ties_redo_kernel."""
         nd = idx.shape[0]
         ne = len(e)
-        want_mags = mags.shape[1] > 0
         for blk in prange((nd + SUB - 1) // SUB):
-            tr = np.empty((ne, SUB), np.float32)
-            brow = np.empty(SUB, np.float32)
-            gamma_ = np.empty(SUB, np.float32)
-            total_ = np.empty(SUB, np.float32)
-            count_ = np.empty(SUB, np.float32)
             chk = np.zeros(SUB, np.float32)
             s0 = blk * SUB
             m = min(SUB, nd - s0)
-            ix = idx[s0:s0 + m]
-            bw = brow[:m]
+            ix, bw = idx[s0:s0 + m], bvals[s0:s0 + m]
             for i in range(m):
                 bw[i] = _load(b, ix[i])
             for j in range(ne):
-                row, ej = tr[j, :m], e[j]
+                row, ej = taus[j, s0:s0 + m], e[j]
                 for i in range(m):
                     row[i] = _load(ej, ix[i]) - bw[i]
                 if dare:  # the mask of element first + idx[i], as _task_rows computes it
@@ -362,18 +355,27 @@ if numba is not None:
                         row[i] = row[i] * np.float32(h >= dare_thr) * scale
                 for i in range(m):
                     chk[i] += row[i] * np.float32(0.0)
-            if want_mags:
-                for j in range(ne):
-                    row, mj = tr[j, :m], mags[j, s0:s0 + m]
-                    for i in range(m):
-                        mj[i] = abs(row[i])
-            else:
-                _ties_rows(tr, m, thr, count_sign, gamma_, total_, count_)
-                upd = total_[:m]
-                for i in range(m):
-                    _store(out, ix[i], bw[i] + lam * upd[i])
             if not _finite(chk):
                 bad[0] = 1
+
+    @_jit
+    def _ties_redo_kernel(idx, taus, bvals, thr, lam, count_sign, out):
+        """Merge the gathered elements with the exact thresholds thr, as _ties_kernel does, into out[idx[i]]."""
+        nd = idx.shape[0]
+        ne = taus.shape[0]
+        for blk in prange((nd + SUB - 1) // SUB):
+            tr = np.empty((ne, SUB), np.float32)
+            gamma_ = np.empty(SUB, np.float32)
+            total_ = np.empty(SUB, np.float32)
+            count_ = np.empty(SUB, np.float32)
+            s0 = blk * SUB
+            m = min(SUB, nd - s0)
+            for j in range(ne):
+                tr[j, :m] = taus[j, s0:s0 + m]
+            _ties_rows(tr, m, thr, count_sign, gamma_, total_, count_)
+            ix, bw, upd = idx[s0:s0 + m], bvals[s0:s0 + m], total_[:m]
+            for i in range(m):
+                _store(out, ix[i], bw[i] + lam * upd[i])
 
     @_jit
     def _hist_kernel(b, e, dare, dare_thr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad):
@@ -460,11 +462,12 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit_serial
-    def _kth_in_bracket(mags, lo, hi, k):
-        """(how many of mags lie in [lo, hi], the k-th smallest of those (1-based) or NaN if k is out of range).
+    def _kth_in_bracket(taus, lo, hi, k):
+        """(how many |taus| lie in [lo, hi], the k-th smallest of those (1-based) or NaN if k is out of range).
         Counts bit patterns when the bracket spans few (no sort); else np.partition of the values inside."""
         n_in = 0
-        for x in mags:
+        for t in taus:
+            x = abs(t)
             n_in += (x >= lo) & (x <= hi)
         if k < 1 or k > n_in:
             return n_in, np.float32(np.nan)
@@ -472,8 +475,8 @@ if numba is not None:
         span = np.int64(np.float32(hi).view(np.int32)) - lob + 1  # non-negative floats order as their bits
         if span <= (1 << 20):
             cnt = np.zeros(span + 1, np.int32)
-            for x in mags:  # branch-free: values outside the bracket land in the spare last counter
-                o = np.int64(np.float32(x).view(np.int32)) - lob
+            for t in taus:  # branch-free: values outside the bracket land in the spare last counter
+                o = np.int64(np.float32(abs(t)).view(np.int32)) - lob
                 cnt[o if (o >= 0) & (o < span) else span] += 1
             acc = 0
             for i in range(span):
@@ -482,11 +485,18 @@ if numba is not None:
                     return n_in, np.int32(lob + i).view(np.float32)
         vals = np.empty(n_in, np.float32)
         c = 0
-        for x in mags:
+        for t in taus:
+            x = abs(t)
             if x >= lo and x <= hi:
                 vals[c] = x
                 c += 1
         return n_in, np.partition(vals, k - 1)[k - 1]
+
+    @_jit
+    def _kth_in_brackets(taus, lo, hi, ks, n_in, thr):
+        """_kth_in_bracket of every expert's row of taus, experts in parallel."""
+        for j in prange(taus.shape[0]):
+            n_in[j], thr[j] = _kth_in_bracket(taus[j], lo[j], hi[j], ks[j])
 
     @_jit_serial
     def _count_nonfinite_bf16(a):
@@ -621,17 +631,17 @@ def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, 
     if bad[0] or (ndefer > cap).any():
         return None
     idx = np.concatenate([defer[t, :ndefer[t]] for t in range(T)])
-    mags = np.empty((n_e, idx.shape[0]), np.float32)
-    _ties_at_kernel(b, e, idx, none, lam, count_sign, dare, dthr, k1, k2, first, scale, mags, dst, bad)
-    thr = np.empty(n_e, np.float32)
+    taus, bvals = np.empty((n_e, idx.shape[0]), np.float32), np.empty(idx.shape[0], np.float32)
+    _ties_gather_kernel(b, e, idx, dare, dthr, k1, k2, first, scale, taus, bvals, bad)
+    below_j = below.sum(0)
+    # every magnitude inside a bracket is in taus[j] (its element was listed), so this is its exact rank there
+    inside, thr = np.empty(n_e, np.int64), np.empty(n_e, np.float32)
+    _kth_in_brackets(taus, lo, hi, np.asarray(ks, np.int64) - below_j, inside, thr)
     for j, k in enumerate(ks):
-        below_j = int(below[:, j].sum())
-        # every magnitude inside the bracket is in mags[j] (its element was listed), so this is its exact rank
-        inside, thr[j] = _kth_in_bracket(mags[j], lo[j], hi[j], k - below_j)
-        if not below_j < k <= below_j + inside:
-            log.debug("bracket missed for %s expert %d (k=%d, below %d, inside %d)", ctx.name, j, k, below_j, inside)
+        if not below_j[j] < k <= below_j[j] + inside[j]:
+            log.debug("bracket missed for %s expert %d (k=%d, below %d, inside %d)", ctx.name, j, k, below_j[j], inside[j])
             return None
-    _ties_at_kernel(b, e, idx, thr, lam, count_sign, dare, dthr, k1, k2, first, scale, np.empty((n_e, 0), np.float32), dst, bad)
+    _ties_redo_kernel(idx, taus, bvals, thr, lam, count_sign, dst)
     return None if bad[0] else [float(v) for v in thr]
 
 
@@ -680,31 +690,38 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
     return int(_count_nonfinite_f32(flat.view(torch.int32).numpy().view(np.uint32)))
 
 
-SAMPLE_RUNS = 256  # runs of SAMPLE_RUN elements sampled per expert: 65536 magnitudes
+SAMPLE_RUNS = 256  # at least this many runs of SAMPLE_RUN elements sampled per expert (else no sampled bracket)
+SAMPLE_MAX = 2**18  # at most this many magnitudes per expert: the bracket narrows as 1/sqrt(sample size)
 REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elements a bracketed merge must redo
 
 
 def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(lo, hi, share): selection.sample_bracket of each ks[j]-th smallest magnitude of expert j, from an evenly
-    spaced sample (SAMPLE_RUNS runs of consecutive elements), and the sample's share of elements with some
-    magnitude in its bracket. None: unit too small for sampling to pay, or non-finite values."""
+    spaced sample (runs of SAMPLE_RUN consecutive elements, 1/8 of the unit at most), and the sample's share of
+    elements with some magnitude in its bracket. None: unit too small for sampling to pay, or non-finite values."""
     n, n_e = b.shape[0], len(e)
-    size = SAMPLE_RUNS * SAMPLE_RUN
-    if n < 8 * size:
+    runs = min(SAMPLE_MAX // SAMPLE_RUN, n // (8 * SAMPLE_RUN))
+    if runs < SAMPLE_RUNS:
         return None
+    size = runs * SAMPLE_RUN
     bad = np.zeros(1, np.uint8)
     sample = np.empty((n_e, size), np.float32)
-    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (SAMPLE_RUNS - 1), SAMPLE_RUN, sample, bad)
+    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (runs - 1), SAMPLE_RUN, sample, bad)
     if bad[0]:
         return None
-    sample.sort(axis=1)
-    lo, hi = np.empty(n_e, np.float32), np.empty(n_e, np.float32)
-    share = 0.0
+    lo, hi = np.zeros(n_e, np.float32), np.full(n_e, np.inf, np.float32)
+    inside = np.zeros(size, bool)
     for j, k in enumerate(ks):
-        lo[j], hi[j] = sample_bracket(sample[j], k, n)
+        # the two order statistics sample_bracket would read off a sorted sample, without sorting it
+        ends = bracket_positions(size, k, n)
+        part = np.partition(sample[j], [p for p in ends if p is not None])
+        if ends[0] is not None:
+            lo[j] = part[ends[0]]
+        if ends[1] is not None:
+            hi[j] = part[ends[1]]
         # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
-        share += (np.searchsorted(sample[j], hi[j], "right") - np.searchsorted(sample[j], lo[j], "left")) / size
-    return lo, hi, share
+        inside |= (sample[j] >= lo[j]) & (sample[j] <= hi[j])
+    return lo, hi, float(inside.mean())
 
 
 def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:

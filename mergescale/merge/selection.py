@@ -53,15 +53,21 @@ def window_around(lo: float, hi: float) -> Window:
     return Window(lb, shift, WINDOW_BINS)
 
 
-def sample_bracket(sorted_sample, k: int, n: int) -> tuple[float, float]:
-    """(lo, hi) around the k-th smallest of n values, from a sorted sample of them: 4 standard deviations of the
-    sample quantile's rank either side, plus 32 sample values. Open at the ends ([0, ..], [.., inf]), where the
-    sample may have missed the extremes. Very likely, not certainly, holds the answer: callers check by counting."""
-    size = len(sorted_sample)
+def bracket_positions(size: int, k: int, n: int) -> tuple[int | None, int | None]:
+    """Positions, in a sorted sample of `size` of n values, of a bracket around the k-th smallest: 4 standard
+    deviations of the sample quantile's rank either side, plus 32 sample values. None for an open end, where the
+    sample may have missed the extremes."""
     pos = min(size - 1, k * size // n)
     margin = int(4 * (size * (pos + 1) / size * (1 - pos / size)) ** 0.5) + 32
-    lo = float(sorted_sample[pos - margin]) if pos - margin > 0 else 0.0
-    hi = float(sorted_sample[pos + margin]) if pos + margin < size - 1 else math.inf
+    return (pos - margin if pos - margin > 0 else None), (pos + margin if pos + margin < size - 1 else None)
+
+
+def sample_bracket(sorted_sample, k: int, n: int) -> tuple[float, float]:
+    """(lo, hi) around the k-th smallest of n values, from a sorted sample of them (bracket_positions), open at the
+    ends ([0, ..], [.., inf]). Very likely, not certainly, holds the answer: callers check by counting."""
+    lo_pos, hi_pos = bracket_positions(len(sorted_sample), k, n)
+    lo = float(sorted_sample[lo_pos]) if lo_pos is not None else 0.0
+    hi = float(sorted_sample[hi_pos]) if hi_pos is not None else math.inf
     return lo, hi
 
 
