@@ -493,6 +493,19 @@ if numba is not None:
         return n_in, np.partition(vals, k - 1)[k - 1]
 
     @_jit
+    def _order_stats(sample, lo_pos, hi_pos, lo, hi):
+        """lo[j], hi[j] = the values at positions lo_pos[j] < hi_pos[j] of sample[j] sorted (-1: leave as is),
+        by partitioning (experts in parallel), not sorting."""
+        for j in prange(sample.shape[0]):
+            part, a = sample[j], 0
+            if lo_pos[j] >= 0:
+                part = np.partition(part, lo_pos[j])
+                lo[j] = part[lo_pos[j]]
+                a = lo_pos[j] + 1
+            if hi_pos[j] >= 0:
+                hi[j] = np.partition(part[a:], hi_pos[j] - a)[hi_pos[j] - a]
+
+    @_jit
     def _kth_in_brackets(taus, lo, hi, ks, n_in, thr):
         """_kth_in_bracket of every expert's row of taus, experts in parallel."""
         for j in prange(taus.shape[0]):
@@ -691,7 +704,7 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
 
 
 SAMPLE_RUNS = 256  # at least this many runs of SAMPLE_RUN elements sampled per expert (else no sampled bracket)
-SAMPLE_MAX = 2**18  # at most this many magnitudes per expert: the bracket narrows as 1/sqrt(sample size)
+SAMPLE_MAX = 2**17  # at most this many magnitudes per expert: the bracket narrows as 1/sqrt(sample size), its cost grows
 REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elements a bracketed merge must redo
 
 
@@ -710,16 +723,13 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     if bad[0]:
         return None
     lo, hi = np.zeros(n_e, np.float32), np.full(n_e, np.inf, np.float32)
+    # the two order statistics sample_bracket would read off each sorted sample, without sorting it
+    ends = [bracket_positions(size, k, n) for k in ks]
+    _order_stats(sample, np.array([-1 if a is None else a for a, _ in ends], np.int64),
+                 np.array([-1 if b is None else b for _, b in ends], np.int64), lo, hi)
+    # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
     inside = np.zeros(size, bool)
-    for j, k in enumerate(ks):
-        # the two order statistics sample_bracket would read off a sorted sample, without sorting it
-        ends = bracket_positions(size, k, n)
-        part = np.partition(sample[j], [p for p in ends if p is not None])
-        if ends[0] is not None:
-            lo[j] = part[ends[0]]
-        if ends[1] is not None:
-            hi[j] = part[ends[1]]
-        # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
+    for j in range(n_e):
         inside |= (sample[j] >= lo[j]) & (sample[j] <= hi[j])
     return lo, hi, float(inside.mean())
 
