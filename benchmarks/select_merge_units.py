@@ -1,0 +1,62 @@
+"""Per-tensor TIES one-pass select+merge kernel on real units of the benchmark checkpoints (best of N).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/select_merge_units.py            # ~1 GB per model checkpoints
+    PYTHONPATH=. .venv/bin/python benchmarks/select_merge_units.py --model-mb 256
+
+Times `kernels.select_and_merge_ties` (density 0.2, 4 experts) on one attention and one MLP matrix read whole from
+the synthetic checkpoints of benchmarks/merge_single.py, and prints the share of elements the bracketed merge
+listed for a redo. Run it at two commits to compare kernel versions on the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-mb", type=float, default=1000)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--layer", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from mergescale.merge import kernels
+    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.merge.methods import TileContext, get_method
+
+    paths = C.make_checkpoints(args.model_mb, 4)
+    C.warm_kernels(4)
+    models = [Checkpoint(p) for p in [paths["base"]] + paths["experts"]]
+    params = get_method("ties").params.model_validate({"trim_scope": "tensor", "density": 0.2})
+    listed = {}
+    gather = getattr(kernels, "_ties_gather_kernel", None)
+    if gather is not None:  # count the listed elements (kernels of this commit)
+        def counting(b, e, idx, *rest):
+            listed["n"] = idx.shape[0]
+            return gather(b, e, idx, *rest)
+        kernels._ties_gather_kernel = counting
+    for name in (f"model.layers.{args.layer}.self_attn.q_proj.weight", f"model.layers.{args.layer}.mlp.up_proj.weight"):
+        base, *experts = [m.read(name) for m in models]
+        n = base.numel()
+        out = torch.empty_like(base)
+        ctx = TileContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0, thresholds=[{} for _ in experts])
+        best = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            thr = kernels.select_and_merge_ties("ties", params, [1.0] * 4, ctx, base, experts, out, [n - n // 5] * 4)
+            best = min(best, time.perf_counter() - t0)
+        share = f"{listed['n'] / n:.1%}" if "n" in listed else "-"
+        print(f"{name}: {n} elements, best {best * 1e3:.1f} ms, listed for redo {share}, one pass: {thr is not None}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
