@@ -36,12 +36,12 @@ def local_ray():
     ray.shutdown()
 
 
-def config_for(fam, method: str, tile_mb: float, **extra) -> dict:
+def config_for(fam, method: str, tile_mb: float, num_cpus: float = 0.25, **extra) -> dict:
     experts = fam.expert_strs[:2] if method == "slerp" else fam.expert_strs
     return {
         "base": str(fam.base), "experts": experts, "method": method, "parameters": PARAMS[method],
         "tile_mb": tile_mb, "out_shard_size": "40KB", "seed": 7,
-        "cluster": {"num_cpus": 0.25}, **extra,
+        "cluster": {"num_cpus": num_cpus}, **extra,
     }
 
 
@@ -63,9 +63,10 @@ def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro
         run_merge(config_for(micro, method, tile_mb), single, progress=False)
         expected[tile_mb] = shard_bytes(single)
     assert expected[0.003] == expected[0.05]
-    for k, tile_mb in ((1, 0.003), (2, 0.05), (3, 0.003), (5, 0.05)):
+    # An actor with >= 2 CPUs reads ahead and writes behind on threads (K=1 here); with fewer it runs serially.
+    for k, tile_mb, cpus in ((1, 0.003, 2), (2, 0.05, 0.25), (3, 0.003, 0.25), (5, 0.05, 0.25)):
         out = tmp_path / f"k{k}"
-        manifest = run_distributed_merge(config_for(micro, method, tile_mb), out, workers=k, progress=False)
+        manifest = run_distributed_merge(config_for(micro, method, tile_mb, cpus), out, workers=k, progress=False)
         assert shard_bytes(out) == expected[tile_mb], f"{method} K={k} tile_mb={tile_mb}"
         assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}
         assert len(manifest["distributed"]["actors"]) == k
@@ -89,6 +90,27 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
         n = tau.numel()
         k = n - int(0.3 * n)
         assert dist["global_thresholds"]["*"][i]["min"] == torch.kthvalue(tau.abs(), k).values.item()
+
+
+@pytest.mark.parametrize("cpus", [2, 0.25])
+def test_non_finite_warnings_reach_the_manifest(micro, tmp_path, cpus):
+    """on_nonfinite: warn in a distributed merge records the same warnings as the single-process merge."""
+    import torch
+
+    from tests.conftest import load_sd, write_like
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    sd = load_sd(micro.experts[1])
+    sd[name][2, 3] = float("nan")
+    bad = write_like(micro.experts[1], tmp_path / "bad", sd)
+    cfg = {**config_for(micro, "task_arithmetic", 0.003, cpus), "on_nonfinite": "warn"}
+    cfg["experts"] = [micro.expert_strs[0], str(bad)]
+    single = run_merge(cfg, tmp_path / "single", progress=False)
+    dist = run_distributed_merge(cfg, tmp_path / "dist", workers=1 if cpus == 2 else 3, progress=False)
+    assert [w for w in single["warnings"] if name in w and "non-finite" in w]
+    assert sorted(dist["warnings"]) == sorted(single["warnings"])
+    assert shard_bytes(tmp_path / "dist") == shard_bytes(tmp_path / "single")
+    assert not bool(torch.isfinite(load_sd(tmp_path / "dist")[name]).all())
 
 
 def test_units_are_balanced_by_bytes():

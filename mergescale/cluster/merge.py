@@ -30,10 +30,10 @@ import torch
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge import kernels
 from mergescale.merge.executor import (
-    build_manifest, config_updates, feed_selection, merge_unit, prepare, progress_bar, run_key, unit_read_bytes,
-    unit_row_stats,
+    build_manifest, config_updates, feed_selection, merge_stream, merge_unit, prepare, progress_bar, run_key,
+    unit_read_bytes, unit_row_stats,
 )
-from mergescale.merge.inputs import MergeInputError, Unit, human_bytes, open_inputs, plan_merge, read_unit
+from mergescale.merge.inputs import MergeInputError, Unit, UnitReader, human_bytes, open_inputs, plan_merge
 from mergescale.merge.methods import get_method
 from mergescale.merge.selection import StreamingSelector
 from mergescale.merge.statistics import (
@@ -69,54 +69,64 @@ class MergeWorker:
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         self.stats = MergeStats()
         self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
+        self.reader = UnitReader(self.inputs, self.config.on_nonfinite)  # reused buffers, reads one unit ahead
 
     def info(self) -> dict:
         return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
 
-    def _read(self, unit: Unit):
-        # Stored dtype: the math converts cache-sized chunks itself (executor.chunks), much faster than whole tiles.
-        base, experts = read_unit(self.inputs, unit, self.config.on_nonfinite, convert=False)
-        if self.device.type != "cpu":
-            base = base.to(self.device) if base is not None else None
-            experts = [e.to(self.device) for e in experts]
-        return base, experts
+    def _stream(self, unit_ids: list[int], next_unit: int | None, warnings: list[str] | None = None):
+        """(unit, base, experts) of the batch, on this actor's device; reads run one unit ahead, into the next batch."""
+        for unit, base, experts in self.reader.stream([self.units[u] for u in unit_ids], warnings, self.units.get(next_unit)):
+            if self.device.type != "cpu":
+                base = base.to(self.device) if base is not None else None
+                experts = [e.to(self.device) for e in experts]
+            yield unit, base, experts
 
-    def selection(self, unit_ids: list[int], windows: dict) -> dict:
+    def selection(self, unit_ids: list[int], windows: dict, next_unit: int | None = None) -> dict:
         """This batch's selection counts for the coordinator's windows of the current pass."""
         sel = StreamingSelector([])
         sel.use_windows(windows)
-        for uid in unit_ids:
-            base, experts = self._read(self.units[uid])
-            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, self.units[uid],
-                           base, experts)
+        for unit, base, experts in self._stream(unit_ids, next_unit):
+            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts)
         return sel.sparse_counts()
 
-    def row_stats(self, unit_ids: list[int]) -> dict[int, torch.Tensor]:
-        out = {}
-        for uid in unit_ids:
-            base, experts = self._read(self.units[uid])
-            out[uid] = unit_row_stats(self.method, self.params, base, experts).cpu()
-        return out
+    def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, torch.Tensor]:
+        return {unit.id: unit_row_stats(self.method, self.params, base, experts).cpu()
+                for unit, base, experts in self._stream(unit_ids, next_unit)}
 
     def set_stats(self, stats_json: dict) -> None:
         self.stats = MergeStats.from_json(stats_json)
         if self.device.type != "cpu":
             self.stats.sums = {k: v.to(self.device) for k, v in self.stats.sums.items()}
 
-    def merge(self, unit_ids: list[int]) -> dict:
-        """Merge and write the units, make them durable, and say so (the driver journals them)."""
-        t0, nbytes = time.time(), 0
+    def merge(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
+        """Merge and write the units, make them durable, and say so (the driver journals them).
+
+        `next_unit`: the first unit of the batch the driver plans to send next; it is read while this batch's last
+        unit merges, so the actor does not wait for a read at the start of every batch."""
+        t0, nbytes, warnings = time.time(), 0, []
         self.partial.attach()  # first merge call: the driver created the shard files after placing actors
-        for uid in unit_ids:
-            unit = self.units[uid]
-            base, experts = self._read(unit)
-            tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, self.global_sel, unit, base, experts)
-            self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
+        units = [self.units[uid] for uid in unit_ids]
+        if self.device.type == "cpu":
+            merged = merge_stream(self.config, self.method, self.params, self.plan, self.stats, self.global_sel,
+                                  self.reader, units, warnings,
+                                  lambda unit, tile: self.partial.write_rows(unit.name, unit.row_start, tile),
+                                  then=self.units.get(next_unit))
+        else:
+            merged = self._merge_on_device(units, warnings, next_unit)
+        for unit in merged:
             nbytes += unit_read_bytes(self.inputs, unit)
             if self.delay:
                 time.sleep(self.delay)
         self.partial.sync()
-        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node, "device": str(self.device)}
+        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node,
+                "device": str(self.device), "warnings": warnings}
+
+    def _merge_on_device(self, units: list[Unit], warnings: list[str], next_unit: int | None):
+        for unit, base, experts in self._stream([u.id for u in units], next_unit, warnings):
+            tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, self.global_sel, unit, base, experts)
+            self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
+            yield unit
 
 
 @dataclass
@@ -222,7 +232,8 @@ class ActorPool:
         ray.get([s.actor.set_stats.remote(self.stats_ref) for s in self.slots])
 
     def run(self, method: str, queues: list[deque], make_args, on_result, max_failures: int) -> None:
-        """Call `method` on every batch, one call in flight per actor; on_result(slot, batch, result).
+        """Call `method(*make_args(batch, first unit of the actor's next batch or None))` on every batch, one call in
+        flight per actor; on_result(slot, batch, result).
 
         A batch whose actor died goes back to the front of that slot's queue (idle actors may steal it) and
         the actor is replaced. Errors raised by the merge code itself (bad data) propagate."""
@@ -234,7 +245,8 @@ class ActorPool:
                 if slot.busy is None and slot.starting is None:
                     batch = slot.queue.popleft() if slot.queue else self._steal()
                     if batch is not None:
-                        slot.batch, slot.busy = batch, getattr(slot.actor, method).remote(*make_args(batch))
+                        upcoming = slot.queue[0][0] if slot.queue else None  # a read-ahead hint for the actor
+                        slot.batch, slot.busy = batch, getattr(slot.actor, method).remote(*make_args(batch, upcoming))
             waiting = {s.busy: s for s in self.slots if s.busy is not None}
             if not waiting and not any(s.queue for s in self.slots):
                 return
@@ -281,15 +293,16 @@ class ActorPool:
 
 
 def _ensure_ray(address: str | None, spec) -> bool:
-    """Connect to `address` (or the Ray this process already runs); with none, start an embedded local Ray.
-    Returns True when this call started Ray (and so must shut it down)."""
+    """Connect to `address` (or use the Ray this process already runs); with none, start an embedded local Ray.
+    Returns True when this call connected or started Ray, and so must shut it down: that disconnects from a
+    cluster (faster than leaving it to interpreter exit) or stops the embedded Ray."""
     if ray.is_initialized():
         return False
     address = address or spec.address
     if address:
         ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
     return True
 
 
@@ -348,13 +361,14 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                         bar.update(sum(unit_bytes[u] for u in batch))
 
                     windows = sel.windows()
-                    pool.run("selection", queues(todo), lambda b, ws=windows: (b, ws), add_counts, max_failures)
+                    pool.run("selection", queues(todo), lambda b, upcoming, ws=windows: (b, ws, upcoming), add_counts,
+                             max_failures)
                     bar.close()
                     sel.finish_pass()
                 stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
             if work.sum_units:
                 parts: dict[int, torch.Tensor] = {}
-                pool.run("row_stats", queues(work.sum_units), lambda b: (b,),
+                pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
                          lambda slot, batch, res: parts.update(res), max_failures)
                 stats.sums = sums_from(plan, parts)
             partial.save_stats(stats.to_json())
@@ -365,8 +379,10 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         todo = [u for u in plan.units if u.id not in done]
         bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"merge {config.method} on {k} workers", progress)
         unit_nodes: dict[int, str] = {}
+        warnings: list[str] = []
 
         def on_merged(slot, batch, res):
+            warnings.extend(res["warnings"])
             partial.journal(res["units"])  # the actor already fdatasync'ed these rows
             durable(res["units"])
             slot.bytes += res["bytes"]
@@ -378,7 +394,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             bar.update(res["bytes"])
             bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
 
-        pool.run("merge", queues(todo), lambda b: (b,), on_merged, max_failures)
+        pool.run("merge", queues(todo), lambda b, upcoming: (b, upcoming), on_merged, max_failures)
         bar.close()
 
         # -- commit -------------------------------------------------------------------------------------------
@@ -392,7 +408,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                   "units_resumed": len(done), "actor_replacements": pool.replacements}
         extra = {"distributed": {"workers": k, "placement": config.cluster.placement, "actors": per_actor,
                                  "unit_nodes": {str(u): n for u, n in sorted(unit_nodes.items())}}}
-        manifest = build_manifest(config, inputs, plan, stats, timing, [], extra)
+        manifest = build_manifest(config, inputs, plan, stats, timing, warnings, extra)
         manifest = partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
         if progress:
             print_actor_summary(per_actor)

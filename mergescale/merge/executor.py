@@ -27,7 +27,7 @@ import mergescale
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import (
-    MergeInputError, MergeInputs, MergePlan, Unit, check_output, human_bytes, open_inputs, plan_merge, read_unit,
+    MergeInputError, MergeInputs, MergePlan, Unit, UnitReader, check_output, human_bytes, open_inputs, plan_merge,
 )
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
@@ -185,43 +185,14 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
 # Passes over units (single process)
 
 
-def _iter_read(inputs: MergeInputs, units: list[Unit], config: MergeConfig, warnings: list[str]):
-    """Yield (unit, base, experts), reading the next unit in a background thread while the caller computes.
-
-    Tiles stay in their stored dtype (the math converts chunk by chunk) and live in two reused sets of read
-    buffers, so a yielded unit's tiles are valid only until the next one is requested."""
-    if not units:
-        return
-    slots: list[list[torch.Tensor]] = [[], []]
-
-    def read(i: int):
-        unit, bufs = units[i], slots[i % 2]
-        for j, c in enumerate(inputs.all):
-            info = c.tensors[unit.name]
-            need = info.nbytes * (unit.row_end - unit.row_start) // max(info.rows, 1) if info.shape else info.nbytes
-            if j == len(bufs):
-                bufs.append(torch.empty(0, dtype=torch.uint8))
-            if bufs[j].numel() < need:
-                bufs[j] = torch.empty(need, dtype=torch.uint8)
-        return read_unit(inputs, unit, config.on_nonfinite, warnings, convert=False, buffers=bufs)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-read") as pool:
-        fut = pool.submit(read, 0)
-        for i, unit in enumerate(units):
-            base, experts = fut.result()
-            if i + 1 < len(units):
-                fut = pool.submit(read, i + 1)
-            yield unit, base, experts
-
-
-def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, inputs: MergeInputs,
-                 units: list[Unit], warnings: list[str], write):
-    """Merge units in order, yielding each after its merge: reads run one unit ahead (a thread, reused buffers),
-    writes one unit behind (`write(unit, tile)` on another thread, in unit order), the math in between. When the
-    generator finishes, every write has returned; a write's error is raised at the next unit."""
+def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, reader: UnitReader,
+                 units: list[Unit], warnings: list[str], write, then: Unit | None = None):
+    """Merge units in order, yielding each after its merge: reads run one unit ahead (`reader`; after the last
+    unit it reads `then`), writes one unit behind (`write(unit, tile)` on another thread, in unit order), the math
+    in between. When the generator finishes, every write has returned; a write's error is raised at the next unit."""
     with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
         in_flight = None
-        for unit, base, experts in _iter_read(inputs, units, config, warnings):
+        for unit, base, experts in reader.stream(units, warnings, then):
             tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
             if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
                 in_flight.result()
@@ -240,7 +211,8 @@ def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
     return sum(c.tensors[unit.name].nbytes for c in inputs.all) * (unit.row_end - unit.row_start) // max(info.rows, 1)
 
 
-def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, progress: bool, warnings: list[str]) -> MergeStats:
+def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, reader: UnitReader, progress: bool,
+                       warnings: list[str]) -> MergeStats:
     work = statistics_work(method, params, plan, len(inputs.experts))
     stats = MergeStats()
     if work.selector is not None:
@@ -253,7 +225,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
             todo = pending_units(work.selector, units, work.global_selection)
             bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"thresholds pass {pass_no} ({what})", progress)
             left = units_per_scope(todo, work.global_selection)
-            for unit, base, experts in _iter_read(inputs, todo, config, warnings):
+            for unit, base, experts in reader.stream(todo, warnings):
                 feed_selection(work.selector, config, method, params, plan, work.global_selection, unit, base, experts)
                 finish_complete_streams(work.selector, left, [unit], work.global_selection, len(inputs.experts))
                 bar.update(unit_read_bytes(inputs, unit))
@@ -262,7 +234,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
         stats.thresholds = thresholds_from(work.selector.queries, len(inputs.experts))
     if work.sum_units:
         parts = {unit.id: unit_row_stats(method, params, base, experts)
-                 for unit, base, experts in _iter_read(inputs, work.sum_units, config, warnings)}
+                 for unit, base, experts in reader.stream(work.sum_units, warnings)}
         stats.sums = sums_from(plan, parts)
     return stats
 
@@ -352,13 +324,14 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
     warnings: list[str] = []
     t0 = time.time()
     partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan))
+    reader = UnitReader(inputs, config.on_nonfinite)
     try:
         done = partial.open(resume=resume)
         if done:
             log.info("resuming %s: %d of %d units already written", out, len(done), len(plan.units))
         stats = partial.load_stats(MergeStats.from_json)
         if stats is None:
-            stats = compute_statistics(config, method, params, plan, inputs, progress, warnings)
+            stats = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings)
             partial.save_stats(stats.to_json())
         t_stats = time.time() - t0
         global_sel = statistics_work(method, params, plan, len(inputs.experts)).global_selection
@@ -375,7 +348,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
                 pending.clear()
                 last_sync[0] = time.time()
 
-        for unit in merge_stream(config, method, params, plan, stats, global_sel, inputs, todo, warnings, write):
+        for unit in merge_stream(config, method, params, plan, stats, global_sel, reader, todo, warnings, write):
             tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
             bar.update(unit_read_bytes(inputs, unit))
             bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
@@ -391,6 +364,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         partial.close()  # crash or interrupt: keep the partial output so a rerun resumes
         raise
     finally:
+        reader.close()
         inputs.close()
 
 

@@ -8,6 +8,7 @@ output location is free. Non-finite values need the data, so they are caught whi
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,6 +253,74 @@ def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list
     if inputs.base is None:
         return None, tiles
     return tiles[0], tiles[1:]
+
+
+class UnitReader:
+    """Reads units (`read_unit`, stored dtype) one ahead of the caller, on a thread, into two sets of raw buffers
+    used in turn: a fresh 64 MB tile per model and unit would cost more in page faults than the read itself.
+
+    `get(unit)`'s tiles stay valid until the next `get`. `prefetch(unit)` starts the read the caller will ask for
+    next; a prefetch that turns out wrong (a Ray actor's hint of its next batch, which another actor took) is
+    waited out and dropped, its errors and warnings with it (whoever merges that unit reads it again)."""
+
+    def __init__(self, inputs: MergeInputs, on_nonfinite: str):
+        self.inputs, self.on_nonfinite = inputs, on_nonfinite
+        self._slots: list[list[torch.Tensor]] = [[], []]
+        self._next = 0  # the slot the next read goes into (the caller holds the other one)
+        self._pending = None  # (unit, future of (base, experts, warnings))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _read(self, unit: Unit, slot: int):
+        buffers, warnings = self._slots[slot], []
+        for j, c in enumerate(self.inputs.all):
+            info = c.tensors[unit.name]
+            need = info.nbytes * (unit.row_end - unit.row_start) // max(info.rows, 1) if info.shape else info.nbytes
+            if j == len(buffers):
+                buffers.append(torch.empty(0, dtype=torch.uint8))
+            if buffers[j].numel() < need:
+                buffers[j] = torch.empty(need, dtype=torch.uint8)
+        base, experts = read_unit(self.inputs, unit, self.on_nonfinite, warnings, convert=False, buffers=buffers)
+        return base, experts, warnings
+
+    def prefetch(self, unit: Unit) -> None:
+        self._drop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergescale-read")
+        self._pending = (unit, self._pool.submit(self._read, unit, self._next))
+
+    def get(self, unit: Unit, warnings: list[str] | None = None):
+        """(base, experts) of the unit; its non-finite warnings are added to `warnings`."""
+        pending = self._pending
+        if pending is not None and pending[0] == unit:
+            self._pending = None
+            base, experts, warns = pending[1].result()
+        else:
+            self._drop()
+            base, experts, warns = self._read(unit, self._next)
+        self._next ^= 1
+        if warnings is not None:
+            warnings.extend(warns)
+        return base, experts
+
+    def stream(self, units: list[Unit], warnings: list[str] | None = None, then: Unit | None = None):
+        """Yield (unit, base, experts) for each unit, reading the next one meanwhile (after the last: `then`)."""
+        for i, unit in enumerate(units):
+            base, experts = self.get(unit, warnings)
+            following = units[i + 1] if i + 1 < len(units) else then
+            if following is not None:
+                self.prefetch(following)
+            yield unit, base, experts
+
+    def _drop(self) -> None:
+        if self._pending is not None:
+            wait([self._pending[1]])  # its buffers are about to be reused; its outcome does not matter
+            self._pending = None
+
+    def close(self) -> None:
+        self._drop()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,85 @@
+"""UnitReader: reads one unit ahead into reused buffers; a wrong prefetch hint never changes what `get` returns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergescale.config import load_config
+from mergescale.merge.inputs import MergeInputError, UnitReader, open_inputs, plan_merge, read_unit
+from tests.conftest import load_sd, write_like
+
+BAD = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def setup(micro, tmp_path):
+    sd = load_sd(micro.experts[1])
+    sd[BAD][1, 2] = float("nan")
+    bad = write_like(micro.experts[1], tmp_path / "bad", sd)
+    cfg = load_config({"method": "task_arithmetic", "base": str(micro.base), "experts": [micro.expert_strs[0], str(bad)],
+                       "tile_mb": 0.002})
+    inputs = open_inputs(cfg)
+    yield inputs, plan_merge(cfg, inputs)
+    inputs.close()
+
+
+def reference(inputs, unit):
+    base, experts = read_unit(inputs, unit, "ignore", convert=False)
+    return [t.clone() for t in [base, *experts]]
+
+
+def same(got, want):
+    """Bitwise (the bad unit holds a NaN, which torch.equal never calls equal)."""
+    def bits(t):
+        return t.reshape(-1).view(torch.uint8)
+
+    base, experts = got
+    return all(torch.equal(bits(a), bits(b)) for a, b in zip([base, *experts], want, strict=True))
+
+
+def test_stream_equals_plain_reads_and_buffers_are_reused(setup):
+    inputs, plan = setup
+    reader = UnitReader(inputs, "ignore")
+    ptrs = set()
+    for unit, base, experts in reader.stream(plan.units):
+        assert same((base, experts), reference(inputs, unit)), unit
+        ptrs.add(experts[0].untyped_storage().data_ptr())
+    reader.close()
+    assert len(plan.units) > 10 and len(ptrs) <= 4  # two buffer sets in turn (a set grows at most once or twice)
+
+
+def test_wrong_hint_is_dropped_and_right_hint_is_used(setup):
+    inputs, plan = setup
+    units = plan.units
+    reader = UnitReader(inputs, "ignore")
+    first = list(reader.stream(units[:3], then=units[10]))  # hint: unit 10 comes next
+    assert [u.id for u, _, _ in first] == [0, 1, 2]
+    assert same(reader.get(units[5]), reference(inputs, units[5]))  # another actor took unit 10's batch
+    reader.prefetch(units[7])
+    pending = reader._pending
+    assert same(reader.get(units[7]), reference(inputs, units[7])) and reader._pending is None
+    assert pending[1].done()  # the prefetched read was the one used
+    reader.close()
+
+
+def test_errors_and_warnings_of_a_dropped_prefetch_do_not_leak(setup):
+    inputs, plan = setup
+    bad = next(u for u in plan.units if u.name == BAD)
+    good = next(u for u in plan.units if u.name != BAD)
+    reader = UnitReader(inputs, "error")
+    reader.prefetch(bad)
+    warnings: list[str] = []
+    assert same(reader.get(good, warnings), reference(inputs, good)) and warnings == []
+    reader.prefetch(bad)
+    with pytest.raises(MergeInputError, match="non-finite"):
+        reader.get(bad)
+    reader.close()
+    warn = UnitReader(inputs, "warn")
+    warn.prefetch(bad)
+    warn.get(good, warnings)
+    assert warnings == []
+    warn.prefetch(bad)
+    warn.get(bad, warnings)
+    assert len(warnings) == 1 and BAD in warnings[0]
+    warn.close()
