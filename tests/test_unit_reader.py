@@ -53,13 +53,20 @@ def test_wrong_hint_is_dropped_and_right_hint_is_used(setup):
     inputs, plan = setup
     units = plan.units
     reader = UnitReader(inputs, "ignore")
+    reads = []
+    plain_read = reader._read
+    reader._read = lambda unit, slot: (reads.append(unit.id), plain_read(unit, slot))[1]
     first = list(reader.stream(units[:3], then=units[10]))  # hint: unit 10 comes next
     assert [u.id for u, _, _ in first] == [0, 1, 2]
+    reader._pending[1].result()  # the hinted read runs on the reader's thread
+    assert reads == [0, 1, 2, 10]  # each unit read once, the hinted one ahead of time
     assert same(reader.get(units[5]), reference(inputs, units[5]))  # another actor took unit 10's batch
+    assert reads == [0, 1, 2, 10, 5]
     reader.prefetch(units[7])
     pending = reader._pending
     assert same(reader.get(units[7]), reference(inputs, units[7])) and reader._pending is None
     assert pending[1].done()  # the prefetched read was the one used
+    assert reads == [0, 1, 2, 10, 5, 7]  # and not read again
     reader.close()
 
 

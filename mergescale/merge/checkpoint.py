@@ -67,6 +67,10 @@ class TensorInfo:
     def is_float(self) -> bool:
         return self.dtype in FLOAT_DTYPES
 
+    def rows_nbytes(self, start: int, end: int) -> int:
+        """Stored bytes of rows [start, end) of dim 0 (a scalar: all of it)."""
+        return (end - start) * (self.nbytes // self.rows if self.rows else 0) if self.shape else self.nbytes
+
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, bytes]:
     """Parse and check one safetensors header: (tensors, __metadata__, raw header bytes).
@@ -234,9 +238,8 @@ class Checkpoint:
         if name in self._pickled:
             t = self._pickled[name]
             return (t[start:end] if info.shape else t).clone()
-        itemsize = info.nbytes // max(info.numel, 1) if info.numel else 0
-        row_bytes = info.row_numel * itemsize
-        nbytes = (end - start) * row_bytes if info.shape else info.nbytes
+        row_bytes = info.rows_nbytes(0, 1)
+        nbytes = info.rows_nbytes(start, end)
         buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)

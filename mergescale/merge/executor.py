@@ -207,8 +207,7 @@ def progress_bar(total: int, desc: str, progress: bool):
 
 
 def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
-    info = inputs.layout_source.tensors[unit.name]
-    return sum(c.tensors[unit.name].nbytes for c in inputs.all) * (unit.row_end - unit.row_start) // max(info.rows, 1)
+    return sum(c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end) for c in inputs.all)
 
 
 def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, reader: UnitReader, progress: bool,

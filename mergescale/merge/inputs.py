@@ -273,8 +273,7 @@ class UnitReader:
     def _read(self, unit: Unit, slot: int):
         buffers, warnings = self._slots[slot], []
         for j, c in enumerate(self.inputs.all):
-            info = c.tensors[unit.name]
-            need = info.nbytes * (unit.row_end - unit.row_start) // max(info.rows, 1) if info.shape else info.nbytes
+            need = c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end)
             if j == len(buffers):
                 buffers.append(torch.empty(0, dtype=torch.uint8))
             if buffers[j].numel() < need:
