@@ -1,8 +1,8 @@
 """Lazy reads of Hugging Face model directories (single or sharded safetensors; pickle only when asked).
 
 Opening a checkpoint parses only the safetensors headers: names, shapes, dtypes and byte offsets. A row range of a
-tensor is one contiguous byte range, read straight into a tensor's memory with `preadv`, so memory is bounded by
-the rows asked for, never by the tensor or the model.
+tensor is one contiguous byte range, read straight into a tensor's memory with `preadv` (`read_rows`) or mapped
+from the page cache (`map_rows`), so memory is bounded by the rows asked for, never by the tensor or the model.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 2**20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python's mmap module may not name it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -244,6 +247,37 @@ class Checkpoint:
         if nbytes:
             _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)
         return buf.view(info.torch_dtype).reshape(shape)
+
+    def map_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """read_rows without the copy: the rows' bytes mapped from the page cache and faulted in here, on the calling
+        thread (so a reader thread pays for it, not the kernels that use them). Several times cheaper than `preadv` on
+        cached files: no copy, and no private memory to fault in. The mapping is private (copy on write), so writing
+        into the tensor never touches the file; it is unmapped when the last view of it goes.
+
+        A file truncated after this returns makes the next access to the lost pages a SIGBUS, not an exception:
+        `read_rows` is the safer choice for inputs that may change during a merge."""
+        info = self.tensors[name]
+        if not 0 <= start <= end <= info.rows or name in self._pickled or info.rows_nbytes(start, end) == 0:
+            return self.read_rows(name, start, end)  # its checks and errors; pickles live in memory already
+        nbytes = info.rows_nbytes(start, end)
+        begin = info.offset + info.rows_nbytes(0, start)
+        skip = begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page boundary
+        try:
+            mm = mmap.mmap(self._fd(info.file), skip + nbytes, access=mmap.ACCESS_COPY, offset=begin - skip)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{info.file}: cannot map bytes {begin}-{begin + nbytes} of tensor {name!r}: {e} "
+                                  "(file truncated while reading?)") from None
+        try:
+            mm.madvise(mmap.MADV_WILLNEED)  # one readahead for the whole range if it is not cached
+            mm.madvise(MADV_POPULATE_READ)
+        except OSError as e:
+            if e.errno == 14:  # EFAULT: pages past the end of the file
+                mm.close()
+                raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r} "
+                                      f"(bytes {begin}-{begin + nbytes}; file truncated while reading?)") from None
+            np.frombuffer(mm, np.uint8)[::mmap.PAGESIZE].max()  # older kernels: touch every page instead
+        shape = (end - start,) + info.shape[1:] if info.shape else ()
+        return torch.from_numpy(np.frombuffer(mm, np.uint8, nbytes, skip)).view(info.torch_dtype).reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
         return self.read_rows(name, 0, self.tensors[name].rows)
