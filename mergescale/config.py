@@ -10,6 +10,7 @@ A merge config in YAML:
     out_shard_size: 5GB
     seed: 0
     tile_mb: 64              # float32 MB of one model's rows held at once
+    read: mmap               # or pread: how input rows are read
 
 Validation errors name the field and what is allowed (`ConfigError`).
 """
@@ -84,6 +85,9 @@ class MergeConfig(BaseModel):
     allow_architecture_mismatch: bool = False
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
+    # mmap: map input rows from the page cache (much less CPU on cached or local files); pread: copy them into
+    # reused buffers (for inputs that may be rewritten during a merge, or file systems where mmap is slow)
+    read: Literal["mmap", "pread"] = "mmap"
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
 
     @field_validator("experts", mode="before")

@@ -169,3 +169,25 @@ def test_fixture_families_are_sharded(family, micro, bf16, scaled):
             assert len(shard_files(d)) >= 2, d
             assert (d / "model.safetensors.index.json").exists()
     assert (family.base / "tokenizer.json").exists() and (family.experts[0] / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("method, scans", [("task_arithmetic", False), ("slerp", True)])
+def test_merge_pass_scans_for_non_finite_only_without_a_kernel(bf16, tmp_path, monkeypatch, method, scans):
+    """The fused kernels see every input value and fall back on NaN/inf, so clean units merged by a kernel are not
+    scanned a second time; a method without a kernel applies the policy to every float unit first."""
+    from mergescale.merge import inputs, kernels
+
+    if not kernels.available():
+        pytest.skip("numba kernels not available")
+    scanned = []
+    real = inputs.all_finite
+    monkeypatch.setattr(inputs, "all_finite", lambda t: (scanned.append(t.numel()), real(t))[1])
+    experts = bf16.expert_strs[:2]
+    manifest = merge({"method": method, "base": str(bf16.base), "experts": experts,
+                      **({"parameters": {"t": 0.3}} if method == "slerp" else {})}, tmp_path / "out")
+    assert manifest["warnings"] == []
+    assert bool(scanned) == scans
+    if scans:  # every float input byte of every model, once
+        with mergescale.merge.checkpoint.Checkpoint(bf16.base) as c:
+            floats = sum(t.numel for t in c.tensors.values() if t.is_float)
+        assert sum(scanned) == floats * (1 + len(experts))

@@ -38,24 +38,37 @@ def same(got, want):
     return all(torch.equal(bits(a), bits(b)) for a, b in zip([base, *experts], want, strict=True))
 
 
-def test_stream_equals_plain_reads_and_buffers_are_reused(setup):
+@pytest.mark.parametrize("read", ["pread", "mmap"])
+def test_stream_equals_plain_reads_and_buffers_are_reused(setup, read):
     inputs, plan = setup
-    reader = UnitReader(inputs, "ignore")
+    reader = UnitReader(inputs, "ignore", read)
     ptrs = set()
     for unit, base, experts in reader.stream(plan.units):
         assert same((base, experts), reference(inputs, unit)), unit
         ptrs.add(experts[0].untyped_storage().data_ptr())
     reader.close()
-    assert len(plan.units) > 10 and len(ptrs) <= 4  # two buffer sets in turn (a set grows at most once or twice)
+    assert len(plan.units) > 10
+    if read == "pread":
+        assert len(ptrs) <= 4  # two buffer sets in turn (a set grows at most once or twice)
+
+
+def test_mapped_tiles_are_private(setup):
+    """A kernel or conversion that writes into a mapped tile must never change the input file."""
+    inputs, plan = setup
+    unit = plan.units[3]
+    before = reference(inputs, unit)
+    base, experts = UnitReader(inputs, "ignore", "mmap").get(unit)
+    experts[0].view(torch.uint8).fill_(0x7F)
+    assert same(read_unit(inputs, unit, "ignore", convert=False), before)
 
 
 def test_wrong_hint_is_dropped_and_right_hint_is_used(setup):
     inputs, plan = setup
     units = plan.units
-    reader = UnitReader(inputs, "ignore")
+    reader = UnitReader(inputs, "ignore", "pread")
     reads = []
     plain_read = reader._read
-    reader._read = lambda unit, slot: (reads.append(unit.id), plain_read(unit, slot))[1]
+    reader._read = lambda unit, slot, check=True: (reads.append(unit.id), plain_read(unit, slot, check))[1]
     first = list(reader.stream(units[:3], then=units[10]))  # hint: unit 10 comes next
     assert [u.id for u, _, _ in first] == [0, 1, 2]
     reader._pending[1].result()  # the hinted read runs on the reader's thread

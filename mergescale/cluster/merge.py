@@ -30,8 +30,8 @@ import torch
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge import kernels
 from mergescale.merge.executor import (
-    build_manifest, config_updates, feed_selection, merge_stream, merge_unit, prepare, progress_bar, run_key,
-    unit_read_bytes, unit_row_stats,
+    build_manifest, config_updates, deferred_check, feed_selection, merge_stream, merge_unit, prepare, progress_bar,
+    run_key, unit_read_bytes, unit_row_stats,
 )
 from mergescale.merge.inputs import MergeInputError, Unit, UnitReader, human_bytes, open_inputs, plan_merge
 from mergescale.merge.methods import get_method
@@ -69,14 +69,16 @@ class MergeWorker:
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         self.stats = MergeStats()
         self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
-        self.reader = UnitReader(self.inputs, self.config.on_nonfinite)  # reused buffers, reads one unit ahead
+        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read)  # reads one unit ahead
 
     def info(self) -> dict:
         return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
 
-    def _stream(self, unit_ids: list[int], next_unit: int | None, warnings: list[str] | None = None):
+    def _stream(self, unit_ids: list[int], next_unit: int | None, warnings: list[str] | None = None,
+                check: bool = True):
         """(unit, base, experts) of the batch, on this actor's device; reads run one unit ahead, into the next batch."""
-        for unit, base, experts in self.reader.stream([self.units[u] for u in unit_ids], warnings, self.units.get(next_unit)):
+        units = [self.units[u] for u in unit_ids]
+        for unit, base, experts in self.reader.stream(units, warnings, self.units.get(next_unit), check):
             if self.device.type != "cpu":
                 base = base.to(self.device) if base is not None else None
                 experts = [e.to(self.device) for e in experts]
@@ -86,8 +88,10 @@ class MergeWorker:
         """This batch's selection counts for the coordinator's windows of the current pass."""
         sel = StreamingSelector([])
         sel.use_windows(windows)
-        for unit, base, experts in self._stream(unit_ids, next_unit):
-            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts)
+        on_cpu = self.device.type == "cpu"  # the fused kernels check for non-finite values as they count
+        for unit, base, experts in self._stream(unit_ids, next_unit, check=not on_cpu):
+            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
+                           deferred_check(self.reader, self.config, unit, base, experts, None) if on_cpu else None)
         return sel.sparse_counts()
 
     def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, torch.Tensor]:

@@ -27,7 +27,8 @@ import mergescale
 from mergescale.config import MergeConfig, load_config
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import (
-    MergeInputError, MergeInputs, MergePlan, Unit, UnitReader, check_output, human_bytes, open_inputs, plan_merge,
+    MergeInputError, MergeInputs, MergePlan, Unit, UnitReader, check_finite, check_output, human_bytes, open_inputs,
+    plan_merge,
 )
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
@@ -46,16 +47,19 @@ JOURNAL_EVERY_S = 10.0  # how often finished units are made durable (fdatasync +
 
 
 def feed_selection(selector: StreamingSelector, config, method, params, plan, global_sel: bool, unit: Unit, base,
-                   experts) -> None:
+                   experts, check=None) -> None:
     """Add one unit's magnitudes (per expert) to the counts of the selector's current pass."""
     scope = scope_of(unit.name, global_sel)
     ctx = tile_context(config, plan_tensor(plan, unit.name), unit, MergeStats(), scope, len(experts))
-    feed_counts(selector, method, params, ctx, base, experts, lambda i: (scope, i))
+    feed_counts(selector, method, params, ctx, base, experts, lambda i: (scope, i), check)
 
 
-def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, base, experts, stream_of) -> None:
+def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, base, experts, stream_of,
+                check=None) -> None:
     """One unit's selection counts: from the fused kernel (one pass over the raw tiles for all experts) when it
-    handles the unit, else from method.magnitudes chunk by chunk (counts add exactly: chunking never changes them)."""
+    handles the unit, else from method.magnitudes chunk by chunk (counts add exactly: chunking never changes them).
+    `check()` (the non-finite policy of tiles read unchecked) runs unless the kernel handled the unit, as in
+    merge_unit."""
     windows = selector.windows()
     ws = [windows.get(stream_of(i), []) for i in range(len(experts))]
     got = method.fused_histograms(params, ctx, base, experts, ws) if method.fused_histograms is not None else None
@@ -64,6 +68,8 @@ def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, b
             for w, (below, hist) in zip(ws[i], per_window):
                 selector.add_counts(stream_of(i), w, below, hist)
         return
+    if check is not None:
+        check()
     for sub, b, es in chunks(ctx, base, experts):
         for i, mags in enumerate(method.magnitudes(b, es, params, sub)):
             selector.add_values(stream_of(i), mags)
@@ -153,10 +159,12 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
 
 
 def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan, stats: MergeStats, global_sel: bool,
-               unit: Unit, base, experts) -> torch.Tensor:
+               unit: Unit, base, experts, check=None) -> torch.Tensor:
     """Merge one unit's rows and cast to the output dtype. Integer tensors pass through.
 
-    Float tiles may be float32 or in their stored dtype; the math runs chunk by chunk (see `chunks`)."""
+    Float tiles may be float32 or in their stored dtype; the math runs chunk by chunk (see `chunks`). `check()`
+    (the non-finite policy, for tiles read unchecked) runs unless a fused kernel merged the unit: a kernel that
+    succeeds has seen only finite inputs (it falls back on any NaN or inf)."""
     info = plan_tensor(plan, unit.name)
     out_dtype = SAFETENSORS_DTYPES[plan.out_dtypes[unit.name]]
     if not info.is_float:  # a copy: the input tile's read buffer is reused while this one is being written
@@ -170,6 +178,8 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
     if method.fused_merge is not None and method.fused_merge(params, config.weights, ctx, base, experts, out):
         return out  # the fused CPU kernel: the same bits as the chunked torch path below
+    if check is not None:
+        check()
     row_numel = ref[0].numel() if ref.dim() and ref.shape[0] else 1
     for sub, b, es in chunks(ctx, base, experts):
         merged = method.merge(b, es, config.weights, params, sub)
@@ -192,14 +202,23 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
     in between. When the generator finishes, every write has returned; a write's error is raised at the next unit."""
     with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
         in_flight = None
-        for unit, base, experts in reader.stream(units, warnings, then):
-            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts)
+        # Unchecked reads: merge_unit applies the non-finite policy only where a kernel saw NaN or inf (or no
+        # kernel ran), which spares a scan of every input byte.
+        for unit, base, experts in reader.stream(units, warnings, then, check=False):
+            check = deferred_check(reader, config, unit, base, experts, warnings)
+            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
             if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
                 in_flight.result()
             in_flight = writer.submit(write, unit, tile)
             yield unit
         if in_flight is not None:
             in_flight.result()
+
+
+def deferred_check(reader: UnitReader, config, unit: Unit, base, experts, warnings: list[str] | None):
+    """The non-finite policy for one unit read with check=False, for the caller to run when it needs it."""
+    return lambda: check_finite(reader.inputs, unit, ([base] if base is not None else []) + experts,
+                                config.on_nonfinite, warnings)
 
 
 def progress_bar(total: int, desc: str, progress: bool):
@@ -224,8 +243,9 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
             todo = pending_units(work.selector, units, work.global_selection)
             bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"thresholds pass {pass_no} ({what})", progress)
             left = units_per_scope(todo, work.global_selection)
-            for unit, base, experts in reader.stream(todo, warnings):
-                feed_selection(work.selector, config, method, params, plan, work.global_selection, unit, base, experts)
+            for unit, base, experts in reader.stream(todo, warnings, check=False):
+                feed_selection(work.selector, config, method, params, plan, work.global_selection, unit, base, experts,
+                               deferred_check(reader, config, unit, base, experts, warnings))
                 finish_complete_streams(work.selector, left, [unit], work.global_selection, len(inputs.experts))
                 bar.update(unit_read_bytes(inputs, unit))
             bar.close()
@@ -245,7 +265,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
 def run_key(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
     """Identity of a run: a partial output is resumed only by a run with the same config, inputs and layout."""
     h = hashlib.sha256()
-    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster"}), sort_keys=True).encode())
+    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster", "read"}), sort_keys=True).encode())
     h.update(json.dumps([c.fingerprint() for c in inputs.all], sort_keys=True).encode())
     h.update(plan.layout.fingerprint().encode())
     return h.hexdigest()
@@ -323,7 +343,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
     warnings: list[str] = []
     t0 = time.time()
     partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan))
-    reader = UnitReader(inputs, config.on_nonfinite)
+    reader = UnitReader(inputs, config.on_nonfinite, config.read)
     try:
         done = partial.open(resume=resume)
         if done:
