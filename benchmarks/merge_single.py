@@ -50,8 +50,14 @@ def _rss_now() -> int:
 def child_merge(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the baseline RSS is taken
 
+    from mergescale.merge import kernels
     from mergescale.merge.executor import run_merge
 
+    # Like the imports, loading the compiled kernels from numba's cache (~0.5 s) is paid once per process, not per
+    # merge: timed apart, so the merge time is the method's, whatever the process did before.
+    t0 = time.perf_counter()
+    kernels.warm_up(len(spec["experts"]))
+    load_s = time.perf_counter() - t0
     base_rss = _rss_now()
     profile = spec.pop("profile", None)
     out = spec.pop("out")
@@ -68,7 +74,7 @@ def child_merge(spec: dict) -> dict:
     else:
         manifest = run_merge(spec, out, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
-    return {"time_s": dt, "timing": manifest["timing"], "base_rss": base_rss,
+    return {"time_s": dt, "kernel_load_s": load_s, "timing": manifest["timing"], "base_rss": base_rss,
             "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -87,6 +93,10 @@ def child_floor(spec: dict) -> dict:
     for path in spec["models"]:
         ck = Checkpoint(path)
         for info in ck.tensors.values():
+            if spec.get("read") == "mmap":  # the merge's own mapped read: map and fault in every page, no copy
+                ck.map_rows(info.name, 0, info.rows)
+                read += info.nbytes
+                continue
             fd = ck._fd(info.file)
             pos, end = info.offset, info.offset + info.nbytes
             while pos < end:
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help="subset of: " + ", ".join(METHODS))
     ap.add_argument("--tile-mb", type=float, default=None, help="override the config's tile_mb (default: mergescale's default)")
+    ap.add_argument("--read", choices=["mmap", "pread"], default=None,
+                    help="override the config's read (default: mergescale's default); the I/O floor reads the same way")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
     ap.add_argument("--profile", action="store_true", help="run each method under cProfile and print the top functions")
     ap.add_argument("--write-doc", action="store_true", help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
@@ -155,9 +167,10 @@ def main(argv=None) -> int:
     in_bytes = sum(C.model_bytes(p) for p in models)
     out_bytes = C.model_bytes(paths["base"])
     tile_mb = args.tile_mb if args.tile_mb is not None else MergeConfig.model_fields["tile_mb"].default
+    read = args.read or MergeConfig.model_fields["read"].default
     cfg = paths["config"]
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
-          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_mb:g}")
+          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_mb:g}; read {read}")
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
     out_dir = C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -165,13 +178,15 @@ def main(argv=None) -> int:
     # The floor's write + fsync depends on a shared disk whose speed drifts by 2x within minutes here, so every
     # merge run is paired with a floor run just before it and compared with that one (a fixed floor measured
     # once made the ratios swing with the disk, not with the code).
-    floor_spec = {"models": [str(p) for p in models], "out": str(out_dir / "floor.bin"), "out_bytes": out_bytes}
+    floor_spec = {"models": [str(p) for p in models], "out": str(out_dir / "floor.bin"), "out_bytes": out_bytes,
+                  "read": read}
     load_start = C.load_average()
     floors, rows, raw = [], [], {"floors": [], "methods": {}}
     for label in args.methods:
         method, params = METHODS[label]
         spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
-                "parameters": params, "tile_mb": tile_mb, "out": str(out_dir / "merged"), "profile": args.profile}
+                "parameters": params, "tile_mb": tile_mb, "read": read, "out": str(out_dir / "merged"),
+                "profile": args.profile}
         pairs = []
         for _ in range(args.repeat):
             floors.append(run_child("floor", dict(floor_spec)))
@@ -209,6 +224,10 @@ def main(argv=None) -> int:
     if args.write_doc:
         cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_single.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
         cmd += (f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
+        cmd += f" --read {args.read}" if args.read else ""
+        how = ("mapped from the page cache and every page faulted in, as the merge reads them (`read: mmap`)" if read == "mmap"
+               else "preadv, 16 MiB chunks")
+        loads = sorted(r["kernel_load_s"] for r in raw["methods"].values())
         body = f"""Command: `{cmd} --write-doc`
 
 Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
@@ -216,9 +235,9 @@ Machine: {C.machine_line()}; shared with other engineers' jobs (load average {lo
 Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16 weights each
 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
 experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
-(all inputs fit in RAM), output fsynced. tile_mb {tile_mb:g}. Default method parameters (TIES density 0.2, DARE p 0.9,
-dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start and
-imports. I/O floor: read every input tensor once (preadv, 16 MiB chunks) and write + fsync one output of the same
+(all inputs fit in RAM), output fsynced. tile_mb {tile_mb:g}, read {read}. Default method parameters (TIES density 0.2, DARE p 0.9,
+dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
+imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
 size, single thread; one floor run right before every merge run, and each method is compared with the floor run
 paired with its best run (the disk's write speed drifts). Peak RSS: max of the child's ru_maxrss and the polled RSS of its process tree (includes
 ~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
