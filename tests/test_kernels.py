@@ -178,6 +178,31 @@ def test_non_finite_task_vectors_are_left_to_the_definition():
                                   [1.0] * 4, ctx, base, experts, torch.empty(n))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", ["base", "expert"])
+def test_every_kernel_declines_any_non_finite_input(dtype, value, where):
+    """The executor skips its own NaN/inf scan wherever a kernel succeeded, so a kernel must decline a unit with a
+    single non-finite value anywhere, whether or not that element is trimmed, dropped or sampled."""
+    n, base, experts, _, _, ctx = _select_merge_case("ties", {}, dtype)
+    g = torch.Generator().manual_seed(hash((str(dtype), value, where)) % 2**31)
+    for trial in range(3):
+        b, es = base.clone(), [e.clone() for e in experts]
+        i = int(torch.randint(n, (1,), generator=g))
+        if where == "base":
+            b[i] = value
+        else:
+            es[trial][i] = value
+        for method, params in CASES:
+            p = get_method(method).params.model_validate(params)
+            out = torch.empty(n, dtype=dtype)
+            assert not kernels.merge_tile(method, p, [1.0] * 4, ctx, b, es, out), (method, params, i)
+            if method in kernels.SELECT_MERGE_KERNELS:
+                assert kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, b, es, out, [n - n // 5] * 4) is None
+            if method in kernels.MAGNITUDE_KERNELS:
+                assert kernels.histograms(method, p, ctx, b, es, [[RADIX]] * 4) is None
+
+
 def test_unsupported_inputs_are_declined():
     n = 100
     base, experts = models(n, torch.float16)

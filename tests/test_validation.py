@@ -91,7 +91,8 @@ def test_missing_config_json_in_reference(family, tmp_path):
           str(bad), "no config.json")
 
 
-@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.3})])
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
+                                            ("ties", {"density": 0.3, "trim_scope": "tensor"})])
 def test_non_finite_values(family, tmp_path, expert_sd, method, params):
     expert_sd[NAME][3, 5] = float("nan")
     expert_sd[NAME][7, 1] = float("inf")
@@ -99,13 +100,23 @@ def test_non_finite_values(family, tmp_path, expert_sd, method, params):
     fails(cfg_for(family, bad, method=method, parameters=params), tmp_path / "out",
           str(bad), NAME, "2 non-finite values", weight_map(bad)[NAME], "on_nonfinite")
     out = tmp_path / "warned"
-    manifest = merge(cfg_for(family, bad, method="task_arithmetic", on_nonfinite="warn"), out)
+    manifest = merge(cfg_for(family, bad, method=method, parameters=params, on_nonfinite="warn"), out)
     assert any(NAME in w and "non-finite" in w for w in manifest["warnings"])
     assert len(manifest["warnings"]) == len(set(manifest["warnings"]))
     assert json.loads((out / "mergescale_manifest.json").read_text())["warnings"] == manifest["warnings"]
     got = load_sd(out)
     assert not bool(torch.isfinite(got[NAME]).all())
     assert all(bool(torch.isfinite(t).all()) for n, t in got.items() if n != NAME)
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic"])
+def test_non_finite_values_in_the_base(family, tmp_path, method):
+    """`average` does not use the base, but a base with NaN is still bad input, named like any other."""
+    sd = load_sd(family.base)
+    sd[NAME][2, 2] = float("nan")
+    bad = write_like(family.base, tmp_path / "badbase", sd)
+    cfg = {"method": method, "base": str(bad), "experts": family.expert_strs[:2]}
+    fails(cfg, tmp_path / "out", str(bad), NAME, "1 non-finite values")
 
 
 def test_non_finite_warn_is_recorded_once_with_statistics_passes(family, tmp_path, expert_sd):

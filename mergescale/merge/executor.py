@@ -173,9 +173,14 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     ctx = tile_context(config, info, unit, stats, scope, len(experts))
     ref = experts[0]
     out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
-    if fused_select_merge(method, params, config.weights, ctx, base, experts, out, have_sel=scope in stats.thresholds):
+    have_sel = scope in stats.thresholds
+    if fused_select_merge(method, params, config.weights, ctx, base, experts, out, have_sel=have_sel):
         return out
-    ctx = inline_statistics(method, params, ctx, base, experts, have_sel=scope in stats.thresholds)
+    if check is not None and ((method.selection(params) is not None and not have_sel)
+                              or (method.row_stats is not None and ctx.stats is None)):
+        check()  # before statistics of this unit's own values, which NaN or inf would make meaningless
+        check = None
+    ctx = inline_statistics(method, params, ctx, base, experts, have_sel=have_sel)
     if method.fused_merge is not None and method.fused_merge(params, config.weights, ctx, base, experts, out):
         return out  # the fused CPU kernel: the same bits as the chunked torch path below
     if check is not None:

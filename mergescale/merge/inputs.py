@@ -288,7 +288,7 @@ class UnitReader:
         self.inputs, self.on_nonfinite, self.mapped = inputs, on_nonfinite, read == "mmap"
         self._slots: list[list[torch.Tensor]] = [[], []]
         self._next = 0  # the slot the next read goes into (the caller holds the other one)
-        self._pending = None  # (unit, future of (base, experts, warnings))
+        self._pending = None  # (unit, future of (base, experts, warnings, checked))
         self._pool: ThreadPoolExecutor | None = None
 
     def _read(self, unit: Unit, slot: int, check: bool = True):

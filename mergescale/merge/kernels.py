@@ -205,15 +205,21 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _average_kernel(e, w, normalize, inv_wsum, out, bad):
-        """average: float64 sum_i w_i e_i (* 1 / sum w), rounded once to float32."""
+    def _average_kernel(e, b, w, normalize, inv_wsum, out, bad):
+        """average: float64 sum_i w_i e_i (* 1 / sum w), rounded once to float32. The base (b, empty without one)
+        is not in the formula, but its values are checked too: a kernel that succeeds has seen only finite inputs."""
         n = e[0].shape[0]
         ne = len(e)
+        has_base = b.shape[0] == n
         for blk in prange((n + BLOCK - 1) // BLOCK):
             acc_ = np.empty(SUB, np.float64)
             chk = np.zeros(SUB, np.float32)
             for s0 in range(blk * BLOCK, min(n, (blk + 1) * BLOCK), SUB):
                 m = min(SUB, n - s0)
+                if has_base:
+                    bs, c = b[s0:s0 + m], chk[:m]
+                    for i in range(m):
+                        c[i] += _load(bs, i) * np.float32(0.0)
                 acc, es, w0 = acc_[:m], e[0][s0:s0 + m], w[0]
                 for i in range(m):
                     acc[i] = np.float64(_load(es, i)) * w0
@@ -579,19 +585,18 @@ def merge_tile(method: str, params, weights: list[float], ctx, base, experts, ou
     a method or dtype without a kernel, or values whose non-finite handling only methods.py defines)."""
     if numba is None or method not in MERGE_KERNELS:
         return False
-    uses_base = method != "average"
-    if uses_base and base is None:
+    if method != "average" and base is None:
         return False
-    models = _raw(([base] if uses_base else []) + list(experts))
+    models = _raw(([base] if base is not None else []) + list(experts))
     dst = _out_view(out)
     if models is None or dst is None or out.numel() == 0:
         return False
     bad = np.zeros(1, np.uint8)
+    b, e = (models[0], models[1:]) if base is not None else (models[0][:0], models)
     if method == "average":
         w = np.array(weights, np.float64)
-        _average_kernel(models, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
+        _average_kernel(e, b, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
         return not bad[0]
-    b, e = models[0], models[1:]
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(e), ctx.element_offset)
     lam = np.float32(params.lambda_)
     if method in ("task_arithmetic", "dare_linear"):
