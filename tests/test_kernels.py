@@ -4,6 +4,7 @@ torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_every_kernel_declines_any_non_finite_input(dtype, value, where):
     """The executor skips its own NaN/inf scan wherever a kernel succeeded, so a kernel must decline a unit with a
     single non-finite value anywhere, whether or not that element is trimmed, dropped or sampled."""
     n, base, experts, _, _, ctx = _select_merge_case("ties", {}, dtype)
-    g = torch.Generator().manual_seed(hash((str(dtype), value, where)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {value} {where}".encode()))  # same positions every run
     for trial in range(3):
         b, es = base.clone(), [e.clone() for e in experts]
         i = int(torch.randint(n, (1,), generator=g))
