@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/merge_single.py                       # ~1 GB per model, base + 4 experts
     .venv/bin/python benchmarks/merge_single.py --model-mb 64         # quick smoke test
     .venv/bin/python benchmarks/merge_single.py --write-doc           # also update docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/merge_single.py --checkouts OLD . --methods task_arithmetic   # A/B of two checkouts
 
 Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
 into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.executor.run_merge` in a fresh
 subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
-subprocess too. Page cache is warmed first, so every run reads the same (cached) files. Peak RSS is the kernel's
+subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
+worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed first, so every run reads the same (cached) files. Peak RSS is the kernel's
 high-water mark of the child (ru_maxrss) and, as a cross-check, the largest RSS sum seen polling its process tree.
 """
 
@@ -123,8 +125,9 @@ def child_floor(spec: dict) -> dict:
 # Parent
 
 
-def run_child(kind: str, spec: dict, timeout: float = 3600) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_child(kind: str, spec: dict, timeout: float = 3600, root: Path = C.ROOT) -> dict:
+    """Run this script's `kind` child with mergescale imported from `root` (this checkout by default)."""
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)]
     r = C.run_measured(cmd, env=env, timeout=timeout)
     if r["rc"] != 0 or r["result"] is None:
@@ -146,6 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tile-mb", type=float, default=None, help="override the config's tile_mb (default: mergescale's default)")
     ap.add_argument("--read", choices=["mmap", "pread"], default=None,
                     help="override the config's read (default: mergescale's default); the I/O floor reads the same way")
+    ap.add_argument("--checkouts", nargs="+", type=Path, metavar="DIR",
+                    help="A/B: time each method's merge with mergescale from each of these checkouts in turn (no floor)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of --checkouts")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
     ap.add_argument("--profile", action="store_true", help="run each method under cProfile and print the top functions")
     ap.add_argument("--write-doc", action="store_true", help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
@@ -174,6 +180,8 @@ def main(argv=None) -> int:
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
     out_dir = C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
+    if args.checkouts:
+        return compare_checkouts(args, paths, tile_mb, out_dir)
 
     # The floor's write + fsync depends on a shared disk whose speed drifts by 2x within minutes here, so every
     # merge run is paired with a floor run just before it and compared with that one (a fixed floor measured
@@ -246,6 +254,30 @@ paired with its best run (the disk's write speed drifts). Peak RSS: max of the c
 """
         C.replace_section(C.ROOT / "docs" / "BENCHMARKS.md", "Single-process merge", body, C.DOC_INTRO)
         print("updated docs/BENCHMARKS.md")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
+
+
+def compare_checkouts(args, paths, tile_mb: float, out_dir: Path) -> int:
+    """Each method's merge time (kernels loaded first) per checkout, alternating checkouts within each round."""
+    print(f"load average {C.load_average()}")
+    for label in args.methods:
+        method, params = METHODS[label]
+        spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
+                "parameters": params, "tile_mb": tile_mb, "out": str(out_dir / "merged")}
+        if args.read:  # only when asked: an older checkout's config may not know the field
+            spec["read"] = args.read
+        times: dict[Path, list[float]] = {co: [] for co in args.checkouts}
+        for _ in range(args.rounds):
+            for co in args.checkouts:
+                try:
+                    times[co].append(run_child("merge", dict(spec), root=co.resolve())["time_s"])
+                finally:
+                    shutil.rmtree(out_dir / "merged", ignore_errors=True)
+                    shutil.rmtree(out_dir / ".merged.partial", ignore_errors=True)
+        for co, ts in times.items():
+            print(f"{label:16s} {str(co):24s} " + " / ".join(f"{t:.2f}" for t in ts) + " s")
+    print(f"load average {C.load_average()}")
     shutil.rmtree(out_dir, ignore_errors=True)
     return 0
 

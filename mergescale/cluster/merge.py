@@ -91,7 +91,7 @@ class MergeWorker:
         on_cpu = self.device.type == "cpu"  # the fused kernels check for non-finite values as they count
         for unit, base, experts in self._stream(unit_ids, next_unit, check=not on_cpu):
             feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
-                           deferred_check(self.reader, self.config, unit, base, experts, None) if on_cpu else None)
+                           deferred_check(self.inputs, self.config, unit, base, experts, None) if on_cpu else None)
         return sel.sparse_counts()
 
     def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, torch.Tensor]:

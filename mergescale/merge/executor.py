@@ -210,7 +210,7 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
         # Unchecked reads: merge_unit applies the non-finite policy only where a kernel saw NaN or inf (or no
         # kernel ran), which spares a scan of every input byte.
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
-            check = deferred_check(reader, config, unit, base, experts, warnings)
+            check = deferred_check(reader.inputs, config, unit, base, experts, warnings)
             tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
             if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
                 in_flight.result()
@@ -220,9 +220,9 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
             in_flight.result()
 
 
-def deferred_check(reader: UnitReader, config, unit: Unit, base, experts, warnings: list[str] | None):
+def deferred_check(inputs: MergeInputs, config, unit: Unit, base, experts, warnings: list[str] | None):
     """The non-finite policy for one unit read with check=False, for the caller to run when it needs it."""
-    return lambda: check_finite(reader.inputs, unit, ([base] if base is not None else []) + experts,
+    return lambda: check_finite(inputs, unit, ([base] if base is not None else []) + experts,
                                 config.on_nonfinite, warnings)
 
 
@@ -250,7 +250,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
             left = units_per_scope(todo, work.global_selection)
             for unit, base, experts in reader.stream(todo, warnings, check=False):
                 feed_selection(work.selector, config, method, params, plan, work.global_selection, unit, base, experts,
-                               deferred_check(reader, config, unit, base, experts, warnings))
+                               deferred_check(inputs, config, unit, base, experts, warnings))
                 finish_complete_streams(work.selector, left, [unit], work.global_selection, len(inputs.experts))
                 bar.update(unit_read_bytes(inputs, unit))
             bar.close()
