@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.merge.methods import REGISTRY, get_method
+from mergescale.merge.method_params import SIGNATURES
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -105,13 +105,13 @@ class MergeConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v):
-        if v not in REGISTRY:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(REGISTRY))}")
+        if v not in SIGNATURES:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(SIGNATURES))}")
         return v
 
     @model_validator(mode="after")
     def _method_constraints(self):
-        m = get_method(self.method)
+        m = SIGNATURES[self.method]
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
@@ -137,7 +137,7 @@ class MergeConfig(BaseModel):
 
     @property
     def method_params(self):
-        return get_method(self.method).params.model_validate(self.parameters)
+        return SIGNATURES[self.method].params.model_validate(self.parameters)
 
     @property
     def weights(self) -> list[float]:

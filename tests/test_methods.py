@@ -425,3 +425,11 @@ def test_global_thresholds_in_manifest_equal_kthvalue(family, tmp_path):
         flat = torch.cat([(ex[n] - base[n]).abs().reshape(-1) for n in base])
         k = flat.numel() - math.floor(density * flat.numel())
         assert recorded[i]["min"] == torch.kthvalue(flat, k).values.item()
+
+
+def test_every_registered_method_has_a_signature_and_back():
+    """The config validates against method_params.SIGNATURES (no torch); every name there must have math."""
+    from mergescale.merge.method_params import SIGNATURES
+    from mergescale.merge.methods import REGISTRY
+
+    assert sorted(REGISTRY) == sorted(SIGNATURES)

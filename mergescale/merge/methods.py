@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from mergescale.merge import kernels
 from mergescale.merge.masks import dare_keep_mask
+from mergescale.merge.method_params import SIGNATURES, MethodSignature, _Params
 
 # ----------------------------------------------------------------------------------------------------------
 # The math
@@ -253,63 +252,13 @@ def bounds(th: dict[str, float]) -> tuple[float, float]:
 # Parameters (validated by the config schema) and the registry
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AverageParams(_Params):
-    normalize: bool = True
-
-
-class TaskArithmeticParams(_Params):
-    lambda_: float = Field(1.0, alias="lambda")
-
-
-class TiesParams(_Params):
-    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
-    trim_scope: Literal["global", "tensor"] = "global"
-    sign: Literal["mass", "count"] = "mass"
-    lambda_: float = Field(1.0, alias="lambda")
-
-
-class DareLinearParams(_Params):
-    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
-    lambda_: float = Field(1.0, alias="lambda")
-
-
-class DareTiesParams(TiesParams):
-    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
-    # DARE already sparsifies; density 1 = no further magnitude trim (mergekit's dare_ties); < 1 also trims
-    # the DARE'd vectors by magnitude (MergeLM's dare + ties_merging).
-    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of each DARE'd task vector kept")
-
-
-class SlerpParams(_Params):
-    t: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class BreadcrumbsParams(_Params):
-    density: float = Field(0.9, gt=0.0, le=1.0)
-    gamma: float = Field(0.01, ge=0.0, lt=1.0)
-    trim_scope: Literal["global", "tensor"] = "tensor"
-    lambda_: float = Field(1.0, alias="lambda")
-
-
-class ModelStockParams(_Params):
-    pass
-
-
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method: parameters, what it needs, and how to merge one tile given its context."""
+    """A registered method: how to merge one tile given its context, and the statistics it needs. What it accepts
+    (parameters, base, weights, expert count) is its entry in method_params.SIGNATURES."""
 
     name: str
-    params: type[_Params]
     merge: Callable[..., torch.Tensor]  # (base, experts, weights, params, ctx) -> tensor
-    needs_base: bool = True
-    uses_weights: bool = False
-    min_experts: int = 1
-    max_experts: int | None = None
     selection: Callable[[_Params], Selection | None] = lambda p: None
     # Per-expert values whose order statistics `selection` asks for (|tau|, or |DARE(tau)|).
     magnitudes: Callable[..., list[torch.Tensor]] | None = None
@@ -322,11 +271,21 @@ class MergeMethod:
     # (params, weights, ctx, base, experts, out, ks) -> thresholds: select per-tensor thresholds and merge in one pass
     fused_select_merge: Callable[..., list | None] | None = None
 
+    @property
+    def signature(self) -> MethodSignature:
+        return SIGNATURES[self.name]
+
+    @property
+    def params(self) -> type[_Params]:
+        return self.signature.params
+
 
 REGISTRY: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    if method.name not in SIGNATURES:
+        raise KeyError(f"method {method.name!r} has no entry in method_params.SIGNATURES (its parameters and inputs)")
     if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
         method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
     if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:
@@ -379,22 +338,16 @@ def column_totals(parts: torch.Tensor) -> torch.Tensor:
 
 register(MergeMethod(
     name="average",
-    params=AverageParams,
-    needs_base=False,
-    uses_weights=True,
     merge=lambda base, experts, w, p, ctx: average(experts, w, p.normalize),
 ))
 
 register(MergeMethod(
     name="task_arithmetic",
-    params=TaskArithmeticParams,
-    uses_weights=True,
     merge=lambda base, experts, w, p, ctx: task_arithmetic(base, experts, w, p.lambda_),
 ))
 
 register(MergeMethod(
     name="ties",
-    params=TiesParams,
     merge=lambda base, experts, w, p, ctx: ties(base, experts, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign),
     selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)),
     magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
@@ -407,8 +360,6 @@ def _dare_linear(base, experts, w, p, ctx):
 
 register(MergeMethod(
     name="dare_linear",
-    params=DareLinearParams,
-    uses_weights=True,
     merge=_dare_linear,
 ))
 
@@ -422,7 +373,6 @@ def _dare_ties(base, experts, w, p, ctx):
 
 register(MergeMethod(
     name="dare_ties",
-    params=DareTiesParams,
     merge=_dare_ties,
     selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)) if p.density < 1.0 else None,
     magnitudes=lambda base, experts, p, ctx: _abs(_dared(base, experts, p.p, ctx)),
@@ -443,10 +393,6 @@ def _slerp(base, experts, w, p, ctx):
 
 register(MergeMethod(
     name="slerp",
-    params=SlerpParams,
-    needs_base=False,
-    min_experts=2,
-    max_experts=2,
     merge=_slerp,
     row_stats=lambda base, experts, p: _slerp_stats(base, experts, p),
 ))
@@ -459,8 +405,6 @@ def _breadcrumbs(base, experts, w, p, ctx):
 
 register(MergeMethod(
     name="breadcrumbs",
-    params=BreadcrumbsParams,
-    uses_weights=True,
     merge=_breadcrumbs,
     selection=lambda p: Selection(p.trim_scope, breadcrumbs_ranks(p.density, p.gamma)),
     magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
@@ -487,8 +431,6 @@ def model_stock_cosine(stats: torch.Tensor, n: int, eps: float = 1e-8) -> float:
 
 register(MergeMethod(
     name="model_stock",
-    params=ModelStockParams,
-    min_experts=2,
     merge=lambda base, experts, w, p, ctx: model_stock(base, experts, model_stock_ratio(model_stock_cosine(ctx.stats, len(experts)), len(experts))),
     row_stats=_model_stock_stats,
 ))

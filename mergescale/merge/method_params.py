@@ -1,0 +1,80 @@
+"""What each merge method accepts: its parameters and its constraints on the inputs. No torch here.
+
+The config schema (mergescale.config) validates against this table, so loading a config, and a Ray driver that
+places its actors before it imports torch, stay light. The math for each name is registered in
+mergescale.merge.methods, which refuses a method that has no entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AverageParams(_Params):
+    normalize: bool = True
+
+
+class TaskArithmeticParams(_Params):
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class TiesParams(_Params):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
+    trim_scope: Literal["global", "tensor"] = "global"
+    sign: Literal["mass", "count"] = "mass"
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class DareLinearParams(_Params):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class DareTiesParams(TiesParams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    # DARE already sparsifies; density 1 = no further magnitude trim (mergekit's dare_ties); < 1 also trims
+    # the DARE'd vectors by magnitude (MergeLM's dare + ties_merging).
+    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of each DARE'd task vector kept")
+
+
+class SlerpParams(_Params):
+    t: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class BreadcrumbsParams(_Params):
+    density: float = Field(0.9, gt=0.0, le=1.0)
+    gamma: float = Field(0.01, ge=0.0, lt=1.0)
+    trim_scope: Literal["global", "tensor"] = "tensor"
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+class ModelStockParams(_Params):
+    pass
+
+
+@dataclass(frozen=True)
+class MethodSignature:
+    params: type[_Params]
+    needs_base: bool = True
+    uses_weights: bool = False  # per-expert weights (experts[].weight); the others refuse weights != 1
+    min_experts: int = 1
+    max_experts: int | None = None
+
+
+SIGNATURES: dict[str, MethodSignature] = {
+    "average": MethodSignature(AverageParams, needs_base=False, uses_weights=True),
+    "task_arithmetic": MethodSignature(TaskArithmeticParams, uses_weights=True),
+    "ties": MethodSignature(TiesParams),
+    "dare_linear": MethodSignature(DareLinearParams, uses_weights=True),
+    "dare_ties": MethodSignature(DareTiesParams),
+    "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2),
+    "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True),
+    "model_stock": MethodSignature(ModelStockParams, min_experts=2),
+}
