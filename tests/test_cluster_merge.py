@@ -145,3 +145,32 @@ def test_infeasible_placement_errors_before_output(micro, tmp_path):
     with pytest.raises(Exception, match="cannot place 2 merge workers"):
         run_distributed_merge(cfg, out, workers=2, progress=False)
     assert not out.exists()
+
+
+def test_bad_input_errors_before_output_and_stops_the_actors(micro, tmp_path):
+    """The actors are created before the driver validates the inputs; an input error still comes before any
+    output, and the actors it started are gone afterwards."""
+    bad = tmp_path / "bad-expert"
+    bad.mkdir()
+    (bad / "config.json").write_text((micro.base / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    cfg = config_for(micro, "average", 0.05)
+    cfg["experts"] = [*cfg["experts"][:1], str(bad)]
+    out = tmp_path / "never"
+    with pytest.raises(Exception, match="model.safetensors"):
+        run_distributed_merge(cfg, out, workers=2, progress=False)
+    assert not out.exists()
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
+    assert alive == []
+
+
+def test_driver_places_actors_before_loading_torch():
+    """What lets the actors start while the driver validates: the config schema and the Ray driver module load
+    without torch (the actors and the driver's validation import it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mergescale, mergescale.config, mergescale.cluster.merge; "
+            "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr

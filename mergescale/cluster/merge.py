@@ -3,9 +3,11 @@
 The flow mirrors the single-process executor (mergescale.merge.executor) and calls the same functions for the
 math, so the output is byte-identical for any number of actors:
 
+    driver: place and start the actors (they load torch and the kernels meanwhile)
     driver: validate + plan (headers only)  ->  create the partial output (shard files with headers)
     actors: statistics passes on their units -> histograms / row sums  ->  driver adds them, sends thresholds
-    actors: merge pass, pwrite rows into the shared shard files, fdatasync  ->  driver journals finished units
+    actors: merge pass, pwrite rows into the shared shard files, fdatasync in the background  ->  the next call
+            reports them durable  ->  driver journals them
     driver: commit (index, manifest, atomic rename)
 
 Work is handed out in small batches from per-actor queues balanced by bytes (an idle actor steals from the
@@ -17,30 +19,19 @@ changes the output. Inputs and the output directory must be on storage every nod
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-import torch
 
 from mergescale.config import MergeConfig, load_config
-from mergescale.merge import kernels
-from mergescale.merge.executor import (
-    build_manifest, config_updates, deferred_check, feed_selection, merge_stream, merge_unit, prepare, progress_bar,
-    run_key, unit_read_bytes, unit_row_stats,
-)
-from mergescale.merge.inputs import MergeInputError, Unit, UnitReader, human_bytes, open_inputs, plan_merge
-from mergescale.merge.methods import get_method
-from mergescale.merge.selection import StreamingSelector
-from mergescale.merge.statistics import (
-    MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from, thresholds_from,
-    units_per_scope,
-)
-from mergescale.merge.writer import PartialOutput
+
+# Nothing above imports torch: the driver creates its actors first, and they load torch, numba and the compiled
+# kernels (seconds) while the driver loads its own and validates the inputs. The merge code is imported below,
+# in run_distributed_merge, once the actors are starting.
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -49,89 +40,38 @@ ACTOR_START_TIMEOUT_S = 120.0
 UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
 
 
-class MergeWorker:
-    """One actor: opens the inputs lazily, holds nothing but the tiles of the unit it is working on."""
+class MergeActor:
+    """The Ray actor. Starting one loads torch, numba and the method's compiled kernels; `setup` then gives it the
+    validated config and the output, and it works as a MergeWorker (cluster/worker.py). Defined here, in a module
+    without torch, so that the driver can create it before the driver has loaded torch itself."""
 
-    def __init__(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool):
-        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        torch.set_num_threads(cpus)
-        kernels.set_threads(cpus)  # the fused CPU kernels use the actor's CPU share, not every core of the node
-        self.config = MergeConfig.model_validate(config_json)
-        self.method, self.params = get_method(self.config.method), self.config.method_params
-        self.inputs = open_inputs(self.config)
-        self.plan = plan_merge(self.config, self.inputs)
-        if self.plan.layout.fingerprint() != layout_fingerprint:
-            raise MergeInputError(f"actor on {socket.gethostname()} sees different input files than the driver")
-        self.units = {u.id: u for u in self.plan.units}
-        self.partial = PartialOutput(Path(out), self.plan.layout, key)  # shard files opened on first write
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.node = ray.get_runtime_context().get_node_id()
-        self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
-        self.stats = MergeStats()
-        self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
-        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read)  # reads one unit ahead
+    def __init__(self, method: str, n_experts: int, use_gpu: bool):
+        from mergescale.cluster import worker
 
-    def info(self) -> dict:
-        return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
+        worker.start_process(method, n_experts, warm_kernels=not use_gpu)
+        self._worker_cls, self.worker = worker.MergeWorker, None
 
-    def _stream(self, unit_ids: list[int], next_unit: int | None, warnings: list[str] | None = None,
-                check: bool = True):
-        """(unit, base, experts) of the batch, on this actor's device; reads run one unit ahead, into the next batch."""
-        units = [self.units[u] for u in unit_ids]
-        for unit, base, experts in self.reader.stream(units, warnings, self.units.get(next_unit), check):
-            if self.device.type != "cpu":
-                base = base.to(self.device) if base is not None else None
-                experts = [e.to(self.device) for e in experts]
-            yield unit, base, experts
+    def setup(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool,
+              stats_json: dict | None = None) -> dict:
+        self.worker = self._worker_cls(config_json, out, layout_fingerprint, key, use_gpu)
+        if stats_json is not None:  # a replacement actor joining after the statistics pass
+            self.worker.set_stats(stats_json)
+        return self.worker.info()
 
-    def selection(self, unit_ids: list[int], windows: dict, next_unit: int | None = None) -> dict:
-        """This batch's selection counts for the coordinator's windows of the current pass."""
-        sel = StreamingSelector([])
-        sel.use_windows(windows)
-        on_cpu = self.device.type == "cpu"  # the fused kernels check for non-finite values as they count
-        for unit, base, experts in self._stream(unit_ids, next_unit, check=not on_cpu):
-            feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
-                           deferred_check(self.inputs, self.config, unit, base, experts, None) if on_cpu else None)
-        return sel.sparse_counts()
+    def selection(self, unit_ids, windows, next_unit=None):
+        return self.worker.selection(unit_ids, windows, next_unit)
 
-    def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, torch.Tensor]:
-        return {unit.id: unit_row_stats(self.method, self.params, base, experts).cpu()
-                for unit, base, experts in self._stream(unit_ids, next_unit)}
+    def row_stats(self, unit_ids, next_unit=None):
+        return self.worker.row_stats(unit_ids, next_unit)
 
     def set_stats(self, stats_json: dict) -> None:
-        self.stats = MergeStats.from_json(stats_json)
-        if self.device.type != "cpu":
-            self.stats.sums = {k: v.to(self.device) for k, v in self.stats.sums.items()}
+        self.worker.set_stats(stats_json)
 
-    def merge(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
-        """Merge and write the units, make them durable, and say so (the driver journals them).
+    def merge(self, unit_ids, next_unit=None) -> dict:
+        return self.worker.merge(unit_ids, next_unit)
 
-        `next_unit`: the first unit of the batch the driver plans to send next; it is read while this batch's last
-        unit merges, so the actor does not wait for a read at the start of every batch."""
-        t0, nbytes, warnings = time.time(), 0, []
-        self.partial.attach()  # first merge call: the driver created the shard files after placing actors
-        units = [self.units[uid] for uid in unit_ids]
-        if self.device.type == "cpu":
-            merged = merge_stream(self.config, self.method, self.params, self.plan, self.stats, self.global_sel,
-                                  self.reader, units, warnings,
-                                  lambda unit, tile: self.partial.write_rows(unit.name, unit.row_start, tile),
-                                  then=self.units.get(next_unit))
-        else:
-            merged = self._merge_on_device(units, warnings, next_unit)
-        for unit in merged:
-            nbytes += unit_read_bytes(self.inputs, unit)
-            if self.delay:
-                time.sleep(self.delay)
-        self.partial.sync()
-        return {"units": unit_ids, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node,
-                "device": str(self.device), "warnings": warnings}
-
-    def _merge_on_device(self, units: list[Unit], warnings: list[str], next_unit: int | None):
-        for unit, base, experts in self._stream([u.id for u in units], next_unit, warnings):
-            tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, self.global_sel, unit, base, experts)
-            self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
-            yield unit
-
+    def flush(self) -> list[int]:
+        return self.worker.flush()
 
 @dataclass
 class _Slot:
@@ -149,9 +89,10 @@ class _Slot:
     units: int = 0
     node: str | None = None
     device: str | None = None
+    unsynced: list[int] = field(default_factory=list)  # merged and written, not yet reported durable
 
 
-def balanced_batches(units: list[Unit], unit_bytes: dict[int, int], k: int) -> list[deque]:
+def balanced_batches(units: list, unit_bytes: dict[int, int], k: int) -> list[deque]:
     """Split units into k queues of batches with nearly equal bytes (largest first onto the lightest queue),
     keeping each queue in file order so actors read sequentially."""
     loads, assigned = [0] * k, [[] for _ in range(k)]
@@ -182,43 +123,53 @@ _ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErro
 
 
 class ActorPool:
-    """K merge actors in a placement group; dead actors are replaced, idle actors steal queued batches."""
+    """K merge actors in a placement group; dead actors are replaced, idle actors steal queued batches.
 
-    def __init__(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str, workers: int):
+    Made in two steps so that the actors start (seconds of imports each) while the driver validates: creating the
+    pool requests the placement group and the actors and returns at once; `start` waits for them and hands them
+    the validated config and the output."""
+
+    def __init__(self, config: MergeConfig, workers: int):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        spec = config.cluster
-        self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, spec.num_gpus > 0)
-        bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
+        spec = self.spec = config.cluster
+        self.workers, self.use_gpu = workers, spec.num_gpus > 0
+        self.init_args = (config.method, len(config.experts), self.use_gpu)
+        self.args = None  # setup's arguments, once the driver has validated the inputs
+        self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()
-        if any(have.get(r, 0) < n * workers for r, n in bundle.items()):
+        if any(have.get(r, 0) < n * workers for r, n in self.bundle.items()):
             log.warning("the cluster has %s now; %d workers of %s need more: waiting up to %.0f s for "
-                        "resources (autoscaling)", have, workers, bundle, spec.placement_timeout_s)
-        self.pg = placement_group([bundle] * workers, strategy=spec.placement)
-        ready, _ = ray.wait([self.pg.ready()], timeout=spec.placement_timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(self.pg)
-            raise MergeInputError(
-                f"cannot place {workers} merge workers of {bundle} ({spec.placement}) on this cluster "
-                f"(resources: {ray.cluster_resources()}); lower cluster.workers, num_cpus or num_gpus"
-            )
-        self.remote_cls = ray.remote(MergeWorker)
+                        "resources (autoscaling)", have, workers, self.bundle, spec.placement_timeout_s)
+        self.pg = placement_group([self.bundle] * workers, strategy=spec.placement)
+        self.remote_cls = ray.remote(MergeActor)
         self.resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
-        self.name_prefix = f"mergescale-merge-{key[:10]}"  # named so operators (and tests) can find them
+        self.name_prefix = f"mergescale-merge-{uuid.uuid4().hex[:10]}"  # named so operators (and tests) can find them
         self.slots = [
             _Slot(i, self.remote_cls.options(
                 **self.resources,
                 name=f"{self.name_prefix}-{i}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-            ).remote(*self.args))
+            ).remote(*self.init_args))
             for i in range(workers)
         ]
-        infos = ray.get([s.actor.info.remote() for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
-        for s, info in zip(self.slots, infos):
-            s.node = info["node"]
         self.replacements = 0
         self.stats_ref = None  # once set, every replacement actor gets the statistics before any merge work
+
+    def start(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str) -> None:
+        from mergescale.merge.inputs import MergeInputError
+
+        ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.placement_timeout_s)
+        if not ready:
+            raise MergeInputError(
+                f"cannot place {self.workers} merge workers of {self.bundle} ({self.spec.placement}) on this cluster "
+                f"(resources: {ray.cluster_resources()}); lower cluster.workers, num_cpus or num_gpus"
+            )
+        self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, self.use_gpu)
+        infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
+        for s, info in zip(self.slots, infos):
+            s.node = info["node"]
 
     def _replace(self, slot: _Slot) -> None:
         """A fresh actor for a dead one, scheduled anywhere (its bundle may have died with its node)."""
@@ -227,8 +178,8 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.replacements += 1
-        slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.args)
-        slot.starting = slot.actor.set_stats.remote(self.stats_ref) if self.stats_ref is not None else slot.actor.info.remote()
+        slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.init_args)
+        slot.starting = slot.actor.setup.remote(*self.args, self.stats_ref)
         slot.node = None
 
     def set_stats(self, stats_json: dict) -> None:
@@ -244,13 +195,17 @@ class ActorPool:
         for slot, q in zip(self.slots, queues):
             slot.queue = q
         failures = 0
+
+        def dispatch(slot):
+            if slot.busy is None and slot.starting is None:
+                batch = slot.queue.popleft() if slot.queue else self._steal()
+                if batch is not None:
+                    upcoming = slot.queue[0][0] if slot.queue else None  # a read-ahead hint for the actor
+                    slot.batch, slot.busy = batch, getattr(slot.actor, method).remote(*make_args(batch, upcoming))
+
         while True:
             for slot in self.slots:
-                if slot.busy is None and slot.starting is None:
-                    batch = slot.queue.popleft() if slot.queue else self._steal()
-                    if batch is not None:
-                        upcoming = slot.queue[0][0] if slot.queue else None  # a read-ahead hint for the actor
-                        slot.batch, slot.busy = batch, getattr(slot.actor, method).remote(*make_args(batch, upcoming))
+                dispatch(slot)
             waiting = {s.busy: s for s in self.slots if s.busy is not None}
             if not waiting and not any(s.queue for s in self.slots):
                 return
@@ -275,13 +230,39 @@ class ActorPool:
                             "" if is_start else f"; its batch of {len(batch)} units is redone")
                 if not is_start:
                     slot.queue.appendleft(batch)
+                self._requeue_unsynced(slot)
                 self._replace(slot)
                 continue
             except ray.exceptions.RayTaskError as e:
                 cause = getattr(e, "cause", None)
                 raise (cause if isinstance(cause, Exception) else e) from None
+            dispatch(slot)  # the actor's next batch first: it works while on_result journals (an fsync) this one
             if not is_start:
                 on_result(slot, batch, result)
+
+    def _requeue_unsynced(self, slot: _Slot) -> None:
+        """A dead actor's rows that were written but whose fdatasync it never confirmed may be lost (with its
+        node's page cache): merge them again."""
+        if slot.unsynced:
+            slot.queue.appendleft(slot.unsynced)
+            slot.unsynced = []
+
+    def flush(self) -> list[int]:
+        """Wait for every actor's last fdatasync; returns the units it made durable. The unconfirmed units of an
+        actor that died meanwhile go back to its queue (run the merge again while any queue is not empty)."""
+        pending = {s.actor.flush.remote(): s for s in self.slots if s.unsynced}
+        durable = []
+        for ref, slot in pending.items():
+            try:
+                ray.get(ref)
+                durable += slot.unsynced
+                slot.unsynced = []
+            except _ACTOR_DIED as e:
+                log.warning("merge worker %d died (%s) before its last rows were durable; they are redone",
+                            slot.index, type(e).__name__)
+                self._requeue_unsynced(slot)
+                self._replace(slot)
+        return durable
 
     def _steal(self) -> list[int] | None:
         donor = max(self.slots, key=lambda s: len(s.queue))
@@ -317,14 +298,26 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
     config = load_config(config)
     if workers is not None:
         config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"workers": workers})})
-    config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
-    method, params = get_method(config.method), config.method_params
     started = _ensure_ray(address, config.cluster)
-    pool = partial = None
+    pool = partial = inputs = None
     t0 = time.time()
     try:
+        pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
+        from mergescale.merge.executor import (
+            build_manifest, config_updates, prepare, progress_bar, run_key, unit_read_bytes,
+        )
+        from mergescale.merge.inputs import MergeInputError
+        from mergescale.merge.methods import get_method
+        from mergescale.merge.statistics import (
+            MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from,
+            thresholds_from, units_per_scope,
+        )
+        from mergescale.merge.writer import PartialOutput
+
+        config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
+        method, params = get_method(config.method), config.method_params
         key = run_key(config, inputs, plan)
-        pool = ActorPool(config, out, plan.layout.fingerprint(), key, config.cluster.workers)  # placed before any output
+        pool.start(config, out, plan.layout.fingerprint(), key)  # output files only once every actor is placed
         t_start, t0 = time.time() - t0, time.time()
         partial = PartialOutput(out, plan.layout, key)
         done = partial.open(resume=resume)
@@ -371,7 +364,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                     sel.finish_pass()
                 stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
             if work.sum_units:
-                parts: dict[int, torch.Tensor] = {}
+                parts: dict = {}  # unit id -> its rows' sums
                 pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
                          lambda slot, batch, res: parts.update(res), max_failures)
                 stats.sums = sums_from(plan, parts)
@@ -385,10 +378,14 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         unit_nodes: dict[int, str] = {}
         warnings: list[str] = []
 
+        def on_durable(unit_ids):
+            partial.journal(unit_ids)  # the actor has fdatasync'ed these rows
+            durable(unit_ids)
+
         def on_merged(slot, batch, res):
             warnings.extend(res["warnings"])
-            partial.journal(res["units"])  # the actor already fdatasync'ed these rows
-            durable(res["units"])
+            on_durable(res["durable"])
+            slot.unsynced = res["units"]
             slot.bytes += res["bytes"]
             slot.seconds += res["seconds"]
             slot.units += len(res["units"])
@@ -399,6 +396,11 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
 
         pool.run("merge", queues(todo), lambda b, upcoming: (b, upcoming), on_merged, max_failures)
+        while True:
+            on_durable(pool.flush())
+            if not any(s.queue for s in pool.slots):
+                break
+            pool.run("merge", [s.queue for s in pool.slots], lambda b, upcoming: (b, upcoming), on_merged, max_failures)
         bar.close()
 
         # -- commit -------------------------------------------------------------------------------------------
@@ -417,16 +419,13 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         if progress:
             print_actor_summary(per_actor)
         return manifest
-    except MergeInputError:
-        if partial is not None:
-            partial.abort()
-        raise
-    except BaseException:
-        if partial is not None:
-            partial.close()  # keep for resume
+    except BaseException as e:
+        if partial is not None:  # bad data: nothing to keep; anything else: keep for resume
+            partial.abort() if isinstance(e, MergeInputError) else partial.close()
         raise
     finally:
-        inputs.close()
+        if inputs is not None:
+            inputs.close()
         if pool is not None:
             pool.shutdown()
         if started:
@@ -434,6 +433,8 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
 
 
 def print_actor_summary(per_actor: list[dict]) -> None:
+    from mergescale.merge.inputs import human_bytes
+
     print(f"{'actor':>5}  {'node':<14}{'units':>7}{'read':>12}{'busy s':>9}{'MB/s':>9}")
     for a in per_actor:
         print(f"{a['actor']:>5}  {str(a['node'])[:12]:<14}{a['units']:>7}{human_bytes(a['bytes_read']):>12}"
@@ -457,5 +458,7 @@ def merge_async(config: MergeConfig | dict | str | Path, out: str | Path | None 
     config = load_config(config)
     out = out or config.out
     if out is None:
+        from mergescale.merge.inputs import MergeInputError
+
         raise MergeInputError("no output directory: pass out= (or set 'out' in the config)")
     return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers, overwrite)

@@ -739,9 +739,11 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     return lo, hi, float(inside.mean())
 
 
-def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None) -> None:
-    """Compile every kernel for tiles of this dtype and expert count (or load them from numba's on-disk cache), so
-    that a timed merge does not pay for compilation; a fresh install's first merge otherwise does it on the way."""
+def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None,
+            methods: list[str] | None = None) -> None:
+    """Compile every kernel (or those of `methods`) for tiles of this dtype and expert count, or load them from
+    numba's on-disk cache, so that a timed merge does not pay for compilation; a fresh install's first merge
+    otherwise does it on the way."""
     if numba is None:
         return
     from mergescale.merge.methods import TileContext, get_method  # methods imports this module
@@ -754,8 +756,12 @@ def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torc
     ctx = TileContext(name="warm_up", shape=(n,), element_offset=0, thresholds=[{"min": 0.01}] * n_experts)
     out = torch.empty(n, dtype=out_dtype or dtype)
     for name in MERGE_KERNELS:
+        if methods is not None and name not in methods:
+            continue
         merge_tile(name, get_method(name).params(), [1.0] * n_experts, ctx, base, experts, out)
     for name in ("ties", "dare_ties"):
+        if methods is not None and name not in methods:
+            continue
         params = get_method(name).params.model_validate({"density": 0.5})
         histograms(name, params, ctx, base, experts, [[RADIX] for _ in experts])
         histograms(name, params, ctx, base, experts, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in experts])
