@@ -254,7 +254,8 @@ weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU on
 ~5 s here, plus shutdown) and everything is in "wall". "running": a Ray head started before that method's runs
 (`ray start --head`, as on a cluster that `ray job submit` or a KubeRay RayJob targets), `address=` given; "wall"
 is the driver process from start to exit, and the head's whole process tree (GCS, raylet, agents, workers) is
-counted in its memory. "merge only" is the manifest's total_s (actor start + statistics + merge + commit).
+counted in its memory. "merge only" is the manifest's total_s (from asking for the actors, which start while the
+driver loads torch and validates the inputs, to the last durable unit: statistics and merge passes, not the commit).
 mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
 same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
 task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9
