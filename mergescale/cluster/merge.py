@@ -73,6 +73,7 @@ class MergeActor:
     def flush(self) -> list[int]:
         return self.worker.flush()
 
+
 @dataclass
 class _Slot:
     """An actor, its queue of batches, and what it is doing: `busy` (a call in flight) or `starting` (a
@@ -262,6 +263,9 @@ class ActorPool:
                             slot.index, type(e).__name__)
                 self._requeue_unsynced(slot)
                 self._replace(slot)
+            except ray.exceptions.RayTaskError as e:  # the fdatasync itself failed (EIO, ENOSPC): say so
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, Exception) else e) from None
         return durable
 
     def _steal(self) -> list[int] | None:
@@ -420,8 +424,10 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             print_actor_summary(per_actor)
         return manifest
     except BaseException as e:
-        if partial is not None:  # bad data: nothing to keep; anything else: keep for resume
-            partial.abort() if isinstance(e, MergeInputError) else partial.close()
+        if partial is not None and isinstance(e, MergeInputError):
+            partial.abort()  # bad data: nothing worth keeping
+        elif partial is not None:
+            partial.close()  # keep for resume
         raise
     finally:
         if inputs is not None:

@@ -1,7 +1,6 @@
 """The merge actor's work: statistics and merge passes over the units the driver hands it (see cluster/merge.py).
 
-Imported only in actor processes (and by the driver once its actors are starting): torch, numba and the merge
-code load here.
+Imported only in actor processes (by MergeActor, as it starts): torch, numba and the merge code load here.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from mergescale.merge.methods import get_method
 from mergescale.merge.selection import StreamingSelector
 from mergescale.merge.statistics import MergeStats, statistics_work
 from mergescale.merge.writer import PartialOutput
-
 
 
 def start_process(method: str, n_experts: int, warm_kernels: bool) -> None:
