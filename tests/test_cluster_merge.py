@@ -174,3 +174,20 @@ def test_driver_places_actors_before_loading_torch():
             "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
+    """An actor whose node sees different input files than the driver (a stale mount) refuses to start; the
+    driver raises that error itself, not Ray's wrapper around it."""
+    from mergescale.cluster.merge import ActorPool
+    from mergescale.config import load_config
+    from mergescale.merge.inputs import MergeInputError
+
+    config = load_config(config_for(micro, "average", 0.05))
+    pool = ActorPool(config, 1)
+    try:
+        with pytest.raises(MergeInputError, match="sees different input files than the driver") as err:
+            pool.start(config, tmp_path / "out", "not-the-driver's-layout", "key")
+        assert type(err.value) is MergeInputError  # Ray's RayTaskError(MergeInputError) subclass carries its traceback
+    finally:
+        pool.shutdown()

@@ -168,7 +168,11 @@ class ActorPool:
                 f"(resources: {ray.cluster_resources()}); lower cluster.workers, num_cpus or num_gpus"
             )
         self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, self.use_gpu)
-        infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
+        try:
+            infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
+        except ray.exceptions.RayTaskError as e:  # e.g. an actor's node sees other input files: that error, as is
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, Exception) else e) from None
         for s, info in zip(self.slots, infos):
             s.node = info["node"]
 
