@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -160,8 +161,14 @@ def test_bad_input_errors_before_output_and_stops_the_actors(micro, tmp_path):
     with pytest.raises(Exception, match="model.safetensors"):
         run_distributed_merge(cfg, out, workers=2, progress=False)
     assert not out.exists()
-    alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
-    assert alive == []
+
+    def alive():
+        return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
+
+    deadline = time.time() + 10  # ray.kill is asynchronous
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert alive() == []
 
 
 def test_driver_places_actors_before_loading_torch():
