@@ -384,6 +384,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         todo = [u for u in plan.units if u.id not in done]
         bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"merge {config.method} on {k} workers", progress)
         unit_nodes: dict[int, str] = {}
+        counted: set[int] = set()  # units already on the progress bar (a dead actor's unconfirmed ones are redone)
         warnings: list[str] = []
 
         def on_durable(unit_ids):
@@ -391,7 +392,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             durable(unit_ids)
 
         def on_merged(slot, batch, res):
-            warnings.extend(res["warnings"])
+            warnings.extend(w for w in res["warnings"] if w not in warnings)  # redone units warn again
             on_durable(res["durable"])
             slot.unsynced = res["units"]
             slot.bytes += res["bytes"]
@@ -400,7 +401,9 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             slot.node, slot.device = res["node"], res["device"]
             for u in res["units"]:
                 unit_nodes[u] = res["node"]
-            bar.update(res["bytes"])
+            fresh = [u for u in res["units"] if u not in counted]
+            counted.update(fresh)
+            bar.update(sum(unit_bytes[u] for u in fresh))
             bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
 
         pool.run("merge", queues(todo), lambda b, upcoming: (b, upcoming), on_merged, max_failures)
