@@ -123,6 +123,13 @@ _ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErro
                ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError)
 
 
+def _cause(e: Exception) -> Exception:
+    """The error an actor's method raised (a MergeInputError naming a file, an OSError from fdatasync), not
+    Ray's RayTaskError wrapper around it."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, Exception) else e
+
+
 class ActorPool:
     """K merge actors in a placement group; dead actors are replaced, idle actors steal queued batches.
 
@@ -171,8 +178,7 @@ class ActorPool:
         try:
             infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.RayTaskError as e:  # e.g. an actor's node sees other input files: that error, as is
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, Exception) else e) from None
+            raise _cause(e) from None
         for s, info in zip(self.slots, infos):
             s.node = info["node"]
 
@@ -239,8 +245,7 @@ class ActorPool:
                 self._replace(slot)
                 continue
             except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else e) from None
+                raise _cause(e) from None
             dispatch(slot)  # the actor's next batch first: it works while on_result journals (an fsync) this one
             if not is_start:
                 on_result(slot, batch, result)
@@ -268,8 +273,7 @@ class ActorPool:
                 self._requeue_unsynced(slot)
                 self._replace(slot)
             except ray.exceptions.RayTaskError as e:  # the fdatasync itself failed (EIO, ENOSPC): say so
-                cause = getattr(e, "cause", None)
-                raise (cause if isinstance(cause, Exception) else e) from None
+                raise _cause(e) from None
         return durable
 
     def _steal(self) -> list[int] | None:
