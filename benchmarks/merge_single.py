@@ -9,8 +9,10 @@ Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + co
 into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.executor.run_merge` in a fresh
 subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
 subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
-worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed first, so every run reads the same (cached) files. Peak RSS is the kernel's
-high-water mark of the child (ru_maxrss) and, as a cross-check, the largest RSS sum seen polling its process tree.
+worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed
+first, so every run reads the same (cached) files. Peak RSS is the kernel's high-water mark of the child
+(ru_maxrss; the child is one process). It is not polled from outside, because polling takes CPU from the run
+being timed (see _common.run_measured).
 """
 
 from __future__ import annotations
@@ -129,11 +131,12 @@ def run_child(kind: str, spec: dict, timeout: float = 3600, root: Path = C.ROOT)
     """Run this script's `kind` child with mergescale imported from `root` (this checkout by default)."""
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, json.dumps(spec)]
-    r = C.run_measured(cmd, env=env, timeout=timeout)
+    # Not polled: the child is one process, so its own ru_maxrss is its exact peak, and a poller would take CPU
+    # from the run being timed (see run_measured).
+    r = C.run_measured(cmd, env=env, timeout=timeout, poll=False)
     if r["rc"] != 0 or r["result"] is None:
         raise RuntimeError(f"{kind} child failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
     res = r["result"]
-    res["poll_peak_rss"] = r["peak_rss"]
     res["wall_s"] = r["wall_s"]
     if spec.get("profile"):
         print(r["stderr"], file=sys.stderr)
@@ -208,7 +211,7 @@ def main(argv=None) -> int:
         ratio = r["time_s"] / floor["time_s"]
         target = TARGETS.get(label)
         ok = (f"{'yes' if ratio <= target else 'NO'} (<= {target}x)") if target else "-"
-        peak = max(r["maxrss"], r["poll_peak_rss"])
+        peak = r["maxrss"]
         rows.append([label, f"{r['time_s']:.2f}", f"{r['timing']['statistics_s']:.2f}", f"{floor['time_s']:.2f}",
                      f"{ratio:.2f}x", ok, f"{in_bytes / r['time_s'] / 1e9:.2f}", C.fmt_bytes(peak),
                      C.fmt_bytes(r["base_rss"]), "yes" if peak < RSS_TARGET else "NO"])
@@ -222,7 +225,7 @@ def main(argv=None) -> int:
     floor = floors[0]
     rows.insert(0, ["I/O floor (all runs)", f"{times[0]:.2f}-{times[-1]:.2f}", "-", "-", "1.00x", "-",
                     f"{in_bytes / times[len(times) // 2] / 1e9:.2f} (median)",
-                    C.fmt_bytes(max(max(f["maxrss"], f["poll_peak_rss"]) for f in floors)), C.fmt_bytes(floor["base_rss"]), "-"])
+                    C.fmt_bytes(max(f["maxrss"] for f in floors)), C.fmt_bytes(floor["base_rss"]), "-"])
     table = C.markdown_table(headers, rows)
     print()
     print(table)
@@ -247,7 +250,8 @@ experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_by
 dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
 imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
 size, single thread; one floor run right before every merge run, and each method is compared with the floor run
-paired with its best run (the disk's write speed drifts). Peak RSS: max of the child's ru_maxrss and the polled RSS of its process tree (includes
+paired with its best run (the disk's write speed drifts). Peak RSS: the child's ru_maxrss, the kernel's high-water mark of its resident set, mapped file pages included
+(one process, so exact; not polled, since a 50 Hz poller took 1.1-1.3 CPU-s per run from these 2 cores; includes
 ~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
 
 {table}
