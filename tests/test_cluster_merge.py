@@ -183,6 +183,26 @@ def test_driver_places_actors_before_loading_torch():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
+
+def test_driver_of_a_merge_without_statistics_never_loads_torch(micro, tmp_path):
+    """A method without a statistics pass (average) is validated, planned, handed out and committed by a driver
+    that never imports torch or numba (its actors do): a lighter head node, and no torch teardown at exit. Run in
+    a fresh interpreter with its own embedded Ray; the output is the single-process merge's."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from mergescale.cluster.merge import run_distributed_merge\n"
+            "run_distributed_merge(json.loads(sys.argv[1]), sys.argv[2], workers=1, progress=False)\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'numba') if m in sys.modules)))\n")
+    cfg = config_for(micro, "average", 0.003, 1)
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(cfg), str(tmp_path / "dist")], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []
+    run_merge(cfg, tmp_path / "single", progress=False)
+    assert shard_bytes(tmp_path / "dist") == shard_bytes(tmp_path / "single")
+
 def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
     """An actor whose node sees different input files than the driver (a stale mount) refuses to start; the
     driver raises that error itself, not Ray's wrapper around it."""

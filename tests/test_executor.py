@@ -175,13 +175,13 @@ def test_fixture_families_are_sharded(family, micro, bf16, scaled):
 def test_merge_pass_scans_for_non_finite_only_without_a_kernel(bf16, tmp_path, monkeypatch, method, scans):
     """The fused kernels see every input value and fall back on NaN/inf, so clean units merged by a kernel are not
     scanned a second time; a method without a kernel applies the policy to every float unit first."""
-    from mergescale.merge import inputs, kernels
+    from mergescale.merge import kernels, reader
 
     if not kernels.available():
         pytest.skip("numba kernels not available")
     scanned = []
-    real = inputs.all_finite
-    monkeypatch.setattr(inputs, "all_finite", lambda t: (scanned.append(t.numel()), real(t))[1])
+    real = reader.all_finite
+    monkeypatch.setattr(reader, "all_finite", lambda t: (scanned.append(t.numel()), real(t))[1])
     experts = bf16.expert_strs[:2]
     manifest = merge({"method": method, "base": str(bf16.base), "experts": experts,
                       **({"parameters": {"t": 0.3}} if method == "slerp" else {})}, tmp_path / "out")

@@ -433,3 +433,21 @@ def test_every_registered_method_has_a_signature_and_back():
     from mergescale.merge.methods import REGISTRY
 
     assert sorted(REGISTRY) == sorted(SIGNATURES)
+
+
+def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
+    """A Ray driver skips the statistics pass, and torch, for methods whose signature has statistics=False; so
+    registering one that has a selection or row sums under such a signature fails, and none of the registered
+    ones does."""
+    from mergescale.merge.methods import REGISTRY, MergeMethod, Selection, register, ties_ranks
+
+    with pytest.raises(ValueError, match="needs statistics"):
+        register(MergeMethod(name="average", merge=REGISTRY["average"].merge,
+                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
+    with pytest.raises(ValueError, match="needs statistics"):
+        register(MergeMethod(name="task_arithmetic", merge=REGISTRY["task_arithmetic"].merge,
+                             row_stats=lambda base, experts, p: None))
+    quiet = [name for name, m in REGISTRY.items() if not m.signature.statistics]
+    assert sorted(quiet) == ["average", "dare_linear", "task_arithmetic"]
+    for name in quiet:
+        assert REGISTRY[name].selection(REGISTRY[name].params()) is None and REGISTRY[name].row_stats is None

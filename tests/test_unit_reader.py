@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mergescale.config import load_config
-from mergescale.merge.inputs import MergeInputError, UnitReader, open_inputs, plan_merge, read_unit
+from mergescale.merge.inputs import MergeInputError, open_inputs, plan_merge
+from mergescale.merge.reader import UnitReader, read_unit
 from tests.conftest import load_sd, write_like
 
 BAD = "model.layers.0.mlp.down_proj.weight"

@@ -4,7 +4,7 @@ The flow mirrors the single-process executor (mergescale.merge.executor) and cal
 math, so the output is byte-identical for any number of actors:
 
     driver: place and start the actors (they load torch and the kernels meanwhile)
-    driver: validate + plan (headers only)  ->  create the partial output (shard files with headers)
+    driver: validate + plan (headers only, no torch)  ->  create the partial output (shard files with headers)
     actors: statistics passes on their units -> histograms / row sums  ->  driver adds them, sends thresholds
     actors: merge pass, pwrite rows into the shared shard files, fdatasync in the background  ->  the next call
             reports them durable  ->  driver journals them
@@ -29,9 +29,9 @@ import ray
 
 from mergescale.config import MergeConfig, load_config
 
-# Nothing above imports torch: the driver creates its actors first, and they load torch, numba and the compiled
-# kernels (seconds) while the driver loads its own and validates the inputs. The merge code is imported below,
-# in run_distributed_merge, once the actors are starting.
+# Nothing here imports torch: the driver creates its actors first, and they load torch, numba and the compiled
+# kernels (seconds) while the driver validates the inputs from their headers. The driver loads torch itself only
+# for a method with a statistics pass (`_statistics`), whose thresholds or sums it computes from the actors'.
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -315,19 +315,12 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
     t0 = time.time()
     try:
         pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
-        from mergescale.merge.executor import (
-            build_manifest, config_updates, prepare, progress_bar, run_key, unit_read_bytes,
-        )
-        from mergescale.merge.inputs import MergeInputError
-        from mergescale.merge.methods import get_method
-        from mergescale.merge.statistics import (
-            MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from,
-            thresholds_from, units_per_scope,
-        )
+        from mergescale.merge.inputs import MergeInputError, prepare, progress_bar, unit_read_bytes
+        from mergescale.merge.manifest import build_manifest, config_updates, run_key
+        from mergescale.merge.method_params import SIGNATURES
         from mergescale.merge.writer import PartialOutput
 
         config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
-        method, params = get_method(config.method), config.method_params
         key = run_key(config, inputs, plan)
         pool.start(config, out, plan.layout.fingerprint(), key)  # output files only once every actor is placed
         t_start, t0 = time.time() - t0, time.time()
@@ -347,42 +340,14 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         def queues(units):
             return balanced_batches(units, unit_bytes, k)
 
-        # -- statistics ---------------------------------------------------------------------------------------
-        stats = partial.load_stats(MergeStats.from_json)
-        if stats is None:
-            stats = MergeStats()
-            work = statistics_work(method, params, plan, len(inputs.experts))
-            if work.selector is not None:
-                sel = work.selector
-                sample_windows(config, method, params, plan, inputs, work)  # a few MB read here, on the driver
-                pass_no = 0
-                while not sel.done:
-                    pass_no += 1
-                    todo = pending_units(sel, work.selection_units, work.global_selection)
-                    bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"thresholds pass {pass_no} on {k} workers",
-                                       progress)
-                    left = units_per_scope(todo, work.global_selection)
-
-                    def add_counts(slot, batch, counts, bar=bar, left=left):
-                        sel.merge_from(counts)  # and finish each stream as soon as all its units are counted
-                        finish_complete_streams(sel, left, [units_by_id[u] for u in batch], work.global_selection,
-                                                len(inputs.experts))
-                        bar.update(sum(unit_bytes[u] for u in batch))
-
-                    windows = sel.windows()
-                    pool.run("selection", queues(todo), lambda b, upcoming, ws=windows: (b, ws, upcoming), add_counts,
-                             max_failures)
-                    bar.close()
-                    sel.finish_pass()
-                stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
-            if work.sum_units:
-                parts: dict = {}  # unit id -> its rows' sums
-                pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
-                         lambda slot, batch, res: parts.update(res), max_failures)
-                stats.sums = sums_from(plan, parts)
-            partial.save_stats(stats.to_json())
+        # -- statistics (only methods that can need them load torch and the statistics code here) --------------
+        stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
+        if SIGNATURES[config.method].statistics:
+            stats = _statistics(pool, config, plan, inputs, partial, queues, unit_bytes, units_by_id, max_failures,
+                                progress)
+            stats_json, global_thresholds = stats.to_json(), stats.global_thresholds()
         t_stats = time.time() - t0
-        pool.set_stats(stats.to_json())
+        pool.set_stats(stats_json)
 
         # -- merge pass ---------------------------------------------------------------------------------------
         todo = [u for u in plan.units if u.id not in done]
@@ -429,7 +394,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                   "units_resumed": len(done), "actor_replacements": pool.replacements}
         extra = {"distributed": {"workers": k, "placement": config.cluster.placement, "actors": per_actor,
                                  "unit_nodes": {str(u): n for u, n in sorted(unit_nodes.items())}}}
-        manifest = build_manifest(config, inputs, plan, stats, timing, warnings, extra)
+        manifest = build_manifest(config, inputs, plan, global_thresholds, timing, warnings, extra)
         manifest = partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
         if progress:
             print_actor_summary(per_actor)
@@ -447,6 +412,55 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             pool.shutdown()
         if started:
             ray.shutdown()
+
+
+def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, queues, unit_bytes: dict,
+                units_by_id: dict, max_failures: int, progress: bool):
+    """The statistics passes on the actors (thresholds: 1-3 counting passes; whole-tensor sums: one pass), or the
+    statistics a killed run already saved in the partial output. Returns the MergeStats."""
+    from mergescale.merge.inputs import progress_bar
+    from mergescale.merge.methods import get_method
+    from mergescale.merge.statistics import (
+        MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from,
+        thresholds_from, units_per_scope,
+    )
+
+    stats = partial.load_stats(MergeStats.from_json)
+    if stats is not None:
+        return stats
+    stats, k = MergeStats(), len(pool.slots)
+    method, params = get_method(config.method), config.method_params
+    work = statistics_work(method, params, plan, len(inputs.experts))
+    if work.selector is not None:
+        sel = work.selector
+        sample_windows(config, method, params, plan, inputs, work)  # a few MB read here, on the driver
+        pass_no = 0
+        while not sel.done:
+            pass_no += 1
+            todo = pending_units(sel, work.selection_units, work.global_selection)
+            bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"thresholds pass {pass_no} on {k} workers",
+                               progress)
+            left = units_per_scope(todo, work.global_selection)
+
+            def add_counts(slot, batch, counts, bar=bar, left=left):
+                sel.merge_from(counts)  # and finish each stream as soon as all its units are counted
+                finish_complete_streams(sel, left, [units_by_id[u] for u in batch], work.global_selection,
+                                        len(inputs.experts))
+                bar.update(sum(unit_bytes[u] for u in batch))
+
+            windows = sel.windows()
+            pool.run("selection", queues(todo), lambda b, upcoming, ws=windows: (b, ws, upcoming), add_counts,
+                     max_failures)
+            bar.close()
+            sel.finish_pass()
+        stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
+    if work.sum_units:
+        parts: dict = {}  # unit id -> its rows' sums
+        pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
+                 lambda slot, batch, res: parts.update(res), max_failures)
+        stats.sums = sums_from(plan, parts)
+    partial.save_stats(stats.to_json())
+    return stats
 
 
 def print_actor_summary(per_actor: list[dict]) -> None:

@@ -15,19 +15,41 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# Headers, names, shapes and dtypes need no torch: a Ray driver validates and plans a merge with this module
+# without loading torch (its actors load it). Only the reads below import it.
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+# safetensors dtype code -> (bytes per element, torch dtype name)
+SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
 }
-TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code ("BF16" -> torch.bfloat16)."""
+    import torch
+
+    return getattr(torch, SAFETENSORS_DTYPES[code][1])
+
+
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    """The safetensors code of a torch dtype (torch.bfloat16 -> "BF16")."""
+    name = str(dtype).removeprefix("torch.")
+    for code, (_, torch_name) in SAFETENSORS_DTYPES.items():
+        if torch_name == name:
+            return code
+    raise ValueError(f"no safetensors dtype for {dtype}")
 MAX_HEADER = 100 * 2**20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python's mmap module may not name it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -48,7 +70,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def numel(self) -> int:
@@ -111,7 +133,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, path, data_start + int(begin), int(end) - int(begin))
-        itemsize = torch.empty((), dtype=info.torch_dtype).element_size()
+        itemsize = SAFETENSORS_DTYPES[dtype][0]
         if info.nbytes != info.numel * itemsize or begin < 0:
             raise CheckpointError(
                 f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape {list(shape)} {dtype}"
@@ -205,6 +227,8 @@ class Checkpoint:
                 "arbitrary code, so it is not loaded by default. Convert to safetensors, or set allow_pickle: true "
                 "(loaded with torch.load(weights_only=True))."
             )
+        import torch
+
         tensors: dict[str, TensorInfo] = {}
         headers: dict[str, bytes] = {}
         for f in files:
@@ -219,7 +243,7 @@ class Checkpoint:
                     continue
                 t = t.contiguous()
                 self._pickled[name] = t
-                tensors[name] = TensorInfo(name, TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape), f, -1, t.numel() * t.element_size())
+                tensors[name] = TensorInfo(name, safetensors_dtype(t.dtype), tuple(t.shape), f, -1, t.numel() * t.element_size())
         return files, tensors, headers
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -241,6 +265,8 @@ class Checkpoint:
         if name in self._pickled:
             t = self._pickled[name]
             return (t[start:end] if info.shape else t).clone()
+        import torch
+
         row_bytes = info.rows_nbytes(0, 1)
         nbytes = info.rows_nbytes(start, end)
         buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
@@ -276,6 +302,8 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r} "
                                       f"(bytes {begin}-{begin + nbytes}; file truncated while reading?)") from None
             np.frombuffer(mm, np.uint8)[::mmap.PAGESIZE].max()  # older kernels: touch every page instead
+        import torch
+
         shape = (end - start,) + info.shape[1:] if info.shape else ()
         return torch.from_numpy(np.frombuffer(mm, np.uint8, nbytes, skip)).view(info.torch_dtype).reshape(shape)
 

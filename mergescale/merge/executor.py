@@ -13,27 +13,24 @@ are planned lives in mergescale.merge.statistics.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-import mergescale
-from mergescale.config import MergeConfig, load_config
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.config import MergeConfig
+from mergescale.merge.checkpoint import torch_dtype
 from mergescale.merge.inputs import (
-    MergeInputError, MergeInputs, MergePlan, Unit, UnitReader, check_finite, check_output, human_bytes, open_inputs,
-    plan_merge,
+    MergeInputError, MergeInputs, MergePlan, Unit, human_bytes, prepare, progress_bar, unit_read_bytes,
 )
+from mergescale.merge.manifest import build_manifest, config_updates, run_key
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
+from mergescale.merge.reader import UnitReader, check_finite
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
 from mergescale.merge.statistics import (
-    GLOBAL, MergeStats, finish_complete_streams, pending_units, plan_tensor, sample_windows, scope_of,
+    MergeStats, finish_complete_streams, pending_units, plan_tensor, sample_windows, scope_of,
     statistics_work, sums_from, thresholds_from, tile_context, units_per_scope,
 )
 from mergescale.merge.writer import PartialOutput
@@ -166,7 +163,7 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     (the non-finite policy, for tiles read unchecked) runs unless a fused kernel merged the unit: a kernel that
     succeeds has seen only finite inputs (it falls back on any NaN or inf)."""
     info = plan_tensor(plan, unit.name)
-    out_dtype = SAFETENSORS_DTYPES[plan.out_dtypes[unit.name]]
+    out_dtype = torch_dtype(plan.out_dtypes[unit.name])
     if not info.is_float:  # a copy: the input tile's read buffer is reused while this one is being written
         return (base if base is not None else experts[0]).to(out_dtype, copy=True)
     scope = scope_of(unit.name, global_sel)
@@ -226,14 +223,6 @@ def deferred_check(inputs: MergeInputs, config, unit: Unit, base, experts, warni
                                 config.on_nonfinite, warnings)
 
 
-def progress_bar(total: int, desc: str, progress: bool):
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
-
-
-def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
-    return sum(c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end) for c in inputs.all)
-
-
 def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, reader: UnitReader, progress: bool,
                        warnings: list[str]) -> MergeStats:
     work = statistics_work(method, params, plan, len(inputs.experts))
@@ -267,37 +256,6 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
 # The whole merge
 
 
-def run_key(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
-    """Identity of a run: a partial output is resumed only by a run with the same config, inputs and layout."""
-    h = hashlib.sha256()
-    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster", "read"}), sort_keys=True).encode())
-    h.update(json.dumps([c.fingerprint() for c in inputs.all], sort_keys=True).encode())
-    h.update(plan.layout.fingerprint().encode())
-    return h.hexdigest()
-
-
-def build_manifest(config: MergeConfig, inputs: MergeInputs, plan: MergePlan, stats: MergeStats, timing: dict,
-                   warnings: list[str], extra: dict | None = None) -> dict:
-    def model_entry(c):
-        return {"path": str(c.path), "files": c.fingerprint()}
-
-    thresholds = {scope: th for scope, th in stats.thresholds.items() if scope == GLOBAL}
-    return {
-        "mergescale_version": mergescale.__version__,
-        "created_unix": time.time(),
-        "config": config.model_dump(mode="json", by_alias=True),
-        "inputs": {
-            "base": model_entry(inputs.base) if inputs.base is not None else None,
-            "experts": [model_entry(c) for c in inputs.experts],
-        },
-        "plan": {"tensors": len(plan.tensors), "units": len(plan.units), "bytes_written": plan.write_bytes},
-        "global_thresholds": thresholds or None,
-        "timing": timing,
-        "warnings": list(dict.fromkeys(warnings)),  # a unit read by several passes warns once
-        **(extra or {}),
-    }
-
-
 def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
     work = statistics_work(get_method(config.method), config.method_params, plan, len(inputs.experts))
     passes = "1-3 threshold passes over the whole model (1 when the sampled brackets hold) + " if work.global_selection else ""
@@ -318,23 +276,6 @@ def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> 
         f"est. peak memory  {human_bytes(plan.estimated_peak_bytes())} per process (independent of model size; lower with tile_mb)",
     ]
     return "\n".join(lines)
-
-
-def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, overwrite: bool):
-    """Everything before the first byte is written: config, inputs, validation, plan."""
-    config = load_config(config)
-    out = out or config.out
-    if out is None:
-        raise MergeInputError("no output directory: pass --out DIR (or set 'out' in the config)")
-    out = Path(out).absolute()
-    inputs = open_inputs(config)
-    try:
-        check_output(out, overwrite, [c.path for c in inputs.all])
-        plan = plan_merge(config, inputs)
-    except BaseException:
-        inputs.close()
-        raise
-    return config, out, inputs, plan
 
 
 def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *, overwrite: bool = False,
@@ -379,7 +320,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         bar.close()
         timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3),
                   "units_total": len(plan.units), "units_resumed": len(done)}
-        manifest = build_manifest(config, inputs, plan, stats, timing, warnings)
+        manifest = build_manifest(config, inputs, plan, stats.global_thresholds(), timing, warnings)
         return partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
     except MergeInputError:
         partial.abort()  # bad data: a rerun would fail the same way, nothing worth keeping
@@ -390,8 +331,3 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
     finally:
         reader.close()
         inputs.close()
-
-
-def config_updates(config: MergeConfig) -> dict:
-    """config.json changes for the output: its dtype when out_dtype overrides the base's."""
-    return {"dtype": config.out_dtype} if config.out_dtype else {}

@@ -1,27 +1,24 @@
 """Opening and validating a merge's inputs, and cutting the work into units. Nothing here writes anything.
 
-All checks that can be made from headers and configs run before any output exists: every model opens (corrupt or
-truncated files are named), base and experts hold the same tensor names and shapes, the architectures agree, the
-output location is free. Non-finite values need the data, so they are caught while tiles are read (`read_unit`) or,
-on the fused kernels' path, as they are merged (`check_finite` then runs only where a kernel found some).
+All checks that can be made from headers and configs run before any output exists (`prepare`): every model opens
+(corrupt or truncated files are named), base and experts hold the same tensor names and shapes, the architectures
+agree, the output location is free. Non-finite values need the data, so they are caught as tiles are read
+(mergescale.merge.reader) or, on the fused kernels' path, as they are merged.
+
+No torch here: a Ray driver validates and plans with this module while its actors load torch.
 """
 
 from __future__ import annotations
 
-import logging
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from mergescale.config import MergeConfig
-from mergescale.merge import kernels
-from mergescale.merge.checkpoint import TORCH_TO_SAFETENSORS, Checkpoint, CheckpointError, TensorInfo, resolve_model_dir
+from mergescale.config import MergeConfig, load_config
+from mergescale.merge.checkpoint import Checkpoint, CheckpointError, TensorInfo, resolve_model_dir
 from mergescale.merge.writer import METADATA_FILES, OutputLayout
 
-log = logging.getLogger(__name__)
 SHOW = 5  # how many names of each kind an error lists
+OUT_DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # config.out_dtype -> safetensors code
 
 
 class MergeInputError(ValueError):
@@ -184,11 +181,9 @@ class MergePlan:
 
 def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     ref = inputs.layout_source
-    forced = getattr(torch, config.out_dtype) if config.out_dtype else None
+    forced = OUT_DTYPE_CODES[config.out_dtype] if config.out_dtype else None
     tensors = list(ref.tensors.values())
-    out_dtypes = {
-        t.name: (TORCH_TO_SAFETENSORS[forced] if (forced is not None and t.is_float) else t.dtype) for t in tensors
-    }
+    out_dtypes = {t.name: (forced if (forced is not None and t.is_float) else t.dtype) for t in tensors}
     units, units_of = [], {}
     for t in tensors:
         rows_per_tile = max(1, config.tile_bytes // max(1, t.row_numel * 4))
@@ -210,147 +205,6 @@ def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     )
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff every value of a float tensor is finite. A float sum is NaN or inf whenever any term is (NaN and inf
-    propagate through every addition order), so one cheap reduction in the stored dtype settles the common case;
-    only a non-finite sum (a bad value, or an overflow of the sum itself) pays for the exact elementwise check.
-    bf16/float32 tiles on the CPU take a compiled scan of the exponent bits instead (several times faster)."""
-    bad = kernels.count_nonfinite(t)
-    if bad is not None:
-        return bad == 0
-    try:
-        if bool(torch.isfinite(t.sum())):
-            return True
-    except RuntimeError:  # dtypes without a CPU sum (float8): exact check only
-        pass
-    return bool(torch.isfinite(t).all())
-
-
-def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list[str] | None = None,
-              convert: bool = True, buffers: list[torch.Tensor] | None = None, mapped: bool = False):
-    """Rows of the unit from the base (None without one) and every expert, as float32 (integers stay as stored).
-
-    convert=False keeps float tiles in their stored dtype (callers convert small chunks as they compute, which
-    is much faster than converting whole tiles); `buffers` (one uint8 tensor per model, base first) are reused
-    for the reads, or with mapped=True the rows are mapped from the page cache instead (`Checkpoint.map_rows`).
-    Non-finite values: see `check_finite` ('ignore': the caller deals with them itself).
-    """
-    tiles = []
-    for j, c in enumerate(inputs.all):
-        if mapped:
-            t = c.map_rows(unit.name, unit.row_start, unit.row_end)
-        else:
-            t = c.read_rows(unit.name, unit.row_start, unit.row_end, out=buffers[j] if buffers is not None else None)
-        tiles.append(t)
-    check_finite(inputs, unit, tiles, on_nonfinite, warnings)
-    if convert:
-        tiles = [t.to(torch.float32) if c.tensors[unit.name].is_float else t for c, t in zip(inputs.all, tiles)]
-    if inputs.base is None:
-        return None, tiles
-    return tiles[0], tiles[1:]
-
-
-def check_finite(inputs: MergeInputs, unit: Unit, tiles: list[torch.Tensor], on_nonfinite: str,
-                 warnings: list[str] | None = None) -> None:
-    """Apply the non-finite policy to a unit's tiles (base first, as `inputs.all`): an error naming the model and
-    tensor, or a warning with on_nonfinite='warn'; 'ignore' checks nothing."""
-    if on_nonfinite == "ignore":
-        return
-    for c, t in zip(inputs.all, tiles, strict=True):
-        if not c.tensors[unit.name].is_float or all_finite(t):
-            continue
-        bad = int((~torch.isfinite(t)).sum())
-        msg = (f"{c.path}: tensor {unit.name!r} (rows {unit.row_start}-{unit.row_end}, file "
-               f"{c.tensors[unit.name].file.name}) has {bad} non-finite values (NaN/inf)")
-        if on_nonfinite == "error":
-            raise MergeInputError(msg + "; set on_nonfinite: warn to merge anyway")
-        log.warning(msg)
-        if warnings is not None:
-            warnings.append(msg)
-
-
-class UnitReader:
-    """Reads units (`read_unit`, stored dtype) one ahead of the caller, on a thread. read='mmap' maps them from the
-    page cache (no copy: ~4x less CPU than `preadv` on cached files, which on a small node is CPU the kernels
-    need); read='pread' copies them into two sets of raw buffers used in turn (a fresh 64 MB tile per model and
-    unit would cost more in page faults than the read itself).
-
-    `get(unit)`'s tiles stay valid until the next `get`. `prefetch(unit)` starts the read the caller will ask for
-    next; a prefetch that turns out wrong (a Ray actor's hint of its next batch, which another actor took) is
-    waited out and dropped, its errors and warnings with it (whoever merges that unit reads it again).
-
-    check=False skips the non-finite scan (a pass over every byte) for a caller that applies `check_finite`
-    itself only when it needs to: the fused kernels detect non-finite inputs as they compute."""
-
-    def __init__(self, inputs: MergeInputs, on_nonfinite: str, read: str = "mmap"):
-        if read not in ("mmap", "pread"):
-            raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
-        self.inputs, self.on_nonfinite, self.mapped = inputs, on_nonfinite, read == "mmap"
-        self._slots: list[list[torch.Tensor]] = [[], []]
-        self._next = 0  # the slot the next read goes into (the caller holds the other one)
-        self._pending = None  # (unit, future of (base, experts, warnings, checked))
-        self._pool: ThreadPoolExecutor | None = None
-
-    def _read(self, unit: Unit, slot: int, check: bool = True):
-        warnings, policy = [], self.on_nonfinite if check else "ignore"
-        if self.mapped:
-            base, experts = read_unit(self.inputs, unit, policy, warnings, convert=False, mapped=True)
-            return base, experts, warnings, check
-        buffers = self._slots[slot]
-        for j, c in enumerate(self.inputs.all):
-            need = c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end)
-            if j == len(buffers):
-                buffers.append(torch.empty(0, dtype=torch.uint8))
-            if buffers[j].numel() < need:
-                buffers[j] = torch.empty(need, dtype=torch.uint8)
-        base, experts = read_unit(self.inputs, unit, policy, warnings, convert=False, buffers=buffers)
-        return base, experts, warnings, check
-
-    def prefetch(self, unit: Unit, check: bool = True) -> None:
-        self._drop()
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mergescale-read")
-        self._pending = (unit, self._pool.submit(self._read, unit, self._next, check))
-
-    def get(self, unit: Unit, warnings: list[str] | None = None, check: bool = True):
-        """(base, experts) of the unit; its non-finite warnings are added to `warnings`."""
-        pending = self._pending
-        if pending is not None and pending[0] == unit:
-            self._pending = None
-            base, experts, warns, checked = pending[1].result()
-            if check and not checked:  # prefetched for a caller that checks itself; this one does not
-                tiles = ([base] if base is not None else []) + experts
-                check_finite(self.inputs, unit, tiles, self.on_nonfinite, warns)
-        else:
-            self._drop()
-            base, experts, warns, _ = self._read(unit, self._next, check)
-        self._next ^= 1
-        if warnings is not None:
-            warnings.extend(warns)
-        return base, experts
-
-    def stream(self, units: list[Unit], warnings: list[str] | None = None, then: Unit | None = None,
-               check: bool = True):
-        """Yield (unit, base, experts) for each unit, reading the next one meanwhile (after the last: `then`)."""
-        for i, unit in enumerate(units):
-            base, experts = self.get(unit, warnings, check)
-            following = units[i + 1] if i + 1 < len(units) else then
-            if following is not None:
-                self.prefetch(following, check)
-            yield unit, base, experts
-
-    def _drop(self) -> None:
-        if self._pending is not None:
-            wait([self._pending[1]])  # its buffers are about to be reused; its outcome does not matter
-            self._pending = None
-
-    def close(self) -> None:
-        self._drop()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -358,3 +212,29 @@ def human_bytes(n: float) -> str:
         n /= 1000
     return f"{n:.1f} TB"
 
+
+def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
+    return sum(c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end) for c in inputs.all)
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
+
+
+def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, overwrite: bool):
+    """Everything before the first byte is written: config, inputs, validation, plan."""
+    config = load_config(config)
+    out = out or config.out
+    if out is None:
+        raise MergeInputError("no output directory: pass --out DIR (or set 'out' in the config)")
+    out = Path(out).absolute()
+    inputs = open_inputs(config)
+    try:
+        check_output(out, overwrite, [c.path for c in inputs.all])
+        plan = plan_merge(config, inputs)
+    except BaseException:
+        inputs.close()
+        raise
+    return config, out, inputs, plan

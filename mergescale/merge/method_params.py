@@ -66,15 +66,18 @@ class MethodSignature:
     uses_weights: bool = False  # per-expert weights (experts[].weight); the others refuse weights != 1
     min_experts: int = 1
     max_experts: int | None = None
+    # May need a statistics pass before merging (selection thresholds, or whole-tensor sums). Without one, a Ray
+    # driver hands out the merge pass at once and never loads torch or the statistics code.
+    statistics: bool = False
 
 
 SIGNATURES: dict[str, MethodSignature] = {
     "average": MethodSignature(AverageParams, needs_base=False, uses_weights=True),
     "task_arithmetic": MethodSignature(TaskArithmeticParams, uses_weights=True),
-    "ties": MethodSignature(TiesParams),
+    "ties": MethodSignature(TiesParams, statistics=True),
     "dare_linear": MethodSignature(DareLinearParams, uses_weights=True),
-    "dare_ties": MethodSignature(DareTiesParams),
-    "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2),
-    "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True),
-    "model_stock": MethodSignature(ModelStockParams, min_experts=2),
+    "dare_ties": MethodSignature(DareTiesParams, statistics=True),
+    "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2, statistics=True),
+    "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True, statistics=True),
+    "model_stock": MethodSignature(ModelStockParams, min_experts=2, statistics=True),
 }

@@ -252,6 +252,10 @@ def bounds(th: dict[str, float]) -> tuple[float, float]:
 # Parameters (validated by the config schema) and the registry
 
 
+def no_selection(params: _Params) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered method: how to merge one tile given its context, and the statistics it needs. What it accepts
@@ -259,7 +263,7 @@ class MergeMethod:
 
     name: str
     merge: Callable[..., torch.Tensor]  # (base, experts, weights, params, ctx) -> tensor
-    selection: Callable[[_Params], Selection | None] = lambda p: None
+    selection: Callable[[_Params], Selection | None] = no_selection
     # Per-expert values whose order statistics `selection` asks for (|tau|, or |DARE(tau)|).
     magnitudes: Callable[..., list[torch.Tensor]] | None = None
     # Per-row float64 sums [rows, S] whose column totals over the whole tensor the method needs.
@@ -286,6 +290,9 @@ REGISTRY: dict[str, MergeMethod] = {}
 def register(method: MergeMethod) -> MergeMethod:
     if method.name not in SIGNATURES:
         raise KeyError(f"method {method.name!r} has no entry in method_params.SIGNATURES (its parameters and inputs)")
+    if not SIGNATURES[method.name].statistics and (method.selection is not no_selection or method.row_stats is not None):
+        # the Ray driver would skip the statistics pass it needs
+        raise ValueError(f"method {method.name!r} needs statistics but its signature says statistics=False")
     if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
         method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
     if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mergescale.config import MergeConfig
-from mergescale.merge.inputs import MergeInputs, MergePlan, Unit, read_unit
+from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals
+from mergescale.merge.reader import read_unit
 from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around
 
 GLOBAL = "*"
@@ -32,6 +33,10 @@ class MergeStats:
     def to_json(self) -> dict:
         # Python floats round-trip exactly through JSON, so a resumed run uses bitwise the same statistics.
         return {"thresholds": self.thresholds, "sums": {k: v.tolist() for k, v in self.sums.items()}}
+
+    def global_thresholds(self) -> dict | None:
+        """The whole-model thresholds, for the manifest (per-tensor ones are too many to list)."""
+        return {GLOBAL: self.thresholds[GLOBAL]} if GLOBAL in self.thresholds else None
 
     @classmethod
     def from_json(cls, d: dict) -> "MergeStats":

@@ -19,11 +19,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.shard_hash import ShardHashes
+
+if TYPE_CHECKING:
+    import torch
+
+# No torch at import: a Ray driver plans the layout and commits with this module, and only its actors (which
+# call write_rows) load torch.
 
 METADATA_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -88,7 +93,7 @@ class OutputLayout:
             n = 1
             for s in shape:
                 n *= s
-            nbytes = n * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+            nbytes = n * SAFETENSORS_DTYPES[dtype][0]
             if groups[-1] and size + nbytes > max_shard_size:
                 groups.append([])
                 size = 0
@@ -223,6 +228,8 @@ class PartialOutput:
     # -- writing ---------------------------------------------------------------------------------------------
     def write_rows(self, name: str, row_start: int, tile: torch.Tensor) -> int:
         """Write a tile (already in the output dtype) at rows [row_start, ...) of tensor `name`."""
+        import torch
+
         t = self.layout.tensors[name]
         data = tile.contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = t.offset + row_start * t.row_bytes

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from mergescale.merge.checkpoint import TORCH_TO_SAFETENSORS, Checkpoint, CheckpointError
+from mergescale.merge.checkpoint import Checkpoint, CheckpointError, safetensors_dtype
 from mergescale.merge.writer import OutputLayout, PartialOutput, fsync_file
 
 METRICS = "metrics.jsonl"
@@ -33,7 +33,7 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
                 metrics: Path | None, shard_size: int, overwrite: bool) -> dict:
     """Write out/ atomically; returns the manifest as written (with shard digests)."""
     tensors = select_tensors(state_dict, base)
-    layout = OutputLayout.plan([(n, TORCH_TO_SAFETENSORS[t.dtype], tuple(t.shape)) for n, t in tensors.items()], shard_size)
+    layout = OutputLayout.plan([(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()], shard_size)
     partial = PartialOutput(out, layout, run_key=manifest["data"]["fingerprint"])
     partial.open(resume=False)
     try:
