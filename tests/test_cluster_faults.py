@@ -18,7 +18,8 @@ import pytest
 import ray
 import yaml
 
-from mergescale.cluster.merge import UNIT_DELAY_ENV, run_distributed_merge
+from mergescale.cluster.merge import run_distributed_merge
+from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.merge.executor import run_merge
 from mergescale.merge.writer import partial_dir
 
@@ -74,17 +75,17 @@ def test_actor_killed_mid_merge_is_replaced_and_output_identical(micro, expected
     """Both actors are killed once some units are journaled. Journaled units came from an actor that has returned
     two merge calls (a batch is reported durable by the call after it), so at least one dead actor had written
     rows it had not confirmed as synced: those are merged again, not trusted."""
-    import mergescale.cluster.merge as cm
+    import mergescale.cluster.pool as cp
 
     out = tmp_path / "merged"
     result, requeued = {}, []
-    real_requeue = cm.ActorPool._requeue_unsynced
+    real_requeue = cp.ActorPool._requeue_unsynced
 
     def recording_requeue(self, slot):
         requeued.extend(slot.unsynced)
         real_requeue(self, slot)
 
-    monkeypatch.setattr(cm.ActorPool, "_requeue_unsynced", recording_requeue)
+    monkeypatch.setattr(cp.ActorPool, "_requeue_unsynced", recording_requeue)
 
     def merge():
         try:

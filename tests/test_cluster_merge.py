@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from mergescale.cluster.merge import balanced_batches, merge_async, run_distributed_merge
+from mergescale.cluster.merge import merge_async, run_distributed_merge
+from mergescale.cluster.pool import balanced_batches
 from mergescale.merge.executor import run_merge
 from mergescale.merge.methods import REGISTRY
 
@@ -177,7 +178,7 @@ def test_driver_places_actors_before_loading_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mergescale, mergescale.config, mergescale.cluster.merge; "
+    code = ("import sys, mergescale, mergescale.config, mergescale.cluster.merge, mergescale.cluster.pool; "
             "print(sorted(m for m in ('torch', 'numba') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
@@ -206,7 +207,7 @@ def test_driver_of_a_merge_without_statistics_never_loads_torch(micro, tmp_path)
 def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
     """An actor whose node sees different input files than the driver (a stale mount) refuses to start; the
     driver raises that error itself, not Ray's wrapper around it."""
-    from mergescale.cluster.merge import ActorPool
+    from mergescale.cluster.pool import ActorPool
     from mergescale.config import load_config
     from mergescale.merge.inputs import MergeInputError
 

@@ -12,7 +12,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from mergescale.cluster.merge import UNIT_DELAY_ENV, run_distributed_merge
+from mergescale.cluster.merge import run_distributed_merge
+from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.merge.executor import run_merge
 from mergescale.merge.writer import partial_dir
 

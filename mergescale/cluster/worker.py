@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 import torch
 
-from mergescale.cluster.merge import UNIT_DELAY_ENV
+from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
 from mergescale.merge import kernels
 from mergescale.merge.executor import deferred_check, feed_selection, merge_stream, merge_unit, unit_row_stats
