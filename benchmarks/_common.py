@@ -238,10 +238,11 @@ def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None 
     tree RSS (and PSS), return code, stdout/stderr and the last JSON line of stdout.
 
     poll=False runs it without the poller (peaks 0): polling is not free on these 2 cores. Each poll scans /proc
-    to find the tree and reads every process's memory (PSS walks its page tables): measured here, 1.1-1.3 CPU-s
-    over a one-process TIES merge (~9 s from start to exit) at 50 Hz, and 3.2-3.5 CPU-s over a Ray merge (~8 s,
-    15 processes) with PSS at 20 Hz. That CPU is taken from the run being timed, and more from a many-process
-    tree than from one process. So timed runs are not polled."""
+    to find the tree and reads every process's memory (PSS walks its page tables): measured here
+    (benchmarks/poller_cost.py), 1.05-1.33 CPU-s over a one-process TIES merge (8-10 s from start to exit) at
+    50 Hz, and 4.0-4.2 CPU-s over a K=1 Ray merge (~9 s, 15 processes) with PSS at 20 Hz. That CPU is taken
+    from the run being timed, and the cost grows with the number of processes polled. So timed runs are not
+    polled."""
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                             start_new_session=True)

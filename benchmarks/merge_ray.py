@@ -145,9 +145,9 @@ class RunningCluster:
 
 def run_case(cmd: list[str], env: dict, out: Path, timeout: float, extra_pids_fn=None) -> dict:
     """Two runs of the same command: one timed and not polled, then one polled for memory (RSS and PSS of every
-    process of the tree at 20 Hz). On 2 cores the poller took 3.2-3.5 CPU-s from an 8 s Ray merge of 15
-    processes, far more than from mergekit's one process, so timing and memory come from separate runs for
-    both tools alike. Returns the timed run with the memory run's peaks and wall added."""
+    process of the tree at 20 Hz). On 2 cores the poller took 4.0-4.2 CPU-s from a ~9 s Ray merge of 15
+    processes (a cost that grows with the processes polled; mergekit runs as one), so timing and memory come
+    from separate runs, for both tools alike. Returns the timed run with the memory run's peaks and wall added."""
     runs = []
     for poll in (False, True):
         r = C.run_measured(cmd, env=env, timeout=timeout, pss=True, extra_pids_fn=extra_pids_fn, poll=poll)
@@ -267,14 +267,14 @@ weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU on
 (`ray start --head`, as on a cluster that `ray job submit` or a KubeRay RayJob targets), `address=` given; "wall"
 is the driver process from start to exit, and the head's whole process tree (GCS, raylet, agents, workers) is
 counted in its memory. "merge only" is the manifest's total_s (from asking for the actors, which start while the
-driver loads torch and validates the inputs, to the last durable unit: statistics and merge passes, not the commit).
+driver validates the inputs, to the last durable unit: statistics and merge passes, not the commit).
 mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
 same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
 task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9
 (mergekit density 0.1), unit weights. Every case runs twice, for both tools alike: a timed run that nothing polls
 ("wall"), then a run for memory: the largest sum over the whole process tree, polled every 50 ms (Ray's GCS,
 raylet, agents and workers included); PSS counts pages shared between processes once. The poller takes CPU from
-the run it watches (3.2-3.5 CPU-s over an 8 s Ray merge on these 2 cores), so that run's wall is shown apart, in
+the run it watches (4.0-4.2 CPU-s over a ~9 s Ray merge on these 2 cores; benchmarks/poller_cost.py), so that run's wall is shown apart, in
 the last column. Input GB/s = bytes of all inputs / wall time.
 
 {table}

@@ -251,7 +251,7 @@ dare_ties without extra trim). Each run is a fresh process calling `run_merge`; 
 imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
 size, single thread; one floor run right before every merge run, and each method is compared with the floor run
 paired with its best run (the disk's write speed drifts). Peak RSS: the child's ru_maxrss, the kernel's high-water mark of its resident set, mapped file pages included
-(one process, so exact; not polled, since a 50 Hz poller took 1.1-1.3 CPU-s per run from these 2 cores; includes
+(one process, so exact; not polled, since a 50 Hz poller took 1.05-1.33 CPU-s per run from these 2 cores, benchmarks/poller_cost.py; includes
 ~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
 
 {table}
