@@ -245,3 +245,15 @@ def test_default_dtype_follows_base(family, bf16, tmp_path):
     assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads((bf16.base / "config.json").read_text())
     merge({"method": "average", "experts": family.expert_strs}, tmp_path / "f")
     assert set(header_dtypes(tmp_path / "f").values()) == {"F32"}
+
+
+def test_dtype_table_agrees_with_torch():
+    """Headers are read without torch, so the dtype table carries each code's size itself: it must be torch's."""
+    from mergescale.merge.checkpoint import SAFETENSORS_DTYPES, safetensors_dtype, torch_dtype
+
+    for code, (size, _) in SAFETENSORS_DTYPES.items():
+        dt = torch_dtype(code)
+        assert torch.empty((), dtype=dt).element_size() == size, code
+        assert safetensors_dtype(dt) == code
+    with pytest.raises(ValueError, match="no safetensors dtype"):
+        safetensors_dtype(torch.complex64)

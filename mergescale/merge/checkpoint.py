@@ -34,6 +34,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, str]] = {
     "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+MAX_HEADER = 100 * 2**20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python's mmap module may not name it
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -50,9 +53,6 @@ def safetensors_dtype(dtype: torch.dtype) -> str:
         if torch_name == name:
             return code
     raise ValueError(f"no safetensors dtype for {dtype}")
-MAX_HEADER = 100 * 2**20
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python's mmap module may not name it
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class CheckpointError(ValueError):
