@@ -255,5 +255,6 @@ def test_dtype_table_agrees_with_torch():
         dt = torch_dtype(code)
         assert torch.empty((), dtype=dt).element_size() == size, code
         assert safetensors_dtype(dt) == code
+        assert safetensors_dtype(SAFETENSORS_DTYPES[code][1]) == code  # by name, as config.out_dtype gives it
     with pytest.raises(ValueError, match="no safetensors dtype"):
         safetensors_dtype(torch.complex64)

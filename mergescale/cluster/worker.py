@@ -19,8 +19,8 @@ from mergescale.config import MergeConfig
 from mergescale.merge import kernels
 from mergescale.merge.executor import deferred_check, feed_selection, merge_stream, merge_unit, unit_row_stats
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
-from mergescale.merge.reader import UnitReader
 from mergescale.merge.methods import get_method
+from mergescale.merge.reader import UnitReader
 from mergescale.merge.selection import StreamingSelector
 from mergescale.merge.statistics import MergeStats, statistics_work
 from mergescale.merge.writer import PartialOutput

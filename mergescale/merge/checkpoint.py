@@ -46,8 +46,8 @@ def torch_dtype(code: str) -> torch.dtype:
     return getattr(torch, SAFETENSORS_DTYPES[code][1])
 
 
-def safetensors_dtype(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (torch.bfloat16 -> "BF16")."""
+def safetensors_dtype(dtype: torch.dtype | str) -> str:
+    """The safetensors code of a torch dtype or its name (torch.bfloat16 or "bfloat16" -> "BF16")."""
     name = str(dtype).removeprefix("torch.")
     for code, (_, torch_name) in SAFETENSORS_DTYPES.items():
         if torch_name == name:

@@ -6,7 +6,7 @@
 
 Peak memory is a few tiles per model (see MergePlan.estimated_peak_bytes), independent of model size. The
 helpers `merge_unit`, `feed_selection` and `unit_row_stats` are the same code the Ray actors run
-(mergescale.cluster.merge), so the two paths give identical bytes; what the statistics are and how their passes
+(mergescale.cluster.worker), so the two paths give identical bytes; what the statistics are and how their passes
 are planned lives in mergescale.merge.statistics.
 """
 

@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergescale.config import MergeConfig, load_config
-from mergescale.merge.checkpoint import Checkpoint, CheckpointError, TensorInfo, resolve_model_dir
+from mergescale.merge.checkpoint import Checkpoint, CheckpointError, TensorInfo, resolve_model_dir, safetensors_dtype
 from mergescale.merge.writer import METADATA_FILES, OutputLayout
 
 SHOW = 5  # how many names of each kind an error lists
-OUT_DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # config.out_dtype -> safetensors code
 
 
 class MergeInputError(ValueError):
@@ -181,7 +180,7 @@ class MergePlan:
 
 def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     ref = inputs.layout_source
-    forced = OUT_DTYPE_CODES[config.out_dtype] if config.out_dtype else None
+    forced = safetensors_dtype(config.out_dtype) if config.out_dtype else None
     tensors = list(ref.tensors.values())
     out_dtypes = {t.name: (forced if (forced is not None and t.is_float) else t.dtype) for t in tensors}
     units, units_of = [], {}
