@@ -113,7 +113,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             slot.bytes += res["bytes"]
             slot.seconds += res["seconds"]
             slot.units += len(res["units"])
-            slot.node, slot.device = res["node"], res["device"]
+            slot.node, slot.device, slot.torch = res["node"], res["device"], res["torch"]
             for u in res["units"]:
                 unit_nodes[u] = res["node"]
             fresh = [u for u in res["units"] if u not in counted]
@@ -132,7 +132,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         # -- commit -------------------------------------------------------------------------------------------
         total_s = time.time() - t0
         per_actor = [
-            {"actor": s.index, "node": s.node, "device": s.device, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
+            {"actor": s.index, "node": s.node, "device": s.device, "loaded_torch": s.torch, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
              "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None}
             for s in pool.slots
         ]

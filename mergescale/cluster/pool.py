@@ -2,7 +2,7 @@
 they die (cluster/merge.py is the driver that uses them, cluster/worker.py what each actor does).
 
 Nothing here imports torch, so that a driver can create its actors before it has loaded anything heavy: each
-actor loads torch, numba and the method's compiled kernels as it starts.
+actor loads numba, the method's compiled kernels and, when the method needs it, torch as it starts.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
 
 
 class MergeActor:
-    """The Ray actor. Starting one loads torch, numba and the method's compiled kernels; `setup` then gives it the
-    validated config and the output, and it works as a MergeWorker (cluster/worker.py). Defined here, in a module
-    without torch, so that the driver can create it before the driver has loaded torch itself."""
+    """The Ray actor. Starting one loads numba, the method's compiled kernels and, if the method needs it, torch
+    (worker.start_process); `setup` then gives it the validated config and the output, and it works as a
+    MergeWorker (cluster/worker.py). Defined here, in a module without torch, so that the driver can create it
+    before loading anything heavy."""
 
     def __init__(self, method: str, n_experts: int, use_gpu: bool):
         from mergescale.cluster import worker
 
-        worker.start_process(method, n_experts, warm_kernels=not use_gpu)
+        worker.start_process(method, n_experts, use_gpu)
         self._worker_cls, self.worker = worker.MergeWorker, None
 
     def setup(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool,
@@ -74,6 +75,7 @@ class _Slot:
     units: int = 0
     node: str | None = None
     device: str | None = None
+    torch: bool = False  # whether the actor loaded torch (GPU, statistics, or a unit the kernels could not merge)
     unsynced: list[int] = field(default_factory=list)  # merged and written, not yet reported durable
 
 

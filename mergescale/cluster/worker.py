@@ -1,39 +1,54 @@
 """The merge actor's work: statistics and merge passes over the units the driver hands it (see cluster/merge.py).
 
-Imported only in actor processes (by MergeActor, as it starts): torch, numba and the merge code load here.
+Imported only in actor processes (by MergeActor, as it starts). torch loads here only when the actor needs it:
+on a GPU, for a method with a statistics pass, or for a unit the fused kernels do not merge. An actor merging
+with average, task_arithmetic or dare_linear on the CPU runs merge/kernel_path.py and never imports torch, which
+would be ~half of its start.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
-import torch
 
 from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
-from mergescale.merge import kernels
-from mergescale.merge.executor import deferred_check, feed_selection, merge_stream, merge_unit, unit_row_stats
+from mergescale.merge import kernel_path, kernels
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
-from mergescale.merge.methods import get_method
+from mergescale.merge.method_params import SIGNATURES
 from mergescale.merge.reader import UnitReader
-from mergescale.merge.selection import StreamingSelector
-from mergescale.merge.statistics import MergeStats, statistics_work
 from mergescale.merge.writer import PartialOutput
 
+_CPUS = 1  # this actor's CPU share, set by start_process
 
-def start_process(method: str, n_experts: int, warm_kernels: bool) -> None:
-    """Once per actor process, before any work: use the actor's CPU share (not every core of the node) in torch
-    and the fused kernels, and load the method's compiled kernels (numba's cache) while the driver is busy."""
-    cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    torch.set_num_threads(cpus)
-    kernels.set_threads(cpus)
-    if warm_kernels:
+
+def start_process(method: str, n_experts: int, use_gpu: bool) -> None:
+    """Once per actor process, before any work: use the actor's CPU share (not every core of the node) in the fused
+    kernels (and torch), and load what the method needs (numba's cached kernels; torch unless kernel_path can do
+    the whole merge) while the driver is busy validating."""
+    global _CPUS
+    _CPUS = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    kernels.set_threads(_CPUS)
+    if use_gpu or not kernels.available() or method not in kernel_path.KERNEL_METHODS:
+        _torch()
+    if not use_gpu:
         kernels.warm_up(n_experts, methods=[method])
+
+
+def _torch():
+    """torch, imported on first use with this actor's CPU share as its thread count."""
+    first = "torch" not in sys.modules
+    import torch
+
+    if first:
+        torch.set_num_threads(_CPUS)
+    return torch
 
 
 class MergeWorker:
@@ -41,52 +56,81 @@ class MergeWorker:
 
     def __init__(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool):
         self.config = MergeConfig.model_validate(config_json)
-        self.method, self.params = get_method(self.config.method), self.config.method_params
+        self.params = self.config.method_params
         self.inputs = open_inputs(self.config)
         self.plan = plan_merge(self.config, self.inputs)
         if self.plan.layout.fingerprint() != layout_fingerprint:
             raise MergeInputError(f"actor on {socket.gethostname()} sees different input files than the driver")
         self.units = {u.id: u for u in self.plan.units}
         self.partial = PartialOutput(Path(out), self.plan.layout, key)  # shard files opened on first write
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = "cuda" if use_gpu and _torch().cuda.is_available() else "cpu"
+        # On the CPU, the linear methods run the fused kernels alone (kernel_path), without torch.
+        self.kernel_only = self.device == "cpu" and kernel_path.usable(self.config, self.inputs)
         self.node = ray.get_runtime_context().get_node_id()
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
-        self.stats = MergeStats()
-        self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
-        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read)  # reads one unit ahead
+        self.stats = None  # a statistics.MergeStats: the driver's, or none (set_stats)
+        self.global_sel = False
+        if SIGNATURES[self.config.method].statistics:
+            from mergescale.merge.statistics import statistics_work
+
+            self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
+        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read, raw=self.kernel_only)
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="mergescale-sync")
         self._syncing = None  # (future of the last batch's fdatasync, its unit ids)
 
+    @property
+    def method(self):
+        """The methods.MergeMethod (the torch definition of the math): loading it loads torch."""
+        from mergescale.merge.methods import get_method
+
+        return get_method(self.config.method)
+
+    def _stats(self):
+        if self.stats is None:
+            from mergescale.merge.statistics import MergeStats
+
+            self.stats = MergeStats()
+        return self.stats
+
     def info(self) -> dict:
-        return {"node": self.node, "device": str(self.device), "pid": os.getpid(), "host": socket.gethostname()}
+        return {"node": self.node, "device": self.device, "pid": os.getpid(), "host": socket.gethostname()}
 
     def _stream(self, unit_ids: list[int], next_unit: int | None, warnings: list[str] | None = None,
                 check: bool = True):
         """(unit, base, experts) of the batch, on this actor's device; reads run one unit ahead, into the next batch."""
         units = [self.units[u] for u in unit_ids]
         for unit, base, experts in self.reader.stream(units, warnings, self.units.get(next_unit), check):
-            if self.device.type != "cpu":
+            if self.device != "cpu":
                 base = base.to(self.device) if base is not None else None
                 experts = [e.to(self.device) for e in experts]
             yield unit, base, experts
 
     def selection(self, unit_ids: list[int], windows: dict, next_unit: int | None = None) -> dict:
         """This batch's selection counts for the coordinator's windows of the current pass."""
+        from mergescale.merge.executor import deferred_check, feed_selection
+        from mergescale.merge.selection import StreamingSelector
+
         sel = StreamingSelector([])
         sel.use_windows(windows)
-        on_cpu = self.device.type == "cpu"  # the fused kernels check for non-finite values as they count
+        on_cpu = self.device == "cpu"  # the fused kernels check for non-finite values as they count
         for unit, base, experts in self._stream(unit_ids, next_unit, check=not on_cpu):
             feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
                            deferred_check(self.inputs, self.config, unit, base, experts, None) if on_cpu else None)
         return sel.sparse_counts()
 
-    def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, torch.Tensor]:
+    def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
+        from mergescale.merge.executor import unit_row_stats
+
         return {unit.id: unit_row_stats(self.method, self.params, base, experts).cpu()
                 for unit, base, experts in self._stream(unit_ids, next_unit)}
 
     def set_stats(self, stats_json: dict) -> None:
+        if not SIGNATURES[self.config.method].statistics:
+            return  # nothing to set (the driver sends empty statistics), and no torch to load for it
+        from mergescale.merge.statistics import MergeStats
+
         self.stats = MergeStats.from_json(stats_json)
-        if self.device.type != "cpu":
+        if self.device != "cpu":
             self.stats.sums = {k: v.to(self.device) for k, v in self.stats.sums.items()}
 
     def merge(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
@@ -99,11 +143,19 @@ class MergeWorker:
         t0, nbytes, warnings = time.time(), 0, []
         self.partial.attach()  # first merge call: the driver created the shard files after placing actors
         units = [self.units[uid] for uid in unit_ids]
-        if self.device.type == "cpu":
-            merged = merge_stream(self.config, self.method, self.params, self.plan, self.stats, self.global_sel,
-                                  self.reader, units, warnings,
-                                  lambda unit, tile: self.partial.write_rows(unit.name, unit.row_start, tile),
-                                  then=self.units.get(next_unit))
+        then = self.units.get(next_unit)
+
+        def write(unit, tile):
+            return self.partial.write_rows(unit.name, unit.row_start, tile)
+
+        if self.kernel_only:
+            merged = kernel_path.merge_stream(self.config, self.plan, self.inputs, self.reader, units, warnings, write,
+                                              lambda unit: self._merge_with_torch(unit, warnings), then=then)
+        elif self.device == "cpu":
+            from mergescale.merge.executor import merge_stream
+
+            merged = merge_stream(self.config, self.method, self.params, self.plan, self._stats(), self.global_sel,
+                                  self.reader, units, warnings, write, then=then)
         else:
             merged = self._merge_on_device(units, warnings, next_unit)
         for unit in merged:
@@ -113,7 +165,18 @@ class MergeWorker:
         durable = self.flush()
         self._syncing = (self._syncer.submit(self.partial.sync), unit_ids)
         return {"units": unit_ids, "durable": durable, "bytes": nbytes, "seconds": time.time() - t0,
-                "node": self.node, "device": str(self.device), "warnings": warnings}
+                "node": self.node, "device": self.device, "torch": "torch" in sys.modules, "warnings": warnings}
+
+    def _merge_with_torch(self, unit: Unit, warnings: list[str]):
+        """A unit the fused kernels did not merge (kernel_path's fallback): read it again with the non-finite
+        policy and merge it as the executor does."""
+        _torch()
+        from mergescale.merge.executor import merge_unit
+        from mergescale.merge.reader import read_unit
+
+        base, experts = read_unit(self.inputs, unit, self.config.on_nonfinite, warnings, convert=False, mapped=True)
+        return merge_unit(self.config, self.method, self.params, self.plan, self._stats(), self.global_sel, unit,
+                          base, experts)
 
     def flush(self) -> list[int]:
         """Wait for the last batch's fdatasync (raising its error); returns that batch's units."""
@@ -124,7 +187,10 @@ class MergeWorker:
         return unit_ids
 
     def _merge_on_device(self, units: list[Unit], warnings: list[str], next_unit: int | None):
+        from mergescale.merge.executor import merge_unit
+
         for unit, base, experts in self._stream([u.id for u in units], next_unit, warnings):
-            tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, self.global_sel, unit, base, experts)
+            tile = merge_unit(self.config, self.method, self.params, self.plan, self._stats(), self.global_sel, unit,
+                              base, experts)
             self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
             yield unit

@@ -169,6 +169,11 @@ class Checkpoint:
         self.config = self._read_config()
         self.files, self.tensors, self.header_bytes = self._open_weights(allow_pickle)
 
+    @property
+    def is_pickle(self) -> bool:
+        """Whether the weights came from pickle files (held in memory: nothing to map)."""
+        return bool(self._pickled)
+
     # -- discovery ------------------------------------------------------------------------------------------
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
@@ -285,7 +290,22 @@ class Checkpoint:
         info = self.tensors[name]
         if not 0 <= start <= end <= info.rows or name in self._pickled or info.rows_nbytes(start, end) == 0:
             return self.read_rows(name, start, end)  # its checks and errors; pickles live in memory already
+        import torch
+
+        shape = (end - start,) + info.shape[1:] if info.shape else ()
+        return torch.from_numpy(self.map_bytes(name, start, end)).view(info.torch_dtype).reshape(shape)
+
+    def map_bytes(self, name: str, start: int, end: int) -> np.ndarray:
+        """The stored bytes of rows [start, end) as a flat, writable uint8 array mapped as in `map_rows` (which is
+        this plus a torch view); needs no torch. Safetensors data only: a pickled tensor has no bytes to map."""
+        info = self.tensors[name]
+        if not 0 <= start <= end <= info.rows:
+            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
+        if name in self._pickled:
+            raise CheckpointError(f"{info.file}: tensor {name!r} comes from a pickle checkpoint and cannot be mapped")
         nbytes = info.rows_nbytes(start, end)
+        if nbytes == 0:
+            return np.empty(0, np.uint8)
         begin = info.offset + info.rows_nbytes(0, start)
         skip = begin % mmap.ALLOCATIONGRANULARITY  # mappings start on a page boundary
         try:
@@ -302,10 +322,7 @@ class Checkpoint:
                 raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r} "
                                       f"(bytes {begin}-{begin + nbytes}; file truncated while reading?)") from None
             np.frombuffer(mm, np.uint8)[::mmap.PAGESIZE].max()  # older kernels: touch every page instead
-        import torch
-
-        shape = (end - start,) + info.shape[1:] if info.shape else ()
-        return torch.from_numpy(np.frombuffer(mm, np.uint8, nbytes, skip)).view(info.torch_dtype).reshape(shape)
+        return np.frombuffer(mm, np.uint8, nbytes, skip)
 
     def read(self, name: str) -> torch.Tensor:
         return self.read_rows(name, 0, self.tensors[name].rows)

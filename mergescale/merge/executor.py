@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from mergescale.merge.statistics import (
     MergeStats, finish_complete_streams, pending_units, plan_tensor, sample_windows, scope_of,
     statistics_work, sums_from, thresholds_from, tile_context, units_per_scope,
 )
-from mergescale.merge.writer import PartialOutput
+from mergescale.merge.writer import PartialOutput, write_behind
 
 log = logging.getLogger(__name__)
 JOURNAL_EVERY_S = 10.0  # how often finished units are made durable (fdatasync + journal line)
@@ -200,21 +199,18 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
 def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, reader: UnitReader,
                  units: list[Unit], warnings: list[str], write, then: Unit | None = None):
     """Merge units in order, yielding each after its merge: reads run one unit ahead (`reader`; after the last
-    unit it reads `then`), writes one unit behind (`write(unit, tile)` on another thread, in unit order), the math
-    in between. When the generator finishes, every write has returned; a write's error is raised at the next unit."""
-    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
-        in_flight = None
+    unit it reads `then`), writes one unit behind (`write(unit, tile)` on another thread, in unit order:
+    writer.write_behind), the math in between. When the generator finishes, every write has returned; a write's
+    error is raised at the next unit."""
+
+    def tiles():
         # Unchecked reads: merge_unit applies the non-finite policy only where a kernel saw NaN or inf (or no
         # kernel ran), which spares a scan of every input byte.
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
             check = deferred_check(reader.inputs, config, unit, base, experts, warnings)
-            tile = merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
-            if in_flight is not None:  # one write in flight: memory stays one output tile over, errors surface
-                in_flight.result()
-            in_flight = writer.submit(write, unit, tile)
-            yield unit
-        if in_flight is not None:
-            in_flight.result()
+            yield unit, merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
+
+    yield from write_behind(tiles(), write)
 
 
 def deferred_check(inputs: MergeInputs, config, unit: Unit, base, experts, warnings: list[str] | None):

@@ -26,11 +26,18 @@ import logging
 import os
 import threading
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from mergescale.merge.masks import stream_keys
-from mergescale.merge.selection import RADIX, bracket_positions, window_around
+
+if TYPE_CHECKING:
+    import torch
+
+# No torch at import: `merge_arrays` runs the linear methods' kernels on numpy arrays, which is all a Ray actor
+# merging with average, task_arithmetic or dare_linear needs (merge/kernel_path.py); the torch-facing entry
+# points import it as they are called.
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ try:  # pragma: no branch
 except ImportError:  # pragma: no cover - exercised on images without numba
     numba = None
 
-RAW_DTYPES = {torch.bfloat16: np.uint16, torch.float32: np.float32}  # stored dtypes the kernels read directly
+RAW_CODES = {"BF16": np.uint16, "F32": np.float32}  # stored dtypes (safetensors codes) the kernels read directly
 BLOCK = 1 << 14  # elements per parallel work item
 SAMPLE_RUN = 256  # consecutive elements per sample run (bracket selection)
 HIST_ITEMS = 8  # most private histogram copies per call (see `histograms`)
@@ -536,28 +543,29 @@ if numba is not None:
 # Python side: raw views of tiles, dispatch, and the fallback contract (None = use methods.py)
 
 
+def _raw_view(t: torch.Tensor) -> np.ndarray | None:
+    """A flat numpy view of a CPU tile in a dtype the kernels read (bf16 as its uint16 bits), else None."""
+    import torch
+
+    if t.device.type != "cpu":
+        return None
+    if t.dtype == torch.bfloat16:
+        return t.reshape(-1).view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float32:
+        return t.reshape(-1).numpy()
+    return None
+
+
 def _raw(tiles: list[torch.Tensor]) -> tuple | None:
     """Flat numpy views of CPU tiles sharing one stored dtype the kernels read, else None."""
-    if any(t.device.type != "cpu" for t in tiles):
+    if len({t.dtype for t in tiles}) != 1:
         return None
-    dtypes = {t.dtype for t in tiles}
-    if len(dtypes) != 1:
-        return None
-    dt = dtypes.pop()
-    if dt not in RAW_DTYPES:
-        return None
-    flat = [t.reshape(-1) for t in tiles]
-    if dt == torch.bfloat16:
-        return tuple(f.view(torch.int16).numpy().view(np.uint16) for f in flat)
-    return tuple(f.numpy() for f in flat)
+    views = tuple(_raw_view(t) for t in tiles)
+    return None if any(v is None for v in views) else views
 
 
 def _out_view(out: torch.Tensor):
-    if out.dtype == torch.bfloat16:
-        return out.reshape(-1).view(torch.int16).numpy().view(np.uint16)
-    if out.dtype == torch.float32:
-        return out.reshape(-1).numpy()
-    return None
+    return _raw_view(out)
 
 
 def _dare_args(p: float, seed: int, name: str, n_experts: int, element_offset: int):
@@ -579,20 +587,27 @@ MAGNITUDE_KERNELS = ("ties", "dare_ties", "breadcrumbs")  # their `magnitudes` a
 SELECT_MERGE_KERNELS = ("ties", "dare_ties")
 
 
-@_launches_kernels
 def merge_tile(method: str, params, weights: list[float], ctx, base, experts, out: torch.Tensor) -> bool:
     """Merge a whole unit into `out` (its final dtype) with a fused kernel. False: not handled here (no numba,
     a method or dtype without a kernel, or values whose non-finite handling only methods.py defines)."""
-    if numba is None or method not in MERGE_KERNELS:
-        return False
-    if method != "average" and base is None:
+    if numba is None or method not in MERGE_KERNELS or (method != "average" and base is None):
         return False
     models = _raw(([base] if base is not None else []) + list(experts))
     dst = _out_view(out)
-    if models is None or dst is None or out.numel() == 0:
+    if models is None or dst is None:
+        return False
+    return merge_arrays(method, params, weights, ctx, models, base is not None, dst)
+
+
+@_launches_kernels
+def merge_arrays(method: str, params, weights: list[float], ctx, models: tuple, has_base: bool, dst: np.ndarray) -> bool:
+    """merge_tile on flat numpy arrays of one stored dtype (RAW_CODES; base first when has_base) into `dst` (the
+    output dtype's array); needs no torch. `ctx` gives the unit's name, seed, element_offset and, for TIES, its
+    thresholds (a methods.TileContext, or anything with those attributes)."""
+    if numba is None or method not in MERGE_KERNELS or (method != "average" and not has_base) or dst.shape[0] == 0:
         return False
     bad = np.zeros(1, np.uint8)
-    b, e = (models[0], models[1:]) if base is not None else (models[0][:0], models)
+    b, e = (models[0], models[1:]) if has_base else (models[0][:0], models)
     if method == "average":
         w = np.array(weights, np.float64)
         _average_kernel(e, b, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
@@ -694,18 +709,22 @@ def histograms(method: str, params, ctx, base, experts, windows: list[list]) -> 
         return None
     below, total = below.sum(0), np.empty(out.shape[1:], np.int64)
     _sum_items(out, total)
+    import torch
+
     return [[(int(below[j * nq + q]), torch.from_numpy(total[j * nq + q, :w.bins])) for q, w in enumerate(ws)]
             for j, ws in enumerate(windows)]
 
 
 def count_nonfinite(t: torch.Tensor) -> int | None:
     """Number of NaN/inf values in a CPU bf16/float32 tensor (exponent bits all ones); None: not handled here."""
-    if numba is None or t.device.type != "cpu" or t.dtype not in RAW_DTYPES or not t.is_contiguous():
+    if numba is None or not t.is_contiguous():
         return None
-    flat = t.reshape(-1)
-    if t.dtype == torch.bfloat16:
-        return int(_count_nonfinite_bf16(flat.view(torch.int16).numpy().view(np.uint16)))
-    return int(_count_nonfinite_f32(flat.view(torch.int32).numpy().view(np.uint32)))
+    flat = _raw_view(t)
+    if flat is None:
+        return None
+    if flat.dtype == np.uint16:
+        return int(_count_nonfinite_bf16(flat))
+    return int(_count_nonfinite_f32(flat.view(np.uint32)))
 
 
 SAMPLE_RUNS = 256  # at least this many runs of SAMPLE_RUN elements sampled per expert (else no sampled bracket)
@@ -728,6 +747,8 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     if bad[0]:
         return None
     lo, hi = np.zeros(n_e, np.float32), np.full(n_e, np.inf, np.float32)
+    from mergescale.merge.selection import bracket_positions
+
     # the two order statistics sample_bracket would read off each sorted sample, without sorting it
     ends = [bracket_positions(size, k, n) for k in ks]
     _order_stats(sample, np.array([-1 if a is None else a for a, _ in ends], np.int64),
@@ -739,30 +760,43 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     return lo, hi, float(inside.mean())
 
 
-def warm_up(n_experts: int, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None,
-            methods: list[str] | None = None) -> None:
-    """Compile every kernel (or those of `methods`) for tiles of this dtype and expert count, or load them from
-    numba's on-disk cache, so that a timed merge does not pay for compilation; a fresh install's first merge
-    otherwise does it on the way."""
+def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, methods: list[str] | None = None) -> None:
+    """Compile every kernel (or those of `methods`) for tiles of this stored dtype (a RAW_CODES code) and expert
+    count, or load them from numba's on-disk cache, so that a timed merge does not pay for compilation; a fresh
+    install's first merge otherwise does it on the way. Only TIES's kernels need torch here."""
     if numba is None:
         return
-    from mergescale.merge.methods import TileContext, get_method  # methods imports this module
+    from types import SimpleNamespace
+
+    from mergescale.merge.method_params import SIGNATURES
 
     n = 8 * SAMPLE_RUNS * SAMPLE_RUN + 1  # large enough for the sampled bracket
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(n, generator=g)
-    experts = [(base + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(n_experts)]
-    base = base.to(dtype)
-    ctx = TileContext(name="warm_up", shape=(n,), element_offset=0, thresholds=[{"min": 0.01}] * n_experts)
-    out = torch.empty(n, dtype=out_dtype or dtype)
+    rng = np.random.default_rng(0)
+    base32 = rng.standard_normal(n, dtype=np.float32)
+    models32 = [base32] + [base32 + np.float32(0.01) * rng.standard_normal(n, dtype=np.float32) for _ in range(n_experts)]
+
+    def stored(a: np.ndarray, code: str) -> np.ndarray:  # bf16 by truncation: any finite values will do here
+        return (a.view(np.uint32) >> 16).astype(np.uint16) if code == "BF16" else a.astype(RAW_CODES[code])
+
+    models = tuple(stored(m, dtype) for m in models32)
+    dst = np.empty(n, RAW_CODES[out_dtype or dtype])
+    ctx = SimpleNamespace(name="warm_up", seed=0, element_offset=0, thresholds=[{"min": 0.01}] * n_experts)
     for name in MERGE_KERNELS:
-        if methods is not None and name not in methods:
-            continue
-        merge_tile(name, get_method(name).params(), [1.0] * n_experts, ctx, base, experts, out)
-    for name in ("ties", "dare_ties"):
-        if methods is not None and name not in methods:
-            continue
-        params = get_method(name).params.model_validate({"density": 0.5})
+        if methods is None or name in methods:
+            merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
+    ties = [name for name in ("ties", "dare_ties") if methods is None or name in methods]
+    if not ties:
+        return
+    import torch
+
+    from mergescale.merge.selection import RADIX, window_around
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16 else torch.from_numpy(a)
+
+    base, experts, out = tensor(models[0]), [tensor(m) for m in models[1:]], tensor(dst)
+    for name in ties:
+        params = SIGNATURES[name].params.model_validate({"density": 0.5})
         histograms(name, params, ctx, base, experts, [[RADIX] for _ in experts])
         histograms(name, params, ctx, base, experts, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in experts])
         select_and_merge_ties(name, params, [1.0] * n_experts, ctx, base, experts, out, [n // 2] * n_experts)

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import hashlib
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
+
+# torch only inside the functions that use it: the fused kernels import stream_keys in processes without torch.
 
 _M1 = np.uint32(0x7FEB352D)
 _M2 = np.uint32(0x846CA68B)
@@ -56,6 +62,8 @@ def _s32(x: int) -> int:
 
 def _shift_xor_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> None:
     """x ^= x >> shift (logical) on int32 bits: arithmetic shift, then clear the copies of the sign bit."""
+    import torch
+
     torch.bitwise_right_shift(x, shift, out=tmp)
     tmp.bitwise_and_((1 << (32 - shift)) - 1)
     x.bitwise_xor_(tmp)
@@ -82,6 +90,8 @@ _ARANGE: list[torch.Tensor] = []
 
 def _hash_chunk_(h: torch.Tensor, tmp: torch.Tensor, k1: int, k2: int, first: int) -> None:
     """Fill int32 `h` with the hash bits of flat indices first..first+len(h)-1 (`tmp`: int32 scratch, same length)."""
+    import torch
+
     n = h.numel()
     lo = first & 0xFFFFFFFF
     if lo + n > 2**32:  # the chunk crosses a multiple of 2**32: two runs, each with one value of hi32(i)
@@ -100,6 +110,8 @@ def _hash_chunk_(h: torch.Tensor, tmp: torch.Tensor, k1: int, k2: int, first: in
 
 def uniform_bits_torch(seed: int, expert: int, tensor_name: str, start: int, count: int) -> torch.Tensor:
     """The bits of `uniform_bits_reference` as a uint32 tensor, computed in cache-sized chunks with torch."""
+    import torch
+
     k1, k2 = stream_keys(seed, expert, tensor_name)
     out = torch.empty(count, dtype=torch.int32)
     tmp = torch.empty(min(count, HASH_CHUNK), dtype=torch.int32)
@@ -119,6 +131,8 @@ def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: 
 
     An element is dropped with probability p: kept iff its hash >= p * 2**32 (exact integer threshold).
     """
+    import torch
+
     count = 1
     for s in shape:
         count *= s

@@ -2,17 +2,20 @@
 
 `read_unit` maps (or reads) one unit's rows from the base and every expert; `UnitReader` does it one unit ahead
 of the caller on a thread; `check_finite` applies config.on_nonfinite, naming the model, tensor and file.
+torch loads only when a tensor is made: `UnitReader(raw=True)` hands out the mapped bytes as numpy arrays.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor, wait
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergescale.merge import kernels
 from mergescale.merge.inputs import MergeInputError, MergeInputs, Unit
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ def all_finite(t: torch.Tensor) -> bool:
     propagate through every addition order), so one cheap reduction in the stored dtype settles the common case;
     only a non-finite sum (a bad value, or an overflow of the sum itself) pays for the exact elementwise check.
     bf16/float32 tiles on the CPU take a compiled scan of the exponent bits instead (several times faster)."""
+    import torch
+
     bad = kernels.count_nonfinite(t)
     if bad is not None:
         return bad == 0
@@ -42,6 +47,8 @@ def read_unit(inputs: MergeInputs, unit: Unit, on_nonfinite: str, warnings: list
     for the reads, or with mapped=True the rows are mapped from the page cache instead (`Checkpoint.map_rows`).
     Non-finite values: see `check_finite` ('ignore': the caller deals with them itself).
     """
+    import torch
+
     tiles = []
     for j, c in enumerate(inputs.all):
         if mapped:
@@ -63,6 +70,8 @@ def check_finite(inputs: MergeInputs, unit: Unit, tiles: list[torch.Tensor], on_
     tensor, or a warning with on_nonfinite='warn'; 'ignore' checks nothing."""
     if on_nonfinite == "ignore":
         return
+    import torch
+
     for c, t in zip(inputs.all, tiles, strict=True):
         if not c.tensors[unit.name].is_float or all_finite(t):
             continue
@@ -87,12 +96,17 @@ class UnitReader:
     waited out and dropped, its errors and warnings with it (whoever merges that unit reads it again).
 
     check=False skips the non-finite scan (a pass over every byte) for a caller that applies `check_finite`
-    itself only when it needs to: the fused kernels detect non-finite inputs as they compute."""
+    itself only when it needs to: the fused kernels detect non-finite inputs as they compute.
 
-    def __init__(self, inputs: MergeInputs, on_nonfinite: str, read: str = "mmap"):
+    raw=True (with read='mmap'; no check): each unit comes as (base or None, experts) of flat uint8 numpy arrays,
+    the rows' stored bytes (`Checkpoint.map_bytes`), for merge/kernel_path.py, which never loads torch."""
+
+    def __init__(self, inputs: MergeInputs, on_nonfinite: str, read: str = "mmap", raw: bool = False):
         if read not in ("mmap", "pread"):
             raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
-        self.inputs, self.on_nonfinite, self.mapped = inputs, on_nonfinite, read == "mmap"
+        if raw and read != "mmap":
+            raise ValueError("UnitReader(raw=True) maps rows: it needs read='mmap'")
+        self.inputs, self.on_nonfinite, self.mapped, self.raw = inputs, on_nonfinite, read == "mmap", raw
         self._slots: list[list[torch.Tensor]] = [[], []]
         self._next = 0  # the slot the next read goes into (the caller holds the other one)
         self._pending = None  # (unit, future of (base, experts, warnings, checked))
@@ -100,9 +114,17 @@ class UnitReader:
 
     def _read(self, unit: Unit, slot: int, check: bool = True):
         warnings, policy = [], self.on_nonfinite if check else "ignore"
+        if self.raw:
+            if check:
+                raise ValueError("UnitReader(raw=True) does not check for non-finite values: pass check=False")
+            tiles = [c.map_bytes(unit.name, unit.row_start, unit.row_end) for c in self.inputs.all]
+            base, experts = (tiles[0], tiles[1:]) if self.inputs.base is not None else (None, tiles)
+            return base, experts, warnings, check
         if self.mapped:
             base, experts = read_unit(self.inputs, unit, policy, warnings, convert=False, mapped=True)
             return base, experts, warnings, check
+        import torch
+
         buffers = self._slots[slot]
         for j, c in enumerate(self.inputs.all):
             need = c.tensors[unit.name].rows_nbytes(unit.row_start, unit.row_end)

@@ -17,9 +17,12 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.shard_hash import ShardHashes
@@ -27,8 +30,8 @@ from mergescale.merge.shard_hash import ShardHashes
 if TYPE_CHECKING:
     import torch
 
-# No torch at import: a Ray driver plans the layout and commits with this module, and only its actors (which
-# call write_rows) load torch.
+# No torch at import: a Ray driver plans the layout and commits with this module, and write_rows takes numpy
+# tiles too (merge/kernel_path.py); it loads torch only for a torch tile.
 
 METADATA_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -226,12 +229,16 @@ class PartialOutput:
         return done
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def write_rows(self, name: str, row_start: int, tile: torch.Tensor) -> int:
-        """Write a tile (already in the output dtype) at rows [row_start, ...) of tensor `name`."""
-        import torch
-
+    def write_rows(self, name: str, row_start: int, tile: torch.Tensor | np.ndarray) -> int:
+        """Write a tile (already in the output dtype; a tensor, or a numpy array of its stored bytes' dtype) at rows
+        [row_start, ...) of tensor `name`."""
         t = self.layout.tensors[name]
-        data = tile.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if isinstance(tile, np.ndarray):
+            data = np.ascontiguousarray(tile).reshape(-1).view(np.uint8)
+        else:
+            import torch
+
+            data = tile.contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = t.offset + row_start * t.row_bytes
         fd = self._fds[t.shard]
         view = memoryview(data)
@@ -314,6 +321,21 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def write_behind(tiles, write):
+    """For each (unit, tile) of `tiles` (a generator, pulled as this one is): `write(unit, tile)` on a thread while
+    the next tile is made, then yield the unit. One write in flight, so memory stays one output tile over and a
+    write's error surfaces at the next unit; when this finishes, every write has returned."""
+    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
+        in_flight = None
+        for unit, tile in tiles:
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(write, unit, tile)
+            yield unit
+        if in_flight is not None:
+            in_flight.result()
 
 
 def fsync_file(path: Path) -> None:
