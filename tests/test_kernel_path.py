@@ -21,6 +21,7 @@ CASES = [
     ("average", {"normalize": True}, [1.0, 3.0]),
     ("task_arithmetic", {"lambda": 0.7}, [1.0, 0.5]),
     ("dare_linear", {"p": 0.4, "lambda": 0.8}, [1.0, 1.0]),
+    ("dare_ties", {"p": 0.6, "lambda": 0.9, "sign": "count"}, [1.0, 1.0]),  # density 1: no statistics
 ]
 
 
@@ -105,7 +106,7 @@ def test_units_the_kernels_do_not_merge_go_to_the_fallback(family, tmp_path):
     assert {n for n, _ in fell} == set(load_sd(family.base))
 
 
-def test_usable_only_for_linear_methods_with_mapped_safetensors(family):
+def test_usable_only_without_statistics_and_with_mapped_safetensors(family):
     def usable(**kw):
         config = MergeConfig.model_validate({"base": str(family.base), "experts": family.expert_strs[:2], **kw})
         inputs = open_inputs(config)
@@ -114,7 +115,7 @@ def test_usable_only_for_linear_methods_with_mapped_safetensors(family):
         finally:
             inputs.close()
 
-    assert kernel_path.KERNEL_METHODS == ("average", "task_arithmetic", "dare_linear")
     assert usable(method="average") and usable(method="dare_linear", parameters={"p": 0.2})
+    assert usable(method="dare_ties") and not usable(method="dare_ties", parameters={"density": 0.5})
     assert not usable(method="ties") and not usable(method="slerp", parameters={"t": 0.5})
     assert not usable(method="average", read="pread")

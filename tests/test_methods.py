@@ -447,7 +447,30 @@ def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
     with pytest.raises(ValueError, match="needs statistics"):
         register(MergeMethod(name="task_arithmetic", merge=REGISTRY["task_arithmetic"].merge,
                              row_stats=lambda base, experts, p: None))
-    quiet = [name for name, m in REGISTRY.items() if not m.signature.statistics]
+    quiet = [name for name, m in REGISTRY.items() if m.signature.statistics is False]
     assert sorted(quiet) == ["average", "dare_linear", "task_arithmetic"]
     for name in quiet:
         assert REGISTRY[name].selection(REGISTRY[name].params()) is None and REGISTRY[name].row_stats is None
+
+
+@pytest.mark.parametrize("method,params", [
+    ("average", {}), ("task_arithmetic", {}), ("dare_linear", {"p": 0.5}),
+    ("ties", {}), ("ties", {"density": 1.0}), ("dare_ties", {}), ("dare_ties", {"density": 0.5}),
+    ("dare_ties", {"density": 1.0, "trim_scope": "tensor"}), ("slerp", {"t": 0.5}), ("breadcrumbs", {}),
+    ("model_stock", {}),
+])
+def test_needs_statistics_agrees_with_what_the_method_selects(method, params):
+    """method_params.needs_statistics (torch-free, what the Ray driver and actors decide on) is False only where
+    the registered method neither selects nor sums rows for these parameters; dare_ties without an extra trim
+    (density 1, the default) is such a case, and its units are then each one fused kernel call."""
+    from mergescale.merge.method_params import kernels_alone, needs_statistics
+    from mergescale.merge.methods import REGISTRY
+
+    m = REGISTRY[method]
+    p = m.params.model_validate(params)
+    if not needs_statistics(method, p):
+        assert m.selection(p) is None and m.row_stats is None
+    assert needs_statistics(method, p) == (method in ("ties", "slerp", "breadcrumbs", "model_stock")
+                                           or (method == "dare_ties" and p.density < 1.0))
+    assert kernels_alone(method, p) == (method in ("average", "task_arithmetic", "dare_linear")
+                                        or (method == "dare_ties" and p.density >= 1.0))

@@ -63,7 +63,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
         from mergescale.merge.inputs import MergeInputError, prepare, progress_bar, unit_read_bytes
         from mergescale.merge.manifest import build_manifest, config_updates, run_key
-        from mergescale.merge.method_params import SIGNATURES
+        from mergescale.merge.method_params import needs_statistics
         from mergescale.merge.writer import PartialOutput
 
         config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
@@ -88,7 +88,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
 
         # -- statistics (only methods that can need them load torch and the statistics code here) --------------
         stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
-        if SIGNATURES[config.method].statistics:
+        if needs_statistics(config.method, config.method_params):
             stats = _statistics(pool, config, plan, inputs, partial, queues, unit_bytes, units_by_id, max_failures,
                                 progress)
             stats_json, global_thresholds = stats.to_json(), stats.global_thresholds()

@@ -16,6 +16,7 @@ from pathlib import Path
 import ray
 
 from mergescale.config import MergeConfig
+from mergescale.merge import method_params
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -30,10 +31,10 @@ class MergeActor:
     MergeWorker (cluster/worker.py). Defined here, in a module without torch, so that the driver can create it
     before loading anything heavy."""
 
-    def __init__(self, method: str, n_experts: int, use_gpu: bool):
+    def __init__(self, method: str, n_experts: int, use_gpu: bool, kernels_alone: bool):
         from mergescale.cluster import worker
 
-        worker.start_process(method, n_experts, use_gpu)
+        worker.start_process(method, n_experts, use_gpu, kernels_alone)
         self._worker_cls, self.worker = worker.MergeWorker, None
 
     def setup(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool,
@@ -129,7 +130,9 @@ class ActorPool:
 
         spec = self.spec = config.cluster
         self.workers, self.use_gpu = workers, spec.num_gpus > 0
-        self.init_args = (config.method, len(config.experts), self.use_gpu)
+        # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch
+        kernels_alone = method_params.kernels_alone(config.method, config.method_params) and config.read == "mmap"
+        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_alone)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()

@@ -2,8 +2,8 @@
 
 Imported only in actor processes (by MergeActor, as it starts). torch loads here only when the actor needs it:
 on a GPU, for a method with a statistics pass, or for a unit the fused kernels do not merge. An actor merging
-with average, task_arithmetic or dare_linear on the CPU runs merge/kernel_path.py and never imports torch, which
-would be ~half of its start.
+with average, task_arithmetic, dare_linear or dare_ties without an extra trim on the CPU runs
+merge/kernel_path.py and never imports torch, which would be ~half of its start.
 """
 
 from __future__ import annotations
@@ -21,24 +21,24 @@ from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
 from mergescale.merge import kernel_path, kernels
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.method_params import needs_statistics
 from mergescale.merge.reader import UnitReader
 from mergescale.merge.writer import PartialOutput
 
 _CPUS = 1  # this actor's CPU share, set by start_process
 
 
-def start_process(method: str, n_experts: int, use_gpu: bool) -> None:
+def start_process(method: str, n_experts: int, use_gpu: bool, kernels_alone: bool) -> None:
     """Once per actor process, before any work: use the actor's CPU share (not every core of the node) in the fused
-    kernels (and torch), and load what the method needs (numba's cached kernels; torch unless kernel_path can do
-    the whole merge) while the driver is busy validating."""
+    kernels (and torch), and load what the merge needs (numba's cached kernels; torch unless `kernels_alone`:
+    kernel_path.possible for the config) while the driver is busy validating."""
     global _CPUS
     _CPUS = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     kernels.set_threads(_CPUS)
-    if use_gpu or not kernels.available() or method not in kernel_path.KERNEL_METHODS:
+    if use_gpu or not kernels_alone:
         _torch()
     if not use_gpu:
-        kernels.warm_up(n_experts, methods=[method])
+        kernels.warm_up(n_experts, methods=[method], selection=not kernels_alone)
 
 
 def _torch():
@@ -70,7 +70,7 @@ class MergeWorker:
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         self.stats = None  # a statistics.MergeStats: the driver's, or none (set_stats)
         self.global_sel = False
-        if SIGNATURES[self.config.method].statistics:
+        if needs_statistics(self.config.method, self.params):
             from mergescale.merge.statistics import statistics_work
 
             self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
@@ -125,7 +125,7 @@ class MergeWorker:
                 for unit, base, experts in self._stream(unit_ids, next_unit)}
 
     def set_stats(self, stats_json: dict) -> None:
-        if not SIGNATURES[self.config.method].statistics:
+        if not needs_statistics(self.config.method, self.params):
             return  # nothing to set (the driver sends empty statistics), and no torch to load for it
         from mergescale.merge.statistics import MergeStats
 

@@ -1,9 +1,10 @@
 """A merge pass that runs only the fused kernels, on mapped rows as numpy arrays: no torch in the process.
 
-average, task_arithmetic and dare_linear need no statistics, so on the CPU merging a unit is one fused kernel
-call (kernels.merge_arrays) between mapping its rows and writing the result. Doing just that here lets a Ray
-actor merging with them start without importing torch: ~1.4 s of a fresh actor's ~2.8 s start on a 2-core node,
-a fifth of the wall time of a 1 GB-per-model merge (docs/BENCHMARKS.md).
+average, task_arithmetic, dare_linear and dare_ties without an extra trim (density 1, its default) need no
+statistics, so on the CPU merging a unit is one fused kernel call (kernels.merge_arrays) between mapping its rows
+and writing the result (method_params.kernels_alone). Doing just that here lets a Ray actor merging with them
+start without importing torch: ~1.4 s of a fresh actor's ~2.8 s start on a 2-core node, a fifth of the wall
+time of a 1 GB-per-model merge (docs/BENCHMARKS.md).
 
 The bytes are the executor's: executor.merge_unit runs the same kernel on the same stored values (as torch views).
 A unit the kernels do not merge (an integer tensor, a dtype other than bf16/float32 in or out, a non-finite
@@ -19,19 +20,20 @@ import numpy as np
 from mergescale.config import MergeConfig
 from mergescale.merge import kernels
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.method_params import kernels_alone
 from mergescale.merge.reader import UnitReader
 from mergescale.merge.writer import write_behind
 
-# The methods whose every unit is one kernel call: a fused kernel, and no statistics pass before it.
-KERNEL_METHODS = tuple(m for m in kernels.MERGE_KERNELS if not SIGNATURES[m].statistics)
+def possible(config: MergeConfig) -> bool:
+    """Whether this config's merge pass can run here, as far as the config tells: numba, a method and parameters
+    whose units are each one kernel call (method_params.kernels_alone), and mapped reads (config.read)."""
+    return kernels.available() and kernels_alone(config.method, config.method_params) and config.read == "mmap"
 
 
 def usable(config: MergeConfig, inputs: MergeInputs) -> bool:
-    """Whether this config's merge pass can run here: a KERNEL_METHODS method, numba, mapped reads (config.read)
-    and safetensors inputs (pickled weights live in memory as tensors). The caller also wants the CPU."""
-    return (kernels.available() and config.method in KERNEL_METHODS and config.read == "mmap"
-            and not any(c.is_pickle for c in inputs.all))
+    """`possible`, and safetensors inputs (pickled weights live in memory as tensors). The caller also wants the
+    CPU."""
+    return possible(config) and not any(c.is_pickle for c in inputs.all)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.merge.masks import stream_keys
+from mergescale.merge.method_params import FUSED_MERGE
 
 if TYPE_CHECKING:
     import torch
@@ -581,7 +582,7 @@ def _dare_p(method: str, params) -> float:
     return float(params.p) if method in ("dare_linear", "dare_ties") else 0.0
 
 
-MERGE_KERNELS = ("average", "task_arithmetic", "dare_linear", "ties", "dare_ties")
+MERGE_KERNELS = FUSED_MERGE
 MAGNITUDE_KERNELS = ("ties", "dare_ties", "breadcrumbs")  # their `magnitudes` are |tau| or |DARE(tau)|
 SELECT_MERGE_KERNELS = ("ties", "dare_ties")
 
@@ -759,10 +760,12 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     return lo, hi, float(inside.mean())
 
 
-def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, methods: list[str] | None = None) -> None:
+def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, methods: list[str] | None = None,
+            selection: bool = True) -> None:
     """Compile every kernel (or those of `methods`) for tiles of this stored dtype (a RAW_CODES code) and expert
     count, or load them from numba's on-disk cache, so that a timed merge does not pay for compilation; a fresh
-    install's first merge otherwise does it on the way. Only TIES's kernels need torch here."""
+    install's first merge otherwise does it on the way. selection=False: only the merge kernels, not TIES's
+    selection kernels (the only ones whose warm-up needs torch)."""
     if numba is None:
         return
     from types import SimpleNamespace
@@ -783,7 +786,7 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     for name in MERGE_KERNELS:
         if methods is None or name in methods:
             merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
-    ties = [name for name in ("ties", "dare_ties") if methods is None or name in methods]
+    ties = [name for name in ("ties", "dare_ties") if selection and (methods is None or name in methods)]
     if not ties:
         return
     import torch

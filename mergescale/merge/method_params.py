@@ -7,6 +7,7 @@ mergescale.merge.methods, which refuses a method that has no entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,9 +67,10 @@ class MethodSignature:
     uses_weights: bool = False  # per-expert weights (experts[].weight); the others refuse weights != 1
     min_experts: int = 1
     max_experts: int | None = None
-    # May need a statistics pass before merging (selection thresholds, or whole-tensor sums). Without one, a Ray
-    # driver hands out the merge pass at once and never loads torch or the statistics code.
-    statistics: bool = False
+    # May need a statistics pass before merging (selection thresholds, or whole-tensor sums); a function of the
+    # parameters where they decide. Without one, a Ray driver hands out the merge pass at once and never loads
+    # torch or the statistics code (see needs_statistics).
+    statistics: bool | Callable[[_Params], bool] = False
 
 
 SIGNATURES: dict[str, MethodSignature] = {
@@ -76,8 +78,27 @@ SIGNATURES: dict[str, MethodSignature] = {
     "task_arithmetic": MethodSignature(TaskArithmeticParams, uses_weights=True),
     "ties": MethodSignature(TiesParams, statistics=True),
     "dare_linear": MethodSignature(DareLinearParams, uses_weights=True),
-    "dare_ties": MethodSignature(DareTiesParams, statistics=True),
+    # density 1 (the default, as mergekit): DARE, then TIES's sign election and disjoint mean; nothing to select
+    "dare_ties": MethodSignature(DareTiesParams, statistics=lambda p: p.density < 1.0),
     "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2, statistics=True),
     "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True, statistics=True),
     "model_stock": MethodSignature(ModelStockParams, min_experts=2, statistics=True),
 }
+
+
+# Methods with a fused CPU merge kernel (mergescale.merge.kernels); named here so that deciding whether the kernels
+# alone can merge a config needs neither torch nor numba.
+FUSED_MERGE = ("average", "task_arithmetic", "dare_linear", "ties", "dare_ties")
+
+
+def needs_statistics(method: str, params: _Params) -> bool:
+    """Whether a merge with this method and these parameters may need a statistics pass (the signature's
+    `statistics`, evaluated on the parameters)."""
+    flag = SIGNATURES[method].statistics
+    return bool(flag(params)) if callable(flag) else flag
+
+
+def kernels_alone(method: str, params: _Params) -> bool:
+    """Whether every unit of such a merge is one fused kernel call on the CPU, with no statistics pass before it:
+    what merge/kernel_path.py runs, without torch."""
+    return method in FUSED_MERGE and not needs_statistics(method, params)

@@ -290,7 +290,7 @@ REGISTRY: dict[str, MergeMethod] = {}
 def register(method: MergeMethod) -> MergeMethod:
     if method.name not in SIGNATURES:
         raise KeyError(f"method {method.name!r} has no entry in method_params.SIGNATURES (its parameters and inputs)")
-    if not SIGNATURES[method.name].statistics and (method.selection is not no_selection or method.row_stats is not None):
+    if SIGNATURES[method.name].statistics is False and (method.selection is not no_selection or method.row_stats is not None):
         # the Ray driver would skip the statistics pass it needs
         raise ValueError(f"method {method.name!r} needs statistics but its signature says statistics=False")
     if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
