@@ -24,6 +24,7 @@ from mergescale.merge.method_params import kernels_alone
 from mergescale.merge.reader import UnitReader
 from mergescale.merge.writer import write_behind
 
+
 def possible(config: MergeConfig) -> bool:
     """Whether this config's merge pass can run here, as far as the config tells: numba, a method and parameters
     whose units are each one kernel call (method_params.kernels_alone), and mapped reads (config.read)."""
