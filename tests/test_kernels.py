@@ -149,8 +149,63 @@ def test_sampled_bracket_equals_sample_bracket_on_the_sorted_sample(monkeypatch,
         sample = (e - base).abs()[pos]
         want = sample_bracket(np.sort(sample.numpy()), k, n)
         assert (float(lo[j]), float(hi[j])) == want, j
-        inside |= (sample >= want[0]) & (sample <= want[1])
+        if want[0] != want[1]:  # a bracket of one value lists nothing
+            inside |= (sample >= want[0]) & (sample <= want[1])
     assert share == pytest.approx(inside.float().mean().item())
+
+
+def _quantized_case(n: int = 600_000):
+    """bf16 experts 0.002 away from a N(0, 1) base: |tau| takes a handful of values (multiples of bf16 ulps), so a
+    sampled bracket is often one value (lo = hi), which the kernel counts instead of listing; expert 3 is spread
+    out (continuous magnitudes, a real bracket), so one call runs both branches."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(n, generator=g)
+    experts = [base + s * torch.randn(n, generator=g) for s in (0.002, 0.002, 0.004, 0.3)]
+    return base.to(torch.bfloat16), [e.to(torch.bfloat16) for e in experts]
+
+
+@pytest.mark.parametrize("method, params", [("ties", {}), ("ties", {"sign": "count", "density": 0.35}),
+                                            ("dare_ties", {"p": 0.3, "density": 0.2})])
+def test_select_and_merge_with_brackets_of_one_value(method, params):
+    n = 600_000
+    base, experts = _quantized_case(n)
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    k = n - int(p.density * n)
+    raw = kernels._raw([base] + experts)
+    dare = kernels._dare_args(kernels._dare_p(method, p), ctx.seed, ctx.name, 4, ctx.element_offset)
+    lo, hi, _ = kernels._sample_bracket(raw[0], raw[1:], dare, [k] * 4)
+    assert (lo == hi).any() and (lo != hi).any()  # both kinds of bracket in this call
+    out = torch.empty(n, dtype=torch.bfloat16)
+    got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
+    want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
+    assert got == want_thr
+    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch):
+    n = 600_000
+    base, experts = _quantized_case(n)
+    p = get_method("ties").params.model_validate({})
+    ctx = TileContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
+    k = [n - n // 5] * 4
+    real = kernels._sample_bracket
+
+    def shifted(*a):  # one-value brackets at the next magnitude up: the right kind, the wrong value
+        lo, hi, share = real(*a)
+        one = lo == hi
+        assert one.any()
+        lo, hi = lo.copy(), hi.copy()
+        lo[one] = hi[one] = np.nextafter(lo[one], np.float32(np.inf))
+        return lo, hi, share
+
+    monkeypatch.setattr(kernels, "_sample_bracket", shifted)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
 
 
 def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypatch):

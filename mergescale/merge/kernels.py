@@ -292,12 +292,17 @@ if numba is not None:
         Bracketed mode (lo is not empty): the exact thresholds are not known yet, only lo_j <= thr_j <= hi_j. An
         element is trimmed the same for every such thr_j unless some lo_j <= |tau_j| <= hi_j; those elements are
         merged with thr = hi (provisionally) and their indices listed in defer[t, :ndefer[t]] for the caller to
-        redo (`_ties_at_kernel`) once the thresholds are known; below[t, j] counts |tau_j| < lo_j. Work item t
-        covers a contiguous range, so the lists concatenated over t are in ascending order."""
+        redo (`_ties_redo_kernel`) once the thresholds are known; below[t, j] counts |tau_j| < lo_j. An expert
+        whose bracket is one value (lo_j = hi_j: bf16 task vectors take few distinct magnitudes) lists nothing:
+        below[t, ne + j] counts |tau_j| <= hi_j instead, which is all it takes to confirm thr_j = lo_j. Work item
+        t covers a contiguous range, so the lists concatenated over t are in ascending order."""
         n = b.shape[0]
         ne = len(e)
         T = below.shape[0]
         bracket = lo.shape[0] > 0
+        listing = False  # some bracket spans several values: its elements inside are listed
+        for j in range(lo.shape[0]):
+            listing |= lo[j] != hi[j]
         cap = defer.shape[1]
         per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
         for t in prange(T):
@@ -307,25 +312,38 @@ if numba is not None:
             total_ = np.empty(SUB, np.float32)
             count_ = np.empty(SUB, np.float32)
             flag_ = np.empty(SUB, np.int32)
+            # per-lane counts (summed after the work item): a lane-wise add vectorizes, a scalar sum did not here
+            nlo = np.zeros((ne, SUB), np.int32)
+            nhi = np.zeros((ne, SUB), np.int32)
             chk = np.zeros(SUB, np.float32)
             for s0 in range(t * per, min(n, (t + 1) * per), SUB):
                 m = min(SUB, n - s0)
                 _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
                 if bracket:
                     flag = flag_[:m]
-                    for i in range(m):
-                        flag[i] = 0
-                    for j in range(ne):
-                        row, lj, hj = tr[j, :m], lo[j], hi[j]
-                        nb = 0
+                    if listing:
                         for i in range(m):
-                            a = abs(row[i])
-                            nb += a < lj
-                            flag[i] |= (a >= lj) & (a <= hj)
-                        below[t, j] += nb
+                            flag[i] = 0
+                    for j in range(ne):
+                        row, lj, hj, cl, ch = tr[j, :m], lo[j], hi[j], nlo[j, :m], nhi[j, :m]
+                        if lj == hj:  # the threshold is lj if the counts agree: no element of it to redo
+                            for i in range(m):
+                                a = abs(row[i])
+                                cl[i] += a < lj
+                                ch[i] += a <= hj
+                        else:
+                            for i in range(m):
+                                a = abs(row[i])
+                                cl[i] += a < lj
+                                flag[i] |= (a >= lj) & (a <= hj)
                     c, dst = ndefer[t], defer[t]
-                    for g0 in range(0, m, 64):  # a 64-bit mask per 64 elements, then only its set bits
+                    for g0 in range(0, m if listing else 0, 64):  # a 64-bit mask per 64 elements, then its set bits
                         gf = flag[g0:min(m, g0 + 64)]
+                        any_ = np.int32(0)
+                        for i in range(gf.shape[0]):  # most groups list nothing: an OR is cheaper than the mask
+                            any_ |= gf[i]
+                        if any_ == 0:
+                            continue
                         mask = np.uint64(0)
                         for i in range(gf.shape[0]):
                             mask |= np.uint64(gf[i]) << np.uint64(i)
@@ -339,6 +357,10 @@ if numba is not None:
                 bw, upd, os = brow[:m], total_[:m], out[s0:s0 + m]
                 for i in range(m):
                     _store(os, i, bw[i] + lam * upd[i])
+            if bracket:
+                for j in range(ne):
+                    below[t, j] += nlo[j].astype(np.int64).sum()
+                    below[t, ne + j] += nhi[j].astype(np.int64).sum()
             if not _finite(chk):
                 bad[0] = 1
 
@@ -644,19 +666,51 @@ def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, 
     if numba is None or method not in SELECT_MERGE_KERNELS or base is None:
         return None
     models = _raw([base] + list(experts))
+    if models is None or _out_view(out) is None:
+        return None
+    dare_args = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(experts), ctx.element_offset)
+    bracket = _sample_bracket(models[0], models[1:], dare_args, ks)
+    if bracket is None:
+        return None
+    part = _bracketed_pass(method, params, ctx, base, experts, out, *bracket, index_offset=0)
+    return None if part is None else _finish_bracketed(params, ctx.name, bracket[0], bracket[1], ks, [part], out)
+
+
+@_launches_kernels
+def bracketed_ties_tile(method: str, params, ctx, base, experts, out: torch.Tensor, lo: np.ndarray,
+                        hi: np.ndarray, share: float):
+    """The bracketed pass of select_and_merge_ties over one tile of a tensor split into several units, whose
+    brackets [lo[j], hi[j]] come from a sample of the whole tensor: `out` gets the merge with the provisional
+    thresholds hi, and the elements to redo are returned as (indices in the tensor, their taus [expert, i], their
+    base values, per-expert counts of magnitudes below lo) for `finish_bracketed_ties`. None: not handled here
+    (no kernel for these dtypes, a non-finite input, or more elements in the brackets than the sample said)."""
+    if numba is None or method not in SELECT_MERGE_KERNELS or base is None:
+        return None
+    return _bracketed_pass(method, params, ctx, base, experts, out, lo, hi, share, index_offset=ctx.element_offset)
+
+
+@_launches_kernels
+def finish_bracketed_ties(params, name: str, lo, hi, ks: list[int], parts: list, out: torch.Tensor) -> list[float] | None:
+    """Exact thresholds from the parts of every tile of a tensor (bracketed_ties_tile) and the redo of the listed
+    elements in `out`, the whole tensor's merged rows. None: a bracket missed (`out` is then not the merge)."""
+    return _finish_bracketed(params, name, lo, hi, ks, parts, out)
+
+
+def _bracketed_pass(method: str, params, ctx, base, experts, out, lo, hi, share, index_offset: int):
+    """(indices of the listed elements + index_offset, their taus, base values, counts below lo) or None."""
+    models = _raw([base] + list(experts))
     dst = _out_view(out)
     if models is None or dst is None:
         return None
     b, e = models[0], models[1:]
     n, n_e = b.shape[0], len(e)
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
-    bracket = _sample_bracket(b, e, (dare, dthr, k1, k2, first, scale), ks)
-    if bracket is None:
-        return None
-    lo, hi, share = bracket
     T = _work_items(n)
     cap = int(REDO_SLACK * n / T * min(1.0, share)) + 4 * SUB
-    below, ndefer = np.zeros((T, n_e), np.int64), np.zeros(T, np.int64)
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if (lo == hi).all():
+        cap = 0
+    below, ndefer = np.zeros((T, 2 * n_e), np.int64), np.zeros(T, np.int64)
     defer = np.empty((T, cap), np.int64)
     lam, count_sign, bad = np.float32(params.lambda_), params.sign == "count", np.zeros(1, np.uint8)
     none = np.empty(0, np.float32)
@@ -666,18 +720,31 @@ def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, 
     idx = np.concatenate([defer[t, :ndefer[t]] for t in range(T)])
     taus, bvals = np.empty((n_e, idx.shape[0]), np.float32), np.empty(idx.shape[0], np.float32)
     _ties_gather_kernel(b, e, idx, dare, dthr, k1, k2, first, scale, taus, bvals, bad)
-    below_j = below.sum(0)
+    if bad[0]:
+        return None
+    return idx + int(index_offset), taus, bvals, below.sum(0)
+
+
+def _finish_bracketed(params, name: str, lo, hi, ks: list[int], parts: list, out) -> list[float] | None:
+    dst = _out_view(out)
+    idx = np.concatenate([p[0] for p in parts])
+    taus = np.concatenate([p[1] for p in parts], axis=1)
+    bvals = np.concatenate([p[2] for p in parts])
+    n_e = taus.shape[0]
+    counts = np.sum([p[3] for p in parts], axis=0)
+    below_j, at_most_hi = counts[:n_e], counts[n_e:]
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
     # every magnitude inside a bracket is in taus[j] (its element was listed), so this is its exact rank there
     inside, thr = np.empty(n_e, np.int64), np.empty(n_e, np.float32)
     _kth_in_brackets(taus, lo, hi, np.asarray(ks, np.int64) - below_j, inside, thr)
+    one = lo == hi  # brackets of one value: counted, not listed (_ties_kernel)
+    inside[one], thr[one] = at_most_hi[one] - below_j[one], lo[one]
     for j, k in enumerate(ks):
         if not below_j[j] < k <= below_j[j] + inside[j]:
-            log.debug("bracket missed for %s expert %d (k=%d, below %d, inside %d)", ctx.name, j, k, below_j[j], inside[j])
+            log.debug("bracket missed for %s expert %d (k=%d, below %d, inside %d)", name, j, k, below_j[j], inside[j])
             return None
-    _ties_redo_kernel(idx, taus, bvals, thr, lam, count_sign, dst)
-    return None if bad[0] else [float(v) for v in thr]
-
-
+    _ties_redo_kernel(idx, taus, bvals, thr, np.float32(params.lambda_), params.sign == "count", dst)
+    return [float(v) for v in thr]
 
 
 @_launches_kernels
@@ -756,7 +823,8 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
     inside = np.zeros(size, bool)
     for j in range(n_e):
-        inside |= (sample[j] >= lo[j]) & (sample[j] <= hi[j])
+        if lo[j] != hi[j]:  # a bracket of one value lists nothing (_ties_kernel)
+            inside |= (sample[j] >= lo[j]) & (sample[j] <= hi[j])
     return lo, hi, float(inside.mean())
 
 
