@@ -29,8 +29,8 @@ from mergescale.merge.methods import MergeMethod, TileContext, column_totals, ge
 from mergescale.merge.reader import UnitReader, check_finite
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
 from mergescale.merge.statistics import (
-    MergeStats, finish_complete_streams, pending_units, plan_tensor, sample_windows, scope_of,
-    statistics_work, sums_from, thresholds_from, tile_context, units_per_scope,
+    Bracket, MergeStats, finish_complete_streams, held_brackets, held_budget, pending_units, plan_tensor, restrict,
+    sample_windows, scope_of, statistics_work, sums_from, thresholds_from, tile_context, units_per_scope,
 )
 from mergescale.merge.writer import PartialOutput, write_behind
 
@@ -197,20 +197,92 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
 
 
 def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, global_sel: bool, reader: UnitReader,
-                 units: list[Unit], warnings: list[str], write, then: Unit | None = None):
+                 units: list[Unit], warnings: list[str], write, then: Unit | None = None,
+                 held: dict[str, Bracket] | None = None):
     """Merge units in order, yielding each after its merge: reads run one unit ahead (`reader`; after the last
     unit it reads `then`), writes one unit behind (`write(unit, tile)` on another thread, in unit order:
     writer.write_behind), the math in between. When the generator finishes, every write has returned; a write's
-    error is raised at the next unit."""
+    error is raised at the next unit. The units of a tensor in `held` are merged by a HeldTensor and written
+    after its last one."""
 
     def tiles():
         # Unchecked reads: merge_unit applies the non-finite policy only where a kernel saw NaN or inf (or no
         # kernel ran), which spares a scan of every input byte.
+        current = None
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
+            if held and unit.name in held:
+                if current is None or current.name != unit.name:
+                    current = HeldTensor(config, method, params, plan, stats, reader.inputs, unit.name,
+                                         held[unit.name], warnings)
+                finished = current.add(unit, base, experts)
+                if finished:
+                    current = None  # its rows live on only in the writes queued below
+                yield from finished
+                continue
             check = deferred_check(reader.inputs, config, unit, base, experts, warnings)
             yield unit, merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
 
     yield from write_behind(tiles(), write)
+
+
+class HeldTensor:
+    """Per-tensor TIES of a tensor split into several units, in the merge pass alone (no selection pass first).
+
+    Each unit is merged against the tensor's sampled brackets (statistics.held_brackets) into the tensor's
+    output rows, held here, and the few elements whose trim depends on where in its bracket a threshold lies are
+    listed (kernels.bracketed_ties_tile); after the last unit their magnitudes give the exact thresholds, they
+    are merged again, and the rows go to the writer. The same bytes as selecting first, one read of the rows
+    fewer. A missed bracket, a NaN or inf, or more listed elements than the sample said: the selection pass of
+    this tensor runs after all (`_fallback`), so it costs a read, never exactness."""
+
+    def __init__(self, config, method, params, plan: MergePlan, stats: MergeStats, inputs: MergeInputs, name: str,
+                 bracket: Bracket, warnings: list[str]):
+        self.config, self.method, self.params, self.plan, self.stats = config, method, params, plan, stats
+        self.inputs = inputs
+        self.name, self.bracket, self.warnings = name, bracket, warnings
+        self.info = plan_tensor(plan, name)
+        self.out = torch.empty(self.info.shape, dtype=torch_dtype(plan.out_dtypes[name]))
+        self.units: list[Unit] = []
+        self.parts: list | None = []
+
+    def add(self, unit: Unit, base, experts):
+        """Merge one unit (in row order); after the last one, return [(unit, its merged rows)] for every unit."""
+        from mergescale.merge import kernels
+
+        self.units.append(unit)
+        if self.parts is not None:
+            ctx = tile_context(self.config, self.info, unit, self.stats, self.name, len(experts))
+            b = self.bracket
+            part = kernels.bracketed_ties_tile(self.method.name, self.params, ctx, base, experts,
+                                               self.out[unit.row_start:unit.row_end], b.lo, b.hi, b.share)
+            self.parts = None if part is None else self.parts + [part]
+        if unit.row_end < self.info.rows:
+            return []
+        b, thresholds = self.bracket, None
+        if self.parts is not None:
+            thresholds = kernels.finish_bracketed_ties(self.params, self.name, b.lo, b.hi, b.ks, self.parts, self.out)
+        self.parts = None
+        if thresholds is None:
+            self._fallback()
+        rows, self.out = [(u, self.out[u.row_start:u.row_end]) for u in self.units], None
+        return rows
+
+    def _fallback(self) -> None:
+        """The selection pass of this tensor, then its merge unit by unit, with a reader of its own."""
+        log.info("tensor %s: sampled threshold brackets missed (or non-finite values); selecting first", self.name)
+        inputs = self.inputs
+        reader = UnitReader(inputs, self.config.on_nonfinite, self.config.read)
+        try:
+            found = compute_statistics(self.config, self.method, self.params, self.plan, inputs, reader, False, [],
+                                       only={self.name})
+            self.stats.thresholds.update(found.thresholds)
+            for unit, base, experts in reader.stream(self.units, check=False):
+                check = deferred_check(inputs, self.config, unit, base, experts, self.warnings)
+                tile = merge_unit(self.config, self.method, self.params, self.plan, self.stats, False, unit, base,
+                                  experts, check)
+                self.out[unit.row_start:unit.row_end].copy_(tile)
+        finally:
+            reader.close()
 
 
 def deferred_check(inputs: MergeInputs, config, unit: Unit, base, experts, warnings: list[str] | None):
@@ -220,8 +292,10 @@ def deferred_check(inputs: MergeInputs, config, unit: Unit, base, experts, warni
 
 
 def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInputs, reader: UnitReader, progress: bool,
-                       warnings: list[str]) -> MergeStats:
-    work = statistics_work(method, params, plan, len(inputs.experts))
+                       warnings: list[str], skip=frozenset(), only: set[str] | None = None) -> MergeStats:
+    """The statistics passes; per-tensor statistics of the tensors in `skip` are left out (merged by HeldTensor),
+    and with `only` given, just those tensors' (a HeldTensor's fallback, or a resumed run's)."""
+    work = restrict(statistics_work(method, params, plan, len(inputs.experts)), skip, only)
     stats = MergeStats()
     if work.selector is not None:
         units = work.selection_units
@@ -257,7 +331,8 @@ def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> 
     passes = "1-3 threshold passes over the whole model (1 when the sampled brackets hold) + " if work.global_selection else ""
     extra = ""
     if work.selection_units and not work.global_selection:
-        extra += f" (+1-3 threshold passes over {len(work.selection_units)} tiles of split tensors)"
+        extra += (f" (+1-3 threshold passes over the {len(work.selection_units)} tiles of split tensors, except those"
+                  f" whose thresholds the merge pass finds: rows + listed elements <= {human_bytes(held_budget(config, inputs))})")
     if work.sum_units:
         extra += f" (+1 stats pass over {len(work.sum_units)} tiles of split tensors)"
     lines = [
@@ -290,13 +365,24 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         done = partial.open(resume=resume)
         if done:
             log.info("resuming %s: %d of %d units already written", out, len(done), len(plan.units))
+        todo = [u for u in plan.units if u.id not in done]
+        # split tensors whose per-tensor thresholds the merge pass finds itself (HeldTensor), from a sample
+        held = held_brackets(config, method, params, plan, inputs, {u.id for u in todo})
         stats = partial.load_stats(MergeStats.from_json)
         if stats is None:
-            stats = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings)
+            stats = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings, skip=set(held))
             partial.save_stats(stats.to_json())
+        else:  # resumed: a split tensor held last time but not now (some of it written) is selected first
+            work = statistics_work(method, params, plan, len(inputs.experts))
+            todo_ids = {u.id for u in todo}
+            missing = {u.name for u in work.selection_units if not work.global_selection and u.id in todo_ids
+                       and u.name not in stats.thresholds and u.name not in held}
+            if missing:
+                found = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings, only=missing)
+                stats.thresholds.update(found.thresholds)
+                partial.save_stats(stats.to_json())
         t_stats = time.time() - t0
         global_sel = statistics_work(method, params, plan, len(inputs.experts)).global_selection
-        todo = [u for u in plan.units if u.id not in done]
         bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
         pending, last_sync, tensors_done = [], [time.time()], 0
 
@@ -309,7 +395,8 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
                 pending.clear()
                 last_sync[0] = time.time()
 
-        for unit in merge_stream(config, method, params, plan, stats, global_sel, reader, todo, warnings, write):
+        for unit in merge_stream(config, method, params, plan, stats, global_sel, reader, todo, warnings, write,
+                                 held=held):
             tensors_done += unit.row_end == plan_tensor(plan, unit.name).rows
             bar.update(unit_read_bytes(inputs, unit))
             bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)

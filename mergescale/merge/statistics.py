@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergescale.config import MergeConfig
+from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals
 from mergescale.merge.reader import read_unit
@@ -71,6 +72,21 @@ def statistics_work(method: MergeMethod, params, plan: MergePlan, n_experts: int
         sum_units=[u for t in tiled for u in plan.units_of[t.name]] if method.row_stats is not None else [],
         selector=StreamingSelector(queries) if queries else None,
     )
+
+
+def restrict(work: StatisticsWork, skip=frozenset(), only: set[str] | None = None) -> StatisticsWork:
+    """The per-tensor statistics of `work` without the tensors in `skip`, or of only those in `only`."""
+    if not skip and only is None:
+        return work
+    if work.global_selection:
+        raise ValueError("whole-model thresholds cannot be restricted to some tensors")
+
+    def keep(name: str) -> bool:
+        return name not in skip and (only is None or name in only)
+
+    queries = [q for q in work.selector.queries if keep(q.stream[0])] if work.selector is not None else []
+    return StatisticsWork(False, [u for u in work.selection_units if keep(u.name)],
+                          [u for u in work.sum_units if keep(u.name)], StreamingSelector(queries) if queries else None)
 
 
 def selection_queries(method: MergeMethod, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
@@ -139,13 +155,25 @@ def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs,
     misses costs passes, never exactness (selection.StreamingSelector starts over)."""
     sel = work.selector
     tensors = sorted({u.name for u in work.selection_units}, key=[t.name for t in plan.tensors].index)
+    samples, stream_numel = _samples(config, method, params, plan, inputs, tensors, work.global_selection)
+    sorted_samples = {stream: torch.sort(torch.cat(parts)).values for stream, parts in samples.items()}
+    for q in sel.queries:
+        sample = sorted_samples.get(q.stream)
+        if sample is None or not torch.isfinite(sample).all():
+            continue
+        q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
+
+
+def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tensors: list[str], global_selection: bool):
+    """({stream: [magnitudes of each sampled block]}, {scope: elements}) for the tensors' selection streams: the
+    same evenly spaced rows of every expert, so that the i-th sampled values of the experts are one element."""
     stream_numel: dict = {}
     for name in tensors:
-        scope = scope_of(name, work.global_selection)
+        scope = scope_of(name, global_selection)
         stream_numel[scope] = stream_numel.get(scope, 0) + plan_tensor(plan, name).numel
     samples: dict = {}
     for name in tensors:
-        info, scope = plan_tensor(plan, name), scope_of(name, work.global_selection)
+        info, scope = plan_tensor(plan, name), scope_of(name, global_selection)
         if not info.shape:
             continue
         frac = min(1.0, SAMPLE_ROW_STRIDE * SAMPLE_VALUES / stream_numel[scope])
@@ -158,12 +186,70 @@ def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs,
             ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
             for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
                 samples.setdefault((scope, i), []).append(mags.reshape(-1)[::SAMPLE_ROW_STRIDE])
-    sorted_samples = {stream: torch.sort(torch.cat(parts)).values for stream, parts in samples.items()}
-    for q in sel.queries:
-        sample = sorted_samples.get(q.stream)
-        if sample is None or not torch.isfinite(sample).all():
+    return samples, stream_numel
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Split tensors merged in one pass (per-tensor TIES without a selection pass; see executor.HeldTensor)
+
+
+@dataclass
+class Bracket:
+    """Per-expert brackets lo[j] <= threshold_j <= hi[j] of one tensor (very likely, checked by counting), the
+    threshold ranks ks[j], and the sample's share of elements with some magnitude inside its bracket."""
+
+    lo: list[float]
+    hi: list[float]
+    ks: list[int]
+    share: float
+
+
+def held_budget(config, inputs: MergeInputs) -> int:
+    """Bytes a held tensor may take (its output rows + listed elements): one tile per model, what one unit's
+    inputs take already, so peak memory stays a few tiles whatever the model size."""
+    return len(inputs.all) * config.tile_bytes
+
+
+def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, todo: set[int]) -> dict[str, Bracket]:
+    """The split tensors that the merge pass can merge without a selection pass first, with their brackets.
+
+    A tensor qualifies when the method trims per tensor with a fused select-and-merge kernel, its stored and
+    output dtypes are ones the kernels read and write, all of its units are still to do (a resumed run has no
+    rows of it written), and its merged rows plus the elements the brackets list fit in n_models tiles: the
+    memory of one unit's inputs, so that peak memory still does not grow with the model."""
+    from mergescale.merge import kernels
+
+    sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
+    if sel is None or sel.scope == "global" or inputs.base is None or not kernels.available():
+        return {}
+    candidates = []
+    for t in plan.tensors:
+        units = plan.units_of[t.name]
+        ranks = sel.ranks(t.numel) if t.is_float else {}
+        if (not t.is_float or len(units) < 2 or any(u.id not in todo for u in units) or len(ranks) != 1
+                or None in ranks.values() or plan.out_dtypes[t.name] not in kernels.RAW_CODES
+                or {c.tensors[t.name].dtype for c in inputs.all} != {t.dtype} or t.dtype not in kernels.RAW_CODES):
             continue
-        q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
+        candidates.append((t, next(iter(ranks.values()))))
+    if not candidates:
+        return {}
+    n_e, budget = len(inputs.experts), held_budget(config, inputs)
+    samples, _ = _samples(config, method, params, plan, inputs, [t.name for t, _ in candidates], False)
+    out: dict[str, Bracket] = {}
+    for t, k in candidates:
+        parts = [torch.cat(samples[(t.name, i)]) for i in range(n_e)]
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            continue  # the selection pass reports them
+        lo, hi = zip(*(sample_bracket(torch.sort(p).values, k, t.numel) for p in parts))
+        inside = torch.zeros(parts[0].shape, dtype=torch.bool)
+        for p, a, b in zip(parts, lo, hi):
+            if a != b:  # a bracket of one value lists nothing (kernels._ties_kernel)
+                inside |= (p >= a) & (p <= b)
+        share = float(inside.float().mean())
+        held = t.numel * (SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] + share * (4 * n_e + 12))
+        if held <= budget:
+            out[t.name] = Bracket(list(lo), list(hi), [k] * n_e, share)
+    return out
 
 
 def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
