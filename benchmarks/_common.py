@@ -273,7 +273,19 @@ def machine_line() -> str:
         mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
     except Exception:  # noqa: BLE001
         mem = "?"
-    return f"{platform.machine()}, {os.cpu_count()} cores, {mem} RAM, no GPU, Python {platform.python_version()}"
+    return f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {mem} RAM, no GPU, Python {platform.python_version()}"
+
+
+def cpu_model() -> str:
+    """The CPU's name, family and model from /proc/cpuinfo (machines of one name differ by generation)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "(CPU unknown)"
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def load_average() -> str:

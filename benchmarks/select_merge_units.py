@@ -4,8 +4,9 @@
     PYTHONPATH=. .venv/bin/python benchmarks/select_merge_units.py --model-mb 256
 
 Times `kernels.select_and_merge_ties` (density 0.2, 4 experts) on one attention and one MLP matrix read whole from
-the synthetic checkpoints of benchmarks/merge_single.py, and prints the share of elements the bracketed merge
-listed for a redo. Run it at two commits to compare kernel versions on the same data.
+the synthetic checkpoints of benchmarks/merge_single.py, prints the share of elements the bracketed merge
+listed for a redo, and times the merge alone with the thresholds known. Run it at two commits to compare kernel
+versions on the same data.
 """
 
 from __future__ import annotations
@@ -54,7 +55,16 @@ def main(argv=None) -> int:
             thr = kernels.select_and_merge_ties("ties", params, [1.0] * 4, ctx, base, experts, out, [n - n // 5] * 4)
             best = min(best, time.perf_counter() - t0)
         share = f"{listed['n'] / n:.1%}" if "n" in listed else "-"
-        print(f"{name}: {n} elements, best {best * 1e3:.1f} ms, listed for redo {share}, one pass: {thr is not None}")
+        # the merge alone, its thresholds known (what a selection pass first would leave to do)
+        known = TileContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0,
+                            thresholds=[{"min": v} for v in (thr or [0.0] * 4)])
+        merge_only = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            kernels.merge_tile("ties", params, [1.0] * 4, known, base, experts, out)
+            merge_only = min(merge_only, time.perf_counter() - t0)
+        print(f"{name}: {n} elements, best {best * 1e3:.1f} ms, listed for redo {share}, one pass: {thr is not None}; "
+              f"merge with known thresholds {merge_only * 1e3:.1f} ms")
     return 0
 
 
