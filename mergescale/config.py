@@ -9,7 +9,7 @@ A merge config in YAML:
     out_dtype: null          # null = the base's dtype per tensor
     out_shard_size: 5GB
     seed: 0
-    tile_mb: 64              # float32 MB of one model's rows held at once
+    tile_mb: null            # float32 MB of one model's rows held at once; null: 320 MB over all models, at most 64
     read: mmap               # or pread: how input rows are read
 
 Validation errors name the field and what is allowed (`ConfigError`).
@@ -69,6 +69,11 @@ class ClusterSpec(BaseModel):
     placement_timeout_s: float = Field(120.0, gt=0, description="wait this long for resources (autoscaling)")
 
 
+# Default tile: this many float32 MB of rows over all models of a unit, at most AUTO_TILE_MB_MAX per model.
+AUTO_TILES_MB = 320.0
+AUTO_TILE_MB_MAX = 64.0
+
+
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +85,7 @@ class MergeConfig(BaseModel):
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     out_shard_size: int = 5 * 10**9
     seed: int = Field(0, ge=0)
-    tile_mb: float = Field(64.0, gt=0)
+    tile_mb: float | None = Field(None, gt=0)  # None: AUTO_TILES_MB shared by all models (see tile_bytes)
     tokenizer_source: str = "base"  # "base", "expert:<i>" or a model directory
     allow_architecture_mismatch: bool = False
     allow_pickle: bool = False
@@ -144,8 +149,15 @@ class MergeConfig(BaseModel):
         return [e.weight for e in self.experts]
 
     @property
+    def n_models(self) -> int:
+        return len(self.experts) + (self.base is not None)
+
+    @property
     def tile_bytes(self) -> int:
-        return max(4, int(self.tile_mb * 2**20))
+        """float32 bytes of one model's rows in a unit. Unset, AUTO_TILES_MB is shared by the models (64 MB each
+        for base + 4 experts, 36 MB for base + 8), so that peak memory does not grow with the number of experts."""
+        mb = self.tile_mb if self.tile_mb is not None else min(AUTO_TILE_MB_MAX, AUTO_TILES_MB / self.n_models)
+        return max(4, int(mb * 2**20))
 
 
 def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:

@@ -27,8 +27,25 @@ def test_valid_config_and_defaults():
     p = c.method_params
     assert (p.density, p.trim_scope, p.sign, p.lambda_) == (0.2, "global", "mass", 1.0)
     assert c.out_dtype is None and c.out_shard_size == 5 * 10**9 and c.weights == [1.0, 1.0, 1.0]
-    assert c.tile_bytes == 64 * 2**20
+    assert c.tile_bytes == 64 * 2**20  # base + 3 experts: 320 MB / 4 models, capped at 64 MB
     assert load_config(c) is c
+
+
+def test_default_tile_is_shared_by_the_models():
+    """Unset, tile_mb divides 320 MB among the models (at most 64 MB each), so peak memory, a few tiles per model,
+    stays the same whatever the number of experts; set, it is what the user asked for."""
+    def tile(n_experts, base=True, **kw):
+        cfg = {**BASE, "experts": [f"/e{i}" for i in range(n_experts)], **kw}
+        if not base:
+            cfg.pop("base")
+            cfg["method"] = "average"
+        return load_config(cfg).tile_bytes
+
+    assert tile(4) == 64 * 2**20 and tile(1) == 64 * 2**20
+    assert tile(8) == int(320 / 9 * 2**20) and tile(8, base=False) == int(320 / 8 * 2**20)
+    assert tile(8) * 9 <= 320 * 2**20 and tile(63) * 64 <= 320 * 2**20
+    assert tile(8, tile_mb=64) == tile(1, tile_mb=64) == 64 * 2**20
+    bad({"tile_mb": 0}, "tile_mb", "greater than 0")
 
 
 def test_unknown_top_level_field():

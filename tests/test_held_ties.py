@@ -1,6 +1,6 @@
 """Per-tensor TIES of split tensors in the merge pass alone (executor.HeldTensor): the bytes of selecting first.
 
-The budget for held tensors is one tile per model; the tiny models here are split at tiles far smaller than
+The budget for held tensors is half a tile per model; the tiny models here are split at tiles far smaller than
 their tensors, so the tests raise it (`held_budget`) to make every split tensor held, and compare with runs
 where none is (the selection pass first), with the plain reference of tests/test_methods.py, and through the
 fallbacks (a missed bracket, a NaN, a resumed run)."""
@@ -174,14 +174,14 @@ def test_resume_with_a_held_tensor_partly_written(micro, tmp_path, monkeypatch, 
 
 def test_a_tensor_is_held_only_within_the_budget(micro, tmp_path, monkeypatch):
     """Held: a split tensor whose output rows plus the elements its brackets list (the sample's share) fit the
-    budget, which by default is one tile per model, so held memory does not grow with the model."""
+    budget, which by default is half a tile per model, so held memory does not grow with the model."""
     from mergescale.merge.inputs import prepare
     from mergescale.merge.methods import get_method
 
     cfg = variant_config(micro, "ties_tensor_mass", tile_mb=TILE)
     config, _, inputs, plan = prepare(merge_config(cfg), tmp_path / "x", False)
     try:
-        assert statistics.held_budget(config, inputs) == 4 * config.tile_bytes
+        assert statistics.held_budget(config, inputs) == 4 * config.tile_bytes // 2
         method, todo = get_method(config.method), {u.id for u in plan.units}
         name = "model.embed_tokens.weight"  # 64 x 32 float32
         n = 64 * 32
@@ -195,7 +195,7 @@ def test_a_tensor_is_held_only_within_the_budget(micro, tmp_path, monkeypatch):
         need = n * 4 + b.share * n * (4 * 3 + 12)
         assert name in held(math.ceil(need))
         assert name not in held(math.floor(need) - 1)
-        assert not held(4 * config.tile_bytes)  # the default at this tile: 2.7 KB, no tensor fits
+        assert not held(4 * config.tile_bytes // 2)  # the default at this tile: 1.4 KB, no tensor fits
     finally:
         inputs.close()
 

@@ -205,9 +205,9 @@ class Bracket:
 
 
 def held_budget(config, inputs: MergeInputs) -> int:
-    """Bytes a held tensor may take (its output rows + listed elements): one tile per model, what one unit's
-    inputs take already, so peak memory stays a few tiles whatever the model size."""
-    return len(inputs.all) * config.tile_bytes
+    """Bytes a held tensor may take (its output rows + listed elements): half a tile per model, what one unit's
+    bf16 inputs take (a tile counts float32), so peak memory stays a few tiles whatever the model size."""
+    return len(inputs.all) * config.tile_bytes // 2
 
 
 def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, todo: set[int]) -> dict[str, Bracket]:
@@ -215,8 +215,8 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
 
     A tensor qualifies when the method trims per tensor with a fused select-and-merge kernel, its stored and
     output dtypes are ones the kernels read and write, all of its units are still to do (a resumed run has no
-    rows of it written), and its merged rows plus the elements the brackets list fit in n_models tiles: the
-    memory of one unit's inputs, so that peak memory still does not grow with the model."""
+    rows of it written), and its merged rows plus the elements the brackets list fit `held_budget`, so that
+    peak memory still does not grow with the model."""
     from mergescale.merge import kernels
 
     sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
