@@ -11,7 +11,7 @@ subprocess; the I/O floor (read every input tensor once, write one output of the
 subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
 worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed
 first, so every run reads the same (cached) files. Peak RSS is the kernel's high-water mark of the child
-(ru_maxrss; the child is one process). It is not polled from outside, because polling takes CPU from the run
+(VmHWM; the child is one process). It is not polled from outside, because polling takes CPU from the run
 being timed (see _common.run_measured).
 """
 
@@ -79,7 +79,20 @@ def child_merge(spec: dict) -> dict:
         manifest = run_merge(spec, out, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     return {"time_s": dt, "kernel_load_s": load_s, "timing": manifest["timing"], "base_rss": base_rss,
-            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "maxrss": _peak_rss()}
+
+
+def _peak_rss() -> int:
+    """This process's own high-water RSS (VmHWM of its address space). Not ru_maxrss: Linux folds the forking
+    parent's high-water mark into the child's at exec, so a driver that had generated the checkpoints (~1.4 GB)
+    made every child report at least that."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child_floor(spec: dict) -> dict:
@@ -120,7 +133,7 @@ def child_floor(spec: dict) -> dict:
     dt = time.perf_counter() - t0
     out.unlink()
     return {"time_s": dt, "read_s": t_read, "read_bytes": read, "write_bytes": written, "base_rss": base_rss,
-            "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "maxrss": _peak_rss()}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -175,11 +188,11 @@ def main(argv=None) -> int:
     models = [paths["base"]] + paths["experts"]
     in_bytes = sum(C.model_bytes(p) for p in models)
     out_bytes = C.model_bytes(paths["base"])
-    tile_mb = args.tile_mb if args.tile_mb is not None else MergeConfig.model_fields["tile_mb"].default
+    tile_mb = args.tile_mb  # None: mergescale's default (config.AUTO_TILES_MB shared by the models)
     read = args.read or MergeConfig.model_fields["read"].default
     cfg = paths["config"]
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
-          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_mb:g}; read {read}")
+          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}")
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
     out_dir = C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -234,6 +247,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(raw, indent=2, default=str))
     if args.write_doc:
         cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_single.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
+        cmd += f" --experts {args.experts}" if args.experts != 4 else ""
         cmd += (f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
         cmd += f" --read {args.read}" if args.read else ""
         how = ("mapped from the page cache and every page faulted in, as the merge reads them (`read: mmap`)" if read == "mmap"
@@ -246,11 +260,11 @@ Machine: {C.machine_line()}; shared with other engineers' jobs (load average {lo
 Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16 weights each
 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
 experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
-(all inputs fit in RAM), output fsynced. tile_mb {tile_mb:g}, read {read}. Default method parameters (TIES density 0.2, DARE p 0.9,
+(all inputs fit in RAM), output fsynced. tile_mb {tile_label(tile_mb, len(models))}, read {read}. Default method parameters (TIES density 0.2, DARE p 0.9,
 dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
 imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
 size, single thread; one floor run right before every merge run, and each method is compared with the floor run
-paired with its best run (the disk's write speed drifts). Peak RSS: the child's ru_maxrss, the kernel's high-water mark of its resident set, mapped file pages included
+paired with its best run (the disk's write speed drifts). Peak RSS: the child's VmHWM, the kernel's high-water mark of its resident set, mapped file pages included
 (one process, so exact; not polled, since a 50 Hz poller took 1.05-1.33 CPU-s per run from these 2 cores, benchmarks/poller_cost.py; includes
 ~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
 
@@ -262,13 +276,21 @@ paired with its best run (the disk's write speed drifts). Peak RSS: the child's 
     return 0
 
 
-def compare_checkouts(args, paths, tile_mb: float, out_dir: Path) -> int:
+def tile_label(tile_mb: float | None, n_models: int) -> str:
+    from mergescale.config import AUTO_TILE_MB_MAX, AUTO_TILES_MB
+
+    if tile_mb is not None:
+        return f"{tile_mb:g}"
+    return f"default ({min(AUTO_TILE_MB_MAX, AUTO_TILES_MB / n_models):.3g} per model)"
+
+
+def compare_checkouts(args, paths, tile_mb: float | None, out_dir: Path) -> int:
     """Each method's merge time (kernels loaded first) per checkout, alternating checkouts within each round."""
     print(f"load average {C.load_average()}")
     for label in args.methods:
         method, params = METHODS[label]
         spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
-                "parameters": params, "tile_mb": tile_mb, "out": str(out_dir / "merged")}
+                "parameters": params, "out": str(out_dir / "merged"), **({"tile_mb": tile_mb} if tile_mb else {})}
         if args.read:  # only when asked: an older checkout's config may not know the field
             spec["read"] = args.read
         times: dict[Path, list[float]] = {co: [] for co in args.checkouts}
