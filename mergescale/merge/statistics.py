@@ -222,18 +222,19 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
     sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
     if sel is None or sel.scope == "global" or inputs.base is None or not kernels.available():
         return {}
+    n_e, budget = len(inputs.experts), held_budget(config, inputs)
     candidates = []
     for t in plan.tensors:
         units = plan.units_of[t.name]
         ranks = sel.ranks(t.numel) if t.is_float else {}
         if (not t.is_float or len(units) < 2 or any(u.id not in todo for u in units) or len(ranks) != 1
                 or None in ranks.values() or plan.out_dtypes[t.name] not in kernels.RAW_CODES
-                or {c.tensors[t.name].dtype for c in inputs.all} != {t.dtype} or t.dtype not in kernels.RAW_CODES):
+                or {c.tensors[t.name].dtype for c in inputs.all} != {t.dtype} or t.dtype not in kernels.RAW_CODES
+                or t.numel * SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] > budget):  # too big to sample for
             continue
         candidates.append((t, next(iter(ranks.values()))))
     if not candidates:
         return {}
-    n_e, budget = len(inputs.experts), held_budget(config, inputs)
     samples, _ = _samples(config, method, params, plan, inputs, [t.name for t, _ in candidates], False)
     out: dict[str, Bracket] = {}
     for t, k in candidates:
