@@ -498,40 +498,52 @@ if numba is not None:
             tr = np.empty((ne, SUB), np.float32)
             brow = np.empty(SUB, np.float32)
             chk = np.zeros(SUB, np.float32)
-            bits_ = np.empty(SUB, np.int64)
+            bits_ = np.empty(SUB, np.int32)  # non-negative float32 bits: int32 lanes, twice as many per vector
+            flag_ = np.empty(SUB, np.int32)
+            nbl = np.zeros((ne * nq, SUB), np.int32)  # lane-wise counts below each window (a scalar sum did not vectorize)
             for s0 in range(th * per, min(n, (th + 1) * per), SUB):
                 m = min(SUB, n - s0)
                 _task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk)
-                bits = bits_[:m]
+                bits, flag = bits_[:m], flag_[:m]
                 for j in range(ne):
                     row = tr[j, :m]
                     for i in range(m):
-                        bits[i] = np.int64(np.float32(abs(row[i])).view(np.int32))
+                        bits[i] = np.float32(abs(row[i])).view(np.int32)
                     for q in range(nq):
                         st, sh = starts[j, q], shifts[j, q]
                         if st < 0:
                             continue
                         width = nbins[j, q] << sh
-                        nb = 0
-                        for i in range(m):  # vectorized
-                            nb += bits[i] < st
-                        below[th, j * nq + q] += nb
+                        st32 = np.int32(st)
+                        cb = nbl[j * nq + q, :m]
+                        for i in range(m):
+                            cb[i] += bits[i] < st32
                         hq = out[th, j * nq + q]
                         if st == 0 and width >= (1 << 31):  # the whole range (radix pass 1): every value counts
                             for i in range(m):
                                 hq[bits[i] >> sh] += 1
                             continue
-                        # A sampled window holds a few percent of the values: a 64-bit mask of which are inside
-                        # (vectorized), then only its set bits (a branch per element costs ~2x this kernel).
+                        # A sampled window holds a few percent of the values: which are inside (vectorized), then
+                        # per 64 elements a mask of them and its set bits (a branch per element costs ~2x this kernel).
+                        end32 = np.int32(min(st + width, 0x7FFFFFFF))
+                        for i in range(m):
+                            flag[i] = (bits[i] >= st32) & (bits[i] < end32)
                         for g0 in range(0, m, 64):
-                            gb = bits[g0:min(m, g0 + 64)]
+                            gf = flag[g0:min(m, g0 + 64)]
+                            any_ = np.int32(0)
+                            for i in range(gf.shape[0]):
+                                any_ |= gf[i]
+                            if any_ == 0:
+                                continue
                             mask = np.uint64(0)
-                            for i in range(gb.shape[0]):
-                                mask |= np.uint64((gb[i] >= st) & (gb[i] - st < width)) << np.uint64(i)
+                            for i in range(gf.shape[0]):
+                                mask |= np.uint64(gf[i]) << np.uint64(i)
                             while mask:
-                                i = _cttz(mask)
-                                hq[(gb[i] - st) >> sh] += 1
+                                i = g0 + _cttz(mask)
+                                hq[(np.int64(bits[i]) - st) >> sh] += 1
                                 mask &= mask - np.uint64(1)
+            for r in range(ne * nq):
+                below[th, r] += nbl[r].astype(np.int64).sum()
             if not _finite(chk):
                 bad[0] = 1
 
