@@ -1,0 +1,111 @@
+"""Interleaved A/B of the fused TIES kernels of two checkouts, in one process, on one real unit (best of N).
+
+    git worktree add /tmp/old <commit>
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --old /tmp/old              # ties
+    PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --old /tmp/old --dare-p 0.9 # dare_ties
+
+Loads the other checkout's mergescale/merge/kernels.py as a second module beside this one's and calls both
+kernels in turn, round by round, on the same unit (an MLP matrix of the synthetic checkpoints of
+benchmarks/merge_single.py, base + 4 experts, bf16), so that a noisy shared machine's drift hits both alike. Cases:
+the TIES merge with its thresholds known (`_ties_kernel`), with one-value brackets (counts only) and with
+listed brackets (+-1%), for both sign rules; and the histogram pass of global TIES (`histograms`) over a sampled
+window and over the whole range. Every case's outputs (merged bytes, counts, listed indices, histograms) must be
+identical between the two checkouts; the script says so per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def load_other(path: Path):
+    spec = importlib.util.spec_from_file_location("kernels_other", path / "mergescale/merge/kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernels_other"] = mod  # numba's cache pickles the module name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", type=Path, required=True, help="the other checkout (a git worktree)")
+    ap.add_argument("--model-mb", type=float, default=1000)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--dare-p", type=float, default=0.0)
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from mergescale.merge import kernels as new
+    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.merge.methods import get_method
+    from mergescale.merge.selection import RADIX, window_around
+
+    old = load_other(args.old.resolve())
+    paths = C.make_checkpoints(args.model_mb, 4)
+    models = [Checkpoint(p) for p in [paths["base"]] + paths["experts"]]
+    name = [t for t in models[0].tensors if "mlp.up_proj" in t][len(models[0].tensors) // 200]
+    rows = models[0].tensors[name].rows
+    base, *experts = [m.map_rows(name, 0, rows).reshape(-1).clone() for m in models]
+    n, ne = base.numel(), len(experts)
+    new.warm_up(ne)
+    old.warm_up(ne)
+    raw = new._raw([base] + experts)
+    b, e = raw[0], raw[1:]
+    taus = [(x.float() - base.float()).abs() for x in experts]
+    k = n - int(0.2 * n)
+    thr = np.array([float(t.kthvalue(k).values) for t in taus], np.float32)
+    none = np.empty(0, np.float32)
+    T = new._work_items(n)
+    cases = {"known thresholds": (none, none, thr), "one-value brackets": (thr, thr, none),
+             "brackets +-1%": ((thr * 0.99).astype(np.float32), (thr * 1.01).astype(np.float32), none)}
+    params = get_method("ties").params.model_validate({"density": 0.2})
+    ctx = SimpleNamespace(name=name, seed=0, element_offset=0, thresholds=None)
+    windows = {"histogram, sampled window": [[window_around(float(t) * 0.99, float(t) * 1.01)] for t in thr],
+               "histogram, whole range": [[RADIX] for _ in thr]}
+    times: dict = {}
+    outs: dict = {}
+    print(f"unit {name} ({n} elements, base + {ne} experts, bf16); dare p {args.dare_p}; {C.load_average()}")
+    for _ in range(args.rounds):
+        for mod, label in ((old, "old"), (new, "new")):
+            dare = mod._dare_args(args.dare_p, 0, name, ne, 0)
+            for case, (lo, hi, th) in cases.items():
+                for count_sign in (False, True):
+                    below, ndefer = np.zeros((T, 2 * ne), np.int64), np.zeros(T, np.int64)
+                    defer, bad, dst = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8), np.empty(n, np.uint16)
+                    t0 = time.perf_counter()
+                    mod._ties_kernel(b, e, th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer, ndefer, dst, bad)
+                    key = (f"{case}, {'count' if count_sign else 'mass'}", label)
+                    times.setdefault(key, []).append(time.perf_counter() - t0)
+                    outs[key] = (dst, below, ndefer, bad, [defer[t, :min(ndefer[t], defer.shape[1])] for t in range(T)])
+            if args.dare_p == 0.0:  # the histogram cases do not depend on DARE: timed once
+                for case, ws in windows.items():
+                    t0 = time.perf_counter()
+                    got = mod.histograms("ties", params, ctx, base, experts, ws)
+                    times.setdefault((case, label), []).append(time.perf_counter() - t0)
+                    outs[(case, label)] = [(x[0][0], x[0][1].numpy()) for x in got]
+
+    def same(a, c) -> bool:
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(c) and all(same(x, y) for x, y in zip(a, c))
+        return bool(np.array_equal(a, c))
+
+    print(C.markdown_table(["case", "old: min / median (ms)", "new: min / median (ms)", "identical"], [
+        [case, f"{min(times[(case, 'old')]) * 1e3:.1f} / {np.median(times[(case, 'old')]) * 1e3:.1f}",
+         f"{min(times[(case, 'new')]) * 1e3:.1f} / {np.median(times[(case, 'new')]) * 1e3:.1f}",
+         "yes" if same(outs[(case, 'old')], outs[(case, 'new')]) else "NO"]
+        for case in dict.fromkeys(c for c, _ in times)]))
+    print(C.load_average())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
