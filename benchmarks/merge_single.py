@@ -96,7 +96,8 @@ def _peak_rss() -> int:
 
 
 def child_floor(spec: dict) -> dict:
-    """Read every input tensor's bytes once (preadv into a reused buffer), write out_bytes to a new file, fsync."""
+    """Read every input tensor's bytes once (mapped, or preadv into a reused buffer), write out_bytes to a new file
+    (with O_DIRECT through mergescale's DirectStream, or buffered: as the merge writes), fsync."""
     import torch  # noqa: F401 - same interpreter baseline as the merge children
 
     from mergescale.merge.checkpoint import Checkpoint
@@ -124,10 +125,22 @@ def child_floor(spec: dict) -> dict:
     t_read = time.perf_counter() - t0
     out = Path(spec["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    stream = None
+    if spec.get("write") == "direct":
+        from mergescale.merge.direct_io import open_stream
+
+        stream = open_stream(out, fd)
     written, total = 0, spec["out_bytes"]
     while written < total:
-        written += os.pwrite(fd, view[: min(chunk, total - written)], written)
+        piece = view[: min(chunk, total - written)]
+        if stream is not None:
+            stream.write(written, piece)
+            written += len(piece)
+        else:
+            written += os.pwrite(fd, piece, written)
+    if stream is not None:
+        stream.close()
     os.fsync(fd)
     os.close(fd)
     dt = time.perf_counter() - t0
@@ -165,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tile-mb", type=float, default=None, help="override the config's tile_mb (default: mergescale's default)")
     ap.add_argument("--read", choices=["mmap", "pread"], default=None,
                     help="override the config's read (default: mergescale's default); the I/O floor reads the same way")
+    ap.add_argument("--write", choices=["direct", "buffered"], default=None,
+                    help="override the config's write (default: mergescale's default); the I/O floor writes the same way")
     ap.add_argument("--checkouts", nargs="+", type=Path, metavar="DIR",
                     help="A/B: time each method's merge with mergescale from each of these checkouts in turn (no floor)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --checkouts")
@@ -190,9 +205,10 @@ def main(argv=None) -> int:
     out_bytes = C.model_bytes(paths["base"])
     tile_mb = args.tile_mb  # None: mergescale's default (config.AUTO_TILES_MB shared by the models)
     read = args.read or MergeConfig.model_fields["read"].default
+    write = args.write or MergeConfig.model_fields["write"].default
     cfg = paths["config"]
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
-          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}")
+          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}; write {write}")
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
     out_dir = C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -203,13 +219,14 @@ def main(argv=None) -> int:
     # merge run is paired with a floor run just before it and compared with that one (a fixed floor measured
     # once made the ratios swing with the disk, not with the code).
     floor_spec = {"models": [str(p) for p in models], "out": str(out_dir / "floor.bin"), "out_bytes": out_bytes,
-                  "read": read}
+                  "read": read, "write": write}
     load_start = C.load_average()
     floors, rows, raw = [], [], {"floors": [], "methods": {}}
     for label in args.methods:
         method, params = METHODS[label]
         spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
-                "parameters": params, "tile_mb": tile_mb, "read": read, "out": str(out_dir / "merged"),
+                "parameters": params, "tile_mb": tile_mb, "read": read, "write": write,
+                "out": str(out_dir / "merged"),
                 "profile": args.profile}
         pairs = []
         for _ in range(args.repeat):
@@ -250,9 +267,11 @@ def main(argv=None) -> int:
         cmd += f" --experts {args.experts}" if args.experts != 4 else ""
         cmd += (f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
         cmd += f" --read {args.read}" if args.read else ""
+        cmd += f" --write {args.write}" if args.write else ""
         how = ("mapped from the page cache and every page faulted in, as the merge reads them (`read: mmap`)" if read == "mmap"
                else "preadv, 16 MiB chunks")
         loads = sorted(r["kernel_load_s"] for r in raw["methods"].values())
+        how_write = "O_DIRECT through the merge's own DirectStream, as the merge writes" if write == "direct" else "buffered pwrite"
         body = f"""Command: `{cmd} --write-doc`
 
 Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
@@ -260,10 +279,10 @@ Machine: {C.machine_line()}; shared with other engineers' jobs (load average {lo
 Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16 weights each
 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
 experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
-(all inputs fit in RAM), output fsynced. tile_mb {tile_label(tile_mb, len(models))}, read {read}. Default method parameters (TIES density 0.2, DARE p 0.9,
+(all inputs fit in RAM), output fsynced. tile_mb {tile_label(tile_mb, len(models))}, read {read}, write {write}. Default method parameters (TIES density 0.2, DARE p 0.9,
 dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
 imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
-size, single thread; one floor run right before every merge run, and each method is compared with the floor run
+size ({how_write}), single thread; one floor run right before every merge run, and each method is compared with the floor run
 paired with its best run (the disk's write speed drifts). Peak RSS: the child's VmHWM, the kernel's high-water mark of its resident set, mapped file pages included
 (one process, so exact; not polled, since a 50 Hz poller took 1.05-1.33 CPU-s per run from these 2 cores, benchmarks/poller_cost.py; includes
 ~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports). Input GB/s = bytes read per pass / time.
@@ -293,6 +312,8 @@ def compare_checkouts(args, paths, tile_mb: float | None, out_dir: Path) -> int:
                 "parameters": params, "out": str(out_dir / "merged"), **({"tile_mb": tile_mb} if tile_mb else {})}
         if args.read:  # only when asked: an older checkout's config may not know the field
             spec["read"] = args.read
+        if args.write:
+            spec["write"] = args.write
         times: dict[Path, list[float]] = {co: [] for co in args.checkouts}
         for _ in range(args.rounds):
             for co in args.checkouts:

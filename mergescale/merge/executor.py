@@ -359,7 +359,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         return {"dry_run": True, "description": describe_plan(config, inputs, plan)}
     warnings: list[str] = []
     t0 = time.time()
-    partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan))
+    partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan), direct=config.write == "direct")
     reader = UnitReader(inputs, config.on_nonfinite, config.read)
     try:
         done = partial.open(resume=resume)

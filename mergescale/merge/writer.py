@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.merge.direct_io import DirectStream, open_stream
 from mergescale.merge.shard_hash import ShardHashes
 
 if TYPE_CHECKING:
@@ -148,12 +149,16 @@ def partial_dir(out: Path) -> Path:
 class PartialOutput:
     """The hidden directory a merge writes into; `commit` turns it into the real output directory."""
 
-    def __init__(self, out: str | Path, layout: OutputLayout, run_key: str):
+    def __init__(self, out: str | Path, layout: OutputLayout, run_key: str, direct: bool = False):
         self.out = Path(out)
         self.dir = partial_dir(self.out)
         self.layout = layout
         self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
         self._fds: dict[int, int] = {}
+        # direct=True (one writer going front to back: the single-process merge): rows go through a DirectStream
+        # (merge/direct_io.py), one shard at a time, bypassing the page cache
+        self._direct = direct
+        self._stream: tuple[int, DirectStream] | None = None
         self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final
         self.done: set[int] = set()
 
@@ -195,6 +200,8 @@ class PartialOutput:
         self.hashes.durable(t.shard, t.offset + row_start * t.row_bytes, t.offset + row_end * t.row_bytes)
 
     def sync(self) -> None:
+        if self._stream is not None:  # staged bytes first: what the journal will call durable must be on disk
+            self._stream[1].flush()
         for fd in self._fds.values():
             os.fdatasync(fd)
 
@@ -242,13 +249,33 @@ class PartialOutput:
         offset = t.offset + row_start * t.row_bytes
         fd = self._fds[t.shard]
         view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-        start_writeback(fd, offset, len(view))
+        stream = self._direct_stream(t.shard) if self._direct else None
+        if stream is not None:
+            stream.write(offset, view)
+        else:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+            start_writeback(fd, offset, len(view))
         if self.hashes is not None:  # on the fly while this process writes a shard front to back
             self.hashes.wrote(t.shard, offset, view)
         return len(view)
+
+    def _direct_stream(self, shard: int) -> DirectStream | None:
+        if self._stream is not None and self._stream[0] != shard:  # the writer moved on: finish the last shard
+            self._end_stream()
+        if self._stream is None:
+            stream = open_stream(self.dir / self.layout.shard_names[shard], self._fds[shard])
+            if stream is None:
+                self._direct = False
+                return None
+            self._stream = (shard, stream)
+        return self._stream[1]
+
+    def _end_stream(self, flush: bool = True) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream[1], None
+            stream.close(flush=flush)
 
     def mark_done(self, unit_ids: list[int]) -> None:
         """Make the listed units durable: data first (fdatasync), then the journal line that says so."""
@@ -268,6 +295,7 @@ class PartialOutput:
         """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
 
         Returns the manifest as written (with each shard's size and sha256)."""
+        self._end_stream()
         for fd in self._fds.values():
             os.fsync(fd)
             os.close(fd)
@@ -309,15 +337,18 @@ class PartialOutput:
         """Remove the partial directory (a deterministic input error: nothing worth resuming)."""
         if self.hashes is not None:
             self.hashes.stop()
+        self._end_stream(flush=False)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self) -> None:
-        """Leave the partial directory for a later resume (crash, interrupt)."""
+        """Leave the partial directory for a later resume (crash, interrupt). Staged rows are dropped: only units
+        in the journal count as written, and those were flushed before they went in."""
         if self.hashes is not None:
             self.hashes.stop()
+        self._end_stream(flush=False)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
