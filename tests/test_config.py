@@ -142,6 +142,8 @@ def test_missing_required_fields():
     ("seed", -1, "greater than or equal to 0"),
     ("on_nonfinite", "ignore", "'error' or 'warn'"),
     ("allow_pickle", "maybe", "boolean"),
+    ("read", "async", "'mmap' or 'pread'"),
+    ("write", "o_direct", "'direct' or 'buffered'"),
 ])
 def test_other_fields(field, value, fragment):
     bad({field: value}, field, fragment)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
-from mergescale.merge.direct_io import DirectStream, open_stream
+from mergescale.merge.direct_io import DirectStream, open_stream, pwrite_all
 from mergescale.merge.shard_hash import ShardHashes
 
 if TYPE_CHECKING:
@@ -253,9 +253,7 @@ class PartialOutput:
         if stream is not None:
             stream.write(offset, view)
         else:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+            pwrite_all(fd, view, offset)
             start_writeback(fd, offset, len(view))
         if self.hashes is not None:  # on the fly while this process writes a shard front to back
             self.hashes.wrote(t.shard, offset, view)
