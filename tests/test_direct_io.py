@@ -109,3 +109,29 @@ def test_no_o_direct_falls_back_to_buffered(micro, tmp_path, monkeypatch, caplog
     assert "no O_DIRECT" in caplog.text
     assert got["outputs"] == want["outputs"]
     assert digests(tmp_path / "fallback") == digests(tmp_path / "buffered")
+
+
+def test_a_failed_direct_write_surfaces_and_close_still_works(tmp_path, monkeypatch):
+    path = tmp_path / "shard.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 4 * ALIGN)
+    if not direct_supported(path):
+        pytest.skip(f"{tmp_path}: file system without O_DIRECT")
+    monkeypatch.setattr(direct_io, "STAGE_BYTES", ALIGN)
+    stream = DirectStream(path, fd)
+    real_pwrite = os.pwrite
+
+    def full_disk(f, data, offset):
+        if f == stream.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(f, data, offset)
+
+    monkeypatch.setattr(direct_io.os, "pwrite", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        stream.write(0, b"x" * (2 * ALIGN))
+    with pytest.raises(OSError, match="No space left"):
+        stream.write(3 * ALIGN, b"y" * ALIGN + b"z" * 10)  # a new run: flushing the old one fails the same way
+    stream.close(flush=False)  # what PartialOutput.close does after the error: no BufferError, descriptor closed
+    with pytest.raises(OSError):
+        os.fstat(stream.fd)
+    os.close(fd)

@@ -57,30 +57,28 @@ class DirectStream:
             self.start, self.fill = offset, 0
         if self._stage is None:
             self._stage = mmap.mmap(-1, STAGE_BYTES)
-        stage = memoryview(self._stage)
-        pos = 0
-        while pos < len(view):
-            k = min(len(view) - pos, STAGE_BYTES - self.fill)
-            stage[self.fill:self.fill + k] = view[pos:pos + k]
-            self.fill += k
-            pos += k
-            if self.fill == STAGE_BYTES:
-                pwrite_all(self.fd, stage, self.start)
-                self.start += STAGE_BYTES
-                self.fill = 0
-        stage.release()
+        with memoryview(self._stage) as stage:  # released even if a write fails, so close() can unmap
+            pos = 0
+            while pos < len(view):
+                k = min(len(view) - pos, STAGE_BYTES - self.fill)
+                stage[self.fill:self.fill + k] = view[pos:pos + k]
+                self.fill += k
+                pos += k
+                if self.fill == STAGE_BYTES:
+                    pwrite_all(self.fd, stage, self.start)
+                    self.start += STAGE_BYTES
+                    self.fill = 0
 
     def flush(self) -> None:
         """Write out the staged bytes: whole blocks directly, the rest buffered. Ends the run."""
-        if self.start is not None and self.fill:
-            stage = memoryview(self._stage)
-            whole = self.fill - self.fill % ALIGN
-            if whole:
-                pwrite_all(self.fd, stage[:whole], self.start)
-            if self.fill > whole:
-                pwrite_all(self.buffered_fd, stage[whole:self.fill], self.start + whole)
-            stage.release()
-        self.start, self.fill = None, 0
+        start, fill, self.start, self.fill = self.start, self.fill, None, 0
+        if start is not None and fill:
+            with memoryview(self._stage) as stage:
+                whole = fill - fill % ALIGN
+                if whole:
+                    pwrite_all(self.fd, stage[:whole], start)
+                if fill > whole:
+                    pwrite_all(self.buffered_fd, stage[whole:fill], start + whole)
 
     def close(self, flush: bool = True) -> None:
         """Flush (unless dropping the staged bytes: an abandoned run) and release the descriptor and buffer."""
@@ -89,9 +87,12 @@ class DirectStream:
                 self.flush()
         finally:
             os.close(self.fd)
-            if self._stage is not None:
-                self._stage.close()
-                self._stage = None
+            stage, self._stage = self._stage, None
+            if stage is not None:
+                try:
+                    stage.close()
+                except BufferError:  # a failed write's traceback still holds a view of it: freed with it
+                    pass
 
 
 def open_stream(path, buffered_fd: int) -> DirectStream | None:
