@@ -20,7 +20,10 @@ from mergescale.merge import method_params
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
-ACTOR_START_TIMEOUT_S = 120.0
+# How long actors may take to set up, and the longest a merge may go without any actor finishing a batch. Setup
+# includes the first merge of a fresh install, where every actor compiles the fused kernels before numba's cache
+# has them: ~70 s of CPU per process here, and two actors on 2 busy cores went past the 120 s this used to be.
+ACTOR_START_TIMEOUT_S = 600.0
 # Testing aid for fault-injection tests: seconds each actor sleeps per unit, so a test can kill mid-merge.
 UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
 
@@ -168,6 +171,11 @@ class ActorPool:
             infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.RayTaskError as e:  # e.g. an actor's node sees other input files: that error, as is
             raise _cause(e) from None
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"{self.workers} merge workers did not finish setting up in {ACTOR_START_TIMEOUT_S:.0f} s (opening the "
+                "inputs and loading or compiling the fused kernels); see the actors' logs in the Ray dashboard"
+            ) from None
         for s, info in zip(self.slots, infos):
             s.node = info["node"]
 
