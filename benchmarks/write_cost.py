@@ -21,7 +21,7 @@ import _common as C  # noqa: E402
 
 
 def write_file(path: Path, buf: bytes, total: int, direct: bool) -> dict:
-    from mergescale.merge.direct_io import open_stream
+    from mergescale.merge.direct_io import open_stream, pwrite_all
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     stream = open_stream(path, fd) if direct else None
@@ -32,7 +32,7 @@ def write_file(path: Path, buf: bytes, total: int, direct: bool) -> dict:
         if stream is not None:
             stream.write(off, buf)
         else:
-            os.pwrite(fd, buf, off)
+            pwrite_all(fd, buf, off)
     if stream is not None:
         stream.close()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

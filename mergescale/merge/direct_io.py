@@ -96,7 +96,7 @@ class DirectStream:
 
 
 def open_stream(path, buffered_fd: int) -> DirectStream | None:
-    """A DirectStream, or None where O_DIRECT is not supported (logged once per call site by the caller)."""
+    """A DirectStream, or None (logged) where O_DIRECT is not supported; the caller then writes buffered."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
