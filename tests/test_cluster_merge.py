@@ -213,6 +213,70 @@ def test_merge_without_statistics_never_loads_torch(micro, bf16, tmp_path):
         assert shard_bytes(Path(out)) == shard_bytes(tmp_path / "single")
 
 
+def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
+    """The threshold methods' statistics passes are coordinated by a driver that never imports torch or numba: an
+    actor samples the first windows, the actors count, the driver adds their numpy counts and resolves the
+    queries. Fresh interpreter with its own embedded Ray: TIES with whole-model and per-tensor trims (rows split
+    into many units, so per-tensor TIES has a selection pass too) and breadcrumbs (two bounds per expert); the
+    outputs and whole-model thresholds are the single-process merge's."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, ray\n"
+            "from mergescale.cluster.merge import run_distributed_merge\n"
+            "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+            "th = [run_distributed_merge(cfg, out, workers=2, progress=False)['global_thresholds']\n"
+            "      for cfg, out in json.loads(sys.argv[1])]\n"
+            "print(json.dumps([th, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
+    runs = [(config_for(micro, "ties", 0.003), str(tmp_path / "ties-global")),
+            ({**config_for(bf16, "ties", 0.01), "parameters": {"density": 0.2, "trim_scope": "tensor"}},
+             str(tmp_path / "ties-tensor")),
+            (config_for(micro, "breadcrumbs", 0.003), str(tmp_path / "breadcrumbs"))]
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    thresholds, loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    assert loaded == []
+    for (cfg, out), th in zip(runs, thresholds):
+        single = run_merge(cfg, tmp_path / "single", progress=False, overwrite=True)
+        assert shard_bytes(Path(out)) == shard_bytes(tmp_path / "single"), out
+        assert th == single["global_thresholds"]
+    assert thresholds[0] is not None and thresholds[1] is None
+    from mergescale.merge.inputs import prepare
+    from mergescale.merge.statistics import statistics_work
+
+    config, _, inputs, plan = prepare(runs[1][0], tmp_path / "unused", False)
+    inputs.close()
+    assert statistics_work("ties", config.method_params, plan, len(bf16.experts)).selection_units  # a pass ran
+
+
+def test_actor_samples_the_windows_the_single_process_merge_starts_from(micro, tmp_path):
+    """The first counting windows an actor samples for the coordinator are the ones the single-process executor
+    places (so both take the same passes); an actor that died before sampling leaves every query at the whole
+    range (exact all the same, a pass more)."""
+    from mergescale.cluster.pool import ActorPool
+    from mergescale.merge.inputs import prepare
+    from mergescale.merge.methods import get_method
+    from mergescale.merge.selection import RADIX
+    from mergescale.merge.statistics import sample_windows, statistics_work
+
+    config, out, inputs, plan = prepare(config_for(micro, "ties", 0.003), tmp_path / "out", False)
+    try:
+        work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
+        sample_windows(config, get_method(config.method), config.method_params, plan, inputs, work)
+        want = {(q.stream, q.tag): q.window for q in work.selector.queries}
+    finally:
+        inputs.close()
+    assert len(want) == len(micro.experts) and all(w != RADIX for w in want.values())
+    pool = ActorPool(config, 1)
+    try:
+        pool.start(config, out, plan.layout.fingerprint(), "key")
+        assert pool.sample_windows() == want
+        ray.kill(pool.slots[0].actor, no_restart=True)
+        assert pool.sample_windows() == {}
+    finally:
+        pool.shutdown()
+
+
 def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
     """An actor whose node sees different input files than the driver (a stale mount) refuses to start; the
     driver raises that error itself, not Ray's wrapper around it."""

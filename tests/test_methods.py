@@ -439,7 +439,8 @@ def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
     """A Ray driver skips the statistics pass, and torch, for methods whose signature has statistics=False; so
     registering one that has a selection or row sums under such a signature fails, and none of the registered
     ones does."""
-    from mergescale.merge.methods import REGISTRY, MergeMethod, Selection, register, ties_ranks
+    from mergescale.merge.method_params import Selection, ties_ranks
+    from mergescale.merge.methods import REGISTRY, MergeMethod, register
 
     with pytest.raises(ValueError, match="needs statistics"):
         register(MergeMethod(name="average", merge=REGISTRY["average"].merge,

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergescale.merge.masks import dare_keep_mask
-from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
+from mergescale.merge.method_params import breadcrumbs_ranks, ties_ranks
 from mergescale.merge.selection import (
-    RADIX, KthQuery, StreamingSelector, float_bits, kth_smallest, sample_bracket, window_around, window_histogram,
+    RADIX, KthQuery, SparseCounts, StreamingSelector, float_bits, kth_smallest, sample_bracket, window_around, window_histogram,
 )
 
 
@@ -142,11 +142,31 @@ def test_selector_counts_merge_across_workers():
             w.use_windows(main.windows())
         for i, t in enumerate(tiles):
             workers[i % 2].add_values("s", t)
-        for w in workers:
-            main.merge_from(w.counts)
+        for w in workers:  # what an actor sends: mostly-empty histograms as their nonzero bins
+            sent = w.sparse_counts()
+            assert all(isinstance(h, SparseCounts) for _, h in sent.values())  # 4011 values in 2**15+ bins
+            main.merge_from(sent)
         main.finish_pass()
     assert main.queries[0].value == torch.kthvalue(flat, k).values.item()
     assert main.queries[0].passes == 2  # from the whole range: the two-pass radix select
+
+
+def test_sparse_counts_add_as_dense_ones():
+    """SparseCounts (an actor's mostly-empty histogram) adds into a selector exactly as the dense numpy array or
+    torch tensor it came from, in either order of arrival."""
+    rng = np.random.default_rng(3)
+    w = window_around(1.0, 2.0)
+    dense = [np.where(rng.random(w.bins) < p, rng.integers(0, 50, w.bins), 0).astype(np.int64) for p in (0.01, 0.9)]
+    want = dense[0] + dense[1]
+    for first, second in ((SparseCounts.of(dense[0]), torch.from_numpy(dense[1])),
+                          (dense[1], SparseCounts.of(dense[0])), (SparseCounts.of(dense[1]), SparseCounts.of(dense[0]))):
+        sel = StreamingSelector([])
+        sel.use_windows({"s": [w]})
+        sel.merge_from({("s", w): (3, first)})
+        sel.merge_from({("s", w): (4, second)})
+        below, hist = sel.counts[("s", w)]
+        assert below == 7 and hist.dtype == np.int64 and np.array_equal(hist, want)
+    assert np.array_equal(SparseCounts.of(dense[0]).dense(), dense[0])
 
 
 def test_selector_rejects_out_of_range_rank_and_non_float32():

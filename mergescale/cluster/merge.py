@@ -29,8 +29,9 @@ from mergescale.cluster.pool import ActorPool, balanced_batches
 from mergescale.config import MergeConfig, load_config
 
 # Nothing here imports torch: the driver creates its actors first, and they load torch, numba and the compiled
-# kernels (seconds) while the driver validates the inputs from their headers. The driver loads torch itself only
-# for a method with a statistics pass (`_statistics`), whose thresholds or sums it computes from the actors'.
+# kernels (seconds) while the driver validates the inputs from their headers. Thresholds need none of it here
+# either: an actor samples their first windows, the actors count, the driver adds their counts (numpy). The driver
+# loads torch only to add up whole-tensor row sums (slerp, model_stock split into several units).
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         def queues(units):
             return balanced_batches(units, unit_bytes, k)
 
-        # -- statistics (only methods that can need them load torch and the statistics code here) --------------
+        # -- statistics (only methods that can need them load the statistics code here) ------------------------
         stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
         if needs_statistics(config.method, config.method_params):
             stats = _statistics(pool, config, plan, inputs, partial, queues, unit_bytes, units_by_id, max_failures,
@@ -165,21 +166,21 @@ def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, que
     """The statistics passes on the actors (thresholds: 1-3 counting passes; whole-tensor sums: one pass), or the
     statistics a killed run already saved in the partial output. Returns the MergeStats."""
     from mergescale.merge.inputs import progress_bar
-    from mergescale.merge.methods import get_method
     from mergescale.merge.statistics import (
-        MergeStats, finish_complete_streams, pending_units, sample_windows, statistics_work, sums_from,
-        thresholds_from, units_per_scope,
+        MergeStats, finish_complete_streams, pending_units, statistics_work, sums_from, thresholds_from,
+        units_per_scope,
     )
 
     stats = partial.load_stats(MergeStats.from_json)
     if stats is not None:
         return stats
     stats, k = MergeStats(), len(pool.slots)
-    method, params = get_method(config.method), config.method_params
-    work = statistics_work(method, params, plan, len(inputs.experts))
+    work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
     if work.selector is not None:
         sel = work.selector
-        sample_windows(config, method, params, plan, inputs, work)  # a few MB read here, on the driver
+        windows = pool.sample_windows()  # a few MB read by one actor: each query starts near its answer
+        for q in sel.queries:
+            q.window = windows.get((q.stream, q.tag), q.window)
         pass_no = 0
         while not sel.done:
             pass_no += 1

@@ -53,6 +53,9 @@ class MergeActor:
     def row_stats(self, unit_ids, next_unit=None):
         return self.worker.row_stats(unit_ids, next_unit)
 
+    def sample_windows(self) -> dict:
+        return self.worker.sample_windows()
+
     def set_stats(self, stats_json: dict) -> None:
         self.worker.set_stats(stats_json)
 
@@ -189,6 +192,18 @@ class ActorPool:
         slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.init_args)
         slot.starting = slot.actor.setup.remote(*self.args, self.stats_ref)
         slot.node = None
+
+    def sample_windows(self) -> dict:
+        """{(stream, tag): first counting window} of the threshold queries, from one actor's sample of rows (the
+        coordinator loads no torch to read and sort one). {} if that actor died meanwhile: the passes then start
+        from the whole range, a pass more and exact all the same; `run` replaces the actor."""
+        try:
+            return ray.get(self.slots[0].actor.sample_windows.remote(), timeout=ACTOR_START_TIMEOUT_S)
+        except _ACTOR_DIED as e:
+            log.warning("merge worker 0 died (%s) while sampling; thresholds start from the whole range", type(e).__name__)
+            return {}
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
 
     def set_stats(self, stats_json: dict) -> None:
         self.stats_ref = ray.put(stats_json)

@@ -73,7 +73,7 @@ class MergeWorker:
         if needs_statistics(self.config.method, self.params):
             from mergescale.merge.statistics import statistics_work
 
-            self.global_sel = statistics_work(self.method, self.params, self.plan, len(self.inputs.experts)).global_selection
+            self.global_sel = statistics_work(self.config.method, self.params, self.plan, len(self.inputs.experts)).global_selection
         self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read, raw=self.kernel_only)
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="mergescale-sync")
         self._syncing = None  # (future of the last batch's fdatasync, its unit ids)
@@ -117,6 +117,17 @@ class MergeWorker:
             feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
                            deferred_check(self.inputs, self.config, unit, base, experts, None) if on_cpu else None)
         return sel.sparse_counts()
+
+    def sample_windows(self) -> dict:
+        """{(stream, tag): window}: where each threshold query of the statistics pass should start counting, from a
+        sample of evenly spaced rows (statistics.sample_windows, as the single-process executor places them)."""
+        from mergescale.merge.statistics import sample_windows, statistics_work
+
+        work = statistics_work(self.config.method, self.params, self.plan, len(self.inputs.experts))
+        if work.selector is None:
+            return {}
+        sample_windows(self.config, self.method, self.params, self.plan, self.inputs, work)
+        return {(q.stream, q.tag): q.window for q in work.selector.queries}
 
     def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
         from mergescale.merge.executor import unit_row_stats

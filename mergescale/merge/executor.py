@@ -295,7 +295,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
                        warnings: list[str], skip=frozenset(), only: set[str] | None = None) -> MergeStats:
     """The statistics passes; per-tensor statistics of the tensors in `skip` are left out (merged by HeldTensor),
     and with `only` given, just those tensors' (a HeldTensor's fallback, or a resumed run's)."""
-    work = restrict(statistics_work(method, params, plan, len(inputs.experts)), skip, only)
+    work = restrict(statistics_work(method.name, params, plan, len(inputs.experts)), skip, only)
     stats = MergeStats()
     if work.selector is not None:
         units = work.selection_units
@@ -327,7 +327,7 @@ def compute_statistics(config, method, params, plan: MergePlan, inputs: MergeInp
 
 
 def describe_plan(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
-    work = statistics_work(get_method(config.method), config.method_params, plan, len(inputs.experts))
+    work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
     passes = "1-3 threshold passes over the whole model (1 when the sampled brackets hold) + " if work.global_selection else ""
     extra = ""
     if work.selection_units and not work.global_selection:
@@ -373,7 +373,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             stats = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings, skip=set(held))
             partial.save_stats(stats.to_json())
         else:  # resumed: a split tensor held last time but not now (some of it written) is selected first
-            work = statistics_work(method, params, plan, len(inputs.experts))
+            work = statistics_work(method.name, params, plan, len(inputs.experts))
             todo_ids = {u.id for u in todo}
             missing = {u.name for u in work.selection_units if not work.global_selection and u.id in todo_ids
                        and u.name not in stats.thresholds and u.name not in held}
@@ -382,7 +382,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
                 stats.thresholds.update(found.thresholds)
                 partial.save_stats(stats.to_json())
         t_stats = time.time() - t0
-        global_sel = statistics_work(method, params, plan, len(inputs.experts)).global_selection
+        global_sel = statistics_work(method.name, params, plan, len(inputs.experts)).global_selection
         bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
         pending, last_sync, tensors_done = [], [time.time()], 0
 

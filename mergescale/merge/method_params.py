@@ -7,6 +7,7 @@ mergescale.merge.methods, which refuses a method that has no entry here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -60,6 +61,65 @@ class ModelStockParams(_Params):
     pass
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Order statistics a method needs (thresholds of each expert's magnitudes)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Order statistics a method needs of each expert's magnitudes: rank(n) gives 1-based k-th smallest
+    ranks by bound name ("min": keep |x| >= value, "max": keep |x| < value); a None rank means no bound."""
+
+    scope: Literal["global", "tensor"]
+    ranks: Callable[[int], dict[str, int | None]]
+
+
+def ties_ranks(density: float) -> Callable[[int], dict[str, int | None]]:
+    """The TIES reference code's `topk_values_mask`: threshold = (n - floor(d n))-th smallest |tau|, keep
+    |tau| >= threshold. Ties at the threshold are all kept, so at least floor(d n) + 1 entries survive
+    (floor(d n) + 1 exactly when magnitudes are distinct). density 1 keeps everything."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        kept = math.floor(density * n)
+        return {"min": None if kept >= n else n - kept}
+
+    return ranks
+
+
+def breadcrumbs_ranks(density: float, gamma: float) -> Callable[[int], dict[str, int | None]]:
+    """mergekit's `magnitude_outliers`: drop the n_top = floor(gamma n) largest and the n - floor(d n) - n_top
+    smallest magnitudes. As thresholds: keep (n_bot+1)-th smallest <= |tau| < (n - n_top + 1)-th smallest."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        target, n_top = math.floor(density * n), math.floor(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_bot, n_top = 0, n - target
+        return {"min": n_bot + 1 if n_bot > 0 else None, "max": n - n_top + 1 if n_top > 0 else None}
+
+    return ranks
+
+
+def no_selection(params: _Params) -> None:
+    return None
+
+
+def _ties_selection(p) -> Selection:
+    return Selection(p.trim_scope, ties_ranks(p.density))
+
+
+def _dare_ties_selection(p) -> Selection | None:
+    return Selection(p.trim_scope, ties_ranks(p.density)) if p.density < 1.0 else None
+
+
+def _breadcrumbs_selection(p) -> Selection:
+    return Selection(p.trim_scope, breadcrumbs_ranks(p.density, p.gamma))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The table
+
+
 @dataclass(frozen=True)
 class MethodSignature:
     params: type[_Params]
@@ -71,18 +131,25 @@ class MethodSignature:
     # parameters where they decide. Without one, a Ray driver hands out the merge pass at once and never loads
     # torch or the statistics code (see needs_statistics).
     statistics: bool | Callable[[_Params], bool] = False
+    # The thresholds it needs (methods.MergeMethod.selection is this function), and whether it needs whole-tensor
+    # sums of rows (methods.MergeMethod.row_stats): here, so that a Ray coordinator plans and runs the statistics
+    # passes without torch; register() checks that the method agrees.
+    selection: Callable[[_Params], Selection | None] = no_selection
+    row_stats: bool = False
 
 
 SIGNATURES: dict[str, MethodSignature] = {
     "average": MethodSignature(AverageParams, needs_base=False, uses_weights=True),
     "task_arithmetic": MethodSignature(TaskArithmeticParams, uses_weights=True),
-    "ties": MethodSignature(TiesParams, statistics=True),
+    "ties": MethodSignature(TiesParams, statistics=True, selection=_ties_selection),
     "dare_linear": MethodSignature(DareLinearParams, uses_weights=True),
     # density 1 (the default, as mergekit): DARE, then TIES's sign election and disjoint mean; nothing to select
-    "dare_ties": MethodSignature(DareTiesParams, statistics=lambda p: p.density < 1.0),
-    "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2, statistics=True),
-    "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True, statistics=True),
-    "model_stock": MethodSignature(ModelStockParams, min_experts=2, statistics=True),
+    "dare_ties": MethodSignature(DareTiesParams, statistics=lambda p: p.density < 1.0, selection=_dare_ties_selection),
+    "slerp": MethodSignature(SlerpParams, needs_base=False, min_experts=2, max_experts=2, statistics=True,
+                             row_stats=True),
+    "breadcrumbs": MethodSignature(BreadcrumbsParams, uses_weights=True, statistics=True,
+                                   selection=_breadcrumbs_selection),
+    "model_stock": MethodSignature(ModelStockParams, min_experts=2, statistics=True, row_stats=True),
 }
 
 

@@ -4,7 +4,7 @@ Notation: theta_b = base, theta_i = expert i (i = 1..N), tau_i = theta_i - theta
 Every function here is elementwise given its per-tensor or per-model statistics (thresholds, norms), so a tile of
 rows merged alone gives exactly the bytes that the same rows get when the whole tensor is merged. The statistics
 that need the whole tensor or the whole model are computed by the executor before the merge pass (see
-`Selection` and `row_stats`), by the same code on one process or many Ray actors.
+`method_params.Selection` and `row_stats`), by the same code on one process or many Ray actors.
 
 Where reference implementations disagree (PAPER.md, "How other implementations differ") an option selects.
 """
@@ -20,7 +20,7 @@ from typing import Callable, Literal
 import torch
 from mergescale.merge import kernels
 from mergescale.merge.masks import dare_keep_mask
-from mergescale.merge.method_params import SIGNATURES, MethodSignature, _Params
+from mergescale.merge.method_params import SIGNATURES, MethodSignature, Selection, _Params, no_selection
 
 # ----------------------------------------------------------------------------------------------------------
 # The math
@@ -209,51 +209,12 @@ class TileContext:
     stats: torch.Tensor | None = None  # per-tensor sums from row_stats (float64)
 
 
-@dataclass(frozen=True)
-class Selection:
-    """Order statistics a method needs of each expert's magnitudes: rank(n) gives 1-based k-th smallest
-    ranks by bound name ("min": keep |x| >= value, "max": keep |x| < value); a None rank means no bound."""
-
-    scope: Literal["global", "tensor"]
-    ranks: Callable[[int], dict[str, int | None]]
-
-
-def ties_ranks(density: float) -> Callable[[int], dict[str, int | None]]:
-    """The TIES reference code's `topk_values_mask`: threshold = (n - floor(d n))-th smallest |tau|, keep
-    |tau| >= threshold. Ties at the threshold are all kept, so at least floor(d n) + 1 entries survive
-    (floor(d n) + 1 exactly when magnitudes are distinct). density 1 keeps everything."""
-
-    def ranks(n: int) -> dict[str, int | None]:
-        kept = math.floor(density * n)
-        return {"min": None if kept >= n else n - kept}
-
-    return ranks
-
-
-def breadcrumbs_ranks(density: float, gamma: float) -> Callable[[int], dict[str, int | None]]:
-    """mergekit's `magnitude_outliers`: drop the n_top = floor(gamma n) largest and the n - floor(d n) - n_top
-    smallest magnitudes. As thresholds: keep (n_bot+1)-th smallest <= |tau| < (n - n_top + 1)-th smallest."""
-
-    def ranks(n: int) -> dict[str, int | None]:
-        target, n_top = math.floor(density * n), math.floor(gamma * n)
-        n_bot = n - target - n_top
-        if n_bot < 0:
-            n_bot, n_top = 0, n - target
-        return {"min": n_bot + 1 if n_bot > 0 else None, "max": n - n_top + 1 if n_top > 0 else None}
-
-    return ranks
-
-
 def bounds(th: dict[str, float]) -> tuple[float, float]:
     return th.get("min", 0.0), th.get("max", math.inf)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameters (validated by the config schema) and the registry
-
-
-def no_selection(params: _Params) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -263,6 +224,7 @@ class MergeMethod:
 
     name: str
     merge: Callable[..., torch.Tensor]  # (base, experts, weights, params, ctx) -> tensor
+    # The thresholds it needs: its signature's (method_params), filled in by register().
     selection: Callable[[_Params], Selection | None] = no_selection
     # Per-expert values whose order statistics `selection` asks for (|tau|, or |DARE(tau)|).
     magnitudes: Callable[..., list[torch.Tensor]] | None = None
@@ -290,9 +252,18 @@ REGISTRY: dict[str, MergeMethod] = {}
 def register(method: MergeMethod) -> MergeMethod:
     if method.name not in SIGNATURES:
         raise KeyError(f"method {method.name!r} has no entry in method_params.SIGNATURES (its parameters and inputs)")
-    if SIGNATURES[method.name].statistics is False and (method.selection is not no_selection or method.row_stats is not None):
+    sig = SIGNATURES[method.name]
+    if sig.statistics is False and (method.selection is not no_selection or method.row_stats is not None):
         # the Ray driver would skip the statistics pass it needs
         raise ValueError(f"method {method.name!r} needs statistics but its signature says statistics=False")
+    # A Ray coordinator plans the statistics passes from the signature alone (no torch there), so it must say
+    # what the method needs.
+    if method.selection is no_selection:
+        method = dataclasses.replace(method, selection=sig.selection)
+    elif method.selection is not sig.selection:
+        raise ValueError(f"method {method.name!r}: give its selection in method_params.SIGNATURES, not here")
+    if (method.row_stats is not None) != sig.row_stats:
+        raise ValueError(f"method {method.name!r}: row_stats and its signature's row_stats={sig.row_stats} disagree")
     if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
         method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
     if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:
@@ -356,7 +327,6 @@ register(MergeMethod(
 register(MergeMethod(
     name="ties",
     merge=lambda base, experts, w, p, ctx: ties(base, experts, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign),
-    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)),
     magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
 ))
 
@@ -381,7 +351,6 @@ def _dare_ties(base, experts, w, p, ctx):
 register(MergeMethod(
     name="dare_ties",
     merge=_dare_ties,
-    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)) if p.density < 1.0 else None,
     magnitudes=lambda base, experts, p, ctx: _abs(_dared(base, experts, p.p, ctx)),
 ))
 
@@ -413,7 +382,6 @@ def _breadcrumbs(base, experts, w, p, ctx):
 register(MergeMethod(
     name="breadcrumbs",
     merge=_breadcrumbs,
-    selection=lambda p: Selection(p.trim_scope, breadcrumbs_ranks(p.density, p.gamma)),
     magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
 ))
 

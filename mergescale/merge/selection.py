@@ -11,14 +11,21 @@ different tiles, tensors or Ray actors add up, so the same code is the single-pr
 distributed one (actors send counts, the coordinator adds them).
 
 The result equals `torch.kthvalue(torch.cat(all values), k)` exactly, whatever the first window was.
+
+Counts are numpy arrays and torch is imported only where values are histogrammed (`window_histogram`,
+`kth_smallest`): a Ray coordinator that adds its actors' counts and resolves the queries never loads torch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 HI_BINS = 1 << 15  # sign bit is 0 for |x|, so high halves lie in [0, 2**15)
 WINDOW_BINS = 1 << 18  # a window from a sample: 2 MB of int64 counts per stream, 1 MB of int32 in a kernel
@@ -72,22 +79,22 @@ def sample_bracket(sorted_sample, k: int, n: int) -> tuple[float, float]:
 
 
 def float_bits(x: float) -> int:
-    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
+    """The int32 bit pattern of x rounded to float32 (as torch.tensor([x], dtype=torch.float32) rounds it)."""
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, as torch gives
+        return int(np.array([x], np.float32).view(np.int32)[0])
 
 
 def bits_to_float(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
-
-
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    if values.dtype != torch.float32:
-        raise TypeError(f"selection works on float32 magnitudes, got {values.dtype}")
-    return values.reshape(-1).view(torch.int32)
+    return float(np.array([bits], np.int32).view(np.float32)[0])
 
 
 def window_histogram(values: torch.Tensor, w: Window) -> tuple[int, torch.Tensor]:
     """(number of values below the window, int64 histogram of the window's bins) of non-negative float32 values."""
-    bits = _bits(values).to(torch.int64)
+    import torch
+
+    if values.dtype != torch.float32:
+        raise TypeError(f"selection works on float32 magnitudes, got {values.dtype}")
+    bits = values.reshape(-1).view(torch.int32).to(torch.int64)
     offset = bits - w.start
     inside = offset[(offset >= 0) & (offset < (w.bins << w.shift))]
     # Counts live on the CPU whatever device the values are on: they are small, and adding those of many tiles,
@@ -96,10 +103,38 @@ def window_histogram(values: torch.Tensor, w: Window) -> tuple[int, torch.Tensor
     return int((offset < 0).sum()), hist
 
 
-def locate(hist: torch.Tensor, r: int) -> int:
+def locate(hist: np.ndarray, r: int) -> int:
     """Bin holding the r-th smallest (1-based) value counted in hist (1 <= r <= hist.sum())."""
-    cum = torch.cumsum(hist, 0)
-    return int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype)))
+    return int(np.searchsorted(np.cumsum(hist), r))
+
+
+def as_counts(hist) -> np.ndarray:
+    """A histogram as an int64 numpy array: from numpy, a CPU torch tensor, or a SparseCounts."""
+    if isinstance(hist, SparseCounts):
+        return hist.dense()
+    if hasattr(hist, "numpy"):  # a torch tensor (window_histogram keeps its counts on the CPU)
+        hist = hist.numpy()
+    return np.asarray(hist, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class SparseCounts:
+    """A mostly-empty histogram as its nonzero bins (what an actor sends: a narrow window of bf16 task vectors
+    touches a few thousand of its 2**18 bins)."""
+
+    bins: int
+    index: np.ndarray
+    count: np.ndarray
+
+    @classmethod
+    def of(cls, hist: np.ndarray) -> "SparseCounts":
+        index = np.flatnonzero(hist)
+        return cls(len(hist), index, hist[index])
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros(self.bins, np.int64)
+        out[self.index] = self.count
+        return out
 
 
 @dataclass
@@ -152,24 +187,27 @@ class StreamingSelector:
         for w in self.windows().get(stream, ()):
             self.add_counts(stream, w, *window_histogram(values, w))
 
-    def add_counts(self, stream, w: Window, below: int, hist: torch.Tensor) -> None:
-        """Add one tile's counts for a window, computed here or elsewhere (a fused kernel, another actor)."""
+    def add_counts(self, stream, w: Window, below: int, hist) -> None:
+        """Add one tile's counts for a window, computed here or elsewhere (a fused kernel, another actor): hist
+        is an int64 numpy array, a CPU torch tensor or a SparseCounts."""
         key = (stream, w)
         if key in self.counts:
             acc = self.counts[key]
             acc[0] += below
-            acc[1] += hist
+            if isinstance(hist, SparseCounts):
+                acc[1][hist.index] += hist.count
+            else:
+                acc[1] += as_counts(hist)
         else:
-            self.counts[key] = [below, hist.clone()]
+            self.counts[key] = [below, as_counts(hist).copy()]
 
     def merge_from(self, counts: dict) -> None:
         for (stream, w), (below, hist) in counts.items():
-            self.add_counts(stream, w, below, hist.to_dense() if hist.is_sparse else hist)
+            self.add_counts(stream, w, below, hist)
 
     def sparse_counts(self) -> dict:
-        """.counts with mostly-empty histograms as sparse tensors (what an actor sends: a narrow window of bf16
-        task vectors touches a few thousand of its 2**18 bins)."""
-        return {key: (below, hist.to_sparse() if int(torch.count_nonzero(hist)) * 4 < hist.numel() else hist)
+        """.counts with mostly-empty histograms as SparseCounts (what an actor sends)."""
+        return {key: (below, SparseCounts.of(hist) if np.count_nonzero(hist) * 4 < len(hist) else hist)
                 for key, (below, hist) in self.counts.items()}
 
     def finish_stream(self, stream) -> None:
@@ -180,7 +218,7 @@ class StreamingSelector:
         for q in self.queries:
             if q.value is not None or q.stream != stream:
                 continue
-            below, hist = self.counts.get((q.stream, q.window), (0, torch.zeros(q.window.bins, dtype=torch.int64)))
+            below, hist = self.counts.get((q.stream, q.window), (0, np.zeros(q.window.bins, np.int64)))
             inside = int(hist.sum())
             q.passes += 1
             r = q.k - below
@@ -208,4 +246,6 @@ class StreamingSelector:
 
 def kth_smallest(values: torch.Tensor, k: int) -> float:
     """k-th smallest of one in-memory tensor (single-tile tensors): the same value the streaming path finds."""
+    import torch
+
     return torch.kthvalue(values.reshape(-1), k).values.item()

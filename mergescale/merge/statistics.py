@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from mergescale.config import MergeConfig
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.methods import MergeMethod, TileContext, column_totals
-from mergescale.merge.reader import read_unit
+from mergescale.merge.method_params import SIGNATURES
 from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergescale.merge.methods import TileContext
+
+# No torch or numba at import: a Ray coordinator plans and runs the statistics passes with this module (the
+# actors count; it adds their counts), so it loads neither. What reads or sums tensor values imports torch itself.
 
 GLOBAL = "*"
 
@@ -41,6 +47,10 @@ class MergeStats:
 
     @classmethod
     def from_json(cls, d: dict) -> "MergeStats":
+        if not d["sums"]:
+            return cls(d["thresholds"], {})
+        import torch
+
         return cls(d["thresholds"], {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()})
 
 
@@ -54,10 +64,12 @@ class StatisticsWork:
     selector: StreamingSelector | None
 
 
-def statistics_work(method: MergeMethod, params, plan: MergePlan, n_experts: int) -> StatisticsWork:
+def statistics_work(method: str, params, plan: MergePlan, n_experts: int) -> StatisticsWork:
     """Whole-model thresholds need every float unit; per-tensor statistics of tensors split into several units
-    need those units. A tensor that is a single unit gets its statistics inline, from the rows read to merge it."""
-    sel = method.selection(params)
+    need those units. A tensor that is a single unit gets its statistics inline, from the rows read to merge it.
+    `method` is the method's name: what it needs is in its signature (method_params), without torch."""
+    sig = SIGNATURES[method]
+    sel = sig.selection(params)
     tiled = [t for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
     queries, sel_units = [], []
     if sel is not None and sel.scope == "global":
@@ -69,7 +81,7 @@ def statistics_work(method: MergeMethod, params, plan: MergePlan, n_experts: int
     return StatisticsWork(
         global_selection=sel is not None and sel.scope == "global",
         selection_units=sel_units,
-        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if method.row_stats is not None else [],
+        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if sig.row_stats else [],
         selector=StreamingSelector(queries) if queries else None,
     )
 
@@ -89,8 +101,8 @@ def restrict(work: StatisticsWork, skip=frozenset(), only: set[str] | None = Non
                           [u for u in work.sum_units if keep(u.name)], StreamingSelector(queries) if queries else None)
 
 
-def selection_queries(method: MergeMethod, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
-    ranks = method.selection(params).ranks(n)
+def selection_queries(method: str, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
+    ranks = SIGNATURES[method].selection(params).ranks(n)
     return [KthQuery((scope, i), k, tag) for i in range(n_experts) for tag, k in ranks.items() if k is not None]
 
 
@@ -107,6 +119,8 @@ def scope_of(name: str, global_selection: bool) -> str:
 
 
 def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
+    from mergescale.merge.methods import TileContext
+
     return TileContext(
         name=unit.name,
         shape=info.shape,
@@ -153,6 +167,8 @@ def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs,
     """Start every query at a window around its answer, bracketed from a sample of evenly spaced rows of the
     tensors it covers (a few MB read), so that one counting pass usually finds it exactly. A bracket that
     misses costs passes, never exactness (selection.StreamingSelector starts over)."""
+    import torch
+
     sel = work.selector
     tensors = sorted({u.name for u in work.selection_units}, key=[t.name for t in plan.tensors].index)
     samples, stream_numel = _samples(config, method, params, plan, inputs, tensors, work.global_selection)
@@ -167,6 +183,8 @@ def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs,
 def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tensors: list[str], global_selection: bool):
     """({stream: [magnitudes of each sampled block]}, {scope: elements}) for the tensors' selection streams: the
     same evenly spaced rows of every expert, so that the i-th sampled values of the experts are one element."""
+    from mergescale.merge.reader import read_unit
+
     stream_numel: dict = {}
     for name in tensors:
         scope = scope_of(name, global_selection)
@@ -217,6 +235,8 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
     output dtypes are ones the kernels read and write, all of its units are still to do (a resumed run has no
     rows of it written), and its merged rows plus the elements the brackets list fit `held_budget`, so that
     peak memory still does not grow with the model."""
+    import torch
+
     from mergescale.merge import kernels
 
     sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
@@ -255,6 +275,10 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
 
 def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole-tensor sums from per-unit row statistics, concatenated in row order (any tiling, any actor count)."""
+    import torch
+
+    from mergescale.merge.methods import column_totals
+
     by_tensor: dict[str, list[Unit]] = {}
     for u in plan.units:
         if u.id in parts:
