@@ -143,21 +143,30 @@ class RunningCluster:
         subprocess.run(["pkill", "-9", "-f", str(self.temp)], check=False)
 
 
-def run_case(cmd: list[str], env: dict, out: Path, timeout: float, extra_pids_fn=None) -> dict:
-    """Two runs of the same command: one timed and not polled, then one polled for memory (RSS and PSS of every
-    process of the tree at 20 Hz). On 2 cores the poller took 4.0-4.2 CPU-s from a ~9 s Ray merge of 15
-    processes (a cost that grows with the processes polled; mergekit runs as one), so timing and memory come
-    from separate runs, for both tools alike. Returns the timed run with the memory run's peaks and wall added."""
-    runs = []
-    for poll in (False, True):
+def run_case(cmd: list[str], env: dict, out: Path, timeout: float, extra_pids_fn=None, rounds: int = 1,
+             rounds_max_s: float = 120.0) -> dict:
+    """Timed runs of the same command, not polled, then one run polled for memory (RSS and PSS of every process
+    of the tree at 20 Hz). On 2 cores the poller took 4.0-4.2 CPU-s from a ~9 s Ray merge of 15 processes (a
+    cost that grows with the processes polled; mergekit runs as one), so timing and memory come from separate
+    runs, for both tools alike. The timed run is repeated `rounds` times (not once it took over rounds_max_s:
+    the long mergekit runs are far from any target) and the median is reported, with every wall time. Returns
+    the median timed run with the memory run's peaks and wall added."""
+
+    def once(poll: bool) -> dict:
         r = C.run_measured(cmd, env=env, timeout=timeout, pss=True, extra_pids_fn=extra_pids_fn, poll=poll)
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
         if r["rc"] != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (rc {r['rc']}):\n{r['stderr'][-4000:]}")
-        runs.append(r)
-    timed, polled = runs
-    return {**timed, "peak_rss": polled["peak_rss"], "peak_pss": polled["peak_pss"], "polled_wall_s": polled["wall_s"]}
+        return r
+
+    timed = [once(False)]
+    while len(timed) < rounds and timed[-1]["wall_s"] <= rounds_max_s:
+        timed.append(once(False))
+    polled = once(True)
+    median = sorted(timed, key=lambda r: r["wall_s"])[(len(timed) - 1) // 2]  # the lower median of an even count
+    return {**median, "walls": [r["wall_s"] for r in timed], "peak_rss": polled["peak_rss"],
+            "peak_pss": polled["peak_pss"], "polled_wall_s": polled["wall_s"]}
 
 
 def main(argv=None) -> int:
@@ -169,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--no-running-cluster", action="store_true", help="only the cold runs (embedded Ray per merge)")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--rounds", type=int, default=1, help="timed runs per case; the median is reported")
+    ap.add_argument("--rounds-max-s", type=float, default=120.0, help="a case whose timed run took longer runs once")
     ap.add_argument("--write-doc", action="store_true", help="replace the 'Distributed merge (Ray) vs mergekit' section")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_child", help=argparse.SUPPRESS)
@@ -211,11 +222,12 @@ def main(argv=None) -> int:
                             "parameters": params, "out": str(out), "workers": k,
                             "cluster": {"num_cpus": max(1, cpus // k)}, "address": cl.address if cl else None}
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
-                    r = run_case(cmd, cl.env if cl else env, out, args.timeout, cl.pids if cl else None)
+                    r = run_case(cmd, cl.env if cl else env, out, args.timeout, cl.pids if cl else None, args.rounds,
+                                 args.rounds_max_s)
                     merge_s = r["result"]["timing"]["total_s"] if r["result"] else None
                     tool = f"mergescale K={k} ({mode})"
                     results[(label, tool)] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"], "pss": r["peak_pss"],
-                                               "polled_wall_s": r["polled_wall_s"]}
+                                              "polled_wall_s": r["polled_wall_s"], "walls": r["walls"]}
                     print(f"{label:18s} {tool}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s; polled run {r['polled_wall_s']:.1f} s), "
                           f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
                 if cluster is not None:
@@ -226,9 +238,10 @@ def main(argv=None) -> int:
                 cfg_path = work / f"mergekit-{METHODS[label][2]}.yml"
                 cfg_path.write_text(yaml.safe_dump(mergekit_config(paths, label), sort_keys=False))
                 cmd = [str(mk), str(cfg_path), str(out)] + MERGEKIT_FLAGS
-                r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout)
+                r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout, None, args.rounds,
+                             args.rounds_max_s)
                 results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"], "pss": r["peak_pss"],
-                                                     "polled_wall_s": r["polled_wall_s"]}
+                                                     "polled_wall_s": r["polled_wall_s"], "walls": r["walls"]}
                 print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s (polled run {r['polled_wall_s']:.1f} s), peak RSS {C.fmt_bytes(r['peak_rss'])}, "
                       f"PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
     finally:
@@ -236,7 +249,7 @@ def main(argv=None) -> int:
             cluster.stop()
     load_end = C.load_average()
 
-    headers = ["method", "tool", "wall (s)", "merge only (s)", "input GB/s (wall)", "vs mergekit (wall)",
+    headers = ["method", "tool", "wall (s)", "timed runs (s)", "merge only (s)", "input GB/s (wall)", "vs mergekit (wall)",
                "peak RSS, sum", "peak PSS, sum", "wall of the polled run (s)"]
     rows = []
     for label in args.methods:
@@ -244,7 +257,8 @@ def main(argv=None) -> int:
         for tool in tools + (["mergekit 0.1.5"] if mk else []):
             r = results[(label, tool)]
             speed = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref else "-"
-            rows.append([label, tool, f"{r['wall_s']:.1f}", f"{r['merge_s']:.1f}" if r["merge_s"] is not None else "-",
+            rows.append([label, tool, f"{r['wall_s']:.1f}", " / ".join(f"{w:.1f}" for w in r["walls"]),
+                         f"{r['merge_s']:.1f}" if r["merge_s"] is not None else "-",
                          f"{in_bytes / r['wall_s'] / 1e9:.3f}", speed, C.fmt_bytes(r["rss"]), C.fmt_bytes(r["pss"]),
                          f"{r['polled_wall_s']:.1f}"])
     table = C.markdown_table(headers, rows)
@@ -254,7 +268,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({f"{a} | {b}": v for (a, b), v in results.items()}, indent=2))
     if args.write_doc:
-        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_ray.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
+        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_ray.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "") \
+            + (f" --rounds {args.rounds}" if args.rounds != 1 else "") + (f" --rounds-max-s {args.rounds_max_s:g}" if args.rounds_max_s != 120 else "")
         body = f"""Command: `{cmd} --write-doc`
 
 Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
@@ -271,8 +286,8 @@ driver validates the inputs, to the last durable unit: statistics and merge pass
 mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
 same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
 task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9
-(mergekit density 0.1), unit weights. Every case runs twice, for both tools alike: a timed run that nothing polls
-("wall"), then a run for memory: the largest sum over the whole process tree, polled every 50 ms (Ray's GCS,
+(mergekit density 0.1), unit weights. Every case runs twice or more, for both tools alike: {args.rounds} timed run(s) that
+nothing polls ("wall": the median, every run in "timed runs"; a run over {args.rounds_max_s:g} s is not repeated), then a run for memory: the largest sum over the whole process tree, polled every 50 ms (Ray's GCS,
 raylet, agents and workers included); PSS counts pages shared between processes once. The poller takes CPU from
 the run it watches (4.0-4.2 CPU-s over a ~9 s Ray merge on these 2 cores; benchmarks/poller_cost.py), so that run's wall is shown apart, in
 the last column. Input GB/s = bytes of all inputs / wall time.
