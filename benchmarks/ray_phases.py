@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkouts", nargs="+", default=["."])
     ap.add_argument("--method", default="average")
+    ap.add_argument("--params", default="{}", help="the method's parameters, as JSON")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--model-mb", type=float, default=1000)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
             try:
                 for k in args.workers:
                     config = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]],
-                              "method": args.method, "tile_mb": 64, "cluster": {"num_cpus": cpus / k}}
+                              "method": args.method, "parameters": json.loads(args.params), "tile_mb": 64, "cluster": {"num_cpus": cpus / k}}
                     spec = {"config": config, "out": str(out), "workers": k, "address": head.address}
                     t0 = time.perf_counter()
                     res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec)], env=head.env, cwd="/tmp",
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
                     t = got["timing"]
                     actors = ", ".join(f"{b:.2f} s {mb:.0f} MB/s" for b, mb in got["actors"])
                     print(f"round {r + 1} {root} K={k}: wall {wall:.2f} s, imports {got['import_s']:.2f} s, "
-                          f"actor start {t['actor_start_s']:.2f} s, merge total {t['total_s']:.2f} s; actors busy: {actors}",
+                          f"actor start {t['actor_start_s']:.2f} s, statistics {t['statistics_s']:.2f} s, merge total "
+                          f"{t['total_s']:.2f} s; actors busy: {actors}",
                           flush=True)
             finally:
                 head.stop()
