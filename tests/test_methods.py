@@ -454,6 +454,26 @@ def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
         assert REGISTRY[name].selection(REGISTRY[name].params()) is None and REGISTRY[name].row_stats is None
 
 
+def test_a_method_takes_its_selection_and_row_stats_from_its_signature():
+    """A Ray coordinator plans the statistics passes from method_params alone (no torch there), so register()
+    fills a method's selection from its signature and refuses one that says otherwise; the registered methods'
+    selections are their signatures' functions."""
+    from mergescale.merge.method_params import SIGNATURES, Selection, ties_ranks
+    from mergescale.merge.methods import REGISTRY, MergeMethod, register
+
+    before = dict(REGISTRY)
+    with pytest.raises(ValueError, match="give its selection in method_params.SIGNATURES"):
+        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge,
+                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
+    with pytest.raises(ValueError, match="row_stats and its signature's row_stats=False disagree"):
+        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge, row_stats=lambda base, experts, p: None))
+    with pytest.raises(ValueError, match="row_stats=True disagree"):
+        register(MergeMethod(name="model_stock", merge=REGISTRY["model_stock"].merge))
+    assert REGISTRY == before
+    for name, m in REGISTRY.items():
+        assert m.selection is SIGNATURES[name].selection and (m.row_stats is not None) == SIGNATURES[name].row_stats
+
+
 @pytest.mark.parametrize("method,params", [
     ("average", {}), ("task_arithmetic", {}), ("dare_linear", {"p": 0.5}),
     ("ties", {}), ("ties", {"density": 1.0}), ("dare_ties", {}), ("dare_ties", {"density": 0.5}),

@@ -1,4 +1,5 @@
-"""What each merge method accepts: its parameters and its constraints on the inputs. No torch here.
+"""What each merge method accepts (its parameters, its constraints on the inputs) and which statistics it needs
+(thresholds, row sums). No torch here.
 
 The config schema (mergescale.config) validates against this table, so loading a config, and a Ray driver that
 places its actors before it imports torch, stay light. The math for each name is registered in
