@@ -2,6 +2,7 @@
 with its anonymous and file-backed parts, on a running head as in benchmarks/merge_ray.py.
 
     PYTHONPATH=. .venv/bin/python benchmarks/ray_memory.py --method ties --params '{"trim_scope": "tensor"}' --workers 2
+    PYTHONPATH=. .venv/bin/python benchmarks/ray_memory.py --checkout /tmp/old   # another checkout's code
 
 merge_ray.py gives the sum over the tree; this says which process holds what (torch and numba in a process are
 ~180 and ~65 MB of RSS here; an actor's mapped input rows are its file-backed growth during a pass). Polled at
@@ -14,7 +15,9 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -44,9 +47,11 @@ def main(argv=None) -> int:
     ap.add_argument("--params", default='{"trim_scope": "tensor", "density": 0.2}')
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model-mb", type=float, default=1000)
+    ap.add_argument("--checkout", type=Path, default=C.ROOT, help="whose mergescale the head and driver import")
     args = ap.parse_args(argv)
 
-    env = {**os.environ, "PYTHONPATH": str(C.ROOT), "RAY_USAGE_STATS_ENABLED": "0", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(args.checkout.resolve()), "RAY_USAGE_STATS_ENABLED": "0",
+           "TQDM_DISABLE": "1"}
     paths = C.make_checkpoints(args.model_mb, 4)
     C.warm_kernels(4)
     C.warm_page_cache([paths["base"]] + paths["experts"])
@@ -57,8 +62,9 @@ def main(argv=None) -> int:
         spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": args.method,
                 "parameters": json.loads(args.params), "out": str(out), "workers": args.workers,
                 "cluster": {"num_cpus": max(1, cpus // args.workers)}, "address": cluster.address}
+        stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing reads it while the poll loop runs
         proc = subprocess.Popen([sys.executable, str(Path(M.__file__).resolve()), "--_child", json.dumps(spec)],
-                                env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                env=cluster.env, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd="/tmp")
         peak: dict = collections.defaultdict(lambda: (0, "", 0, 0))  # pid -> (rss, role at the peak, anon, file)
         total = 0
         while proc.poll() is None:
@@ -76,13 +82,15 @@ def main(argv=None) -> int:
                     pass
             total = max(total, now)
             time.sleep(0.05)
-        result = json.loads(proc.stdout.read().strip().splitlines()[-1])
+        lines = proc.stdout.read().strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            stderr.seek(0)
+            raise RuntimeError(f"the merge failed (rc {proc.returncode}):\n{stderr.read()[-3000:]}")
+        result = json.loads(lines[-1])
     finally:
         cluster.stop()
-        import shutil
-
         shutil.rmtree(out.parent, ignore_errors=True)
-    print(f"{args.method} {args.params}, K={args.workers}, running head: merge {result['timing']['total_s']:.1f} s "
+    print(f"{args.checkout.resolve()}: {args.method} {args.params}, K={args.workers}, running head: merge {result['timing']['total_s']:.1f} s "
           f"(polled), peak RSS summed over the tree {C.fmt_bytes(total)}")
     print(f"{'peak RSS':>10} {'anon':>9} {'file':>9}  process (role at its peak)")
     for pid, (rss, what, anon, file) in sorted(peak.items(), key=lambda kv: -kv[1][0]):
