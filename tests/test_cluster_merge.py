@@ -217,25 +217,31 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
     """The threshold methods' statistics passes are coordinated by a driver that never imports torch or numba: an
     actor samples the first windows, the actors count, the driver adds their numpy counts and resolves the
     queries. Fresh interpreter with its own embedded Ray: TIES with whole-model and per-tensor trims (rows split
-    into many units, so per-tensor TIES has a selection pass too) and breadcrumbs (two bounds per expert); the
-    outputs and whole-model thresholds are the single-process merge's."""
+    into many units, so per-tensor TIES has a selection pass too), DARE-TIES with a per-tensor trim and
+    breadcrumbs (two bounds per expert); the outputs and whole-model thresholds are the single-process merge's.
+    The TIES and DARE-TIES actors sample, count and merge with the kernels alone (merge/kernel_path.py) and never
+    import torch either; breadcrumbs, which has no fused kernels, does."""
     import subprocess
     import sys
 
     code = ("import json, sys, ray\n"
             "from mergescale.cluster.merge import run_distributed_merge\n"
             "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-            "th = [run_distributed_merge(cfg, out, workers=2, progress=False)['global_thresholds']\n"
-            "      for cfg, out in json.loads(sys.argv[1])]\n"
-            "print(json.dumps([th, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
+            "ms = [run_distributed_merge(cfg, out, workers=2, progress=False) for cfg, out in json.loads(sys.argv[1])]\n"
+            "th = [m['global_thresholds'] for m in ms]\n"
+            "actors = [[a['loaded_torch'] for a in m['distributed']['actors']] for m in ms]\n"
+            "print(json.dumps([th, actors, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
     runs = [(config_for(micro, "ties", 0.003), str(tmp_path / "ties-global")),
             ({**config_for(bf16, "ties", 0.01), "parameters": {"density": 0.2, "trim_scope": "tensor"}},
              str(tmp_path / "ties-tensor")),
+            ({**config_for(bf16, "dare_ties", 0.01), "parameters": {"p": 0.3, "density": 0.4, "trim_scope": "tensor",
+                                                                     "sign": "count"}}, str(tmp_path / "dare-ties")),
             (config_for(micro, "breadcrumbs", 0.003), str(tmp_path / "breadcrumbs"))]
     res = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    thresholds, loaded = json.loads(res.stdout.strip().splitlines()[-1])
+    thresholds, actors_torch, loaded = json.loads(res.stdout.strip().splitlines()[-1])
     assert loaded == []
+    assert actors_torch == [[False, False]] * 3 + [[True, True]]
     for (cfg, out), th in zip(runs, thresholds):
         single = run_merge(cfg, tmp_path / "single", progress=False, overwrite=True)
         assert shard_bytes(Path(out)) == shard_bytes(tmp_path / "single"), out

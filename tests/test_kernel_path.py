@@ -1,4 +1,4 @@
-"""merge/kernel_path.py: the linear methods' merge pass with the fused kernels alone, on mapped rows as numpy
+"""merge/kernel_path.py: the merge pass with the fused kernels alone (thresholds included), on mapped rows as numpy
 arrays. Its tiles must be the single-process executor's bytes, and every unit it cannot merge must go to the
 fallback (never a silently different result)."""
 
@@ -106,7 +106,25 @@ def test_units_the_kernels_do_not_merge_go_to_the_fallback(family, tmp_path):
     assert {n for n, _ in fell} == set(load_sd(family.base))
 
 
-def test_usable_only_without_statistics_and_with_mapped_safetensors(family):
+@pytest.mark.parametrize("fam_name", ["family", "bf16"])
+@pytest.mark.parametrize("params", [{"density": 0.3, "trim_scope": "tensor"},
+                                    {"density": 0.6, "trim_scope": "tensor", "sign": "count", "lambda": 0.8}])
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_kernel_path_finds_each_tensors_own_thresholds(request, tmp_path, fam_name, method, params):
+    """Per-tensor TIES / DARE-TIES with every tensor in one unit: the kernel pass finds each tensor's thresholds
+    itself (counting its magnitudes, no torch) and its tiles are the single-process output's bits."""
+    fam = request.getfixturevalue(fam_name)
+    cfg = {"base": str(fam.base), "experts": fam.expert_strs[:2], "method": method, "parameters": params,
+           "tile_mb": 64, "seed": 5}
+    got, fell_back = kernel_pass(cfg)
+    assert fell_back == []
+    run_merge(cfg, tmp_path / "single", progress=False)
+    want = load_sd(tmp_path / "single")
+    for name, t in want.items():
+        assert np.array_equal(got[name].view(as_bits(t).dtype), as_bits(t)), name
+
+
+def test_usable_with_mapped_safetensors_and_a_method_the_kernels_merge(family):
     def usable(**kw):
         config = MergeConfig.model_validate({"base": str(family.base), "experts": family.expert_strs[:2], **kw})
         inputs = open_inputs(config)
@@ -116,6 +134,7 @@ def test_usable_only_without_statistics_and_with_mapped_safetensors(family):
             inputs.close()
 
     assert usable(method="average") and usable(method="dare_linear", parameters={"p": 0.2})
-    assert usable(method="dare_ties") and not usable(method="dare_ties", parameters={"density": 0.5})
-    assert not usable(method="ties") and not usable(method="slerp", parameters={"t": 0.5})
+    assert usable(method="dare_ties") and usable(method="dare_ties", parameters={"density": 0.5})
+    assert usable(method="ties") and not usable(method="slerp", parameters={"t": 0.5})
+    assert not usable(method="breadcrumbs") and not usable(method="model_stock")
     assert not usable(method="average", read="pread")

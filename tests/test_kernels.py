@@ -130,6 +130,26 @@ def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, o
                               thresholds=[{"min": v} for v in want_thr])
         want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(out_dtype)
         assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
+        # the numpy entry point (merge/kernel_path.py, no torch): same thresholds, same bytes
+        dst = np.zeros_like(kernels._raw_view(out))
+        assert kernels.select_and_merge_arrays(method, p, ctx, kernels._raw([base] + experts), dst, [k] * 4) == got, k
+        assert np.array_equal(dst, kernels._raw_view(out)), k
+
+
+@pytest.mark.parametrize("method, params, in_dtype", [("ties", {}, torch.bfloat16), ("dare_ties", {"p": 0.5}, torch.float32)])
+def test_magnitude_arrays_equal_the_methods_magnitudes(method, params, in_dtype):
+    """The torch-free sample of statistics.sample_windows: bitwise the magnitudes methods.py computes."""
+    n = 5000
+    base, experts = models(n, in_dtype)
+    m = get_method(method)
+    p = m.params.model_validate(params)
+    ctx = context(n, len(experts), offset=777, with_thresholds=False)
+    got = kernels.magnitude_arrays(method, p, ctx, kernels._raw([base] + experts))
+    want = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    for j, x in enumerate(want):
+        assert np.array_equal(got[j].view(np.int32), x.reshape(-1).numpy().view(np.int32)), j
+    experts[1][3] = float("nan")
+    assert kernels.magnitude_arrays(method, p, ctx, kernels._raw([base] + experts)) is None
 
 
 @pytest.mark.parametrize("n", [3000, 20_000, 200_000])  # fewer runs than the cap, and capped at SAMPLE_MAX

@@ -34,10 +34,10 @@ class MergeActor:
     MergeWorker (cluster/worker.py). Defined here, in a module without torch, so that the driver can create it
     before loading anything heavy."""
 
-    def __init__(self, method: str, n_experts: int, use_gpu: bool, kernels_alone: bool):
+    def __init__(self, method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool):
         from mergescale.cluster import worker
 
-        worker.start_process(method, n_experts, use_gpu, kernels_alone)
+        worker.start_process(method, n_experts, use_gpu, kernels_merge, selection)
         self._worker_cls, self.worker = worker.MergeWorker, None
 
     def setup(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool,
@@ -136,9 +136,11 @@ class ActorPool:
 
         spec = self.spec = config.cluster
         self.workers, self.use_gpu = workers, spec.num_gpus > 0
-        # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch
-        kernels_alone = method_params.kernels_alone(config.method, config.method_params) and config.read == "mmap"
-        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_alone)
+        # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch;
+        # and whether they find thresholds (so load those kernels too)
+        kernels_merge = method_params.kernels_merge(config.method) and config.read == "mmap"
+        selection = not method_params.kernels_alone(config.method, config.method_params)
+        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()

@@ -1,9 +1,9 @@
 """The merge actor's work: statistics and merge passes over the units the driver hands it (see cluster/merge.py).
 
 Imported only in actor processes (by MergeActor, as it starts). torch loads here only when the actor needs it:
-on a GPU, for a method with a statistics pass, or for a unit the fused kernels do not merge. An actor merging
-with average, task_arithmetic, dare_linear or dare_ties without an extra trim on the CPU runs
-merge/kernel_path.py and never imports torch, which would be ~half of its start.
+on a GPU, for a method without fused kernels (slerp, breadcrumbs, model_stock), or for a unit the kernels do not
+merge. An actor merging with average, task_arithmetic, dare_linear, ties or dare_ties on the CPU runs
+merge/kernel_path.py, thresholds included, and never imports torch: ~half of its start, ~180 MB of its memory.
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ from mergescale.merge.writer import PartialOutput
 _CPUS = 1  # this actor's CPU share, set by start_process
 
 
-def start_process(method: str, n_experts: int, use_gpu: bool, kernels_alone: bool) -> None:
+def start_process(method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool) -> None:
     """Once per actor process, before any work: use the actor's CPU share (not every core of the node) in the fused
-    kernels (and torch), and load what the merge needs (numba's cached kernels; torch unless `kernels_alone`:
-    kernel_path.possible for the config) while the driver is busy validating."""
+    kernels (and torch), and load what the merge needs (numba's cached kernels, the threshold-finding ones if
+    `selection`; torch unless `kernels_merge`: kernel_path.possible for the config) while the driver is busy
+    validating."""
     global _CPUS
     _CPUS = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     kernels.set_threads(_CPUS)
-    if use_gpu or not kernels_alone:
+    if use_gpu or not kernels_merge:
         _torch()
     if not use_gpu:
-        kernels.warm_up(n_experts, methods=[method], selection=not kernels_alone)
+        kernels.warm_up(n_experts, methods=[method], selection=selection)
 
 
 def _torch():
@@ -64,7 +65,7 @@ class MergeWorker:
         self.units = {u.id: u for u in self.plan.units}
         self.partial = PartialOutput(Path(out), self.plan.layout, key)  # shard files opened on first write
         self.device = "cuda" if use_gpu and _torch().cuda.is_available() else "cpu"
-        # On the CPU, the linear methods run the fused kernels alone (kernel_path), without torch.
+        # On the CPU, the methods with fused kernels run them alone (kernel_path), without torch.
         self.kernel_only = self.device == "cpu" and kernel_path.usable(self.config, self.inputs)
         self.node = ray.get_runtime_context().get_node_id()
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
@@ -107,16 +108,40 @@ class MergeWorker:
 
     def selection(self, unit_ids: list[int], windows: dict, next_unit: int | None = None) -> dict:
         """This batch's selection counts for the coordinator's windows of the current pass."""
-        from mergescale.merge.executor import deferred_check, feed_selection
         from mergescale.merge.selection import StreamingSelector
 
         sel = StreamingSelector([])
         sel.use_windows(windows)
+        if self.kernel_only:
+            return self._kernel_selection(sel, unit_ids, next_unit)
+        from mergescale.merge.executor import deferred_check, feed_selection
+
         on_cpu = self.device == "cpu"  # the fused kernels check for non-finite values as they count
         for unit, base, experts in self._stream(unit_ids, next_unit, check=not on_cpu):
             feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
                            deferred_check(self.inputs, self.config, unit, base, experts, None) if on_cpu else None)
         return sel.sparse_counts()
+
+    def _kernel_selection(self, sel, unit_ids: list[int], next_unit: int | None) -> dict:
+        """`selection` on mapped bytes with the kernels; a unit they do not count is read again and counted with
+        torch (the executor's way, non-finite policy included)."""
+        from mergescale.merge.statistics import scope_of
+
+        units = [self.units[u] for u in unit_ids]
+        for unit, base, experts in self.reader.stream(units, None, self.units.get(next_unit), check=False):
+            scope = scope_of(unit.name, self.global_sel)
+            if not kernel_path.feed_selection(sel, self.config, self.plan, self.inputs, scope, unit, base, experts):
+                self._select_with_torch(sel, unit)
+        return sel.sparse_counts()
+
+    def _select_with_torch(self, sel, unit: Unit) -> None:
+        _torch()
+        from mergescale.merge.executor import deferred_check, feed_selection
+        from mergescale.merge.reader import read_unit
+
+        base, experts = read_unit(self.inputs, unit, "ignore", convert=False, mapped=True)
+        feed_selection(sel, self.config, self.method, self.params, self.plan, self.global_sel, unit, base, experts,
+                       deferred_check(self.inputs, self.config, unit, base, experts, None))
 
     def sample_windows(self) -> dict:
         """{(stream, tag): window}: where each threshold query of the statistics pass should start counting, from a
@@ -126,7 +151,8 @@ class MergeWorker:
         work = statistics_work(self.config.method, self.params, self.plan, len(self.inputs.experts))
         if work.selector is None:
             return {}
-        sample_windows(self.config, self.method, self.params, self.plan, self.inputs, work)
+        sample_windows(self.config, None if self.kernel_only else self.method, self.params, self.plan, self.inputs,
+                       work, raw=self.kernel_only)
         return {(q.stream, q.tag): q.window for q in work.selector.queries}
 
     def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
@@ -161,7 +187,8 @@ class MergeWorker:
 
         if self.kernel_only:
             merged = kernel_path.merge_stream(self.config, self.plan, self.inputs, self.reader, units, warnings, write,
-                                              lambda unit: self._merge_with_torch(unit, warnings), then=then)
+                                              lambda unit: self._merge_with_torch(unit, warnings), then=then,
+                                              thresholds_of=self._thresholds_of)
         elif self.device == "cpu":
             from mergescale.merge.executor import merge_stream
 
@@ -177,6 +204,14 @@ class MergeWorker:
         self._syncing = (self._syncer.submit(self.partial.sync), unit_ids)
         return {"units": unit_ids, "durable": durable, "bytes": nbytes, "seconds": time.time() - t0,
                 "node": self.node, "device": self.device, "torch": "torch" in sys.modules, "warnings": warnings}
+
+    def _thresholds_of(self, unit: Unit) -> list | None:
+        """The statistics pass's thresholds for the unit (whole-model, or its split tensor's), if any."""
+        if self.stats is None or not self.stats.thresholds:
+            return None
+        from mergescale.merge.statistics import scope_of
+
+        return self.stats.thresholds.get(scope_of(unit.name, self.global_sel))
 
     def _merge_with_torch(self, unit: Unit, warnings: list[str]):
         """A unit the fused kernels did not merge (kernel_path's fallback): read it again with the non-finite

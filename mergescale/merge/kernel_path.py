@@ -1,18 +1,23 @@
 """A merge pass that runs only the fused kernels, on mapped rows as numpy arrays: no torch in the process.
 
-average, task_arithmetic, dare_linear and dare_ties without an extra trim (density 1, its default) need no
-statistics, so on the CPU merging a unit is one fused kernel call (kernels.merge_arrays) between mapping its rows
-and writing the result (method_params.kernels_alone). Doing just that here lets a Ray actor merging with them
-start without importing torch: ~1.4 s of a fresh actor's ~2.8 s start on a 2-core node, a fifth of the wall
-time of a 1 GB-per-model merge (docs/BENCHMARKS.md).
+On the CPU, every unit of average, task_arithmetic, dare_linear, ties and dare_ties is fused kernel calls between
+mapping its rows and writing the result (method_params.kernels_merge). TIES's thresholds are found by kernels
+too: a tensor held whole in one unit brackets its thresholds from a sample and merges in one pass
+(kernels.select_and_merge_arrays), or counts its magnitudes pass by pass (kernels.histogram_arrays, the same
+radix selection as the executor's); whole-model thresholds and those of tensors split into units come from the
+statistics pass (`thresholds_of`), whose counts `feed_selection` gives. Doing just that here lets a Ray actor
+start without importing torch: ~1.4 s of a fresh actor's ~2.8 s start on a 2-core node, and ~180 MB of its
+memory.
 
-The bytes are the executor's: executor.merge_unit runs the same kernel on the same stored values (as torch views).
-A unit the kernels do not merge (an integer tensor, a dtype other than bf16/float32 in or out, a non-finite
-value) goes to the caller's `fallback(unit)`, which merges it the executor's way, non-finite policy included.
+The bytes are the executor's: executor.merge_unit runs the same kernels on the same stored values (as torch
+views), and a k-th smallest magnitude is one value however it is found. A unit the kernels do not merge (an
+integer tensor, a dtype other than bf16/float32 in or out, a non-finite value) goes to the caller's
+`fallback(unit)`, which merges it the executor's way, non-finite policy included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +25,19 @@ import numpy as np
 from mergescale.config import MergeConfig
 from mergescale.merge import kernels
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.method_params import kernels_alone
+from mergescale.merge.method_params import SIGNATURES, kernels_merge
 from mergescale.merge.reader import UnitReader
+from mergescale.merge.selection import KthQuery, StreamingSelector
 from mergescale.merge.writer import write_behind
+
+# As executor.KTHVALUE_MAX: smaller tensors are not sampled (the executor sorts them; counting gives that value)
+SAMPLE_MIN = 1 << 14
 
 
 def possible(config: MergeConfig) -> bool:
-    """Whether this config's merge pass can run here, as far as the config tells: numba, a method and parameters
-    whose units are each one kernel call (method_params.kernels_alone), and mapped reads (config.read)."""
-    return kernels.available() and kernels_alone(config.method, config.method_params) and config.read == "mmap"
+    """Whether this config's merge pass can run here, as far as the config tells: numba, a method the kernels
+    merge (method_params.kernels_merge), and mapped reads (config.read)."""
+    return kernels.available() and kernels_merge(config.method) and config.read == "mmap"
 
 
 def usable(config: MergeConfig, inputs: MergeInputs) -> bool:
@@ -39,40 +48,109 @@ def usable(config: MergeConfig, inputs: MergeInputs) -> bool:
 
 @dataclass(frozen=True)
 class _UnitContext:
-    """What kernels.merge_arrays reads of a unit (the fields of methods.TileContext it uses)."""
+    """What the kernels read of a unit (the fields of methods.TileContext they use)."""
 
     name: str
     seed: int
     element_offset: int
-    thresholds: None = None
+    thresholds: list | None = None
 
 
-def merge_unit_arrays(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, unit: Unit, base, experts):
-    """The unit's merged rows as a flat numpy array of the output dtype, from its rows' stored bytes (flat uint8
-    arrays, base first or None: `UnitReader(raw=True)`); None when the kernels do not merge this unit."""
+def _models(inputs: MergeInputs, plan: MergePlan, unit: Unit, base, experts):
+    """(stored rows as typed flat arrays, base first or not at all; the output's dtype), or None when the kernels
+    do not read these dtypes."""
     info = inputs.all[0].tensors[unit.name]
     codes = {c.tensors[unit.name].dtype for c in inputs.all}
     code, out_code = codes.pop(), plan.out_dtypes[unit.name]
     if not info.is_float or codes or code not in kernels.RAW_CODES or out_code not in kernels.RAW_CODES:
         return None
     stored = kernels.RAW_CODES[code]
-    models = tuple(a.view(stored) for a in ([base] if base is not None else []) + list(experts))
-    out = np.empty(models[0].shape[0], kernels.RAW_CODES[out_code])
-    ctx = _UnitContext(unit.name, config.seed, unit.row_start * info.row_numel)
+    return tuple(a.view(stored) for a in ([base] if base is not None else []) + list(experts)), kernels.RAW_CODES[out_code]
+
+
+def merge_unit_arrays(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, unit: Unit, base, experts,
+                      thresholds: list | None = None):
+    """The unit's merged rows as a flat numpy array of the output dtype, from its rows' stored bytes (flat uint8
+    arrays, base first or None: `UnitReader(raw=True)`); None when the kernels do not merge this unit.
+    `thresholds`: the unit's per-expert thresholds from a statistics pass, if the method selects and has them
+    (else a tensor held in this one unit finds its own, as executor.merge_unit does)."""
+    got = _models(inputs, plan, unit, base, experts)
+    if got is None:
+        return None
+    models, out_dtype = got
+    out = np.empty(models[0].shape[0], out_dtype)
+    info = inputs.all[0].tensors[unit.name]
+    ctx = _UnitContext(unit.name, config.seed, unit.row_start * info.row_numel, thresholds)
+    sel = SIGNATURES[config.method].selection(config.method_params)
+    if sel is not None and thresholds is None:
+        ctx = _own_thresholds(config, ctx, models, out, base is not None)
+        if ctx is None or ctx.thresholds is None:  # not handled here, or merged already by the fused select
+            return None if ctx is None else out
     if kernels.merge_arrays(config.method, config.method_params, config.weights, ctx, models, base is not None, out):
         return out
     return None
 
 
+def _own_thresholds(config: MergeConfig, ctx: _UnitContext, models: tuple, out: np.ndarray, has_base: bool):
+    """executor.fused_select_merge and inline_statistics for a tensor whose rows are all in this unit: `ctx` with
+    no thresholds when the one-pass select-and-merge already wrote `out`; else `ctx` with the exact thresholds;
+    None when the kernels cannot (no base, a non-finite value)."""
+    if not has_base:
+        return None
+    method, params, n_e, n = config.method, config.method_params, len(models) - 1, models[0].shape[0]
+    all_ranks = SIGNATURES[method].selection(params).ranks(n)
+    ranks = {tag: k for tag, k in all_ranks.items() if k is not None}
+    if n > SAMPLE_MIN and len(all_ranks) == len(ranks) == 1:  # one bound to find (TIES's "min"): one pass
+        if kernels.select_and_merge_arrays(method, params, ctx, models, out, list(ranks.values()) * n_e) is not None:
+            return ctx
+    selector = StreamingSelector([KthQuery(i, k, tag) for i in range(n_e) for tag, k in ranks.items()])
+    while not selector.done:
+        if not count(selector, method, params, ctx, models, lambda i: i):
+            return None
+        selector.finish_pass()
+    thresholds = [dict() for _ in range(n_e)]
+    for q in selector.queries:
+        thresholds[q.stream][q.tag] = q.value
+    return dataclasses.replace(ctx, thresholds=thresholds)
+
+
+def count(selector: StreamingSelector, method: str, params, ctx, models: tuple, stream_of) -> bool:
+    """Add one unit's counts of each expert's magnitudes (expert i is stream `stream_of(i)`) for the selector's
+    current windows; False (nothing added) when the kernels do not count this unit."""
+    windows = selector.windows()
+    ws = [windows.get(stream_of(i), []) for i in range(len(models) - 1)]
+    got = kernels.histogram_arrays(method, params, ctx, models, ws)
+    if got is None:
+        return False
+    for i, per_window in enumerate(got):
+        for w, (below, hist) in zip(ws[i], per_window):
+            selector.add_counts(stream_of(i), w, below, hist)
+    return True
+
+
+def feed_selection(selector: StreamingSelector, config: MergeConfig, plan: MergePlan, inputs: MergeInputs,
+                   scope: str, unit: Unit, base, experts) -> bool:
+    """executor.feed_selection on a unit's stored bytes: its counts for streams (scope, expert). False when the
+    kernels do not count it (the caller then feeds it the executor's way)."""
+    got = _models(inputs, plan, unit, base, experts)
+    if got is None or base is None:
+        return False
+    info = inputs.all[0].tensors[unit.name]
+    ctx = _UnitContext(unit.name, config.seed, unit.row_start * info.row_numel)
+    return count(selector, config.method, config.method_params, ctx, got[0], lambda i: (scope, i))
+
+
 def merge_stream(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, reader: UnitReader, units: list[Unit],
-                 warnings: list[str], write, fallback, then: Unit | None = None):
+                 warnings: list[str], write, fallback, then: Unit | None = None, thresholds_of=None):
     """executor.merge_stream with the kernels alone: units in order, reads one ahead (`reader`, made with
     raw=True; after the last unit it reads `then`), writes one behind (`write(unit, tile)`, writer.write_behind),
-    and `fallback(unit)` -> tile for a unit the kernels do not merge. Yields each unit after its merge."""
+    and `fallback(unit)` -> tile for a unit the kernels do not merge. `thresholds_of(unit)`: the statistics pass's
+    thresholds for the unit, or None. Yields each unit after its merge."""
 
     def tiles():
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
-            tile = merge_unit_arrays(config, plan, inputs, unit, base, experts)
+            thr = thresholds_of(unit) if thresholds_of is not None else None
+            tile = merge_unit_arrays(config, plan, inputs, unit, base, experts, thr)
             yield unit, (tile if tile is not None else fallback(unit))
 
     yield from write_behind(tiles(), write)

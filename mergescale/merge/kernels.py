@@ -749,15 +749,29 @@ def select_and_merge_ties(method: str, params, weights: list[float], ctx, base, 
     missed (the caller then selects and merges separately; `out` may hold garbage)."""
     if numba is None or method not in SELECT_MERGE_KERNELS or base is None:
         return None
-    models = _raw([base] + list(experts))
-    if models is None or _out_view(out) is None:
+    models, dst = _raw([base] + list(experts)), _out_view(out)
+    if models is None or dst is None:
         return None
-    dare_args = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(experts), ctx.element_offset)
+    return _select_and_merge(method, params, ctx, models, dst, ks)
+
+
+@_launches_kernels
+def select_and_merge_arrays(method: str, params, ctx, models: tuple, dst: np.ndarray, ks: list[int]) -> list[float] | None:
+    """select_and_merge_ties on flat numpy arrays of one stored dtype (RAW_CODES, base first) into `dst` (the
+    output dtype's array); needs no torch (merge/kernel_path.py)."""
+    if numba is None or method not in SELECT_MERGE_KERNELS:
+        return None
+    return _select_and_merge(method, params, ctx, models, dst, ks)
+
+
+def _select_and_merge(method: str, params, ctx, models: tuple, dst: np.ndarray, ks: list[int]) -> list[float] | None:
+    n_e = len(models) - 1
+    dare_args = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
     bracket = _sample_bracket(models[0], models[1:], dare_args, ks)
     if bracket is None:
         return None
-    part = _bracketed_pass(method, params, ctx, base, experts, out, *bracket, index_offset=0)
-    return None if part is None else _finish_bracketed(params, ctx.name, bracket[0], bracket[1], ks, [part], out)
+    part = _bracketed_arrays(method, params, ctx, models, dst, *bracket, index_offset=0)
+    return None if part is None else _finish_bracketed(params, ctx.name, bracket[0], bracket[1], ks, [part], dst)
 
 
 @_launches_kernels
@@ -777,15 +791,18 @@ def bracketed_ties_tile(method: str, params, ctx, base, experts, out: torch.Tens
 def finish_bracketed_ties(params, name: str, lo, hi, ks: list[int], parts: list, out: torch.Tensor) -> list[float] | None:
     """Exact thresholds from the parts of every tile of a tensor (bracketed_ties_tile) and the redo of the listed
     elements in `out`, the whole tensor's merged rows. None: a bracket missed (`out` is then not the merge)."""
-    return _finish_bracketed(params, name, lo, hi, ks, parts, out)
+    return _finish_bracketed(params, name, lo, hi, ks, parts, _out_view(out))
 
 
 def _bracketed_pass(method: str, params, ctx, base, experts, out, lo, hi, share, index_offset: int):
-    """(indices of the listed elements + index_offset, their taus, base values, counts below lo) or None."""
-    models = _raw([base] + list(experts))
-    dst = _out_view(out)
+    models, dst = _raw([base] + list(experts)), _out_view(out)
     if models is None or dst is None:
         return None
+    return _bracketed_arrays(method, params, ctx, models, dst, lo, hi, share, index_offset)
+
+
+def _bracketed_arrays(method: str, params, ctx, models: tuple, dst: np.ndarray, lo, hi, share, index_offset: int):
+    """(indices of the listed elements + index_offset, their taus, base values, counts below lo) or None."""
     b, e = models[0], models[1:]
     n, n_e = b.shape[0], len(e)
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, n_e, ctx.element_offset)
@@ -809,8 +826,7 @@ def _bracketed_pass(method: str, params, ctx, base, experts, out, lo, hi, share,
     return idx + int(index_offset), taus, bvals, below.sum(0)
 
 
-def _finish_bracketed(params, name: str, lo, hi, ks: list[int], parts: list, out) -> list[float] | None:
-    dst = _out_view(out)
+def _finish_bracketed(params, name: str, lo, hi, ks: list[int], parts: list, dst: np.ndarray) -> list[float] | None:
     idx = np.concatenate([p[0] for p in parts])
     taus = np.concatenate([p[1] for p in parts], axis=1)
     bvals = np.concatenate([p[2] for p in parts])
@@ -839,7 +855,25 @@ def histograms(method: str, params, ctx, base, experts, windows: list[list]) -> 
     if numba is None or method not in MAGNITUDE_KERNELS or base is None:
         return None
     models = _raw([base] + list(experts))
-    if models is None or any(len(ws) > 2 for ws in windows):
+    got = _histograms(method, params, ctx, models, windows) if models is not None else None
+    if got is None:
+        return None
+    import torch
+
+    return [[(below, torch.from_numpy(hist)) for below, hist in per] for per in got]
+
+
+@_launches_kernels
+def histogram_arrays(method: str, params, ctx, models: tuple, windows: list[list]) -> list[list[tuple[int, np.ndarray]]] | None:
+    """histograms on flat numpy arrays of one stored dtype (RAW_CODES, base first), counts as int64 numpy arrays;
+    needs no torch (merge/kernel_path.py)."""
+    if numba is None or method not in MAGNITUDE_KERNELS:
+        return None
+    return _histograms(method, params, ctx, models, windows)
+
+
+def _histograms(method: str, params, ctx, models: tuple, windows: list[list]):
+    if any(len(ws) > 2 for ws in windows):
         return None
     b, e = models[0], models[1:]
     n_e = len(e)
@@ -860,10 +894,23 @@ def histograms(method: str, params, ctx, base, experts, windows: list[list]) -> 
         return None
     below, total = below.sum(0), np.empty(out.shape[1:], np.int64)
     _sum_items(out, total)
-    import torch
-
-    return [[(int(below[j * nq + q]), torch.from_numpy(total[j * nq + q, :w.bins])) for q, w in enumerate(ws)]
+    return [[(int(below[j * nq + q]), total[j * nq + q, :w.bins]) for q, w in enumerate(ws)]
             for j, ws in enumerate(windows)]
+
+
+@_launches_kernels
+def magnitude_arrays(method: str, params, ctx, models: tuple) -> np.ndarray | None:
+    """[expert, element] float32 magnitudes of a few rows (flat numpy arrays of one stored dtype, base first), as
+    the method's `magnitudes` gives them; None for a non-finite input or a method without a kernel. For the
+    sample that places the selection windows (statistics.sample_windows), without torch."""
+    if numba is None or method not in MAGNITUDE_KERNELS:
+        return None
+    b, e = models[0], models[1:]
+    out, bad = np.empty((len(e), b.shape[0]), np.float32), np.zeros(1, np.uint8)
+    if b.shape[0]:
+        dare_args = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(e), ctx.element_offset)
+        _sample_kernel(b, e, *dare_args, 0, b.shape[0], out, bad)
+    return None if bad[0] else out
 
 
 def count_nonfinite(t: torch.Tensor) -> int | None:
@@ -917,7 +964,7 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     """Compile every kernel (or those of `methods`) for tiles of this stored dtype (a RAW_CODES code) and expert
     count, or load them from numba's on-disk cache, so that a timed merge does not pay for compilation; a fresh
     install's first merge otherwise does it on the way. selection=False: only the merge kernels, not TIES's
-    selection kernels (the only ones whose warm-up needs torch)."""
+    selection kernels (a merge without a threshold to find never runs them). Needs no torch."""
     if numba is None:
         return
     from types import SimpleNamespace
@@ -938,19 +985,13 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     for name in MERGE_KERNELS:
         if methods is None or name in methods:
             merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
-    ties = [name for name in ("ties", "dare_ties") if selection and (methods is None or name in methods)]
-    if not ties:
+    if not selection:
         return
-    import torch
-
     from mergescale.merge.selection import RADIX, window_around
 
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == np.uint16 else torch.from_numpy(a)
-
-    base, experts, out = tensor(models[0]), [tensor(m) for m in models[1:]], tensor(dst)
-    for name in ties:
-        params = SIGNATURES[name].params.model_validate({"density": 0.5})
-        histograms(name, params, ctx, base, experts, [[RADIX] for _ in experts])
-        histograms(name, params, ctx, base, experts, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in experts])
-        select_and_merge_ties(name, params, [1.0] * n_experts, ctx, base, experts, out, [n // 2] * n_experts)
+    for name in SELECT_MERGE_KERNELS:
+        if methods is None or name in methods:
+            params = SIGNATURES[name].params.model_validate({"density": 0.5})
+            histogram_arrays(name, params, ctx, models, [[RADIX] for _ in models[1:]])
+            histogram_arrays(name, params, ctx, models, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in models[1:]])
+            select_and_merge_arrays(name, params, ctx, models, dst, [n // 2] * n_experts)

@@ -167,6 +167,12 @@ def needs_statistics(method: str, params: _Params) -> bool:
 
 
 def kernels_alone(method: str, params: _Params) -> bool:
-    """Whether every unit of such a merge is one fused kernel call on the CPU, with no statistics pass before it:
-    what merge/kernel_path.py runs, without torch."""
+    """Whether every unit of such a merge is one fused kernel call on the CPU, with no statistics pass before it
+    (so no threshold-finding kernels to load)."""
     return method in FUSED_MERGE and not needs_statistics(method, params)
+
+
+def kernels_merge(method: str) -> bool:
+    """Whether the fused CPU kernels do all of this method's math, thresholds included (ties and dare_ties count
+    and bracket their magnitudes with kernels too): what merge/kernel_path.py runs, without torch."""
+    return method in FUSED_MERGE

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mergescale.config import MergeConfig
 from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
@@ -163,28 +165,39 @@ SAMPLE_ROW_STRIDE = 8  # read this many times more rows, keep every 8th value: m
 SAMPLE_BLOCK_ROWS = 16
 
 
-def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs, work: "StatisticsWork") -> None:
+def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs, work: "StatisticsWork",
+                   raw: bool = False) -> None:
     """Start every query at a window around its answer, bracketed from a sample of evenly spaced rows of the
     tensors it covers (a few MB read), so that one counting pass usually finds it exactly. A bracket that
-    misses costs passes, never exactness (selection.StreamingSelector starts over)."""
-    import torch
+    misses costs passes, never exactness (selection.StreamingSelector starts over).
 
+    raw=True: the magnitudes come from the fused kernels on mapped bytes (kernels.magnitude_arrays; `method` may
+    then be None), without torch; the same values, so the same windows. Where the kernels cannot (a non-finite
+    value), the sample is taken with torch after all."""
     sel = work.selector
     tensors = sorted({u.name for u in work.selection_units}, key=[t.name for t in plan.tensors].index)
-    samples, stream_numel = _samples(config, method, params, plan, inputs, tensors, work.global_selection)
-    sorted_samples = {stream: torch.sort(torch.cat(parts)).values for stream, parts in samples.items()}
+    samples, stream_numel = None, None
+    if raw:
+        samples, stream_numel = _samples(config, None, params, plan, inputs, tensors, work.global_selection, raw=True)
+    if samples is None:
+        if method is None:
+            from mergescale.merge.methods import get_method
+
+            method = get_method(config.method)
+        samples, stream_numel = _samples(config, method, params, plan, inputs, tensors, work.global_selection)
+    sorted_samples = {stream: np.sort(np.concatenate(parts)) for stream, parts in samples.items()}
     for q in sel.queries:
         sample = sorted_samples.get(q.stream)
-        if sample is None or not torch.isfinite(sample).all():
+        if sample is None or not np.isfinite(sample).all():
             continue
         q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
 
 
-def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tensors: list[str], global_selection: bool):
-    """({stream: [magnitudes of each sampled block]}, {scope: elements}) for the tensors' selection streams: the
-    same evenly spaced rows of every expert, so that the i-th sampled values of the experts are one element."""
-    from mergescale.merge.reader import read_unit
-
+def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tensors: list[str], global_selection: bool,
+             raw: bool = False):
+    """({stream: [magnitudes (float32 numpy) of each sampled block]}, {scope: elements}) for the tensors' selection
+    streams: the same evenly spaced rows of every expert, so that the i-th sampled values of the experts are one
+    element. raw=True: from the kernels, or (None, None) where they cannot."""
     stream_numel: dict = {}
     for name in tensors:
         scope = scope_of(name, global_selection)
@@ -196,15 +209,40 @@ def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tenso
             continue
         frac = min(1.0, SAMPLE_ROW_STRIDE * SAMPLE_VALUES / stream_numel[scope])
         n_rows = min(info.rows, max(1, math.ceil(info.rows * frac)))
-        n_blocks = math.ceil(n_rows / SAMPLE_BLOCK_ROWS)  # blocks of rows: one read per model, one torch call
+        n_blocks = math.ceil(n_rows / SAMPLE_BLOCK_ROWS)  # blocks of rows: one read per model, one kernel call
         size = math.ceil(n_rows / n_blocks)
         for r in sorted({min(info.rows - size, int((i + 0.5) * info.rows / n_blocks)) for i in range(n_blocks)}):
             unit = Unit(-1, name, r, r + size)
-            base, experts = read_unit(inputs, unit, "ignore", convert=True)  # the passes report them
-            ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
-            for i, mags in enumerate(method.magnitudes(base, experts, params, ctx)):
-                samples.setdefault((scope, i), []).append(mags.reshape(-1)[::SAMPLE_ROW_STRIDE])
+            if raw:
+                mags = _raw_magnitudes(config, info, unit, inputs)
+            else:
+                mags = _magnitudes(config, method, params, info, unit, inputs, scope)
+            if mags is None:
+                return None, None
+            for i, m in enumerate(mags):
+                samples.setdefault((scope, i), []).append(m[::SAMPLE_ROW_STRIDE])
     return samples, stream_numel
+
+
+def _magnitudes(config, method, params, info, unit: Unit, inputs: MergeInputs, scope: str):
+    from mergescale.merge.reader import read_unit
+
+    base, experts = read_unit(inputs, unit, "ignore", convert=True)  # the passes report non-finite values
+    ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
+    return [m.reshape(-1).numpy() for m in method.magnitudes(base, experts, params, ctx)]
+
+
+def _raw_magnitudes(config, info, unit: Unit, inputs: MergeInputs):
+    from types import SimpleNamespace
+
+    from mergescale.merge import kernels
+
+    code = inputs.all[0].tensors[unit.name].dtype
+    if inputs.base is None or code not in kernels.RAW_CODES or any(c.tensors[unit.name].dtype != code for c in inputs.all):
+        return None
+    models = tuple(c.map_bytes(unit.name, unit.row_start, unit.row_end).view(kernels.RAW_CODES[code]) for c in inputs.all)
+    ctx = SimpleNamespace(name=unit.name, seed=config.seed, element_offset=unit.row_start * info.row_numel)
+    return kernels.magnitude_arrays(config.method, config.method_params, ctx, models)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -235,8 +273,6 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
     output dtypes are ones the kernels read and write, all of its units are still to do (a resumed run has no
     rows of it written), and its merged rows plus the elements the brackets list fit `held_budget`, so that
     peak memory still does not grow with the model."""
-    import torch
-
     from mergescale.merge import kernels
 
     sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
@@ -258,15 +294,15 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
     samples, _ = _samples(config, method, params, plan, inputs, [t.name for t, _ in candidates], False)
     out: dict[str, Bracket] = {}
     for t, k in candidates:
-        parts = [torch.cat(samples[(t.name, i)]) for i in range(n_e)]
-        if not all(bool(torch.isfinite(p).all()) for p in parts):
+        parts = [np.concatenate(samples[(t.name, i)]) for i in range(n_e)]
+        if not all(np.isfinite(p).all() for p in parts):
             continue  # the selection pass reports them
-        lo, hi = zip(*(sample_bracket(torch.sort(p).values, k, t.numel) for p in parts))
-        inside = torch.zeros(parts[0].shape, dtype=torch.bool)
+        lo, hi = zip(*(sample_bracket(np.sort(p), k, t.numel) for p in parts))
+        inside = np.zeros(parts[0].shape, dtype=bool)
         for p, a, b in zip(parts, lo, hi):
             if a != b:  # a bracket of one value lists nothing (kernels._ties_kernel)
                 inside |= (p >= a) & (p <= b)
-        share = float(inside.float().mean())
+        share = float(inside.mean())
         held = t.numel * (SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] + share * (4 * n_e + 12))
         if held <= budget:
             out[t.name] = Bracket(list(lo), list(hi), [k] * n_e, share)
