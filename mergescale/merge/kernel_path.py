@@ -30,9 +30,6 @@ from mergescale.merge.reader import UnitReader
 from mergescale.merge.selection import KthQuery, StreamingSelector
 from mergescale.merge.writer import write_behind
 
-# As executor.KTHVALUE_MAX: smaller tensors are not sampled (the executor sorts them; counting gives that value)
-SAMPLE_MIN = 1 << 14
-
 
 def possible(config: MergeConfig) -> bool:
     """Whether this config's merge pass can run here, as far as the config tells: numba, a method the kernels
@@ -100,7 +97,8 @@ def _own_thresholds(config: MergeConfig, ctx: _UnitContext, models: tuple, out: 
     method, params, n_e, n = config.method, config.method_params, len(models) - 1, models[0].shape[0]
     all_ranks = SIGNATURES[method].selection(params).ranks(n)
     ranks = {tag: k for tag, k in all_ranks.items() if k is not None}
-    if n > SAMPLE_MIN and len(all_ranks) == len(ranks) == 1:  # one bound to find (TIES's "min"): one pass
+    # one bound to find (TIES's "min"): one pass, unless the tensor is too small to sample (then None at once)
+    if len(all_ranks) == len(ranks) == 1:
         if kernels.select_and_merge_arrays(method, params, ctx, models, out, list(ranks.values()) * n_e) is not None:
             return ctx
     selector = StreamingSelector([KthQuery(i, k, tag) for i in range(n_e) for tag, k in ranks.items()])
