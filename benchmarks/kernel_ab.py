@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,8 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
+def experts_of(mod, e) -> tuple:
+    """The kernels' expert arguments in that checkout: a padded tuple and its count (since EXPERT_SLOTS), or the tuple."""
+    return mod._slots(e) if hasattr(mod, "_slots") else (e,)
+
+
 def load_other(path: Path):
-    spec = importlib.util.spec_from_file_location("kernels_other", path / "mergescale/merge/kernels.py")
+    # From a copy: numba caches compiled kernels next to the source, under the module's name, and a cache of
+    # "kernels_other" in the checkout itself would break that checkout's own mergescale.merge.kernels.
+    copy = Path(tempfile.mkdtemp(prefix="kernels-ab-")) / "kernels.py"
+    shutil.copy(path / "mergescale/merge/kernels.py", copy)
+    spec = importlib.util.spec_from_file_location("kernels_other", copy)
     mod = importlib.util.module_from_spec(spec)
     sys.modules["kernels_other"] = mod  # numba's cache pickles the module name
     spec.loader.exec_module(mod)
@@ -82,7 +93,7 @@ def main(argv=None) -> int:
                     below, ndefer = np.zeros((T, 2 * ne), np.int64), np.zeros(T, np.int64)
                     defer, bad, dst = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8), np.empty(n, np.uint16)
                     t0 = time.perf_counter()
-                    mod._ties_kernel(b, e, th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer, ndefer, dst, bad)
+                    mod._ties_kernel(b, *experts_of(mod, e), th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer, ndefer, dst, bad)
                     key = (f"{case}, {'count' if count_sign else 'mass'}", label)
                     times.setdefault(key, []).append(time.perf_counter() - t0)
                     outs[key] = (dst, below, ndefer, bad, [defer[t, :min(ndefer[t], defer.shape[1])] for t in range(T)])

@@ -80,6 +80,44 @@ def test_merge_kernel_equals_definition_any_shape(n, n_experts, offset, seed, ca
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
 
+def test_one_compiled_kernel_serves_every_expert_count():
+    """numba compiles per argument type and a tuple's length is part of it: experts go in padded to EXPERT_SLOTS,
+    so 1 to 8 experts share one compiled kernel (a fresh node compiles once for the study's 2/4/6/8 grid), 9 to 16
+    the next one; every count still merges exactly as the definition."""
+    names = ("_average_kernel", "_linear_kernel", "_ties_kernel")
+    compiled = []
+    for n_experts in (1, 2, 3, 5, 8, 9, 12):
+        base, experts = models(700, torch.float32, n_experts, seed=n_experts)
+        ctx = TileContext(name="t", shape=(700,), element_offset=3, seed=7,
+                          thresholds=[{"min": 0.004 * (i % 3)} for i in range(n_experts)])
+        weights = [0.5 + i for i in range(n_experts)]
+        for method, params in (("average", {}), ("dare_linear", {"p": 0.3}), ("ties", {"density": 0.2})):
+            m = get_method(method)
+            p = m.params.model_validate(params)
+            out = torch.empty(700)
+            assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+            want = m.merge(base, experts, weights, p, ctx)
+            assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (method, n_experts)
+        compiled.append({k: len(getattr(kernels, k).signatures) for k in names})
+    assert compiled[0] == compiled[4], compiled  # 1..8 experts: nothing compiled after the first
+    assert compiled[5] == compiled[6], compiled  # 9 and 12: one more
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n=st.integers(1, 3000), distinct=st.sampled_from([2, 7, 1 << 30]))
+def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinct):
+    """kernels._select (the quickselect behind the sampled brackets and the exact thresholds) against a sort, with
+    many equal values or none."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    a = (rng.integers(0, distinct, n) * 0.25).astype(np.float32)
+    k = data.draw(st.integers(0, n - 1))
+    got = a.copy()
+    v = kernels._select(got, k)
+    assert v == np.sort(a)[k]
+    assert got[k] == v and (got[:k] <= v).all() and (got[k + 1:] >= v).all()
+    assert np.array_equal(np.sort(got), np.sort(a))  # reordered, nothing lost
+
+
 @pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {})])
 def test_histogram_kernels_equal_selection_histograms(method, params):
     n = 30_001

@@ -215,7 +215,7 @@ if numba is not None:
         """brow[:m] = base, tr[j, :m] = tau_j of elements s0..s0+m (see _tau_row); chk[:m] += tau * 0, which is
         NaN exactly where some tau is not finite."""
         bw, c = _base_row(b, s0, m, brow), chk[:m]
-        for j in range(len(e)):
+        for j in range(tr.shape[0]):
             row = tr[j, :m]
             _tau_row(e[j][s0:s0 + m], bw, row, m, dare, dare_thr, np.uint32(k1[j]), np.uint32(k2[j]),
                      first + np.uint64(s0), scale)
@@ -230,10 +230,9 @@ if numba is not None:
         return ok
 
     @_jit
-    def _linear_kernel(b, e, w, lam, dare, dare_thr, k1, k2, first, scale, out, bad):
+    def _linear_kernel(b, e, ne, w, lam, dare, dare_thr, k1, k2, first, scale, out, bad):
         """task_arithmetic / dare_linear: b + lam * (((t_0 w_0) + t_1 w_1) + ...)."""
         n = b.shape[0]
-        ne = len(e)
         for blk in prange((n + BLOCK - 1) // BLOCK):
             tr = np.empty((ne, SUB), np.float32)
             brow = np.empty(SUB, np.float32)
@@ -258,11 +257,10 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _average_kernel(e, b, w, normalize, inv_wsum, out, bad):
+    def _average_kernel(e, ne, b, w, normalize, inv_wsum, out, bad):
         """average: float64 sum_i w_i e_i (* 1 / sum w), rounded once to float32. The base (b, empty without one)
         is not in the formula, but its values are checked too: a kernel that succeeds has seen only finite inputs."""
         n = e[0].shape[0]
-        ne = len(e)
         has_base = b.shape[0] == n
         for blk in prange((n + BLOCK - 1) // BLOCK):
             acc_ = np.empty(SUB, np.float64)
@@ -352,7 +350,7 @@ if numba is not None:
         _disjoint_mean(tr, m, gamma_, total_, count_)
 
     @_jit
-    def _ties_kernel(b, e, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, lo, hi, below, defer, ndefer,
+    def _ties_kernel(b, e, ne, thr, lam, count_sign, dare, dare_thr, k1, k2, first, scale, lo, hi, below, defer, ndefer,
                      out, bad):
         """ties / dare_ties: b + lam * methods._ties_update_fast(trim(tau_j, thr_j)), tau DARE'd when asked.
 
@@ -364,7 +362,6 @@ if numba is not None:
         below[t, ne + j] counts |tau_j| <= hi_j instead, which is all it takes to confirm thr_j = lo_j. Work item
         t covers a contiguous range, so the lists concatenated over t are in ascending order."""
         n = b.shape[0]
-        ne = len(e)
         T = below.shape[0]
         bracket = lo.shape[0] > 0
         listing = False  # some bracket spans several values: its elements inside are listed
@@ -436,11 +433,10 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit
-    def _ties_gather_kernel(b, e, idx, dare, dare_thr, k1, k2, first, scale, taus, bvals, bad):
+    def _ties_gather_kernel(b, e, ne, idx, dare, dare_thr, k1, k2, first, scale, taus, bvals, bad):
         """The elements idx[:] of a unit only: taus[j, i] = tau_j (DARE'd when asked) and bvals[i] = base of
         element idx[i], exactly as _task_rows computes them, for _kth_in_brackets and _ties_redo_kernel."""
         nd = idx.shape[0]
-        ne = len(e)
         for blk in prange((nd + SUB - 1) // SUB):
             chk = np.zeros(SUB, np.float32)
             s0 = blk * SUB
@@ -485,12 +481,11 @@ if numba is not None:
                 _store(out, ix[i], bw[i] + lam * upd[i])
 
     @_jit
-    def _hist_kernel(b, e, dare, dare_thr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad):
+    def _hist_kernel(b, e, ne, dare, dare_thr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad):
         """Selection counts of |tau_j| (or |DARE(tau_j)|) for every expert in one pass: for window q of expert j
         (bit patterns [starts, starts + nbins << shifts), starts -1: unused), below[t, j*nq+q] counts the values
         under it and out[t, j*nq+q, :nbins] its bins. Row t of both is private to work item t."""
         n = b.shape[0]
-        ne = len(e)
         nq = starts.shape[1]
         T = out.shape[0]
         per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
@@ -564,9 +559,8 @@ if numba is not None:
                         tr[i] += src[i]
 
     @_jit
-    def _sample_kernel(b, e, dare, dare_thr, k1, k2, first, scale, step, run, out, bad):
+    def _sample_kernel(b, e, ne, dare, dare_thr, k1, k2, first, scale, step, run, out, bad):
         """out[j, s*run:(s+1)*run] = |tau_j| of the run of elements starting at s * step."""
-        ne = len(e)
         runs = out.shape[1] // run
         for s in prange(runs):
             tr = np.empty((ne, run), np.float32)
@@ -581,9 +575,41 @@ if numba is not None:
                 bad[0] = 1
 
     @_jit_serial
+    def _select(a, k):
+        """a[k] of a sorted, found by reordering `a` in place so that a[:k] <= a[k] <= a[k + 1:] (Hoare's
+        quickselect, median-of-three pivots). Not np.partition: numba compiles that in ~20 s, this in ~1 s.
+        Finite values only (the callers' are)."""
+        lo, hi = 0, a.shape[0] - 1
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if a[mid] < a[lo]:
+                a[mid], a[lo] = a[lo], a[mid]
+            if a[hi] < a[mid]:
+                a[hi], a[mid] = a[mid], a[hi]
+                if a[mid] < a[lo]:
+                    a[mid], a[lo] = a[lo], a[mid]
+            pivot, i, j = a[mid], lo, hi
+            while i <= j:  # a[lo:i] <= pivot <= a[j + 1:hi + 1]
+                while a[i] < pivot:
+                    i += 1
+                while pivot < a[j]:
+                    j -= 1
+                if i <= j:
+                    a[i], a[j] = a[j], a[i]
+                    i += 1
+                    j -= 1
+            if k <= j:
+                hi = j
+            elif k >= i:
+                lo = i
+            else:  # j < k < i: a[k] == pivot
+                return a[k]
+        return a[k]
+
+    @_jit_serial
     def _kth_in_bracket(taus, lo, hi, k):
         """(how many |taus| lie in [lo, hi], the k-th smallest of those (1-based) or NaN if k is out of range).
-        Counts bit patterns when the bracket spans few (no sort); else np.partition of the values inside."""
+        Counts bit patterns when the bracket spans few (no sort); else selects among the values inside."""
         n_in = 0
         for t in taus:
             x = abs(t)
@@ -609,20 +635,19 @@ if numba is not None:
             if x >= lo and x <= hi:
                 vals[c] = x
                 c += 1
-        return n_in, np.partition(vals, k - 1)[k - 1]
+        return n_in, _select(vals, k - 1)
 
     @_jit
     def _order_stats(sample, lo_pos, hi_pos, lo, hi):
         """lo[j], hi[j] = the values at positions lo_pos[j] < hi_pos[j] of sample[j] sorted (-1: leave as is),
-        by partitioning (experts in parallel), not sorting."""
+        by selecting (experts in parallel), not sorting."""
         for j in prange(sample.shape[0]):
-            part, a = sample[j], 0
+            part, a = sample[j].copy(), 0
             if lo_pos[j] >= 0:
-                part = np.partition(part, lo_pos[j])
-                lo[j] = part[lo_pos[j]]
+                lo[j] = _select(part, lo_pos[j])  # and part[lo_pos[j] + 1:] holds the larger values
                 a = lo_pos[j] + 1
             if hi_pos[j] >= 0:
-                hi[j] = np.partition(part[a:], hi_pos[j] - a)[hi_pos[j] - a]
+                hi[j] = _select(part[a:], hi_pos[j] - a)
 
     @_jit
     def _kth_in_brackets(taus, lo, hi, ks, n_in, thr):
@@ -716,19 +741,32 @@ def merge_arrays(method: str, params, weights: list[float], ctx, models: tuple, 
     b, e = (models[0], models[1:]) if has_base else (models[0][:0], models)
     if method == "average":
         w = np.array(weights, np.float64)
-        _average_kernel(e, b, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
+        _average_kernel(*_slots(e), b, w, bool(params.normalize), 1.0 / float(sum(weights)), dst, bad)
         return not bad[0]
     dare, dthr, k1, k2, first, scale = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(e), ctx.element_offset)
     lam = np.float32(params.lambda_)
     if method in ("task_arithmetic", "dare_linear"):
-        _linear_kernel(b, e, np.array(weights, np.float32), lam, dare, dthr, k1, k2, first, scale, dst, bad)
+        _linear_kernel(b, *_slots(e), np.array(weights, np.float32), lam, dare, dthr, k1, k2, first, scale, dst, bad)
     else:
         thr = np.array([t.get("min", 0.0) for t in ctx.thresholds] if ctx.thresholds else [0.0] * len(e), np.float32)
         none = np.empty(0, np.float32)
         T = _work_items(b.shape[0])
-        _ties_kernel(b, e, thr, lam, params.sign == "count", dare, dthr, k1, k2, first, scale, none, none,
+        _ties_kernel(b, *_slots(e), thr, lam, params.sign == "count", dare, dthr, k1, k2, first, scale, none, none,
                      np.zeros((T, len(e)), np.int64), np.empty((T, 0), np.int64), np.zeros(T, np.int64), dst, bad)
     return not bad[0]
+
+
+# numba compiles a kernel once per argument type, and a tuple's length is part of its type: every expert count
+# would pay its own compilation (~5-15 s per kernel, a minute for TIES with its selection, on every fresh node or
+# install). Experts go in as a tuple of EXPERT_SLOTS arrays (the next power of two beyond that) plus their count;
+# the kernels loop over the count, so the padding is never read.
+EXPERT_SLOTS = 8
+
+
+def _slots(e) -> tuple[tuple, int]:
+    """(the experts' arrays padded to a fixed tuple length with repeats of the first, how many are real)."""
+    size = max(EXPERT_SLOTS, 1 << (len(e) - 1).bit_length())
+    return tuple(e) + (e[0],) * (size - len(e)), len(e)
 
 
 def _work_items(n: int) -> int:
@@ -815,12 +853,12 @@ def _bracketed_arrays(method: str, params, ctx, models: tuple, dst: np.ndarray, 
     defer = np.empty((T, cap), np.int64)
     lam, count_sign, bad = np.float32(params.lambda_), params.sign == "count", np.zeros(1, np.uint8)
     none = np.empty(0, np.float32)
-    _ties_kernel(b, e, none, lam, count_sign, dare, dthr, k1, k2, first, scale, lo, hi, below, defer, ndefer, dst, bad)
+    _ties_kernel(b, *_slots(e), none, lam, count_sign, dare, dthr, k1, k2, first, scale, lo, hi, below, defer, ndefer, dst, bad)
     if bad[0] or (ndefer > cap).any():
         return None
     idx = np.concatenate([defer[t, :ndefer[t]] for t in range(T)])
     taus, bvals = np.empty((n_e, idx.shape[0]), np.float32), np.empty(idx.shape[0], np.float32)
-    _ties_gather_kernel(b, e, idx, dare, dthr, k1, k2, first, scale, taus, bvals, bad)
+    _ties_gather_kernel(b, *_slots(e), idx, dare, dthr, k1, k2, first, scale, taus, bvals, bad)
     if bad[0]:
         return None
     return idx + int(index_offset), taus, bvals, below.sum(0)
@@ -889,7 +927,7 @@ def _histograms(method: str, params, ctx, models: tuple, windows: list[list]):
     below = np.zeros((items, n_e * nq), np.int64)
     out = np.zeros((items, n_e * nq, int(nbins.max()) or 1), np.int32)  # a unit has < 2**31 elements
     bad = np.zeros(1, np.uint8)
-    _hist_kernel(b, e, dare, dthr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad)
+    _hist_kernel(b, *_slots(e), dare, dthr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad)
     if bad[0]:
         return None
     below, total = below.sum(0), np.empty(out.shape[1:], np.int64)
@@ -909,7 +947,7 @@ def magnitude_arrays(method: str, params, ctx, models: tuple) -> np.ndarray | No
     out, bad = np.empty((len(e), b.shape[0]), np.float32), np.zeros(1, np.uint8)
     if b.shape[0]:
         dare_args = _dare_args(_dare_p(method, params), ctx.seed, ctx.name, len(e), ctx.element_offset)
-        _sample_kernel(b, e, *dare_args, 0, b.shape[0], out, bad)
+        _sample_kernel(b, *_slots(e), *dare_args, 0, b.shape[0], out, bad)
     return None if bad[0] else out
 
 
@@ -941,7 +979,7 @@ def _sample_bracket(b, e, dare_args, ks: list[int]) -> tuple[np.ndarray, np.ndar
     size = runs * SAMPLE_RUN
     bad = np.zeros(1, np.uint8)
     sample = np.empty((n_e, size), np.float32)
-    _sample_kernel(b, e, *dare_args, (n - SAMPLE_RUN) // (runs - 1), SAMPLE_RUN, sample, bad)
+    _sample_kernel(b, *_slots(e), *dare_args, (n - SAMPLE_RUN) // (runs - 1), SAMPLE_RUN, sample, bad)
     if bad[0]:
         return None
     lo, hi = np.zeros(n_e, np.float32), np.full(n_e, np.inf, np.float32)
