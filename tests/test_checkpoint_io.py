@@ -129,6 +129,22 @@ def test_single_file_checkpoint(family, tmp_path, filename):
     assert all(torch.equal(got[n], full[n]) for n in full)
 
 
+def test_stored_float_dtype_is_a_cheap_hint(family, bf16, tmp_path):
+    """What a merge actor warms its kernels for: the first floating tensor's dtype, from one header; None (never an
+    error: validation reports bad inputs) when there is nothing cheap to read."""
+    assert ckpt_mod.stored_float_dtype(family.base) == "F32"
+    assert ckpt_mod.stored_float_dtype(str(bf16.base)) == "BF16"
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file({"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, dtype=torch.bfloat16)}, str(single / "w.safetensors"))
+    assert ckpt_mod.stored_float_dtype(single) == "BF16"  # skips the integer tensor
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x10\x00")
+    for spec in ("org/not-downloaded", tmp_path / "missing", tmp_path / "empty", tmp_path / "corrupt"):
+        assert ckpt_mod.stored_float_dtype(spec) is None, spec
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from mergescale.config import MergeConfig
-from mergescale.merge import method_params
+from mergescale.merge import checkpoint, method_params
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -34,10 +34,11 @@ class MergeActor:
     MergeWorker (cluster/worker.py). Defined here, in a module without torch, so that the driver can create it
     before loading anything heavy."""
 
-    def __init__(self, method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool):
+    def __init__(self, method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool,
+                 stored: str | None, out_dtype: str | None):
         from mergescale.cluster import worker
 
-        worker.start_process(method, n_experts, use_gpu, kernels_merge, selection)
+        worker.start_process(method, n_experts, use_gpu, kernels_merge, selection, stored, out_dtype)
         self._worker_cls, self.worker = worker.MergeWorker, None
 
     def setup(self, config_json: dict, out: str, layout_fingerprint: str, key: str, use_gpu: bool,
@@ -140,7 +141,9 @@ class ActorPool:
         # and whether they find thresholds (so load those kernels too)
         kernels_merge = method_params.kernels_merge(config.method) and config.read == "mmap"
         selection = not method_params.kernels_alone(config.method, config.method_params)
-        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection)
+        # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
+        stored = checkpoint.stored_float_dtype(config.base or config.experts[0].path)
+        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored, config.out_dtype)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()

@@ -28,18 +28,22 @@ from mergescale.merge.writer import PartialOutput
 _CPUS = 1  # this actor's CPU share, set by start_process
 
 
-def start_process(method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool) -> None:
+def start_process(method: str, n_experts: int, use_gpu: bool, kernels_merge: bool, selection: bool,
+                  stored: str | None = None, out_dtype: str | None = None) -> None:
     """Once per actor process, before any work: use the actor's CPU share (not every core of the node) in the fused
-    kernels (and torch), and load what the merge needs (numba's cached kernels, the threshold-finding ones if
-    `selection`; torch unless `kernels_merge`: kernel_path.possible for the config) while the driver is busy
-    validating."""
+    kernels (and torch), and load what the merge needs (numba's kernels for tiles stored as `stored` (a safetensors
+    code; None: unknown, bf16 assumed) written as `out_dtype` (None: the same), compiled on a fresh node; the
+    threshold-finding ones if `selection`; torch unless `kernels_merge`: kernel_path.possible for the config) while
+    the driver is busy validating."""
     global _CPUS
     _CPUS = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
     kernels.set_threads(_CPUS)
     if use_gpu or not kernels_merge:
         _torch()
-    if not use_gpu:
-        kernels.warm_up(n_experts, methods=[method], selection=selection)
+    stored = stored or "BF16"
+    out = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[out_dtype] if out_dtype else stored
+    if not use_gpu and stored in kernels.RAW_CODES and out in kernels.RAW_CODES:
+        kernels.warm_up(n_experts, stored, out, methods=[method], selection=selection)
 
 
 def _torch():

@@ -352,6 +352,23 @@ class Checkpoint:
             pass
 
 
+def stored_float_dtype(spec: str | Path) -> str | None:
+    """The dtype code of the first floating tensor of a local model directory, from one shard's header; None when
+    that is not cheap to know (a hub id, pickles, anything unreadable: validation reports those properly). A hint
+    (which compiled kernels a merge actor loads while the driver validates), never an input to the math."""
+    p = Path(spec).expanduser()
+    try:
+        index = p / "model.safetensors.index.json"
+        if index.is_file():
+            first = p / min(json.loads(index.read_text())["weight_map"].values())
+        else:
+            first = min(p.glob("*.safetensors"))
+        tensors, _, _ = read_safetensors_header(first)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: also min() of nothing
+        return None
+    return next((t.dtype for t in tensors.values() if t.is_float), None)
+
+
 def resolve_model_dir(spec: str) -> Path:
     """A local directory as is; otherwise a Hugging Face Hub id (org/name), fetched with huggingface_hub
     (safetensors, configs and tokenizer files only). Fails with a clear message when offline."""
