@@ -56,13 +56,10 @@ def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, b
     handles the unit, else from method.magnitudes chunk by chunk (counts add exactly: chunking never changes them).
     `check()` (the non-finite policy of tiles read unchecked) runs unless the kernel handled the unit, as in
     merge_unit."""
-    windows = selector.windows()
-    ws = [windows.get(stream_of(i), []) for i in range(len(experts))]
+    ws = selector.expert_windows(len(experts), stream_of)
     got = method.fused_histograms(params, ctx, base, experts, ws) if method.fused_histograms is not None else None
     if got is not None:
-        for i, per_window in enumerate(got):
-            for w, (below, hist) in zip(ws[i], per_window):
-                selector.add_counts(stream_of(i), w, below, hist)
+        selector.add_expert_counts(stream_of, ws, got)
         return
     if check is not None:
         check()

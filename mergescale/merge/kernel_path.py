@@ -115,14 +115,11 @@ def _own_thresholds(config: MergeConfig, ctx: _UnitContext, models: tuple, out: 
 def count(selector: StreamingSelector, method: str, params, ctx, models: tuple, stream_of) -> bool:
     """Add one unit's counts of each expert's magnitudes (expert i is stream `stream_of(i)`) for the selector's
     current windows; False (nothing added) when the kernels do not count this unit."""
-    windows = selector.windows()
-    ws = [windows.get(stream_of(i), []) for i in range(len(models) - 1)]
+    ws = selector.expert_windows(len(models) - 1, stream_of)
     got = kernels.histogram_arrays(method, params, ctx, models, ws)
     if got is None:
         return False
-    for i, per_window in enumerate(got):
-        for w, (below, hist) in zip(ws[i], per_window):
-            selector.add_counts(stream_of(i), w, below, hist)
+    selector.add_expert_counts(stream_of, ws, got)
     return True
 
 

@@ -187,6 +187,17 @@ class StreamingSelector:
         for w in self.windows().get(stream, ()):
             self.add_counts(stream, w, *window_histogram(values, w))
 
+    def expert_windows(self, n: int, stream_of) -> list[list[Window]]:
+        """[i]: the windows of expert i's stream `stream_of(i)`, for i < n (what a fused kernel counts per expert)."""
+        windows = self.windows()
+        return [windows.get(stream_of(i), []) for i in range(n)]
+
+    def add_expert_counts(self, stream_of, windows: list[list[Window]], counts) -> None:
+        """Add a fused kernel's counts: counts[i][q] = (values below, bins) of expert i in its window windows[i][q]."""
+        for i, per_window in enumerate(counts):
+            for w, (below, hist) in zip(windows[i], per_window):
+                self.add_counts(stream_of(i), w, below, hist)
+
     def add_counts(self, stream, w: Window, below: int, hist) -> None:
         """Add one tile's counts for a window, computed here or elsewhere (a fused kernel, another actor): hist
         is an int64 numpy array, a CPU torch tensor or a SparseCounts."""
