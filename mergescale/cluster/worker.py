@@ -20,6 +20,7 @@ import ray
 from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
 from mergescale.merge import kernel_path, kernels
+from mergescale.merge.checkpoint import safetensors_dtype
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
 from mergescale.merge.method_params import needs_statistics
 from mergescale.merge.reader import UnitReader
@@ -41,7 +42,7 @@ def start_process(method: str, n_experts: int, use_gpu: bool, kernels_merge: boo
     if use_gpu or not kernels_merge:
         _torch()
     stored = stored or "BF16"
-    out = {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[out_dtype] if out_dtype else stored
+    out = safetensors_dtype(out_dtype) if out_dtype else stored
     if not use_gpu and stored in kernels.RAW_CODES and out in kernels.RAW_CODES:
         kernels.warm_up(n_experts, stored, out, methods=[method], selection=selection)
 

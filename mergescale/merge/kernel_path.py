@@ -53,16 +53,28 @@ class _UnitContext:
     thresholds: list | None = None
 
 
-def _models(inputs: MergeInputs, plan: MergePlan, unit: Unit, base, experts):
-    """(stored rows as typed flat arrays, base first or not at all; the output's dtype), or None when the kernels
-    do not read these dtypes."""
+def unit_context(config: MergeConfig, inputs: MergeInputs, unit: Unit, thresholds: list | None = None) -> _UnitContext:
+    return _UnitContext(unit.name, config.seed, unit.row_start * inputs.all[0].tensors[unit.name].row_numel, thresholds)
+
+
+def stored_arrays(inputs: MergeInputs, unit: Unit, base, experts) -> tuple | None:
+    """A unit's stored rows (flat uint8 arrays, base first or None) as flat arrays of the dtype the kernels read,
+    base first or not at all; None when the kernels do not read it (not floating, mixed or other dtypes)."""
     info = inputs.all[0].tensors[unit.name]
     codes = {c.tensors[unit.name].dtype for c in inputs.all}
-    code, out_code = codes.pop(), plan.out_dtypes[unit.name]
-    if not info.is_float or codes or code not in kernels.RAW_CODES or out_code not in kernels.RAW_CODES:
+    code = codes.pop()
+    if not info.is_float or codes or code not in kernels.RAW_CODES:
         return None
     stored = kernels.RAW_CODES[code]
-    return tuple(a.view(stored) for a in ([base] if base is not None else []) + list(experts)), kernels.RAW_CODES[out_code]
+    return tuple(a.view(stored) for a in ([base] if base is not None else []) + list(experts))
+
+
+def _models(inputs: MergeInputs, plan: MergePlan, unit: Unit, base, experts):
+    """(stored_arrays, the output's dtype), or None when the kernels do not read or write these dtypes."""
+    models, out_code = stored_arrays(inputs, unit, base, experts), plan.out_dtypes[unit.name]
+    if models is None or out_code not in kernels.RAW_CODES:
+        return None
+    return models, kernels.RAW_CODES[out_code]
 
 
 def merge_unit_arrays(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, unit: Unit, base, experts,
@@ -76,8 +88,7 @@ def merge_unit_arrays(config: MergeConfig, plan: MergePlan, inputs: MergeInputs,
         return None
     models, out_dtype = got
     out = np.empty(models[0].shape[0], out_dtype)
-    info = inputs.all[0].tensors[unit.name]
-    ctx = _UnitContext(unit.name, config.seed, unit.row_start * info.row_numel, thresholds)
+    ctx = unit_context(config, inputs, unit, thresholds)
     sel = SIGNATURES[config.method].selection(config.method_params)
     if sel is not None and thresholds is None:
         ctx = _own_thresholds(config, ctx, models, out, base is not None)
@@ -130,8 +141,7 @@ def feed_selection(selector: StreamingSelector, config: MergeConfig, plan: Merge
     got = _models(inputs, plan, unit, base, experts)
     if got is None or base is None:
         return False
-    info = inputs.all[0].tensors[unit.name]
-    ctx = _UnitContext(unit.name, config.seed, unit.row_start * info.row_numel)
+    ctx = unit_context(config, inputs, unit)
     return count(selector, config.method, config.method_params, ctx, got[0], lambda i: (scope, i))
 
 

@@ -214,7 +214,7 @@ def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tenso
         for r in sorted({min(info.rows - size, int((i + 0.5) * info.rows / n_blocks)) for i in range(n_blocks)}):
             unit = Unit(-1, name, r, r + size)
             if raw:
-                mags = _raw_magnitudes(config, info, unit, inputs)
+                mags = _raw_magnitudes(config, unit, inputs)
             else:
                 mags = _magnitudes(config, method, params, info, unit, inputs, scope)
             if mags is None:
@@ -232,17 +232,16 @@ def _magnitudes(config, method, params, info, unit: Unit, inputs: MergeInputs, s
     return [m.reshape(-1).numpy() for m in method.magnitudes(base, experts, params, ctx)]
 
 
-def _raw_magnitudes(config, info, unit: Unit, inputs: MergeInputs):
-    from types import SimpleNamespace
+def _raw_magnitudes(config, unit: Unit, inputs: MergeInputs):
+    from mergescale.merge import kernel_path, kernels
 
-    from mergescale.merge import kernels
-
-    code = inputs.all[0].tensors[unit.name].dtype
-    if inputs.base is None or code not in kernels.RAW_CODES or any(c.tensors[unit.name].dtype != code for c in inputs.all):
+    if inputs.base is None:
         return None
-    models = tuple(c.map_bytes(unit.name, unit.row_start, unit.row_end).view(kernels.RAW_CODES[code]) for c in inputs.all)
-    ctx = SimpleNamespace(name=unit.name, seed=config.seed, element_offset=unit.row_start * info.row_numel)
-    return kernels.magnitude_arrays(config.method, config.method_params, ctx, models)
+    base, *experts = (c.map_bytes(unit.name, unit.row_start, unit.row_end) for c in inputs.all)
+    models = kernel_path.stored_arrays(inputs, unit, base, experts)
+    if models is None:
+        return None
+    return kernels.magnitude_arrays(config.method, config.method_params, kernel_path.unit_context(config, inputs, unit), models)
 
 
 # ------------------------------------------------------------------------------------------------------------
