@@ -190,24 +190,27 @@ def test_driver_places_actors_before_loading_torch():
 def test_merge_without_statistics_never_loads_torch(micro, bf16, tmp_path):
     """A method without a statistics pass is validated, planned, handed out and committed by a driver that never
     imports torch or numba, and merged by actors that never import torch (merge/kernel_path.py): a lighter head
-    node, actors that start ~1.4 s sooner. Run in a fresh interpreter with its own embedded Ray, for average on
-    float32 inputs, dare_linear on bf16 ones (into float32) and dare_ties without an extra trim (density 1);
-    the outputs are the single-process merges'."""
+    node, actors that start ~1.4 s sooner. Run in a fresh interpreter, where the first call starts an embedded Ray
+    that the next two reuse, for average on float32 inputs, dare_linear on bf16 ones (into float32) and dare_ties
+    without an extra trim (density 1); the outputs are the single-process merges'."""
     import subprocess
     import sys
 
     code = ("import json, sys, ray\n"
             "from mergescale.cluster.merge import run_distributed_merge\n"
-            "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-            "actors = [a['loaded_torch'] for cfg, out in json.loads(sys.argv[1])\n"
-            "          for a in run_distributed_merge(cfg, out, workers=2, progress=False)['distributed']['actors']]\n"
-            "print(json.dumps([actors, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
+            "actors, nodes = [], []\n"
+            "for cfg, out in json.loads(sys.argv[1]):\n"
+            "    m = run_distributed_merge(cfg, out, workers=2, progress=False)\n"
+            "    actors += [a['loaded_torch'] for a in m['distributed']['actors']]\n"
+            "    nodes.append(ray.get_runtime_context().get_node_id())  # raises if the call stopped its Ray\n"
+            "print(json.dumps([actors, sorted(m for m in ('torch', 'numba') if m in sys.modules), len(set(nodes))]))\n")
     runs = [(config_for(micro, "average", 0.003, 1), str(tmp_path / "average")),
             ({**config_for(bf16, "dare_linear", 0.01, 1), "out_dtype": "float32"}, str(tmp_path / "dare_linear")),
             ({**config_for(bf16, "dare_ties", 0.01, 1), "parameters": {"p": 0.5}}, str(tmp_path / "dare_ties"))]
     res = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == [[False] * 6, []]
+    # ... and the embedded Ray the first call started served the other two (cluster/session.py): one node
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [[False] * 6, [], 1]
     for cfg, out in runs:
         run_merge(cfg, tmp_path / "single", progress=False, overwrite=True)
         assert shard_bytes(Path(out)) == shard_bytes(tmp_path / "single")

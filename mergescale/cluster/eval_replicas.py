@@ -46,10 +46,10 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
                     in_flight: int = 2) -> None:
     import ray
 
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        started = True
+    from mergescale.cluster.session import ensure_ray
+
+    ensure_ray(address, log_to_driver=False)
+    actors = []
     try:
         env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TRANSFORMERS_"))}
         # a replica lost with its node is restarted and its in-flight chunks retried (results are idempotent)
@@ -58,7 +58,7 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
         kw = dict(backend_kw)
         if num_gpus > 0 and not kw.get("device"):
             kw["device"] = "cuda"
-        actors = [cls.remote(backend, str(model_dir), kw) for _ in range(replicas)]
+        actors += [cls.remote(backend, str(model_dir), kw) for _ in range(replicas)]
         queues = [[chunks[i] for i in idx] for idx in balance([c.cost for c in chunks], replicas)]
         pending: dict = {}
 
@@ -78,8 +78,6 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
             on_done(c, results)
             if bar is not None:
                 bar.update(len(c.items))
-        for a in actors:
-            ray.kill(a)
     finally:
-        if started:
-            ray.shutdown()
+        for a in actors:  # the session stays up for later work (cluster/session.py); the replicas do not
+            ray.kill(a)

@@ -26,6 +26,7 @@ from pathlib import Path
 import ray
 
 from mergescale.cluster.pool import ActorPool, balanced_batches
+from mergescale.cluster.session import ensure_ray
 from mergescale.config import MergeConfig, load_config
 
 # Nothing here imports torch: the driver creates its actors first, and they load torch, numba and the compiled
@@ -36,20 +37,6 @@ from mergescale.config import MergeConfig, load_config
 log = logging.getLogger(__name__)
 
 
-def _ensure_ray(address: str | None, spec) -> bool:
-    """Connect to `address` (or use the Ray this process already runs); with none, start an embedded local Ray.
-    Returns True when this call connected or started Ray, and so must shut it down: that disconnects from a
-    cluster (faster than leaving it to interpreter exit) or stops the embedded Ray."""
-    if ray.is_initialized():
-        return False
-    address = address or spec.address
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-    return True
-
-
 def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = None, *,
                           workers: int | None = None, address: str | None = None, overwrite: bool = False,
                           progress: bool = True, resume: bool = True) -> dict:
@@ -57,7 +44,7 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
     config = load_config(config)
     if workers is not None:
         config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"workers": workers})})
-    started = _ensure_ray(address, config.cluster)
+    ensure_ray(address or config.cluster.address, log_to_driver=True)
     pool = partial = inputs = None
     t0 = time.time()
     try:
@@ -157,8 +144,6 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             inputs.close()
         if pool is not None:
             pool.shutdown()
-        if started:
-            ray.shutdown()
 
 
 def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, queues, unit_bytes: dict,

@@ -43,36 +43,28 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = False
-    if not ray.is_initialized():
-        if cfg.cluster.address:
-            ray.init(address=cfg.cluster.address)
-        else:
-            ray.init(include_dashboard=False)
-        started = True
+    from mergescale.cluster.session import ensure_ray
+
+    ensure_ray(cfg.cluster.address)
+    use_gpu = cfg.cluster.use_gpu
+    resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    loop_config = {
+        "recipe": recipe, "config": cfg.model_dump(mode="json"), "data": ray.put((sources, val)), "info": info,
+        "deepspeed": ds_base, "out": str(out), "work": str(work), "progress": progress, "overwrite": overwrite,
+        "fail_at": int(os.environ.get(FAIL_ENV, "0") or 0),  # the driver's env does not reach the workers
+    }
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"train-{out.name}-{int(time.time())}", storage_path=str(work / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+    )
+    # Train V2 reports no metrics without a Ray checkpoint: the result is the manifest rank 0 wrote.
     try:
-        use_gpu = cfg.cluster.use_gpu
-        resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        loop_config = {
-            "recipe": recipe, "config": cfg.model_dump(mode="json"), "data": ray.put((sources, val)), "info": info,
-            "deepspeed": ds_base, "out": str(out), "work": str(work), "progress": progress, "overwrite": overwrite,
-            "fail_at": int(os.environ.get(FAIL_ENV, "0") or 0),  # the driver's env does not reach the workers
-        }
-        trainer = TorchTrainer(
-            _train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            run_config=RunConfig(name=f"train-{out.name}-{int(time.time())}", storage_path=str(work / "ray"),
-                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
-        )
-        # Train V2 reports no metrics without a Ray checkpoint: the result is the manifest rank 0 wrote.
-        try:
-            trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
-                                 f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
-        return json.loads((out / MANIFEST).read_text())
-    finally:
-        if started:
-            ray.shutdown()
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
+                             f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
+    return json.loads((out / MANIFEST).read_text())
