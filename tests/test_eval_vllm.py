@@ -37,7 +37,10 @@ def setup(tmp_path_factory):
     model = build_tiny_llama(root / "tiny", seed=3, vocab_size=384)
     data = write_fixture_data(root / "data", TASKS, n=6)
     hf = HFBackend(model, max_length=MAXLEN)
+    preload = os.environ.get("LD_PRELOAD")
     v = VLLMBackend(model, max_length=MAXLEN, max_num_seqs=16)  # one engine for the module (~40 s start)
+    # vLLM sets LD_PRELOAD for its engine processes; the backend gives the caller's environment back unchanged
+    assert os.environ.get("LD_PRELOAD") == preload
     yield model, data, hf, v
     v.close()
     torch.set_num_threads(n)

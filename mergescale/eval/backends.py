@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -195,7 +196,16 @@ class VLLMBackend:
         if not torch.cuda.is_available():
             kw["enforce_eager"] = True  # CPU: no graph capture
         kw.update(engine_kw)
-        self.llm = LLM(**kw)
+        # vLLM's CPU platform exports LD_PRELOAD (torch's libgomp, its tcmalloc) into os.environ for the engine
+        # processes it spawns here; left set, every later subprocess of the caller (Ray, shells) would preload them.
+        preload = os.environ.get("LD_PRELOAD")
+        try:
+            self.llm = LLM(**kw)
+        finally:
+            if preload is None:
+                os.environ.pop("LD_PRELOAD", None)
+            else:
+                os.environ["LD_PRELOAD"] = preload
 
     def loglikelihood(self, requests: list[RankRequest]) -> list[list[float]]:
         from vllm import SamplingParams
