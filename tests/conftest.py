@@ -10,7 +10,10 @@ Families (all float32 unless noted, random init from `mergescale.tiny`, >= 2 saf
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +190,68 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
     yield
     registry.clear()
     registry.update(saved)
+
+
+# --- One Ray session per process ---------------------------------------------------------------------------------
+# Ray does not support ray.shutdown() followed by another ray.init() in one process (mergescale/cluster/session.py,
+# ray-project/ray#31145): a pytest process that cycled these modules' sessions crashed at exit after every test had
+# passed. Each module that starts its own Ray (its fixture's ray.init settings, a multi-node Cluster) therefore runs
+# its selected tests in a pytest process of its own; every other test must leave no Ray session behind.
+OWN_RAY_SESSION = ("test_cluster_faults.py", "test_cluster_merge.py", "test_cluster_multinode.py", "test_eval_ray.py",
+                   "test_training_ray.py")
+_CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
+
+
+class _ChildFailed(Exception):
+    pass
+
+
+class OwnRaySessionRun(pytest.Item):
+    """The selected tests of one OWN_RAY_SESSION module, run by a child pytest; passes when they all pass."""
+
+    def __init__(self, *, nodeids, **kw):
+        super().__init__(**kw)
+        self.nodeids = nodeids
+
+    def runtest(self):
+        root = self.config.rootpath
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *self.nodeids]
+        r = subprocess.run(cmd, cwd=root, env={**os.environ, _CHILD_ENV: "1"}, capture_output=True, text=True)
+        tail = r.stdout.strip().splitlines()[-1:] or [""]
+        self.user_properties.append(("child", tail[0]))
+        if r.returncode != 0:
+            raise _ChildFailed(f"{' '.join(cmd[3:])} exited {r.returncode}:\n{r.stdout[-20000:]}\n{r.stderr[-4000:]}")
+
+    def repr_failure(self, excinfo):
+        return str(excinfo.value) if isinstance(excinfo.value, _ChildFailed) else super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name} ({len(self.nodeids)} test(s), own process)"
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: the child runs exactly what was selected
+def pytest_collection_modifyitems(session, config, items):
+    if os.environ.get(_CHILD_ENV):
+        return
+    out, groups = [], {}
+    for item in items:
+        if item.path.name in OWN_RAY_SESSION:
+            if item.path.name not in groups:
+                groups[item.path.name] = []
+                out.append(item.path.name)  # placeholder: keeps the module's place in the order
+            groups[item.path.name].append(item)
+        else:
+            out.append(item)
+    items[:] = [OwnRaySessionRun.from_parent(groups[x][0].getparent(pytest.Module), name=x,
+                                             nodeids=[i.nodeid for i in groups[x]]) if isinstance(x, str) else x
+                for x in out]
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_session_left_behind():
+    yield
+    ray = sys.modules.get("ray")
+    if not os.environ.get(_CHILD_ENV) and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test left a Ray session in the shared pytest process: move its module to "
+                    "OWN_RAY_SESSION in tests/conftest.py")
