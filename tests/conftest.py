@@ -255,3 +255,13 @@ def _no_ray_session_left_behind():
         ray.shutdown()
         pytest.fail("this test left a Ray session in the shared pytest process: move its module to "
                     "OWN_RAY_SESSION in tests/conftest.py")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tallies of the child processes, which the parent counts as one test per module."""
+    lines = [f"{r.nodeid}: {v}" for kind in ("passed", "failed") for r in terminalreporter.stats.get(kind, [])
+             if r.when == "call" for k, v in r.user_properties if k == "child"]
+    if lines:
+        terminalreporter.write_sep("-", "modules run in their own process (one Ray session each)")
+        for line in lines:
+            terminalreporter.write_line(line)
