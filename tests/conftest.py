@@ -212,6 +212,8 @@ class OwnRaySessionRun(pytest.Item):
     def __init__(self, *, nodeids, **kw):
         super().__init__(**kw)
         self.nodeids = nodeids
+        # the child applies the per-test timeout (pyproject) to each of its tests; this item is all of them at once
+        self.add_marker(pytest.mark.timeout(3600))
 
     def runtest(self):
         root = self.config.rootpath
