@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/merge_single.py                       # ~1 GB per model, base + 4 experts
     .venv/bin/python benchmarks/merge_single.py --model-mb 64         # quick smoke test
     .venv/bin/python benchmarks/merge_single.py --write-doc           # also update docs/BENCHMARKS.md
+    .venv/bin/python benchmarks/merge_single.py --out-dir /dev/shm    # outputs on tmpfs: no disk in merge or floor
     .venv/bin/python benchmarks/merge_single.py --checkouts OLD . --methods task_arithmetic   # A/B of two checkouts
 
 Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
@@ -187,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="run each method under cProfile and print the top functions")
     ap.add_argument("--write-doc", action="store_true", help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help="where merges and the floor write (default .bench/out-single); e.g. a tmpfs such as /dev/shm "
+                         "takes the disk out of both, leaving the merge's compute against the floor's reads and copy")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -210,7 +214,9 @@ def main(argv=None) -> int:
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
           f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}; write {write}")
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
-    out_dir = C.BENCH / "out-single"
+    if args.write_doc and args.out_dir is not None:
+        ap.error("--write-doc records the default output place (the disk under .bench/); drop --out-dir")
+    out_dir = (args.out_dir / "mergescale-out-single") if args.out_dir is not None else C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
     if args.checkouts:
         return compare_checkouts(args, paths, tile_mb, out_dir)

@@ -13,7 +13,7 @@ path special-cases non-finite values (TIES's fast path, NaN payloads, bf16 NaN e
 "not finite" and the caller reruns that unit with methods.py.
 
 Without numba (it is a dependency, but e.g. a bare GPU image may lack it) everything falls back to methods.py.
-One module on purpose (~800 lines, half of it numba code): the kernels share their load/store/hash helpers, the
+One module on purpose (~1,000 lines, 600 of them numba code): the kernels share their load/store/hash helpers, the
 TIES row math and the sub-block layout (inlined into each kernel at compile time), and the Python side below is
 only their dispatch, the sampled brackets and the fallback contract. The exact selection logic itself (windows,
 passes) is mergescale.merge.selection; these kernels only count for it.
