@@ -193,6 +193,8 @@ def main(argv=None) -> int:
                          "takes the disk out of both, leaving the merge's compute against the floor's reads and copy")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.write_doc and args.out_dir is not None:
+        ap.error("--write-doc records the default output place (the disk under .bench/); drop --out-dir")
 
     if args._child:
         kind, spec = args._child[0], json.loads(args._child[1])
@@ -214,8 +216,6 @@ def main(argv=None) -> int:
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
           f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}; write {write}")
     print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
-    if args.write_doc and args.out_dir is not None:
-        ap.error("--write-doc records the default output place (the disk under .bench/); drop --out-dir")
     out_dir = (args.out_dir / "mergescale-out-single") if args.out_dir is not None else C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
     if args.checkouts:
