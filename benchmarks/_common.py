@@ -169,6 +169,45 @@ def warm_page_cache(paths: list[Path]) -> float:
     return time.time() - t0
 
 
+def drop_page_cache(paths: list[Path]) -> float:
+    """Evict every weight file of these models from the page cache (posix_fadvise DONTNEED; clean pages only,
+    which these are: nothing writes them) and return the fraction of their bytes still cached afterwards, so a
+    run then reads its inputs from the disk, as a merge of models larger than RAM does."""
+    files = [f for p in paths for f in sorted(Path(p).glob("*.safetensors"))]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # DONTNEED skips dirty pages
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return cached_fraction(files)
+
+
+def cached_fraction(files: list[Path]) -> float:
+    """Fraction of the files' bytes resident in the page cache (mincore on a read-only mapping: no root needed)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    cached = total = 0
+    for f in files:
+        size = os.path.getsize(f)
+        if size == 0:
+            continue
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mm:
+            addr = np.frombuffer(mm, np.uint8).ctypes.data  # mapping only: no page is touched
+            vec = ctypes.create_string_buffer((size + mmap.PAGESIZE - 1) // mmap.PAGESIZE)
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore failed on {f}")
+            cached += int((np.frombuffer(vec.raw, np.uint8) & 1).sum()) * mmap.PAGESIZE
+        total += size
+    return min(cached / total, 1.0) if total else 0.0
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Running a command and measuring it
 

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/merge_single.py --model-mb 64         # quick smoke test
     .venv/bin/python benchmarks/merge_single.py --write-doc           # also update docs/BENCHMARKS.md
     .venv/bin/python benchmarks/merge_single.py --out-dir /dev/shm    # outputs on tmpfs: no disk in merge or floor
+    .venv/bin/python benchmarks/merge_single.py --cache cold          # inputs evicted before every run: read from disk
     .venv/bin/python benchmarks/merge_single.py --checkouts OLD . --methods task_arithmetic   # A/B of two checkouts
 
 Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
@@ -11,7 +12,8 @@ into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.e
 subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
 subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
 worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed
-first, so every run reads the same (cached) files. Peak RSS is the kernel's high-water mark of the child
+first, so every run reads the same (cached) files; `--cache cold` instead evicts the inputs from the page cache
+before every run (floor and merge alike), as for models larger than RAM, where every byte comes from the disk. Peak RSS is the kernel's high-water mark of the child
 (VmHWM; the child is one process). It is not polled from outside, because polling takes CPU from the run
 being timed (see _common.run_measured).
 """
@@ -191,10 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="where merges and the floor write (default .bench/out-single); e.g. a tmpfs such as /dev/shm "
                          "takes the disk out of both, leaving the merge's compute against the floor's reads and copy")
+    ap.add_argument("--cache", choices=["warm", "cold"], default="warm",
+                    help="warm (default): inputs read from the page cache in every run; cold: evicted before every run "
+                         "(floor and merge), so they come from the disk, as in a merge of models larger than RAM")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.write_doc and args.out_dir is not None:
-        ap.error("--write-doc records the default output place (the disk under .bench/); drop --out-dir")
+    if args.write_doc and (args.out_dir is not None or args.cache != "warm"):
+        ap.error("--write-doc records the default setting (warm inputs, output on the disk under .bench/); "
+                 "drop --out-dir and --cache")
 
     if args._child:
         kind, spec = args._child[0], json.loads(args._child[1])
@@ -215,11 +221,20 @@ def main(argv=None) -> int:
     cfg = paths["config"]
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
           f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}; write {write}")
-    print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
+    if args.cache == "warm":
+        print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
+    else:
+        print(f"inputs evicted from the page cache before every run; load average {C.load_average()}")
+
+    def prepare() -> None:
+        if args.cache == "cold":
+            left = C.drop_page_cache(models)
+            if left > 0.01:
+                print(f"warning: {left:.1%} of the inputs still cached after eviction", flush=True)
     out_dir = (args.out_dir / "mergescale-out-single") if args.out_dir is not None else C.BENCH / "out-single"
     shutil.rmtree(out_dir, ignore_errors=True)
     if args.checkouts:
-        return compare_checkouts(args, paths, tile_mb, out_dir)
+        return compare_checkouts(args, paths, tile_mb, out_dir, prepare)
 
     # The floor's write + fsync depends on a shared disk whose speed drifts by 2x within minutes here, so every
     # merge run is paired with a floor run just before it and compared with that one (a fixed floor measured
@@ -236,8 +251,10 @@ def main(argv=None) -> int:
                 "profile": args.profile}
         pairs = []
         for _ in range(args.repeat):
+            prepare()
             floors.append(run_child("floor", dict(floor_spec)))
             try:
+                prepare()
                 pairs.append((floors[-1], run_child("merge", dict(spec))))
             finally:
                 shutil.rmtree(out_dir / "merged", ignore_errors=True)
@@ -309,7 +326,7 @@ def tile_label(tile_mb: float | None, n_models: int) -> str:
     return f"default ({min(AUTO_TILE_MB_MAX, AUTO_TILES_MB / n_models):.3g} per model)"
 
 
-def compare_checkouts(args, paths, tile_mb: float | None, out_dir: Path) -> int:
+def compare_checkouts(args, paths, tile_mb: float | None, out_dir: Path, prepare) -> int:
     """Each method's merge time (kernels loaded first) per checkout, alternating checkouts within each round."""
     print(f"load average {C.load_average()}")
     for label in args.methods:
@@ -324,6 +341,7 @@ def compare_checkouts(args, paths, tile_mb: float | None, out_dir: Path) -> int:
         for _ in range(args.rounds):
             for co in args.checkouts:
                 try:
+                    prepare()
                     times[co].append(run_child("merge", dict(spec), root=co.resolve())["time_s"])
                 finally:
                     shutil.rmtree(out_dir / "merged", ignore_errors=True)
