@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import mmap
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -109,6 +112,40 @@ def test_map_rows_of_a_truncated_file_is_an_error(family, tmp_path):
             c.map_rows(last.name, 0, last.rows)
         with pytest.raises(ckpt_mod.CheckpointError, match=f"{last.file}.*truncated"):
             c.read_rows(last.name, 0, last.rows)
+
+
+def test_madvise_reaches_the_kernel_and_reports_its_errno(tmp_path):
+    """_madvise is madvise(2) itself (through ctypes, so the GIL is released while a cold populate waits for the
+    disk): 0 on a mapped range, the errno of an advice the kernel rejects."""
+    f = tmp_path / "pages.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    with open(f, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        a = np.frombuffer(mm, np.uint8)
+        assert ckpt_mod._madvise(a, mmap.MADV_WILLNEED) == 0
+        assert ckpt_mod._madvise(a, 12345) == errno.EINVAL
+        assert bytes(a[:256]) == bytes(range(256))
+        del a
+        mm.close()
+
+
+def test_map_rows_without_populate_read_touches_every_page(family, monkeypatch):
+    """Kernels before Linux 5.14 reject MADV_POPULATE_READ (EINVAL): map_rows then touches every page itself, and
+    the rows are the same as read_rows'."""
+    seen = []
+
+    def old_kernel(mapped, advice):
+        seen.append(advice)
+        return errno.EINVAL if advice == ckpt_mod.MADV_POPULATE_READ else 0
+
+    monkeypatch.setattr(ckpt_mod, "_madvise", old_kernel)
+    with Checkpoint(family.base) as c:
+        for name, info in c.tensors.items():
+            if info.rows:
+                r = min(3, info.rows)
+                assert torch.equal(c.map_rows(name, 1 if info.rows > 1 else 0, r).view(torch.uint8),
+                                   c.read_rows(name, 1 if info.rows > 1 else 0, r).view(torch.uint8)), name
+    assert ckpt_mod.MADV_POPULATE_READ in seen
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "weights.safetensors"])

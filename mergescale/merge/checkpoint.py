@@ -7,6 +7,9 @@ from the page cache (`map_rows`), so memory is bounded by the rows asked for, ne
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +40,22 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 MAX_HEADER = 100 * 2**20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14; Python's mmap module may not name it
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@functools.cache
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def _madvise(mapped: np.ndarray, advice: int) -> int:
+    """madvise(2) over a mapped array (page-aligned start): 0, or the errno. Through ctypes, which releases the GIL
+    for the call; mmap.madvise holds it, and populating pages that are not cached waits for the disk (~40 ms per
+    64 MB here), which froze every other thread of the process (the merge's kernels and writer) meanwhile."""
+    if _libc().madvise(mapped.ctypes.data, mapped.nbytes, advice) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -313,16 +332,17 @@ class Checkpoint:
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{info.file}: cannot map bytes {begin}-{begin + nbytes} of tensor {name!r}: {e} "
                                   "(file truncated while reading?)") from None
-        try:
-            mm.madvise(mmap.MADV_WILLNEED)  # one readahead for the whole range if it is not cached
-            mm.madvise(MADV_POPULATE_READ)
-        except OSError as e:
-            if e.errno == 14:  # EFAULT: pages past the end of the file
-                mm.close()
-                raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r} "
-                                      f"(bytes {begin}-{begin + nbytes}; file truncated while reading?)") from None
-            np.frombuffer(mm, np.uint8)[::mmap.PAGESIZE].max()  # older kernels: touch every page instead
-        return np.frombuffer(mm, np.uint8, nbytes, skip)
+        whole = np.frombuffer(mm, np.uint8)  # from the mapping's page-aligned start
+        # one readahead for the whole range if it is not cached, then wait for every page
+        err = _madvise(whole, mmap.MADV_WILLNEED) or _madvise(whole, MADV_POPULATE_READ)
+        if err == errno.EFAULT:  # pages past the end of the file
+            del whole  # the mapping cannot close while an array views it
+            mm.close()
+            raise CheckpointError(f"{info.file}: unexpected end of file reading tensor {name!r} "
+                                  f"(bytes {begin}-{begin + nbytes}; file truncated while reading?)")
+        if err:
+            whole[::mmap.PAGESIZE].max()  # older kernels (no MADV_POPULATE_READ): touch every page instead
+        return whole[skip:skip + nbytes]
 
     def read(self, name: str) -> torch.Tensor:
         return self.read_rows(name, 0, self.tensors[name].rows)
