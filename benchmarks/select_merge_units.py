@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     listed = {}
     gather = getattr(kernels, "_ties_gather_kernel", None)
     if gather is not None:  # count the listed elements (kernels of this commit)
-        def counting(b, e, idx, *rest):
-            listed["n"] = idx.shape[0]
-            return gather(b, e, idx, *rest)
+        def counting(*args):
+            # idx: the first int64 array after the base (the arguments before it changed with EXPERT_SLOTS)
+            listed["n"] = next(a for a in args[1:] if getattr(a, "dtype", None) == "int64").shape[0]
+            return gather(*args)
         kernels._ties_gather_kernel = counting
     for name in (f"model.layers.{args.layer}.self_attn.q_proj.weight", f"model.layers.{args.layer}.mlp.up_proj.weight"):
         base, *experts = [m.read(name) for m in models]

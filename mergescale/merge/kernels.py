@@ -964,7 +964,9 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
 
 
 SAMPLE_RUNS = 256  # at least this many runs of SAMPLE_RUN elements sampled per expert (else no sampled bracket)
-SAMPLE_MAX = 2**17  # at most this many magnitudes per expert: the bracket narrows as 1/sqrt(sample size), its cost grows
+SAMPLE_MAX = 2**18  # at most this many magnitudes per expert: the bracket narrows as 1/sqrt(sample size), its cost grows
+# (2**18, not 2**17: bf16 task vectors take few magnitudes, and brackets this narrow mostly hold one, which the
+# merge counts instead of listing elements to redo; benchmarks/select_merge_units.py, docs/BENCHMARKS.md)
 REDO_SLACK = 3.0  # room for this many times the sample's estimate of the elements a bracketed merge must redo
 
 
