@@ -118,6 +118,40 @@ def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinc
     assert np.array_equal(np.sort(got), np.sort(a))  # reordered, nothing lost
 
 
+@pytest.mark.parametrize("values", ["repeating", "distinct", "strided trap"])
+def test_order_stats_of_a_big_sample_equal_a_sort(values):
+    """_order_stats (the sampled brackets' two order statistics per expert) against np.sort, on samples big enough
+    for its subsampled bracket (_two_order_stats): bf16-like magnitudes that repeat, all-distinct ones, and a
+    sample whose every step-th value is an outlier, so the subsample's bracket misses and the quickselect of
+    the whole sample answers. Positions at the ends too, where the bracket is open, and -1 (left as is)."""
+    rng = np.random.default_rng(7)
+    n = 8 * kernels.SUB_SAMPLE + 1234
+    if values == "repeating":
+        s = (rng.integers(0, 300, (4, n)) * 2.0**-12).astype(np.float32)
+    elif values == "distinct":
+        s = np.abs(rng.standard_normal((4, n))).astype(np.float32)
+    else:
+        s = np.ones((4, n), np.float32)
+        s[:, :: n // kernels.SUB_SAMPLE] = 0.0  # exactly the values the subsample sees
+    pairs = [(3, 9), (n // 2, n // 2 + 500), (n - n // 5 - 300, n - n // 5 + 300), (n - 20, n - 2)]
+    srt = np.sort(s, axis=1)
+    lo, hi = np.full(4, -7.0, np.float32), np.full(4, -7.0, np.float32)
+    kernels._order_stats(s.copy(), np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), lo, hi)
+    for j, (a, b) in enumerate(pairs):
+        assert (lo[j], hi[j]) == (srt[j, a], srt[j, b]), (values, j)
+    before = lo.copy(), hi.copy()
+    kernels._order_stats(s.copy(), np.array([-1, 5, -1, 7]), np.array([10, -1, -1, 9]), lo, hi)
+    assert (lo[0], hi[0]) == (before[0][0], srt[0, 10])
+    assert (lo[1], hi[1]) == (srt[1, 5], before[1][1])
+    assert (lo[2], hi[2]) == (before[0][2], before[1][2])
+    assert (lo[3], hi[3]) == (srt[3, 7], srt[3, 9])
+    if values != "strided trap":
+        found, v1, v2 = kernels._two_order_stats(s[0], 100, 30_000)
+        assert found and (v1, v2) == (srt[0, 100], srt[0, 30_000])
+    else:
+        assert not kernels._two_order_stats(s[0], n // 2, n // 2 + 10)[0]
+
+
 @pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {})])
 def test_histogram_kernels_equal_selection_histograms(method, params):
     n = 30_001
