@@ -338,21 +338,39 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# Ends the part of a section that --write-doc generates (its command, setup and table). What follows it, up to the
+# next '## ' section, is written by hand (readings, older tables kept with their commits, subsections) and is kept.
+GENERATED_END = "<!-- end of the generated part: --write-doc replaces the text above and keeps the text below -->"
+
+
 def replace_section(doc: Path, title: str, body: str, intro: str) -> None:
-    """Replace the '## title' section of doc (up to the next '## ' heading) with body; create doc/section if missing.
-    Other sections are left as they are."""
+    """Replace the generated part of the '## title' section of doc with body (create doc/section if missing).
+
+    The generated part runs from the heading to the GENERATED_END line; the hand-written text after that line is
+    kept. A section without the line keeps everything from its first '### '/'#### ' heading on. Other sections
+    are left as they are."""
     text = doc.read_text() if doc.exists() else intro.rstrip() + "\n"
     head = f"## {title}"
     lines = text.splitlines()
     start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
-    new = [head, ""] + body.strip().splitlines() + [""]
+    new = [head, ""] + body.strip().splitlines() + ["", GENERATED_END, ""]
     if start is None:
         if lines and lines[-1].strip():
             lines.append("")
         lines += new
     else:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        lines[start:end] = new
+        marker = next((j for j in range(start + 1, end) if lines[j].strip() == GENERATED_END), None)
+        if marker is not None:
+            kept = lines[marker + 1:end]
+        else:
+            sub = next((j for j in range(start + 1, end) if lines[j].startswith(("### ", "#### "))), end)
+            kept = lines[sub:end]
+        while kept and not kept[0].strip():
+            kept = kept[1:]
+        if kept and end < len(lines) and kept[-1].strip():
+            kept = kept + [""]
+        lines[start:end] = new + kept
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines).rstrip() + "\n")
 
