@@ -5,7 +5,7 @@
 
 Times `kernels.select_and_merge_ties` (density 0.2, 4 experts) on one attention and one MLP matrix read whole from
 the synthetic checkpoints of benchmarks/merge_single.py, prints the share of elements the bracketed merge
-listed for a redo, and times the merge alone with the thresholds known. Run it at two commits to compare kernel
+listed for a redo, and times the merge alone with the thresholds known and the sampled brackets alone. Run it at two commits to compare kernel
 versions on the same data.
 """
 
@@ -64,8 +64,16 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             kernels.merge_tile("ties", params, [1.0] * 4, known, base, experts, out)
             merge_only = min(merge_only, time.perf_counter() - t0)
+        # the sampled brackets alone (the sample's magnitudes and their two order statistics per expert)
+        raw = kernels._raw([base] + list(experts))
+        dare_args = kernels._dare_args(0.0, 0, name, len(experts), 0)
+        brackets = float("inf")
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            kernels._sample_bracket(raw[0], raw[1:], dare_args, [n - n // 5] * 4)
+            brackets = min(brackets, time.perf_counter() - t0)
         print(f"{name}: {n} elements, best {best * 1e3:.1f} ms, listed for redo {share}, one pass: {thr is not None}; "
-              f"merge with known thresholds {merge_only * 1e3:.1f} ms")
+              f"merge with known thresholds {merge_only * 1e3:.1f} ms; sampled brackets alone {brackets * 1e3:.2f} ms")
     return 0
 
 

@@ -118,25 +118,30 @@ def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinc
     assert np.array_equal(np.sort(got), np.sort(a))  # reordered, nothing lost
 
 
-@pytest.mark.parametrize("values", ["repeating", "distinct", "strided trap"])
-def test_order_stats_of_a_big_sample_equal_a_sort(values):
-    """_order_stats (the sampled brackets' two order statistics per expert) against np.sort, on samples big enough
-    for its subsampled bracket (_two_order_stats): bf16-like magnitudes that repeat, all-distinct ones, and a
-    sample whose every step-th value is an outlier, so the subsample's bracket misses and the quickselect of
-    the whole sample answers. Positions at the ends too, where the bracket is open, and -1 (left as is)."""
+@pytest.mark.parametrize("values", ["repeating", "distinct", "one bin", "extremes", "small"])
+def test_order_stats_equal_a_sort(values):
+    """_order_stats (the sampled brackets' two order statistics per expert: counts per top 16 bits, then a select
+    within a bin) against np.sort: bf16-like magnitudes that repeat, all-distinct ones, values that all share
+    their top 16 bits (the select does all the work), zeros next to the largest finite float, and a small sample.
+    Positions in one bin and in two, at the ends, and -1 (left as is)."""
     rng = np.random.default_rng(7)
-    n = 8 * kernels.SUB_SAMPLE + 1234
+    n = 100 if values == "small" else 2**15 + 1234
     if values == "repeating":
         s = (rng.integers(0, 300, (4, n)) * 2.0**-12).astype(np.float32)
     elif values == "distinct":
         s = np.abs(rng.standard_normal((4, n))).astype(np.float32)
+    elif values == "one bin":  # 1.0 + a few ulps: one top-16-bit bin, 4096 distinct values
+        s = (np.float32(1.0).view(np.int32) + rng.integers(0, 4096, (4, n))).astype(np.int32).view(np.float32)
     else:
-        s = np.ones((4, n), np.float32)
-        s[:, :: n // kernels.SUB_SAMPLE] = 0.0  # exactly the values the subsample sees
-    pairs = [(3, 9), (n // 2, n // 2 + 500), (n - n // 5 - 300, n - n // 5 + 300), (n - 20, n - 2)]
+        s = np.abs(rng.standard_normal((4, n))).astype(np.float32)
+        s[:, ::3] = 0.0
+        s[:, 1::7] = np.finfo(np.float32).max
+    pairs = [(3, 9), (n // 2, n // 2 + 1), (n - n // 5 - n // 10, n - n // 5 + n // 10), (0, n - 1)]
     srt = np.sort(s, axis=1)
     lo, hi = np.full(4, -7.0, np.float32), np.full(4, -7.0, np.float32)
-    kernels._order_stats(s.copy(), np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), lo, hi)
+    sample = s.copy()
+    kernels._order_stats(sample, np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), lo, hi)
+    assert np.array_equal(sample, s)  # not reordered
     for j, (a, b) in enumerate(pairs):
         assert (lo[j], hi[j]) == (srt[j, a], srt[j, b]), (values, j)
     before = lo.copy(), hi.copy()
@@ -145,11 +150,6 @@ def test_order_stats_of_a_big_sample_equal_a_sort(values):
     assert (lo[1], hi[1]) == (srt[1, 5], before[1][1])
     assert (lo[2], hi[2]) == (before[0][2], before[1][2])
     assert (lo[3], hi[3]) == (srt[3, 7], srt[3, 9])
-    if values != "strided trap":
-        found, v1, v2 = kernels._two_order_stats(s[0], 100, 30_000)
-        assert found and (v1, v2) == (srt[0, 100], srt[0, 30_000])
-    else:
-        assert not kernels._two_order_stats(s[0], n // 2, n // 2 + 10)[0]
 
 
 @pytest.mark.parametrize("method, params", [("ties", {}), ("dare_ties", {"density": 0.5}), ("breadcrumbs", {})])
