@@ -638,15 +638,20 @@ if numba is not None:
         return n_in, _select(vals, k - 1)
 
     @_jit_serial
-    def _bin_values(a, bits, t, count):
-        """The values of a whose top 16 bits are t (count of them)."""
-        part = np.empty(count, np.float32)
-        c = 0
+    def _bin_values(a, bits, t1, n1, t2, n2):
+        """The values of a whose top 16 bits are t1 (n1 of them) and those whose top 16 bits are t2 (n2), in one
+        pass; a bin of -1 collects nothing."""
+        p1, p2 = np.empty(n1, np.float32), np.empty(n2, np.float32)
+        c1, c2 = 0, 0
         for i in range(a.shape[0]):
-            if bits[i] >> 16 == t:
-                part[c] = a[i]
-                c += 1
-        return part
+            t = bits[i] >> 16
+            if t == t1:
+                p1[c1] = a[i]
+                c1 += 1
+            elif t == t2:
+                p2[c2] = a[i]
+                c2 += 1
+        return p1, p2
 
     @_jit_serial
     def _order_stats_of(a, p1, p2):
@@ -668,14 +673,15 @@ if numba is not None:
                 b2, before2 = t, seen
             seen += c
         v1, v2 = np.float32(0.0), np.float32(0.0)
+        t2 = b2 if b2 != b1 else -1  # both positions in one bin: its values are collected once
+        part1, part2 = _bin_values(a, bits, b1, counts[b1] if b1 >= 0 else 0, t2, counts[t2] if t2 >= 0 else 0)
         if b1 >= 0:
-            part = _bin_values(a, bits, b1, counts[b1])
             k = p1 - before1
-            v1 = _select(part, k)  # and part[k + 1:] holds the larger values of the bin
+            v1 = _select(part1, k)  # and part1[k + 1:] holds the larger values of the bin
             if b2 == b1:
-                v2 = _select(part[k + 1:], p2 - p1 - 1)
-        if b2 >= 0 and b2 != b1:
-            v2 = _select(_bin_values(a, bits, b2, counts[b2]), p2 - before2)
+                v2 = _select(part1[k + 1:], p2 - p1 - 1)
+        if t2 >= 0:
+            v2 = _select(part2, p2 - before2)
         return v1, v2
 
     @_jit
