@@ -7,11 +7,14 @@ import hashlib
 import random
 import threading
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergescale.merge import shard_hash
 from mergescale.merge.shard_hash import ShardHashes
+from mergescale.merge.writer import OutputLayout, PartialOutput
 
 
 def make_shards(tmp_path, sizes, seed):
@@ -103,3 +106,30 @@ def test_unreadable_shard_is_hashed_from_scratch_at_commit(tmp_path):
     assert h.fronts[0] is None
     (tmp_path / "moved").rename(paths[0])
     assert h.digests([len(data[0])]) == [hashlib.sha256(data[0]).hexdigest()]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_writer_hashes_every_tile_as_written_beside_the_write(tmp_path, direct):
+    """PartialOutput.write_rows hashes each tile on its hasher thread while it writes it: once the writes have
+    returned and the hasher has caught up, each shard's front is at its end (nothing is read back at commit) and
+    equals hashlib over the file. The caller drops every tile as soon as write_rows returns, as the merge does."""
+    rng = np.random.default_rng(6)
+    specs = [("a", "BF16", (300, 70)), ("b", "F32", (129, 33)), ("c", "BF16", (1000, 9))]
+    layout = OutputLayout.plan(specs, max_shard_size=60_000)
+    assert len(layout.shard_names) == 2
+    partial = PartialOutput(tmp_path / "out", layout, "key", direct=direct)
+    partial.open()
+    for name, code, (rows, cols) in specs:  # front to back, in row tiles of a few sizes
+        dtype = np.uint16 if code == "BF16" else np.float32
+        r = 0
+        while r < rows:
+            step = min(rows - r, int(rng.integers(1, 90)))
+            partial.write_rows(name, r, rng.integers(0, 2**15, size=(step, cols)).astype(dtype))
+            r += step
+    partial._wait_hashed()
+    assert [partial.hashes.fronts[i][1] for i in range(2)] == layout.shard_sizes
+    partial._end_stream()
+    files = [partial.dir / n for n in layout.shard_names]
+    expected = {n: hashlib.sha256(f.read_bytes()).hexdigest() for n, f in zip(layout.shard_names, files)}
+    assert {n: d["sha256"] for n, d in partial.shard_digests().items()} == expected
+    partial.close()

@@ -160,6 +160,8 @@ class PartialOutput:
         self._direct = direct
         self._stream: tuple[int, DirectStream] | None = None
         self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final
+        self._hasher: ThreadPoolExecutor | None = None  # write_rows' sha256, beside its write (`_hash_behind`)
+        self._hashing = None  # the future of the last tile handed to the hasher
         self.done: set[int] = set()
 
     # -- opening: fresh or resumed ----------------------------------------------------------------------------
@@ -249,15 +251,36 @@ class PartialOutput:
         offset = t.offset + row_start * t.row_bytes
         fd = self._fds[t.shard]
         view = memoryview(data)
+        if self.hashes is not None:  # on the fly while this process writes a shard front to back
+            self._hash_behind(t.shard, offset, view)
         stream = self._direct_stream(t.shard) if self._direct else None
         if stream is not None:
             stream.write(offset, view)
         else:
             pwrite_all(fd, view, offset)
             start_writeback(fd, offset, len(view))
-        if self.hashes is not None:  # on the fly while this process writes a shard front to back
-            self.hashes.wrote(t.shard, offset, view)
         return len(view)
+
+    def _hash_behind(self, shard: int, offset: int, view: memoryview) -> None:
+        """Hash a tile on a thread of its own while the caller writes it. sha256 (~1.7 GB/s with SHA-NI) was the
+        longer half of the writer's time, and waiting for the disk the other: side by side they overlap. One tile
+        in flight (this waits for the previous one), so tiles reach the hash in order and memory grows by one tile
+        at most; the view keeps its tile alive until hashed."""
+        self._wait_hashed()
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mergescale-sha256")
+        self._hashing = self._hasher.submit(self.hashes.wrote, shard, offset, view)
+
+    def _wait_hashed(self, shutdown: bool = False) -> None:
+        """Wait for the tile being hashed (raising its error); with shutdown, also stop the hasher thread."""
+        hashing, self._hashing = self._hashing, None
+        try:
+            if hashing is not None:
+                hashing.result()
+        finally:
+            if shutdown and self._hasher is not None:
+                self._hasher.shutdown()
+                self._hasher = None
 
     def _direct_stream(self, shard: int) -> DirectStream | None:
         if self._stream is not None and self._stream[0] != shard:  # the writer moved on: finish the last shard
@@ -284,6 +307,7 @@ class PartialOutput:
 
     # -- commit ----------------------------------------------------------------------------------------------
     def shard_digests(self) -> dict[str, dict]:
+        self._wait_hashed(shutdown=True)  # the fronts must include every tile written
         sizes = self.layout.shard_sizes
         hashes = self.hashes or ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
         digests = hashes.digests(sizes)
@@ -333,6 +357,7 @@ class PartialOutput:
 
     def abort(self) -> None:
         """Remove the partial directory (a deterministic input error: nothing worth resuming)."""
+        self._stop_hasher()
         if self.hashes is not None:
             self.hashes.stop()
         self._end_stream(flush=False)
@@ -341,9 +366,16 @@ class PartialOutput:
         self._fds.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _stop_hasher(self) -> None:
+        try:
+            self._wait_hashed(shutdown=True)
+        except Exception:  # noqa: BLE001 - on the way out: a resumed run hashes from the shard files again
+            pass
+
     def close(self) -> None:
         """Leave the partial directory for a later resume (crash, interrupt). Staged rows are dropped: only units
         in the journal count as written, and those were flushed before they went in."""
+        self._stop_hasher()
         if self.hashes is not None:
             self.hashes.stop()
         self._end_stream(flush=False)
