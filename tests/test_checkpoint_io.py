@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -311,3 +312,26 @@ def test_dtype_table_agrees_with_torch():
         assert safetensors_dtype(SAFETENSORS_DTYPES[code][1]) == code  # by name, as config.out_dtype gives it
     with pytest.raises(ValueError, match="no safetensors dtype"):
         safetensors_dtype(torch.complex64)
+
+
+def _rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="needs glibc's malloc_trim")
+def test_release_free_heap_returns_freed_blocks_to_the_os():
+    """Blocks freed below a live one stay resident (glibc trims the heap only from its top) until
+    release_free_heap, which the merge calls before holding a whole tensor's output rows."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(100_000) for _ in range(1200)]  # below the mmap threshold: from the heap
+    for b in blocks:
+        ctypes.memset(b, 1, 100_000)
+    for b in blocks[:-1]:  # the last block pins the heap's top
+        libc.free(b)
+    before = _rss_bytes()
+    ckpt_mod.release_free_heap()
+    after = _rss_bytes()
+    libc.free(blocks[-1])
+    assert before - after > 60e6, (before, after)
