@@ -24,6 +24,7 @@ import numpy as np
 
 from mergescale.config import MergeConfig
 from mergescale.merge import kernels
+from mergescale.merge.checkpoint import release_free_heap
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.method_params import SIGNATURES, kernels_merge
 from mergescale.merge.reader import UnitReader
@@ -154,6 +155,8 @@ def merge_stream(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, read
 
     def tiles():
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
+            if unit.row_start == 0 and unit.row_end < inputs.all[0].tensors[unit.name].rows:
+                release_free_heap()  # a split tensor, where memory peaks: as executor.merge_stream
             thr = thresholds_of(unit) if thresholds_of is not None else None
             tile = merge_unit_arrays(config, plan, inputs, unit, base, experts, thr)
             yield unit, (tile if tile is not None else fallback(unit))
