@@ -321,7 +321,7 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim"), reason="needs glibc's malloc_trim")
 def test_release_free_heap_returns_freed_blocks_to_the_os():
     """Blocks freed below a live one stay resident (glibc trims the heap only from its top) until
-    release_free_heap, which the merge calls before holding a whole tensor's output rows."""
+    release_free_heap, which the merge loops call before the first unit of every split tensor."""
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
