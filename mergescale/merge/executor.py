@@ -207,7 +207,7 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
         # kernel ran), which spares a scan of every input byte.
         current = None
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
-            if unit.row_start == 0 and unit.row_end < plan_tensor(plan, unit.name).rows:
+            if plan.starts_split_tensor(unit):
                 # A split tensor: whole tiles (or, held, the whole tensor's rows), where the merge's memory peaks.
                 # First return the heap that smaller tiles left free (up to ~200 MB in the 1 GB benchmark).
                 release_free_heap()

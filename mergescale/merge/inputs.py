@@ -162,6 +162,10 @@ class MergePlan:
     def read_bytes(self, inputs: MergeInputs) -> int:
         return sum(c.tensors[t.name].nbytes for c in inputs.all for t in self.tensors)
 
+    def starts_split_tensor(self, unit: Unit) -> bool:
+        """Whether `unit` is the first of a tensor split into several units (whole tiles: where memory peaks)."""
+        return unit.row_start == 0 and len(self.units_of[unit.name]) > 1
+
     @property
     def write_bytes(self) -> int:
         return self.layout.total_tensor_bytes

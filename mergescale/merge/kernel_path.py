@@ -155,7 +155,7 @@ def merge_stream(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, read
 
     def tiles():
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
-            if unit.row_start == 0 and unit.row_end < inputs.all[0].tensors[unit.name].rows:
+            if plan.starts_split_tensor(unit):
                 release_free_heap()  # a split tensor, where memory peaks: as executor.merge_stream
             thr = thresholds_of(unit) if thresholds_of is not None else None
             tile = merge_unit_arrays(config, plan, inputs, unit, base, experts, thr)
