@@ -246,13 +246,16 @@ def test_sampled_bracket_equals_sample_bracket_on_the_sorted_sample(monkeypatch,
     assert share == pytest.approx(inside.float().mean().item())
 
 
-def _quantized_case(n: int = 600_000):
+MIXED = (0.002, 0.002, 0.004, 0.3)
+
+
+def _quantized_case(n: int = 600_000, spreads: tuple = MIXED):
     """bf16 experts 0.002 away from a N(0, 1) base: |tau| takes a handful of values (multiples of bf16 ulps), so a
-    sampled bracket is often one value (lo = hi), which the kernel counts instead of listing; expert 3 is spread
-    out (continuous magnitudes, a real bracket), so one call runs both branches."""
+    sampled bracket is often one value (lo = hi), which the kernel counts instead of listing; in MIXED, expert 3 is
+    spread out (continuous magnitudes, a real bracket), so one call runs both branches."""
     g = torch.Generator().manual_seed(3)
     base = torch.randn(n, generator=g)
-    experts = [base + s * torch.randn(n, generator=g) for s in (0.002, 0.002, 0.004, 0.3)]
+    experts = [base + s * torch.randn(n, generator=g) for s in spreads]
     return base.to(torch.bfloat16), [e.to(torch.bfloat16) for e in experts]
 
 
@@ -279,12 +282,36 @@ def test_select_and_merge_with_brackets_of_one_value(method, params):
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
 
-def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch):
+@pytest.mark.parametrize("n_experts", [3, 4])
+@pytest.mark.parametrize("sign", ["mass", "count"])
+def test_select_and_merge_with_every_bracket_of_one_value(n_experts, sign):
+    """Every bracket one value, no DARE, 3 or 4 experts: the one-loop merge (_ties4) counts them in registers."""
     n = 600_000
-    base, experts = _quantized_case(n)
-    p = get_method("ties").params.model_validate({})
+    base, experts = _quantized_case(n, (0.002, 0.003, 0.004, 0.002)[:n_experts])
+    m = get_method("ties")
+    p = m.params.model_validate({"density": 0.35, "sign": sign})
+    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    k = [n - int(p.density * n)] * n_experts
+    raw = kernels._raw([base] + experts)
+    lo, hi, _ = kernels._sample_bracket(raw[0], raw[1:], kernels._dare_args(0.0, 5, ctx.name, n_experts, 77), k)
+    assert (lo == hi).all()
+    out = torch.empty(n, dtype=torch.bfloat16)
+    got = kernels.select_and_merge_ties("ties", p, [1.0] * n_experts, ctx, base, experts, out, k)
+    mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    want_thr = [torch.kthvalue(x, k[0]).values.item() for x in mags]
+    assert got == want_thr
+    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    want = m.merge(base.float(), [e.float() for e in experts], [1.0] * n_experts, p, ref_ctx).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("spreads, density", [(MIXED, 0.2), ((0.002, 0.003, 0.004), 0.35)])  # the second: _ties4
+def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch, spreads, density):
+    n = 600_000
+    base, experts = _quantized_case(n, spreads)
+    p = get_method("ties").params.model_validate({"density": density})
     ctx = TileContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
-    k = [n - n // 5] * 4
+    k = [n - int(density * n)] * len(experts)
     real = kernels._sample_bracket
 
     def shifted(*a):  # one-value brackets at the next magnitude up: the right kind, the wrong value
@@ -295,9 +322,10 @@ def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch):
         lo[one] = hi[one] = np.nextafter(lo[one], np.float32(np.inf))
         return lo, hi, share
 
-    monkeypatch.setattr(kernels, "_sample_bracket", shifted)
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * len(k), ctx, base, experts, out, k) is not None
+    monkeypatch.setattr(kernels, "_sample_bracket", shifted)
+    assert kernels.select_and_merge_ties("ties", p, [1.0] * len(k), ctx, base, experts, out, k) is None
 
 
 def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypatch):
