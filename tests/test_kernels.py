@@ -175,6 +175,26 @@ def test_histogram_kernels_equal_selection_histograms(method, params):
                 assert below == want_below and torch.equal(hist, want_hist), (j, w)
 
 
+@pytest.mark.parametrize("n_experts", [3, 4])
+def test_histogram_kernel_with_a_window_per_expert_and_one_without(n_experts):
+    """One sampled window per expert, no DARE, 3 or 4 experts (the one-loop _hist4), an expert whose selection is
+    done (no window) in between: its counts are not asked for, the others' equal the selection's histograms."""
+    n = 30_001
+    base, experts = models(n, torch.bfloat16, n_experts, seed=11)
+    m = get_method("ties")
+    p = m.params.model_validate({})
+    ctx = context(n, n_experts, with_thresholds=False)
+    mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
+    ws = [[window_around(torch.quantile(x, 0.78).item(), torch.quantile(x, 0.82).item())] for x in mags]
+    ws[1] = []
+    got = kernels.histograms("ties", p, ctx, base, experts, ws)
+    assert got[1] == []
+    for j, x in enumerate(mags):
+        for w, (below, hist) in zip(ws[j], got[j]):
+            want_below, want_hist = window_histogram(x, w)
+            assert below == want_below and torch.equal(hist, want_hist), j
+
+
 def _select_merge_case(method, params, in_dtype, offset=12345):
     n = 8 * kernels.SAMPLE_RUNS * kernels.SAMPLE_RUN + 999
     base, experts = models(n, in_dtype)

@@ -13,7 +13,7 @@ path special-cases non-finite values (TIES's fast path, NaN payloads, bf16 NaN e
 "not finite" and the caller reruns that unit with methods.py.
 
 Without numba (it is a dependency, but e.g. a bare GPU image may lack it) everything falls back to methods.py.
-One module on purpose (~1,170 lines, 700 of them numba code): the kernels share their load/store/hash helpers, the
+One module on purpose (~1,250 lines, 780 of them numba code): the kernels share their load/store/hash helpers, the
 TIES row math and the sub-block layout (inlined into each kernel at compile time), and the Python side below is
 only their dispatch, the sampled brackets and the fallback contract. The exact selection logic itself (windows,
 passes) is mergescale.merge.selection; these kernels only count for it.
@@ -570,6 +570,60 @@ if numba is not None:
             for i in range(m):
                 _store(out, ix[i], bw[i] + lam * upd[i])
 
+    @njit(inline="always")
+    def _mag_bits(x, st, end):
+        """|x| as its (non-negative, so ordered) int32 bit pattern; whether it is below [st, end), whether inside."""
+        bits = np.float32(abs(x)).view(np.int32)
+        return bits, np.int32(bits < st), np.int32((bits >= st) & (bits < end))
+
+    @njit(inline="always")
+    def _hist4(bs, a0, a1, a2, a3, st4, end4, sh4, m, rows, hist, cnt):
+        """_hist_kernel's counts for one sub-block of 4 expert slots and one window each, in one loop as _ties4
+        (cnt[j] += values below window j, hist[j] its bins): the bit patterns and which windows hold them are
+        written once per element (rows: int32 scratch [5, >= m]), then only the few inside are binned. 1 if
+        anything was not finite."""
+        s0_, s1_, s2_, s3_ = np.int32(st4[0]), np.int32(st4[1]), np.int32(st4[2]), np.int32(st4[3])
+        n0, n1, n2, n3 = np.int32(end4[0]), np.int32(end4[1]), np.int32(end4[2]), np.int32(end4[3])
+        code, r0, r1, r2, r3 = rows[0, :m], rows[1, :m], rows[2, :m], rows[3, :m], rows[4, :m]
+        l0 = l1 = l2 = l3 = np.int32(0)
+        nb = np.int32(0)
+        for i in range(m):
+            b = _load(bs, i)
+            x0, x1, x2, x3 = _load(a0, i) - b, _load(a1, i) - b, _load(a2, i) - b, _load(a3, i) - b
+            ck = x0 * np.float32(0.0) + x1 * np.float32(0.0) + x2 * np.float32(0.0) + x3 * np.float32(0.0)
+            nb |= np.int32(ck != np.float32(0.0))
+            r0[i], u0, w0 = _mag_bits(x0, s0_, n0)
+            r1[i], u1, w1 = _mag_bits(x1, s1_, n1)
+            r2[i], u2, w2 = _mag_bits(x2, s2_, n2)
+            r3[i], u3, w3 = _mag_bits(x3, s3_, n3)
+            l0 += u0
+            l1 += u1
+            l2 += u2
+            l3 += u3
+            code[i] = w0 | (w1 << 1) | (w2 << 2) | (w3 << 3)
+        cnt[0] += l0
+        cnt[1] += l1
+        cnt[2] += l2
+        cnt[3] += l3
+        for g0 in range(0, m, 64):  # a 64-bit mask of the elements some window holds, then its set bits
+            gc = code[g0:min(m, g0 + 64)]
+            mask = np.uint64(0)
+            for i in range(gc.shape[0]):
+                mask |= np.uint64(gc[i] != 0) << np.uint64(i)
+            while mask:
+                i = g0 + _cttz(mask)
+                c = code[i]
+                if c & 1:
+                    hist[0, (np.int64(r0[i]) - st4[0]) >> sh4[0]] += 1
+                if c & 2:
+                    hist[1, (np.int64(r1[i]) - st4[1]) >> sh4[1]] += 1
+                if c & 4:
+                    hist[2, (np.int64(r2[i]) - st4[2]) >> sh4[2]] += 1
+                if c & 8:
+                    hist[3, (np.int64(r3[i]) - st4[3]) >> sh4[3]] += 1
+                mask &= mask - np.uint64(1)
+        return nb
+
     @_jit
     def _hist_kernel(b, e, ne, dare, dare_thr, k1, k2, first, scale, starts, shifts, nbins, below, out, bad):
         """Selection counts of |tau_j| (or |DARE(tau_j)|) for every expert in one pass: for window q of expert j
@@ -579,7 +633,31 @@ if numba is not None:
         nq = starts.shape[1]
         T = out.shape[0]
         per = (((n + T - 1) // T + SUB - 1) // SUB) * SUB
+        # 3 or 4 experts, no DARE, one sampled window each (the usual pass): _hist4's one loop instead
+        four = (ne == 3 or ne == 4) and not dare and nq == 1
+        st4 = np.full(4, 0x7FFFFFFF, np.int64)  # start, end (exclusive) and shift of each slot's window; none: empty
+        end4 = np.full(4, 0x7FFFFFFF, np.int64)
+        sh4 = np.zeros(4, np.int64)
+        for j in range(ne if four else 0):
+            if starts[j, 0] >= 0:
+                st4[j], sh4[j] = starts[j, 0], shifts[j, 0]
+                end4[j] = min(starts[j, 0] + (nbins[j, 0] << shifts[j, 0]), 0x7FFFFFFF)
+                four &= not (starts[j, 0] == 0 and end4[j] == 0x7FFFFFFF)  # the whole range (radix pass 1): below
         for th in prange(T):
+            if four:
+                cnt = np.zeros(4, np.int64)
+                rows = np.empty((5, SUB), np.int32)
+                nb = np.int32(0)
+                for s0 in range(th * per, min(n, (th + 1) * per), SUB):
+                    m = min(SUB, n - s0)
+                    nb |= _hist4(b[s0:s0 + m], e[0][s0:s0 + m], e[1][s0:s0 + m], e[2][s0:s0 + m],
+                                 e[3 if ne == 4 else 0][s0:s0 + m], st4, end4, sh4, m, rows, out[th], cnt)
+                for j in range(ne):
+                    if starts[j, 0] >= 0:
+                        below[th, j] += cnt[j]
+                if nb:
+                    bad[0] = 1
+                continue
             tr = np.empty((ne, SUB), np.float32)
             brow = np.empty(SUB, np.float32)
             chk = np.zeros(SUB, np.float32)
