@@ -642,7 +642,7 @@ if numba is not None:
             if starts[j, 0] >= 0:
                 st4[j], sh4[j] = starts[j, 0], shifts[j, 0]
                 end4[j] = min(starts[j, 0] + (nbins[j, 0] << shifts[j, 0]), 0x7FFFFFFF)
-                four &= not (starts[j, 0] == 0 and end4[j] == 0x7FFFFFFF)  # the whole range (radix pass 1): below
+                four &= not (starts[j, 0] == 0 and end4[j] == 0x7FFFFFFF)  # the whole range (radix pass 1): the loop below
         for th in prange(T):
             if four:
                 cnt = np.zeros(4, np.int64)
