@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from merge_single import METHODS  # noqa: E402
+from read_cost import FIELDS, cpu_times  # noqa: E402
 
 STATES = ("warm", "populated", "cold")
 
@@ -51,8 +52,7 @@ def _threads() -> dict[str, tuple[float, float]]:
 
 
 def _steal_s() -> float:
-    with open("/proc/stat") as f:
-        return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    return cpu_times()[FIELDS.index("steal")] / os.sysconf("SC_CLK_TCK")
 
 
 def populate(paths: list[Path]) -> None:
