@@ -262,10 +262,10 @@ class PartialOutput:
         return len(view)
 
     def _hash_behind(self, shard: int, offset: int, view: memoryview) -> None:
-        """Hash a tile on a thread of its own while the caller writes it. sha256 (~1.7 GB/s with SHA-NI) was the
-        longer half of the writer's time, and waiting for the disk the other: side by side they overlap. One tile
-        in flight (this waits for the previous one), so tiles reach the hash in order and memory grows by one tile
-        at most; the view keeps its tile alive until hashed."""
+        """Hash a tile on a thread of its own while the caller writes it. sha256 (0.75 s per GiB on one thread
+        here, docs/BENCHMARKS.md) was the longer half of the writer's time, and waiting for the disk the other: side
+        by side they overlap. One tile in flight (this waits for the previous one), so tiles reach the hash in order
+        and memory grows by one tile at most; the view keeps its tile alive until hashed."""
         self._wait_hashed()
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(1, thread_name_prefix="mergescale-sha256")
