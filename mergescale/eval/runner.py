@@ -112,13 +112,15 @@ def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str) ->
 
 
 def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
-             template: str | None = None, limit: int | None = None, max_length: int | None = None,
+             template: str | None = None, limit: int | None = None, sample_seed: int | None = None,
+             max_length: int | None = None,
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
              backend_kw: dict | None = None, engine=None) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
+    `limit` with `sample_seed`: a seeded random sample of each task's examples instead of the first ones.
     See mergescale/eval/cli.py for the other options."""
     from mergescale.merge.checkpoint import resolve_model_dir
 
@@ -141,7 +143,7 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     items: dict[str, list[Item]] = {}
     for t in selected:
         tpl = template if template in {x.name for x in t.templates} else None
-        exs = list(t.prompted(template=tpl, limit=limit, dataset=datasets_[t.name]))
+        exs = list(t.prompted(template=tpl, limit=limit, dataset=datasets_[t.name], sample_seed=sample_seed))
         items[t.name] = _prepare(t, tpl, exs, tok, max_len, model_fp)
     todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}
     n_cached = sum(len(items[n]) - len(todo[n]) for n in items)

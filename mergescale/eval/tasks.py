@@ -207,11 +207,26 @@ class Task:
                 datasets.enable_progress_bars()
 
     def prompted(self, split: str | None = None, data_dir=None, template: str | None = None,
-                 limit: int | None = None, dataset=None) -> Iterator[PromptedExample]:
+                 limit: int | None = None, dataset=None, sample_seed: int | None = None) -> Iterator[PromptedExample]:
         """Rendered examples in dataset order; rows the template cannot render are skipped. The example id is
-        the row index within the (concatenated) split, stable across runs on the same data."""
+        the row index within the (concatenated) split, stable across runs on the same data. With `limit` and a
+        `sample_seed`, the `limit` examples are a seeded random sample of the rows (in dataset order), not the
+        first ones: a cap that does not favour whatever the file lists first."""
         ds = dataset if dataset is not None else self.load(split, data_dir)
         tpl = self.template(template)
+        if limit is not None and sample_seed is not None and limit < len(ds):
+            import numpy as np
+
+            order = np.random.default_rng([sample_seed, len(ds)]).permutation(len(ds)).tolist()
+            picked = []
+            for i in order:
+                ex = tpl.render(ds[i], example_id=str(i))
+                if ex is not None:
+                    picked.append((i, ex))
+                    if len(picked) == limit:
+                        break
+            yield from (ex for _, ex in sorted(picked, key=lambda p: p[0]))
+            return
         n = 0
         for i, row in enumerate(ds):
             if limit is not None and n >= limit:

@@ -27,6 +27,7 @@ Relative paths are taken from the config file's directory. Every error names its
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -209,7 +210,11 @@ def load_study_config(source: StudyConfig | dict | str | Path, **overrides) -> S
     try:
         return StudyConfig.model_validate(source)
     except ValidationError as e:
-        raise ConfigError(format_errors(e, header=f"invalid study config{where}", model=StudyConfig)) from None
+        text = format_errors(e, header=f"invalid study config{where}", model=StudyConfig)
+        for i, m in enumerate(source.get("methods") or []):  # "methods.1" -> "methods.1 (TIES)": name the entry
+            if isinstance(m, dict) and m.get("label"):
+                text = re.sub(rf"(\bmethods\.{i})(?=[.:])", rf"\1 ({m['label']})", text)
+        raise ConfigError(text) from None
 
 
 def _resolve_paths(d: dict, root: Path) -> dict:

@@ -183,3 +183,42 @@ def read_ledger(run_dir: str | Path) -> list[dict]:
         raise StudyError(f"{run_dir}: no ledger.parquet (is this a study run directory? `mergescale study run` "
                          "writes it as cells finish)")
     return pq.read_table(p).to_pylist()
+
+
+def status(run_dir: str | Path) -> dict:
+    """Where a study stands: its planned cells (plan.json of the last `study run`) split into done, failed (with
+    their errors), running (in flight, or interrupted when the driver that ran them is gone) and pending."""
+    run = RunDir(run_dir)
+    plan_file = run.path("plan.json")
+    if not plan_file.exists():
+        raise StudyError(f"{run.root}: no plan.json; `mergescale study run CONFIG` writes it once the study's "
+                         "trainings and reference evaluations are done")
+    planned = json.loads(plan_file.read_text())["cells"]
+    done, failures, running = run.done_keys("results"), run.failures(), run.running()
+    driver = json.loads(run.path("run.json").read_text()) if run.path("run.json").exists() else {}
+    alive = driver.get("host") == socket.gethostname() and _pid_alive(driver.get("pid"))
+    out = {"done": [], "failed": [], "running": [], "pending": [], "driver_alive": alive}
+    for c in planned:
+        k = c["key"]
+        if k in done:
+            out["done"].append(c)
+        elif k in failures:
+            out["failed"].append({**c, **{x: failures[k][x] for x in ("stage", "error")}})
+        elif k in running:
+            out["running"].append({**c, "stage": running[k]["stage"], "since": running[k]["since"],
+                                   "interrupted": not alive})
+        else:
+            out["pending"].append(c)
+    return out
+
+
+def _pid_alive(pid) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
