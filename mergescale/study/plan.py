@@ -133,9 +133,10 @@ class StudyPlan:
             f"bytes to write    {human_bytes(write)} merged" + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",
-            f"estimated time    {_hms(sum(t.values()))}: training {_hms(t['training'])}, reference evaluations "
-            f"{_hms(t['references'])}, merges {_hms(t['merges'])}, cell evaluations {_hms(t['cells'])} "
-            f"({rates['source']})",
+            f"estimated time    {_hms(t['training'] + (sum(t.values()) - t['training']) / c.max_merged_alive)} with "
+            f"{c.max_merged_alive} cells at once (when the cluster has the resources); one at a time "
+            f"{_hms(sum(t.values()))}: training {_hms(t['training'])}, reference evaluations {_hms(t['references'])}, "
+            f"merges {_hms(t['merges'])}, cell evaluations {_hms(t['cells'])} ({rates['source']})",
             "",
             "categories merged (the seed rule; the same for every base, size and method):",
         ]
