@@ -71,7 +71,9 @@ def merge_config(plan: StudyPlan, cell: Cell) -> dict:
         "experts": [str(plan.models[(cell.base, f"expert:{c}")].path) for c in cell.categories],
         "method": m.method, "parameters": m.parameters, "seed": plan.dare_seed(cell) or 0,
         "out_dtype": ms.out_dtype, "tile_mb": ms.tile_mb,
-        "cluster": {"workers": ms.workers or 1, "num_cpus": ms.num_cpus, "num_gpus": ms.num_gpus},
+        # in a study, a merge waiting for its actors' resources waits for other cells to finish: not an error
+        "cluster": {"workers": ms.workers or 1, "num_cpus": ms.num_cpus, "num_gpus": ms.num_gpus,
+                    "placement_timeout_s": 7 * 24 * 3600.0},
     }
 
 
