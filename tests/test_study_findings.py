@@ -37,8 +37,14 @@ def ledger(value, sizes=("1B", "8B"), kinds=KINDS, methods=("Average", "TIES"), 
     return rows
 
 
-def summary_of(value, **kw):
-    return build_summary(ledger(value, **kw), [])
+def summary_of(value, sizes=("1B", "8B"), kinds=KINDS, methods=("Average", "TIES"), ns=(2, 4), seeds=(0,),
+               multitask=True):
+    """The summary of ledger(...), every cell of the grid planned (cells.parquet rows)."""
+    rows = ledger(value, sizes, kinds, methods, ns, seeds, multitask)
+    cells = [{"base": f"{k[:2]}-{z}", "kind": k, "size": z, "method": m, "n_experts": n, "seed": seed,
+              "status": "done" if value(k, z, m, n, "held_in") is not None else "pending", "error": None}
+             for k in kinds for z in sizes for m in methods for n in ns for seed in seeds]
+    return build_summary(rows, cells)
 
 
 SIZE_RANK = {"1B": 0, "8B": 1, "24B": 2, "64B": 3}
@@ -218,3 +224,16 @@ def test_figures_the_grid_cannot_support_are_skipped_with_the_reason():
     assert [name for name, _, _ in made] == []
     assert {name for name, _, _ in skipped} == {name for name, _, _ in G.FIGURES}
     assert all(why for _, _, why in skipped)
+
+
+def test_a_running_study_compares_the_sizes_done_so_far_and_waits_for_the_rest():
+    def no_largest(kind, size, method, n, group):
+        return None if size == "24B" else paper_like(kind, size, method, n, group)
+
+    found = F.evaluate_findings(summary_of(no_largest, sizes=("1B", "8B", "24B")))
+    f2 = found[1].parts[0]
+    assert f2.verdict == F.HOLDS and f2.n_interim == len(f2.checks) == 2 * 2 * 2 and f2.n_missing == 0
+    assert f2.checks[0].detail.startswith("8B ") and " vs 1B " in f2.checks[0].detail
+    assert "8 of them compare the smallest and largest sizes done so far" in F._part_line(f2)
+    assert found[4].verdict == F.WAITING  # "at the largest size": 24B, not done
+    assert F._part_line(found[4].parts[0]).endswith("no comparison has its cells done yet (4 waiting).")  # N x group

@@ -63,10 +63,14 @@ def _finish(fig: Figure, handles: dict | None = None) -> Figure:
         for ax in fig.axes:
             for h, label in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(label, h)
-    chars = max((len(label) for label in handles), default=1)
-    fit = int(fig.get_figwidth() * 100 // (chars * 7 + 50))
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
-               ncol=max(1, min(len(handles), fit)), frameon=False)
+    # data series first, the reference lines last
+    labels = sorted(handles, key=lambda label: label in REF_LABEL.values())
+    width = fig.get_figwidth() * 100  # pixels at the report's dpi; ~7 px a character at font size 10
+    if sum(len(label) * 7 + 50 for label in labels) <= width:
+        ncol = len(labels)  # one row
+    else:
+        ncol = max(1, min(len(labels), int(width // (max(len(label) for label in labels) * 7 + 50))))
+    fig.legend([handles[label] for label in labels], labels, loc="outside lower center", ncol=ncol, frameon=False)
     return fig
 
 
@@ -154,7 +158,7 @@ def fig_vs_n(summary: StudySummary, group: str) -> Figure:
     colors = method_colors(summary)
     kinds = summary.kinds
     ncols = max(len(summary.bases_of(k)) for k in kinds)
-    fig, axes = _figure(len(kinds), ncols, 3.3, 2.9, sharey=True)
+    fig, axes = _figure(len(kinds), ncols, 3.3, 2.9, sharey="row")  # kinds can lie far apart (Multitask)
     for i, kind in enumerate(kinds):
         bases = summary.bases_of(kind)
         for j in range(len(bases), ncols):

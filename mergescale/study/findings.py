@@ -3,8 +3,9 @@ cells (means over seeds) and lists every comparison it made, so a verdict can be
 needs both of its cells done: missing cells are left out and counted, never read as 0.
 
 Verdicts: a part holds when every comparison agrees, mostly holds when more than half do, does not hold otherwise,
-and cannot be tested when the grid has nothing to compare (the reason is given). A finding's verdict is that of its
-testable parts when they agree, else "partly holds".
+cannot be tested when the grid has nothing to compare (the reason is given), and is waiting for cells when its
+comparisons all lack a result yet. Size comparisons of a study still running use the smallest and largest sizes done
+so far and say how many do. A finding's verdict is that of its testable parts when they agree, else "partly holds".
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from mergescale.study.config import MULTITASK_LABEL
 from mergescale.study.summary import KIND_LABEL, Base, Stat, StudySummary
 
-HOLDS, MOSTLY, FAILS, PARTLY, UNTESTABLE = "holds", "mostly holds", "does not hold", "partly holds", "cannot be tested"
+HOLDS, MOSTLY, FAILS, PARTLY = "holds", "mostly holds", "does not hold", "partly holds"
+UNTESTABLE, WAITING = "cannot be tested", "waiting for cells"
 SAME_TOLERANCE = 0.05  # finding 5: methods "about the same" when their means differ by at most this
 IT, PT = "instruction_tuned", "pretrained"
 
@@ -34,12 +36,13 @@ class Part:
     checks: list[Check] = field(default_factory=list)
     untestable: str | None = None  # why the grid cannot test it
     n_missing: int = 0  # comparisons left out because a cell has no result yet
+    n_interim: int = 0  # comparisons of the smallest and largest sizes done so far, not those planned
 
     @property
     def verdict(self) -> str:
         k, n = sum(c.holds for c in self.checks), len(self.checks)
         if n == 0:
-            return UNTESTABLE
+            return UNTESTABLE if self.untestable or not self.n_missing else WAITING
         return HOLDS if k == n else MOSTLY if 2 * k > n else FAILS
 
 
@@ -51,9 +54,9 @@ class Finding:
 
     @property
     def verdict(self) -> str:
-        vs = [p.verdict for p in self.parts if p.verdict != UNTESTABLE]
+        vs = [p.verdict for p in self.parts if p.verdict not in (UNTESTABLE, WAITING)]
         if not vs:
-            return UNTESTABLE
+            return WAITING if any(p.verdict == WAITING for p in self.parts) else UNTESTABLE
         return vs[0] if all(v == vs[0] for v in vs) else PARTLY
 
 
@@ -83,7 +86,8 @@ def _pairs_by_size(summary: StudySummary) -> list[tuple[Base, Base]]:
 
 def _both_kinds(summary: StudySummary, part: Part) -> list[tuple[Base, Base]]:
     if not (summary.bases_of(IT) and summary.bases_of(PT)):
-        part.untestable = f"needs both base kinds; the study has only {', '.join(summary.kinds) or 'none'}"
+        part.untestable = ("needs both base kinds; the study has only "
+                           f"{', '.join(KIND_LABEL.get(k, k) for k in summary.kinds) or 'none'}")
         return []
     pairs = _pairs_by_size(summary)
     if not pairs:
@@ -130,13 +134,15 @@ def finding_2(s: StudySummary) -> Finding:
         bases = s.bases_of(kind)
         if len({b.size_params for b in bases}) < 2:
             continue
-        small, big = bases[0], bases[-1]
         for m in s.methods:
             for n in s.ns:
-                x, y = s.get(big.name, m, n, "held_in"), s.get(small.name, m, n, "held_in")
-                if not (_done(x) and _done(y)):
+                done = [b for b in bases if _done(s.get(b.name, m, n, "held_in"))]
+                if len({b.size_params for b in done}) < 2:
                     a.n_missing += 1
                     continue
+                small, big = done[0], done[-1]  # the extremes done so far
+                a.n_interim += (small, big) != (bases[0], bases[-1])
+                x, y = s.get(big.name, m, n, "held_in"), s.get(small.name, m, n, "held_in")
                 a.checks.append(Check(f"{KIND_LABEL[kind]}, N={n}, {m}", x.mean > y.mean,
                                       f"{big.size} {_f(x.mean)} vs {small.size} {_f(y.mean)}", _separated(x, y)))
     _need(a, a.checks or a.n_missing, "needs two model sizes of one base kind")
@@ -200,12 +206,14 @@ def finding_4(s: StudySummary) -> Finding:
             bases = s.bases_of(kind)
             if len({b.size_params for b in bases}) < 2:
                 continue
-            small, big = bases[0], bases[-1]
             for m in s.methods:
-                v = {(b.name, n): s.mean(b.name, m, n, "held_in") for b in (small, big) for n in (lo, hi)}
-                if any(x is None for x in v.values()):
+                v = {(b.name, n): s.mean(b.name, m, n, "held_in") for b in bases for n in (lo, hi)}
+                done = [b for b in bases if v[(b.name, lo)] is not None and v[(b.name, hi)] is not None]
+                if len({b.size_params for b in done}) < 2:
                     a.n_missing += 1
                     continue
+                small, big = done[0], done[-1]  # the extremes done so far
+                a.n_interim += (small, big) != (bases[0], bases[-1])
                 detail = "; ".join(f"{b.size} {_f(v[(b.name, hi)])} at N={hi} (from {_f(v[(b.name, lo)])} at N={lo})"
                                    for b in (big, small))
                 a.checks.append(Check(f"{KIND_LABEL[kind]}, {m}", 1 - v[(big.name, hi)] < 1 - v[(small.name, hi)],
@@ -240,8 +248,9 @@ def evaluate_findings(summary: StudySummary) -> list[Finding]:
 
 def _part_line(p: Part) -> str:
     if p.verdict == UNTESTABLE:
-        why = p.untestable or f"no comparison has both cells done yet ({p.n_missing} waiting)"
-        return f"{p.claim}: cannot be tested: {why}."
+        return f"{p.claim}: cannot be tested: {p.untestable or 'nothing to compare'}."
+    if p.verdict == WAITING:
+        return f"{p.claim}: no comparison has its cells done yet ({p.n_missing} waiting)."
     k, n = sum(c.holds for c in p.checks), len(p.checks)
     text = f"{p.claim}: {k} of {n}"
     sep = [c.separated for c in p.checks if c.holds and c.separated is not None]
@@ -252,6 +261,8 @@ def _part_line(p: Part) -> str:
         shown = "; ".join(f"{c.cell} ({c.detail})" for c in misses[:4])
         more = f"; and {len(misses) - 4} more" if len(misses) > 4 else ""
         text += f"; exception{'s' if len(misses) > 1 else ''}: {shown}{more}"
+    if p.n_interim:
+        text += f"; {p.n_interim} of them compare the smallest and largest sizes done so far, not those planned"
     if p.n_missing:
         text += f"; {p.n_missing} comparison{'s' if p.n_missing > 1 else ''} waiting for missing cells"
     return text + "."
@@ -276,7 +287,7 @@ def findings_markdown(findings: list[Finding]) -> str:
 def findings_html(findings: list[Finding]) -> str:
     out = []
     for f in findings:
-        cls = {HOLDS: "ok", FAILS: "bad", UNTESTABLE: "na"}.get(f.verdict, "mid")
+        cls = {HOLDS: "ok", FAILS: "bad", UNTESTABLE: "na", WAITING: "na"}.get(f.verdict, "mid")
         parts = "".join(f"<li>{html.escape(_part_line(p))}</li>" for p in f.parts)
         rows = "".join(f"<tr><td>{f.parts.index(p) + 1}</td><td>{html.escape(c.cell)}</td>"
                        f"<td class=\"{'ok' if c.holds else 'bad'}\">{'yes' if c.holds else 'no'}</td>"

@@ -100,9 +100,7 @@ def _notes(s: StudySummary, boot_seed: int) -> list[str]:
 def _markdown(s, tables, findings, figures, skipped, boot_seed) -> str:
     out = [f"# Study report: {s.name}", "", _progress(s), ""]
     if s.failed:
-        out += ["Failed cells:", ""] + [f"- {cell}: {_first_line(err)}" for cell, err in s.failed[:20]]
-        out += [f"- and {len(s.failed) - 20} more (cells.parquet)"] if len(s.failed) > 20 else []
-        out.append("")
+        out += ["Failed cells, by error:", ""] + [f"- {line}" for line in _failures(s)] + [""]
     out += ["## Findings", "", findings_markdown(findings), "## Tables", "", LEGEND, ""]
     for t in tables:
         out += [table_markdown(t), f"CSV: `tables/{t.slug}.csv`", ""]
@@ -113,6 +111,16 @@ def _markdown(s, tables, findings, figures, skipped, boot_seed) -> str:
     out += ["", "## How the numbers are made", ""] + [f"- {n}" for n in _notes(s, boot_seed)]
     out += ["", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.", ""]
     return "\n".join(out)
+
+
+def _failures(s: StudySummary, shown: int = 4) -> list[str]:
+    """One line per distinct error (its first line): the error, how many cells, the first few of them."""
+    by_error: dict[str, list[str]] = {}
+    for cell, err in s.failed:
+        by_error.setdefault(_first_line(err), []).append(cell)
+    return [f"{err} ({len(cells)} cell{'s' if len(cells) > 1 else ''}: {', '.join(cells[:shown])}"
+            + (f" and {len(cells) - shown} more; cells.parquet lists them)" if len(cells) > shown else ")")
+            for err, cells in by_error.items()]
 
 
 def _first_line(text: str) -> str:
@@ -126,11 +134,11 @@ padding:0 16px;color:#1a1a1a;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:3px}
 .legend,.note{color:#444;font-size:.92em}
 table.res{border-collapse:collapse;margin:10px 0 4px;font-size:.9em}
-table.res caption{text-align:left;font-weight:600;padding:4px 0;font-size:1.05em}
-table.res th,table.res td{padding:3px 7px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
+.tcap{font-weight:600;margin:18px 0 4px}
+table.res th,table.res td{padding:3px 5px;border-bottom:1px solid #e4e4e4;text-align:right;white-space:nowrap}
 table.res thead th{background:#f4f4f4;text-align:center}table.res tbody th{text-align:left}
 table.res .grp-start{border-left:2px solid #bbb}table.res th.grp{border-left:2px solid #bbb}
-table.res td .m{display:block;font-size:1.08em}table.res td .s{display:block;color:#666;font-size:.78em}
+table.res td .m{display:block;font-size:1.08em}table.res td .s{display:block;color:#555;font-size:.78em}
 table.res td.best .m{font-weight:700}table.res td.missing .m{color:#b00}
 table.res tr.mt th,table.res tr.mt td{background:#fafafa;border-top:2px solid #ccc}
 .scroll{overflow-x:auto}
@@ -152,12 +160,10 @@ def _html(s, tables, findings, figures, skipped, boot_seed) -> str:
            f"<style>{CSS}</style></head><body>", f"<h1>Study report: {e(s.name)}</h1>",
            f"<p class=\"note\">{e(_progress(s))}</p>"]
     if s.failed:
-        items = "".join(f"<li>{e(cell)}: {e(_first_line(err))}</li>" for cell, err in s.failed[:20])
-        more = f"<li>and {len(s.failed) - 20} more (cells.parquet)</li>" if len(s.failed) > 20 else ""
-        out.append(f"<p>Failed cells:</p><ul>{items}{more}</ul>")
+        out.append("<p>Failed cells, by error:</p><ul>" + "".join(f"<li>{e(x)}</li>" for x in _failures(s)) + "</ul>")
     out += ["<h2>Findings</h2>", findings_html(findings), "<h2>Tables</h2>", f"<p class=\"legend\">{e(LEGEND)} "
-            "Bold: the best merge method of a column. Second line of a cell: ± standard deviation over seeds · seeds "
-            "done/planned · bootstrap 95% interval.</p>"]
+            "Bold: the best merge method of a column. Under each mean: ± standard deviation over seeds and seeds "
+            "done/planned, then the bootstrap 95% interval.</p>"]
     for t in tables:
         out.append(f"<div class=\"scroll\">{table_html(t)}</div><p class=\"note\">CSV: tables/{e(t.slug)}.csv</p>")
     out.append("<h2>Figures</h2>")

@@ -89,6 +89,14 @@ def spread_text(s: Stat | None) -> str:
     return " · ".join(parts)
 
 
+def _spread_lines(s: Stat) -> list[str]:
+    """The companion numbers of an HTML cell, two short lines: '±0.02 3/3' and '0.81–0.88'."""
+    if s.mean is None:
+        return [f"0/{s.n_planned} seeds"]
+    lines = [f"±{fmt(s.std) if s.std is not None else 'n/a'} {s.n_seeds}/{s.n_planned}"]
+    return lines + ([f"{fmt(s.ci[0])}–{fmt(s.ci[1])}"] if s.ci is not None else [])
+
+
 def _md(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -135,10 +143,11 @@ def table_html(t: Table) -> str:
             if row in best.get((b.name, n), ()):
                 cls.append("best")
             tds.append(f'<td class="{" ".join(cls)}"><span class="m">{html.escape(mean_text(s))}</span>'
-                       f'<span class="s">{html.escape(spread_text(s))}</span></td>')
+                       + "".join(f'<span class="s">{html.escape(x)}</span>' for x in _spread_lines(s)) + "</td>")
         cls = ' class="mt"' if row == MULTITASK_LABEL else ""
         body.append(f"<tr{cls}><th>{html.escape(row)}</th>{''.join(tds)}</tr>")
-    return (f'<table class="res"><caption>{html.escape(t.title)}</caption>'
+    # the title above the table, not a <caption>: a caption wraps to the width of a narrow table
+    return (f'<p class="tcap">{html.escape(t.title)}</p><table class="res">'
             f'<thead><tr><th rowspan="2">method</th>{groups}</tr><tr>{ns}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
