@@ -184,3 +184,27 @@ def write_synthetic_run(run_dir: str | Path, value: Callable[[Cell, str], float 
     run.root.mkdir(parents=True, exist_ok=True)
     write_ledger(run, rows, cell_rows)
     return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mergescale.study.synthetic RUN_DIR`: a synthetic run directory of the paper's grid whose aggregates
+    are its Tables 1-4 (0/1 accuracy on 200 examples per task, so near them), and its report."""
+    import argparse
+
+    from mergescale.study.report import write_report
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--examples", type=int, default=200)
+    args = ap.parse_args(argv)
+    if Path(args.run_dir).exists():
+        raise SystemExit(f"{args.run_dir} exists; give a new directory")
+    write_synthetic_run(args.run_dir, paper_value(), bases=PAPER_BASES, methods=PAPER_METHODS,
+                        num_experts=PAPER_NS, seeds=[0, 1, 2], discrete=True, n_examples=args.examples)
+    for name, paths in write_report(args.run_dir).items():
+        for path in paths if isinstance(paths, list) else [paths]:
+            print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()
