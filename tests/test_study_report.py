@@ -92,6 +92,13 @@ def test_aggregation_of_uneven_categories_and_seeds_equals_a_hand_computation():
     assert out.mean == pytest.approx(1.05) and out.std == pytest.approx(stdev([1.0, 1.1]))
 
 
+def test_tasks_of_a_group_of_their_own_get_a_table_not_dropped():
+    rows = [_row("pt", "TIES", 2, 0, "mine", "c", "custom", 0.7), _row("pt", "TIES", 2, 0, "t", "c", "held_in", 0.9)]
+    tables = build_tables(build_summary(rows, []))
+    assert [(t.group, t.stat("TIES", t.bases[0], 2).mean) for t in tables] == [("held_in", 0.9), ("custom", 0.7)]
+    assert tables[1].title == "Table 2: pretrained bases, custom tasks: average normalized performance"
+
+
 def _examples(path, ids, values, column="acc"):
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"example_id": ids, column: values}), path)

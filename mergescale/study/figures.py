@@ -257,12 +257,12 @@ def fig_methods_at_largest(summary: StudySummary) -> Figure:
         raise CannotPlot("the study has no cells")
     colors = method_colors(summary)
     rows = summary.rows
-    fig, axes = _figure(len(summary.kinds), len(summary.groups), max(4.6, 0.2 * len(rows) * len(summary.ns) + 1.5),
-                        3.0)
+    groups = [g for g in ("held_in", "held_out") if g in summary.groups]
+    fig, axes = _figure(len(summary.kinds), len(groups), max(4.6, 0.2 * len(rows) * len(summary.ns) + 1.5), 3.0)
     step = 0.7 / len(rows)
     for i, kind in enumerate(summary.kinds):
         largest: Base = summary.bases_of(kind)[-1]
-        for ax, g in zip(axes[i], summary.groups):
+        for ax, g in zip(axes[i], groups):
             _reference(ax, g)
             for k, row in enumerate(rows):
                 xs, ys, err = [], [], []

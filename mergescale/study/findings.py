@@ -229,7 +229,7 @@ def finding_5(s: StudySummary) -> Finding:
     if _need(a, bool(its), "needs an instruction-tuned base") and _need(
             a, len(s.methods) >= 2, f"needs two merge methods; the study has {', '.join(s.methods)}"):
         big = its[-1]
-        for g in s.groups:
+        for g in [g for g in ("held_in", "held_out") if g in s.groups]:
             for n in s.ns:
                 v = {m: s.mean(big.name, m, n, g) for m in s.methods}
                 if any(x is None for x in v.values()):

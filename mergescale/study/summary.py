@@ -135,12 +135,12 @@ def build_summary(rows: list[dict], cells: list[dict], config=None, cis: dict | 
             # the multitask baseline is scored per (base, N, seed) like a method, whether or not cells.parquet lists it
             planned.setdefault((base, MULTITASK_LABEL, n), set()).update(seeds)
 
+    present = {r["group"] for r in rows}
     if config is not None:
         groups = ["held_in"] + (["held_out"] if config.held_out else [])
-    elif rows:
-        groups = [g for g in GROUPS if any(r["group"] == g for r in rows)]
     else:
-        groups = list(GROUPS)
+        groups = [g for g in GROUPS if g in present or not rows]
+    groups += sorted(present - set(groups))  # tasks of a group of their own (a task YAML's "custom"): a table too
 
     done = {}
     for s in summarize(rows):

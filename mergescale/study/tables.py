@@ -36,7 +36,7 @@ class Table:
     @property
     def title(self) -> str:
         return (f"Table {self.number}: {KIND_LABEL.get(self.kind, self.kind)} bases, "
-                f"{GROUP_LABEL[self.group]} tasks: average normalized performance")
+                f"{GROUP_LABEL.get(self.group, self.group)} tasks: average normalized performance")
 
     @property
     def slug(self) -> str:
