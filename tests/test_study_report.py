@@ -251,3 +251,19 @@ def test_a_bad_per_example_file_fails_before_any_output(tmp_path):
     with pytest.raises(StudyError, match="per-example results missing"):
         write_report(tmp_path)
     assert not (tmp_path / "report").exists()
+
+
+def test_a_study_with_no_result_yet_renders_and_replaces_an_older_report(tmp_path):
+    write_synthetic_run(tmp_path, lambda cell, group: None, bases=PAPER_BASES[:2], methods=PAPER_METHODS[:2],
+                        num_experts=[2, 4], seeds=[0], tasks=TASKS, n_examples=4)
+    stale = tmp_path / "report" / "figures" / "fig9_from_an_older_version.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"png")
+    out = write_report(tmp_path)
+    md = out["markdown"].read_text()
+    assert out["figures"] == [] and not stale.exists()
+    assert "Cells planned: 12 (0 done, 0 failed, 0 running, 12 pending)" in md  # 2 bases x 3 rows x 2 N
+    assert md.count("not drawn: no cell has a result yet") == 6
+    assert "Verdict: **waiting for cells**" in md
+    t1 = _md_table(md[md.index("#### Table 1"):])
+    assert set(t1["Average"].values()) == set(t1[MULTITASK_LABEL].values()) == {"—"}

@@ -315,6 +315,8 @@ def png_bytes(fig: Figure) -> bytes:
 def render_figures(summary: StudySummary) -> tuple[list[tuple[str, str, bytes]], list[tuple[str, str, str]]]:
     """([(name, title, PNG bytes)], [(name, title, why it was skipped)])."""
     made, skipped = [], []
+    if not any(st.mean is not None for st in summary.stats.values()):
+        return [], [(name, title, "no cell has a result yet") for name, title, _ in FIGURES]
     for name, title, fn in FIGURES:
         try:
             made.append((name, title, png_bytes(fn(summary))))
