@@ -267,3 +267,21 @@ def test_a_study_with_no_result_yet_renders_and_replaces_an_older_report(tmp_pat
     assert "Verdict: **waiting for cells**" in md
     t1 = _md_table(md[md.index("#### Table 1"):])
     assert set(t1["Average"].values()) == set(t1[MULTITASK_LABEL].values()) == {"—"}
+
+
+def test_study_yaml_gives_the_name_the_method_order_and_the_planned_groups(tmp_path):
+    import yaml
+
+    write_synthetic_run(tmp_path, lambda c, g: 0.9 if g == "held_in" else None, bases=PAPER_BASES[:1],
+                        methods=["Average", "TIES"], num_experts=[2], seeds=[0], tasks=TASKS, n_examples=4,
+                        multitask=False)
+    config = {"name": "ordered", "work_dir": str(tmp_path), "bases": [{"name": "pt-1b", "kind": "pretrained",
+              "size": "1B", "path": "models/pt"}], "experts": {"pt-1b": {"cat0": "models/e0"}},
+              "methods": [{"label": "TIES", "method": "ties"}, {"label": "Average", "method": "average"},
+                          {"label": "TA", "method": "task_arithmetic"}],
+              "num_experts": [2], "seeds": [0], "held_out": []}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    s = load_summary(tmp_path, n_boot=0)
+    assert (s.name, s.methods, s.groups) == ("ordered", ["TIES", "Average", "TA"], ["held_in"])
+    (t,) = build_tables(s)
+    assert t.rows == ["TIES", "Average", "TA"] and t.stat("TA", t.bases[0], 2) is None  # configured, never planned
