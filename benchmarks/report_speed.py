@@ -47,25 +47,22 @@ def main() -> None:
     cells = len({(r["base"], r["method"], r["n_experts"], r["seed"]) for r in rows})
 
     phases = []
-    t0 = time.perf_counter()
-    summary = load_summary(run, n_boot=0)
-    phases.append(("ledger, cells and aggregation (no bootstrap)", time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    reps = bootstrap.row_replicates(rows, run, bootstrap.N_BOOT)
-    phases.append((f"bootstrap: read {n_files} per-example files, {bootstrap.N_BOOT} replicates of {len(rows)} rows",
-                   time.perf_counter() - t0))
-    del reps
-    t0 = time.perf_counter()
-    build_tables(summary), evaluate_findings(summary)
-    phases.append(("tables and findings", time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    made, _ = render_figures(summary)
-    phases.append((f"{len(made)} figures (PNG)", time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    write_report(run)
-    phases.append(("write_report, end to end", time.perf_counter() - t0))
 
-    table = C.markdown_table(["phase", "seconds"], [[name, f"{s:.2f}"] for name, s in phases])
+    def timed(name, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        phases.append((name, time.perf_counter() - t0, time.process_time() - c0))
+        return out
+
+    summary = timed("ledger, cells and aggregation (no bootstrap)", lambda: load_summary(run, n_boot=0))
+    timed(f"bootstrap: read {n_files} per-example files, {bootstrap.N_BOOT} replicates of {len(rows)} rows",
+          lambda: bootstrap.row_replicates(rows, run, bootstrap.N_BOOT).shape)
+    timed("tables and findings", lambda: (build_tables(summary), evaluate_findings(summary)))
+    made, _ = timed("figures (6 PNG)", lambda: render_figures(summary))
+    timed("write_report, end to end", lambda: write_report(run))
+
+    table = C.markdown_table(["phase", "wall s", "CPU s (all threads)"],
+                             [[name, f"{w:.2f}", f"{c:.2f}"] for name, w, c in phases])
     body = (f"Command: `PYTHONPATH=. .venv/bin/python benchmarks/report_speed.py --examples {args.examples}`\n\n"
             f"Machine: {C.machine_line()}; load average {C.load_average()}. Ledger: {cells} cells (384 merges and 96 "
             f"Multitask pseudo-cells), {len(rows)} rows, {args.examples} examples per task.\n\n{table}\n")
