@@ -229,6 +229,12 @@ def test_a_partial_ledger_renders_with_missing_cells_shown_as_missing(tmp_path):
     spread = _md_table(md[md.index("#### Table 3"):].split("Standard deviation")[1])
     assert spread["Average"]["64B N=8"] == "0/3"
     assert spread["Average"]["1B N=4"].startswith("±0.01 · 2/3 · [")
+    summary = {(r["base"], r["method"], r["n_experts"], r["group"]): r
+               for r in csv.DictReader(out["summary_csv"].open())}
+    missing, partial = summary[("pt-64b", "Average", "8", "held_in")], summary[("pt-1b", "Average", "4", "held_in")]
+    assert (missing["mean"], missing["n_seeds"], missing["n_seeds_planned"], missing["ci_low"]) == ("", "0", "3", "")
+    assert (partial["n_seeds"], partial["n_seeds_planned"]) == ("2", "3")
+    assert float(partial["ci_low"]) < float(partial["mean"]) < float(partial["ci_high"])
     html = out["html"].read_text()
     assert html.count("data:image/png;base64,") == len(out["figures"]) > 0
     assert "<script" not in html and "src=\"http" not in html  # self-contained

@@ -158,7 +158,8 @@ def table_csv(t: Table) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method"] + [f"{label} N={n}" for _, label, n in t.columns])
     for row in t.rows:
-        w.writerow([row] + [_num((s := t.stat(row, b, n)) and s.mean) for b, _, n in t.columns])
+        stats = [t.stat(row, b, n) for b, _, n in t.columns]
+        w.writerow([row] + [_num(s.mean if s is not None else None) for s in stats])
     return buf.getvalue()
 
 
@@ -173,8 +174,9 @@ def summary_csv(summary: StudySummary) -> str:
             for b, _, n in t.columns:
                 s = t.stat(row, b, n)
                 if s is not None:
+                    lo, hi = s.ci if s.ci is not None else (None, None)
                     w.writerow([t.kind, t.group, b.name, b.size, row, n, _num(s.mean), _num(s.std), s.n_seeds,
-                                s.n_planned, _num(s.ci and s.ci[0]), _num(s.ci and s.ci[1])])
+                                s.n_planned, _num(lo), _num(hi)])
     return buf.getvalue()
 
 
