@@ -107,3 +107,19 @@ def summarize(rows: list[dict]) -> list[dict]:
         out.append({**dict(zip(SUMMARY_FIELDS, key)), "mean": fmean(vals),
                     "std": stdev(vals) if len(vals) > 1 else None, "n_seeds": len(vals), "seeds": sorted(by_seed)})
     return out
+
+
+def summary_weights(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """summarize's means as weights on the rows: per SUMMARY_FIELDS key, {row index: w} with
+    sum(w * rows[i]["normalized"]) equal to that key's mean, w = 1 / (seeds x the seed's categories x the category's
+    datasets). A resample of the rows' normalized scores (the report's bootstrap) aggregated with these weights is
+    aggregated exactly like the point estimate."""
+    tree: dict[tuple, dict[int, dict[str, list[int]]]] = {}  # key -> seed -> category -> row indices
+    for i, r in enumerate(rows):
+        key = tuple(r[f] for f in SUMMARY_FIELDS)
+        tree.setdefault(key, {}).setdefault(r["seed"], {}).setdefault(r["category"], []).append(i)
+    out = {}
+    for key, seeds in tree.items():
+        out[key] = {i: 1.0 / (len(seeds) * len(cats) * len(idx))
+                    for cats in seeds.values() for idx in cats.values() for i in idx}
+    return out
