@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,7 @@ def _run(args) -> int:
     out = run_study(args.config, address=args.address, progress=not args.quiet, report=not args.no_report)
     print(f"study: {out['done']} of {out['cells']} cells done, {out['failed']} failed; ledger {out['ledger']}")
     if out["report"]:
-        print(f"report: {out['report'].get('html') or out['report']}")
+        print(f"report: {out['report']['html']} (and {out['report']['markdown']})")
     return 1 if out["failed"] else 0
 
 
@@ -75,8 +76,9 @@ def _status(args) -> int:
 def _report(args) -> int:
     from mergescale.study.report import write_report
 
-    for kind, path in write_report(args.run_dir, args.out).items():
-        print(f"{kind}: {path}")
+    paths = write_report(args.run_dir, args.out)
+    print(f"report: {paths['html']} (and {paths['markdown']}); {len(paths['tables'])} tables and "
+          f"{len(paths['figures'])} figures in {Path(paths['html']).parent}")
     return 0
 
 

@@ -317,13 +317,8 @@ def print_summary(rows: list[dict], plan: StudyPlan, done: int, failed: dict) ->
         print(f"failed: {', '.join(f['cells'])} ({f['stage']}): {f['error'].splitlines()[0][:200]}")
 
 
-def _report(root: Path, progress: bool) -> dict | None:
-    try:
-        from mergescale.study.report import write_report
-    except ImportError:
-        return None
+def _report(root: Path, progress: bool) -> dict:
+    from mergescale.study.report import write_report
+
     paths = write_report(root)
-    if progress:
-        for k, p in paths.items():
-            print(f"report {k}: {p}")
-    return {k: str(p) for k, p in paths.items()}
+    return {k: str(p) for k, p in paths.items() if k in ("markdown", "html")}
