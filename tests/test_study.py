@@ -280,3 +280,27 @@ def test_bad_config_fails_before_anything_runs(tiny, tmp_path, capsys, case):
         err = capsys.readouterr().err
         assert message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_replaced_in_place_changes_exactly_its_cells_keys(tmp_path):
+    """Keys hash the experts' content, not their paths or headers: other weights of the same layout written over an
+    expert give new keys to the cells that merge it (so no stale result is reused), and to no other cell."""
+    from mergescale.study.cells import Digests, cell_key
+    from mergescale.study.plan import make_plan
+    from mergescale.tiny import make_expert
+
+    cfg = build_study_fixture(tmp_path, n_examples=4)
+    path = write_config(cfg, tmp_path / "s.yaml")
+    plan = make_plan(path)
+    before = {c: cell_key(plan, c, Digests(tmp_path / "d1.json")) for c in plan.cells}
+    target = Path(cfg["experts"]["tiny-pt"]["sentiment"])
+    other = make_expert(cfg["bases"][0]["path"], tmp_path / "other", seed=999, max_shard_size="400KB")
+    for f in other.glob("*.safetensors"):
+        assert (target / f.name).stat().st_size == f.stat().st_size  # same layout, same file sizes
+        shutil.copyfile(f, target / f.name)
+    digests, plan2 = Digests(tmp_path / "d2.json"), make_plan(path)
+    after = {c: cell_key(plan2, c, digests) for c in plan2.cells}
+    for c in plan.cells:
+        touched = c.base == "tiny-pt" and "sentiment" in c.categories
+        assert (before[c] != after[c]) == touched, c.name
+    assert len(set(before.values())) == len(plan.unique_merges())  # equal keys exactly where merges are shared

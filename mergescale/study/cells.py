@@ -38,15 +38,21 @@ class Digests:
         files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_MODEL)
         if not files:
             raise FileNotFoundError(f"{d}: no model files")
-        return _sha([(p.name, self.file(p)) for p in files])
+        keys = {p: self._key(p) for p in files}
+        todo = [p for p in files if keys[p] not in self.cache]
+        if todo:  # shards hash in parallel (hashlib releases the GIL): a 64B model's 128 GB is read once, cached after
+            from concurrent.futures import ThreadPoolExecutor
 
-    def file(self, p: Path) -> str:
-        st = p.stat()
-        k = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
-        if k not in self.cache:
-            self.cache[k] = file_sha256(p)
+            with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+                for p, digest in zip(todo, pool.map(file_sha256, todo)):
+                    self.cache[keys[p]] = digest
             self.save()
-        return self.cache[k]
+        return _sha([(p.name, self.cache[keys[p]]) for p in files])
+
+    @staticmethod
+    def _key(p: Path) -> str:
+        st = p.stat()
+        return f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
 
     def save(self) -> None:
         from mergescale.eval.results import write_json_atomic
