@@ -21,14 +21,6 @@ from mergescale.tiny import build_tiny_llama
 TASKS = "copa,xsum"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core box: see test_eval_hf
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", seed=0, vocab_size=384)
@@ -144,7 +136,7 @@ def test_non_finite_log_probabilities_are_an_error(model_dir, data_dir, tmp_path
 @pytest.mark.parametrize("args, message", [
     (["--limit", "0"], "limit must be >= 1, got 0"),
     (["--limit", "-3"], "limit must be >= 1, got -3"),
-    (["--template", "nope"], "template 'nope': not a template of task(s) 'copa' (has exercise)"),
+    (["--template", "nope"], "template 'nope': no selected task has it; their templates: 'copa': exercise"),
     (["--max-unscorable", "1.5"], "max_unscorable is a fraction of a task's rows, from 0 to 1; got 1.5"),
     (["--max-length", "0"], "max_length must be at least 2 tokens"),
     (["--max-length", "600"], "max_length 600 must be below the model's 512 positions"),
@@ -158,11 +150,16 @@ def test_bad_options_are_errors(model_dir, data_dir, tmp_path, capsys, args, mes
     assert not out.exists()
 
 
-def test_template_must_exist_in_every_selected_task(model_dir, data_dir, tmp_path, capsys):
+def test_template_is_used_where_a_task_has_it_and_recorded(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _eval(model_dir, data_dir, out, "--template", "exercise", tasks=TASKS) == 2
-    assert "template 'exercise': not a template of task(s) 'xsum'" in _error(capsys)
+    assert _eval(model_dir, data_dir, out, "--template", "nope", tasks=TASKS) == 2
+    assert ("template 'nope': no selected task has it; their templates: 'copa': exercise; 'xsum': "
+            "doc_write_summary_of_above") in _error(capsys)
     assert not out.exists()
+    # a name some tasks have: used there, the others keep their first template, and the metrics say which
+    assert _eval(model_dir, data_dir, out, "--template", "exercise", "--limit", "2", tasks=TASKS) == 0
+    used = {m["task"]: m["template"] for m in json.loads((out / "metrics.json").read_text())}
+    assert used == {"copa": "exercise", "xsum": "doc_write_summary_of_above"}
 
 
 def test_max_length_shorter_than_a_choice(model_dir, data_dir, tmp_path, capsys):

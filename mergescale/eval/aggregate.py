@@ -2,13 +2,14 @@
 
 Held-in: a merged model's score on a dataset / the score of the expert of that dataset's category.
 Held-out: merged score / the base model's score. Aggregation: mean over datasets within a category, then
-over categories, then over seeds. Scores are plain {task name: score} dicts (e.g. from evaluate()["metrics"]).
+over categories, then over seeds. Scores are plain {task name: score} dicts (e.g. from evaluate()["metrics"]);
+`cell_scores` and `summarize` do the same over a study ledger's rows (mergescale.study.ledger).
 """
 
 from __future__ import annotations
 
 import math
-from statistics import fmean
+from statistics import fmean, stdev
 
 from mergescale.eval.tasks import get_task
 
@@ -72,3 +73,40 @@ def normalized_performance(merged: dict[str, float], reference: dict[str, float]
     norm = normalize(merged, reference)
     cats = category_means(norm, category_of)
     return {"tasks": norm, "categories": cats, "average": fmean(cats.values())}
+
+
+# -- a study's ledger: one row per (cell, task), rows as dicts (mergescale.study.ledger) ----------------------------
+CELL_FIELDS = ("base", "kind", "size", "method", "n_experts", "seed", "group")
+SUMMARY_FIELDS = ("base", "kind", "size", "method", "n_experts", "group")
+
+
+def cell_scores(rows: list[dict]) -> dict[tuple, float]:
+    """One number per (base, kind, size, method, n_experts, seed, group): the mean over categories of the mean
+    normalized score of each category's datasets (dataset -> category). Rows of one cell and group only."""
+    by_cell: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = tuple(r[f] for f in CELL_FIELDS)
+        tasks = by_cell.setdefault(key, {})
+        if r["task"] in tasks:
+            raise ValueError(f"ledger holds task {r['task']!r} twice for cell {dict(zip(CELL_FIELDS, key))}")
+        if r["normalized"] is None or not math.isfinite(r["normalized"]):
+            raise ValueError(f"ledger row {dict(zip(CELL_FIELDS, key))} task {r['task']!r}: normalized score "
+                             f"{r['normalized']!r} is not a finite number")
+        tasks[r["task"]] = r["normalized"]
+    category = {r["task"]: r["category"] for r in rows}
+    return {key: aggregate(tasks, category.__getitem__) for key, tasks in by_cell.items()}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """The paper's table cells: per (base, kind, size, method, n_experts, group) the mean over seeds of
+    cell_scores (-> seed), the sample standard deviation over seeds (None with one seed) and the seeds present."""
+    per: dict[tuple, dict[int, float]] = {}
+    for key, score in cell_scores(rows).items():
+        d = dict(zip(CELL_FIELDS, key))
+        per.setdefault(tuple(d[f] for f in SUMMARY_FIELDS), {})[d["seed"]] = score
+    out = []
+    for key, by_seed in per.items():
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        out.append({**dict(zip(SUMMARY_FIELDS, key)), "mean": fmean(vals),
+                    "std": stdev(vals) if len(vals) > 1 else None, "n_seeds": len(vals), "seeds": sorted(by_seed)})
+    return out

@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="K backend replicas as Ray actors (1: in process)")
     p.add_argument("--out", help="output directory (cache, examples/<task>.parquet, metrics.parquet/json)")
     p.add_argument("--data-dir", help="offline data: DIR/<task>/<split>.parquet|jsonl|json|arrow (default: the Hub)")
-    p.add_argument("--template", help="template name (every selected task must have it; default: each task's first)")
+    p.add_argument("--template", help="template name to use where a task has it (default: each task's first); a "
+                                      "name no selected task has is an error")
     p.add_argument("--limit", type=int, help="at most N examples per task (N >= 1)")
     p.add_argument("--max-unscorable", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of a task's rows that may be left out because they cannot be scored (a label out "

@@ -133,13 +133,15 @@ def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, n_
 
 
 def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
-             template: str | None = None, limit: int | None = None, max_length: int | None = None,
+             template: str | None = None, limit: int | None = None, sample_seed: int | None = None,
+             max_length: int | None = None,
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
              backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
+    `limit` with `sample_seed`: a seeded random sample of each task's examples instead of the first ones.
     `max_unscorable`: the fraction of a task's rows that may be left out because they cannot be scored (a label
     out of range, no target, ...; 0: none). See mergescale/eval/cli.py for the other options."""
     from mergescale.merge.checkpoint import resolve_model_dir
@@ -161,11 +163,15 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         check_device(device)  # replicas check theirs on their own nodes
     model_dir = resolve_model_dir(str(model_dir))
     selected = tasks_for(tasks)
-    if template is not None:
-        lacking = [t for t in selected if template not in {x.name for x in t.templates}]
-        if lacking:
-            raise EvalError(f"template {template!r}: not a template of task(s) " + "; ".join(
-                f"{t.name!r} (has {', '.join(x.name for x in t.templates)})" for t in lacking))
+    # `template` is used where a task has it (a study passes one name for many tasks); a name no selected task
+    # has is a typo, never a silent fallback. Each task's metrics record the template it used.
+    chosen = {t.name: template if template in {x.name for x in t.templates} else None for t in selected}
+    if template is not None and not any(chosen.values()):
+        raise EvalError(f"template {template!r}: no selected task has it; their templates: " + "; ".join(
+            f"{t.name!r}: {', '.join(x.name for x in t.templates)}" for t in selected))
+    if template is not None and not all(chosen.values()):
+        log.info("template %r: %s use their first template (they have no %r)", template,
+                 ", ".join(n for n, c in chosen.items() if c is None), template)
     tok, cfg = load_tokenizer(model_dir)
     max_len = model_max_length(cfg, max_length)
     for t in selected:
@@ -180,14 +186,14 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     unscorable: dict[str, int] = {}
     too_many = []
     for t in selected:
-        rendered = t.render_rows(t.load(None, data_dir), template, limit, None, data_dir)
+        rendered = t.render_rows(t.load(None, data_dir), chosen[t.name], limit, None, data_dir, sample_seed=sample_seed)
         where = partial(t.row_origin, None, data_dir)
         try:
             rendered.check(t.name, max_unscorable, where, "--max-unscorable")
         except TaskError as e:
             too_many.append(str(e))
         unscorable[t.name] = len(rendered.unscorable)
-        items[t.name] = _prepare(t, template, rendered.examples, tok, max_len, model_fp, where)
+        items[t.name] = _prepare(t, chosen[t.name], rendered.examples, tok, max_len, model_fp, where)
     if too_many:
         raise EvalError("\n".join(too_many))
     todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}

@@ -185,11 +185,19 @@ class Task:
         return f"{path} row {index}"
 
     def render_rows(self, dataset, template: str | None = None, limit: int | None = None, split: str | None = None,
-                    data_dir=None) -> Rendered:
+                    data_dir=None, sample_seed: int | None = None) -> Rendered:
         """Prompt the rows of `dataset` (the task's `split`, as loaded from data_dir) in order, up to `limit`
         examples. The example id is the row index within the (concatenated) split, stable across runs on the same
-        data. TaskError naming the task, file, row and column when a row lacks a value the template reads."""
+        data. With `limit` and a `sample_seed`, the rows are read in a seeded random order until `limit` examples
+        are found, and returned in dataset order: a cap that does not favour whatever the file lists first.
+        TaskError naming the task, file, row and column when a row lacks a value the template reads."""
         tpl = self.template(template)
+        indexed = enumerate(dataset)
+        if limit is not None and sample_seed is not None and limit < len(dataset):
+            import numpy as np
+
+            order = np.random.default_rng([sample_seed, len(dataset)]).permutation(len(dataset)).tolist()
+            indexed = ((i, dataset[i]) for i in order)
         names = getattr(dataset, "column_names", None)  # a datasets.Dataset; a list of dicts is checked per row
         missing_cols = [c for c in tpl.columns if names is not None and c not in names]
         where = partial(self.row_origin, split, data_dir)
@@ -198,7 +206,7 @@ class Task:
                             f"{', '.join(map(repr, missing_cols))}, which template {tpl.name!r} reads (in any row; its "
                             f"columns: {', '.join(names)})")
         examples, unscorable, rows = [], [], 0
-        for i, row in enumerate(dataset):
+        for i, row in indexed:
             if limit is not None and len(examples) >= limit:
                 break
             rows += 1
@@ -210,14 +218,16 @@ class Task:
                 unscorable.append((str(i), ex))
             else:
                 examples.append(ex)
+        examples.sort(key=lambda e: int(e.example_id))
+        unscorable.sort(key=lambda u: int(u[0]))
         return Rendered(examples, unscorable, rows)
 
     def prompted(self, split: str | None = None, data_dir=None, template: str | None = None,
-                 limit: int | None = None, dataset=None) -> Iterator[PromptedExample]:
+                 limit: int | None = None, dataset=None, sample_seed: int | None = None) -> Iterator[PromptedExample]:
         """Rendered examples in dataset order (rows that cannot be scored are left out: render_rows counts
-        them)."""
+        them); `sample_seed`: see render_rows."""
         ds = dataset if dataset is not None else self.load(split, data_dir)
-        yield from self.render_rows(ds, template, limit, split, data_dir).examples
+        yield from self.render_rows(ds, template, limit, split, data_dir, sample_seed=sample_seed).examples
 
     def training_pairs(self, data_dir=None, template: str | None = None, limit: int | None = None) -> list[tuple[str, str]]:
         if not self.train_split:
