@@ -112,6 +112,12 @@ def test_unscorable_rows_allowed_are_counted_and_reported(model_dir, data_dir, t
     scored = pq.read_table(out / "examples" / "copa.parquet").to_pylist()
     assert sorted(int(r["example_id"]) for r in scored) == [0, 1, 3, 4, 5, 6, 7]
     assert m["score"] == pytest.approx(sum(r["prediction"] == rows[int(r["example_id"])]["label"] for r in scored) / 7)
+    # allowing every row still gives no score of zero rows (before: a score of nan, exit 0)
+    shutil.rmtree(data)
+    data, path = _data_with(tmp_path, data_dir, [dict(r, label=-1) for r in rows])
+    assert _eval(model_dir, data, tmp_path / "none", "--max-unscorable", "1") == 2
+    assert f"task 'copa': none of its 8 rows can be scored ({path})" in _error(capsys)
+    assert not (tmp_path / "none").exists()
 
 
 def _nan_model(src, dst):

@@ -192,6 +192,10 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
             rendered.check(t.name, max_unscorable, where, "--max-unscorable")
         except TaskError as e:
             too_many.append(str(e))
+        else:
+            if not rendered.examples:  # even where allowed: a score of no rows is NaN
+                too_many.append(f"task {t.name!r}: none of its {rendered.rows} rows can be scored "
+                                f"({t.data_source(None, data_dir)})")
         unscorable[t.name] = len(rendered.unscorable)
         items[t.name] = _prepare(t, chosen[t.name], rendered.examples, tok, max_len, model_fp, where)
     if too_many:
