@@ -20,7 +20,8 @@ def scores_from_metrics(metrics: list[dict]) -> dict[str, float]:
 
 
 def normalize(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
-    """score / reference per task; every task needs a positive finite reference (a ratio needs one)."""
+    """score / reference per task; every task needs a finite score and a positive finite reference (a NaN score,
+    e.g. of a task that scored no rows, would make every average NaN)."""
     out = {}
     for task, s in scores.items():
         ref = reference.get(task)
@@ -28,6 +29,8 @@ def normalize(scores: dict[str, float], reference: dict[str, float]) -> dict[str
             raise KeyError(f"no reference score for task {task!r}")
         if not math.isfinite(ref) or ref <= 0:
             raise ValueError(f"reference score for task {task!r} is {ref}; cannot normalize by it")
+        if not math.isfinite(s):
+            raise ValueError(f"score for task {task!r} is {s}; a normalized average needs finite scores")
         out[task] = s / ref
     return out
 
