@@ -132,7 +132,8 @@ def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -
                       data_dir=settings["data_dir"], template=settings["template"], limit=settings["limit"],
                       sample_seed=settings["sample_seed"], max_length=settings["max_length"],
                       dtype=settings["dtype"], num_cpus_per_replica=settings["num_cpus"],
-                      num_gpus_per_replica=settings["num_gpus"], progress=False)
+                      num_gpus_per_replica=settings["num_gpus"], max_unscorable=settings["max_unscorable"],
+                      progress=False)
     return {"metrics": result["metrics"], "computed": result["computed"], "cached": result["cached"], "start": t0,
             "end": time.time()}
 

@@ -104,6 +104,7 @@ class EvalSettings(_Strict):
     tasks_yaml: list[str] = Field(default_factory=list)  # extra task YAML files to register
     max_length: int | None = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_unscorable: float = Field(0.0, ge=0, le=1, description="share of a task's rows that may be unscorable")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of one evaluation (or of each replica)")
     num_gpus: float = Field(0.0, ge=0)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from mergescale.config import ConfigError
@@ -331,12 +332,17 @@ def _task_data(config: StudyConfig, eval_tasks: list[str], train_tasks: list[str
     ev = config.eval
     for name in dict.fromkeys(eval_tasks):
         task = get_task(name)
-        try:
-            ds = task.load(None, ev.data_dir)
-            task.template(ev.template if ev.template in {t.name for t in task.templates} else None)
+        try:  # the rows each evaluation will score, checked as the evaluation checks them (columns, labels)
+            tpl = ev.template if ev.template in {t.name for t in task.templates} else None
+            rendered = task.render_rows(task.load(None, ev.data_dir), tpl, ev.limit, None, ev.data_dir,
+                                        sample_seed=ev.sample_seed)
+            rendered.check(name, ev.max_unscorable, partial(task.row_origin, None, ev.data_dir), "eval.max_unscorable")
         except TaskError as e:
             raise ConfigError(f"eval: {e}") from None
-        counts[name] = min(len(ds), ev.limit) if ev.limit else len(ds)
+        if not rendered.examples:
+            raise ConfigError(f"eval: task {name!r}: none of its {rendered.rows} rows can be scored "
+                              f"({task.data_source(None, ev.data_dir)})")
+        counts[name] = len(rendered.examples)
         fps[name] = task_fingerprint(task, ev.data_dir)
     for name in train_tasks:
         task = get_task(name)
