@@ -116,6 +116,15 @@ def merge_model(config: dict, out: str, workers: int | None) -> dict:
     return {"fingerprint": _sha(shards)[:32], "manifest": manifest, "start": t0, "end": time.time()}
 
 
+def train_model(recipe: str, train_config: dict, overwrite: bool, progress: bool) -> dict:
+    """Train one expert or multitask model (mergescale.training.train: Ray Train workers, resumable)."""
+    from mergescale.training import train
+
+    t0 = time.time()
+    manifest = train(recipe, train_config, overwrite=overwrite, progress=progress)
+    return {"steps": manifest.get("steps"), "start": t0, "end": time.time()}
+
+
 def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -> dict:
     """Evaluate one model on `tasks` (per-example rows and a score cache under `out`, so a rerun resumes).
     Returns evaluate()'s per-task metrics and timing."""

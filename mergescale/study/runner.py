@@ -1,7 +1,8 @@
 """`study.run(config)`: the paper's grid as one resumable run, top to bottom.
 
-    plan (validate everything)  ->  train the experts and multitask models the config asks for
-    ->  evaluate each reference model once (base: every task; an expert: its category's tasks; multitask: all)
+    plan (validate everything)  ->  train the experts and multitask models the config asks for, and evaluate each
+        reference model once (base: every task; an expert: its category's tasks; multitask: all; a trained model
+        right after its training, the others alongside the trainings)
     ->  every cell not done yet: merge -> evaluate (its N categories' held-in tasks + every held-out task)
         -> record its scores -> delete the merged checkpoint (unless keep_merged)
     ->  ledger (scores normalized as the paper does) -> summary -> report
@@ -46,11 +47,7 @@ def run(config, *, address: str | None = None, progress: bool = True, report: bo
 
     ensure_ray(plan.config.address)
 
-    # -- 1. trainings ---------------------------------------------------------------------------------------------
-    for m in plan.trainings():
-        _train(plan, m, progress)
-
-    # -- 2. reference evaluations, each model once ---------------------------------------------------------------
+    # -- 1, 2. trainings and reference evaluations, each model once -------------------------------------------------
     refs = _references(plan, digests, progress)
 
     # -- 3. cells -----------------------------------------------------------------------------------------------------
@@ -102,42 +99,26 @@ def _cleanup(plan: StudyPlan, done_keys: set[str]) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-# -- training --------------------------------------------------------------------------------------------------------
+# -- trainings and reference evaluations ------------------------------------------------------------------------------
 _NOT_COMPARED = ("cluster", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "out")
 
 
-def _train(plan: StudyPlan, m: ModelRef, progress: bool) -> None:
-    from mergescale.training import train
+def _training_needed(m: ModelRef) -> bool | None:
+    """None: the model in m.path was trained with these settings already; else whether training must replace it."""
     from mergescale.training.config import load_train_config
 
-    cfg = load_train_config(m.train)
     manifest = m.path / C.MANIFEST
-    overwrite = False
-    if manifest.exists():
-        had = json.loads(manifest.read_text()).get("config", {})
-        want = cfg.model_dump(mode="json")
-        diff = sorted(k for k in want if k not in _NOT_COMPARED and had.get(k) != want[k])
-        if not diff:
-            return
-        log.warning("%s was trained with other settings (%s); training it again", m.path, ", ".join(diff))
-        overwrite = True
-    if progress:
-        print(f"training {m.base} {m.role} -> {m.path}", flush=True)
-    t0 = time.time()
-    out = train(m.recipe, cfg, overwrite=overwrite, progress=progress)
-    tokens = _trained_tokens(m.path)
-    plan.run.log_timing("train", f"{m.base}/{m.role}", t0, time.time(), param_tokens=tokens * plan.model_params[m.base],
-                        steps=out.get("steps"))
+    if not manifest.exists():
+        return False
+    had = json.loads(manifest.read_text()).get("config", {})
+    want = load_train_config(m.train).model_dump(mode="json")
+    diff = sorted(k for k in want if k not in _NOT_COMPARED and had.get(k) != want[k])
+    if not diff:
+        return None
+    log.warning("%s was trained with other settings (%s); training it again", m.path, ", ".join(diff))
+    return True
 
 
-def _trained_tokens(model_dir: Path) -> int:
-    p = model_dir / "metrics.jsonl"
-    if not p.exists():
-        return 0
-    return sum(json.loads(x).get("tokens", 0) for x in p.read_text().splitlines() if x.strip())
-
-
-# -- reference evaluations -------------------------------------------------------------------------------------------
 def _groups(plan: StudyPlan) -> dict[str, str]:
     g = {t: "held_in" for ts in plan.tasks_of.values() for t in ts}
     g.update({t: "held_out" for t in plan.held_out})
@@ -145,23 +126,42 @@ def _groups(plan: StudyPlan) -> dict[str, str]:
 
 
 def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tuple[str, str], dict[str, dict]]:
-    """{(base, role): {task: score row}}; evaluates the reference models without a stored result, in parallel."""
+    """Train what the study trains, and evaluate every reference model once: {(base, role): {task: score row}}.
+
+    One job per reference model, all at once: a model the study trains is trained (a Ray task running Ray Train),
+    then evaluated; the others are evaluated right away, side by side with the trainings."""
     from mergescale.cluster.study import Step, run_jobs
 
     rd, ev = plan.run, plan.config.eval
-    keys = {m: C.reference_key(plan, m, digests) for m in plan.references()}
-    done = rd.done_keys("references")
-    todo = [m for m, k in keys.items() if k not in done]
+    overwrite = {m: _training_needed(m) for m in plan.trainings()}
+    to_train = {m for m, o in overwrite.items() if o is not None}
+    keys = {m: C.reference_key(plan, m, digests) for m in plan.references() if m not in to_train}
     settings, groups = C.eval_settings(plan), _groups(plan)
-    bar = _bar(len(keys), "reference evaluations", "model", progress, initial=len(keys) - len(todo))
+    done = rd.done_keys("references")
+    jobs = [m for m in plan.references() if m in to_train or keys[m] not in done]
+    bar = _bar(len(plan.references()) + len(to_train), "trainings and reference evaluations", "job", progress,
+               initial=len(plan.references()) - len(jobs))
     errors = []
 
-    def first(m: ModelRef):
+    def evaluation(m: ModelRef):
         k = keys[m]
         return Step(C.evaluate_model, (str(m.path), plan.tasks_of_model(m.role), str(rd.path("evals", k)), settings),
                     *_eval_resources(ev), name=f"eval {m.base} {m.role}")
 
-    def finished(m: ModelRef, step, res):
+    def first(m: ModelRef):
+        if m in to_train:  # the Ray Train workers hold the training's resources, not this task
+            return Step(C.train_model, (m.recipe, m.train, overwrite[m], progress), 0.0, 0.0,
+                        name=f"train {m.base} {m.role}")
+        return evaluation(m)
+
+    def next_step(m: ModelRef, step, res):
+        bar.update(1)
+        if step.fn is C.train_model:
+            tokens = _trained_tokens(m.path)
+            rd.log_timing("train", f"{m.base}/{m.role}", res["start"], res["end"],
+                          param_tokens=tokens * plan.model_params[m.base], steps=res["steps"])
+            keys[m] = C.reference_key(plan, m, digests)
+            return evaluation(m) if keys[m] not in done else None
         k = keys[m]
         fp = digests.model(m.path)[:32]
         rows = C.score_rows(rd.root, f"{m.base}/{m.role}", k, res["metrics"], groups, fp, rd.path("evals", k), None,
@@ -169,17 +169,18 @@ def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tup
         rd.write_scores("references", k, rows)
         rd.log_timing("eval", k, res["start"], res["end"], model=f"{m.base}/{m.role}",
                       param_examples=res["computed"] * plan.model_params[m.base])
-        bar.update(1)
+        return None
 
     def failed(m: ModelRef, step, err):
-        errors.append(f"{m.base} {m.role} ({m.path}): {err}")
-        bar.update(1)
+        what = "training" if step.fn is C.train_model else "evaluation"
+        errors.append(f"{what} of {m.base} {m.role} ({m.path}): {err}")
+        bar.update(1 + (step.fn is C.train_model))
 
-    run_jobs(todo, first, finished, failed, max_in_flight=max(1, len(todo)), address=plan.config.address)
+    run_jobs(jobs, first, next_step, failed, max_in_flight=max(1, len(jobs)), address=plan.config.address)
     bar.close()
     if errors:
-        raise StudyError("reference evaluation failed (cells cannot be normalized without it):\n  " +
-                         "\n  ".join(errors))
+        raise StudyError("the study cannot go on without its reference models (the cells are normalized by them):\n  "
+                         + "\n  ".join(errors))
     out = {}
     for m, k in keys.items():
         out[(m.base, m.role)] = {r["task"]: r for r in rd.read_scores("references", k)}
@@ -189,6 +190,13 @@ def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tup
         raise StudyError("reference scores of 0 cannot normalize anything (check these tasks' data and models):\n  "
                          + "\n  ".join(bad))
     return out
+
+
+def _trained_tokens(model_dir: Path) -> int:
+    p = model_dir / "metrics.jsonl"
+    if not p.exists():
+        return 0
+    return sum(json.loads(x).get("tokens", 0) for x in p.read_text().splitlines() if x.strip())
 
 
 def _eval_resources(ev) -> tuple[float, float]:
