@@ -76,9 +76,24 @@ def test_token_boundary_moves_whitespace_into_choice(backend):
     # naive per-part encoding gives other tokens (a lone space, and no leading-space token)
     naive = tok("the movie was great. sentiment: ")["input_ids"] + tok("positive")["input_ids"]
     assert naive != ctx + cont
-    # a BPE merge across the boundary: the scored tokens are still the natural tokenization of the whole
-    ctx, cont = split_context_choice(tok, "the mov", "ie was great")
-    assert ctx + cont == tok("the movie was great")["input_ids"]
+
+
+def test_split_follows_lm_eval_where_a_merge_crosses_the_boundary(backend):
+    """lm-eval's rule: condition on tok(context); the answer is tok(context + answer)[len(tok(context)):]. The
+    log-probs equal one plain forward pass over exactly those tokens."""
+    tok = backend.tokenizer
+    cases = [("the mov", "ie was great"), ("capital of fr", "ance")]  # empty delimiters: merges span the cut
+    for context, answer in cases:
+        own = tok(context)["input_ids"]
+        whole = tok(context + answer)["input_ids"]
+        assert whole[:len(own)] != own  # a merge crosses the boundary: cutting `whole` would give another context
+        ctx, cont = split_context_choice(tok, context, answer)
+        assert ctx == own and cont == whole[len(own):]
+        ex = PromptedExample("0", context, answer, (answer, "zebra"), 0, target_delimiter="")
+        req = rank_request(tok, ex, backend.max_length)
+        assert req.contexts[0] == own and req.continuations[0] == whole[len(own):]
+        got = backend.loglikelihood([req])[0][0]
+        assert abs(got - _direct_logprob(backend.model, own, whole[len(own):])) <= 1e-4
 
 
 def _train(model, tok, texts, steps=80):

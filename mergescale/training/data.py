@@ -160,8 +160,8 @@ def split_validation(sources: list[Source], n: int, seed: int) -> tuple[list[Sou
 # -- tokenization -----------------------------------------------------------------------------------------------
 def encode(tokenizer, inp: str, continuation: str, max_input_len: int, max_output_len: int) -> tuple[list[int], list[int]]:
     """input_ids and labels of input + continuation + EOS, labels IGNORE on the input. Tokenized exactly as the
-    evaluator scores a choice (eval.scoring.split_context_choice: the whole string encoded once, cut at the
-    context), so training and rank classification see the same target tokens. The input is cut from the left
+    evaluator scores a choice (eval.scoring.split_context_choice: the input's own tokens, then the tokens of
+    input + continuation past them), so training and rank classification see the same tokens. The input is cut from the left
     (the instruction cue just before the answer survives), the target from the right."""
     from mergescale.eval.scoring import split_context_choice
 
