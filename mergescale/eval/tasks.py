@@ -15,7 +15,8 @@ Public API (stable; the training engine imports it):
     task.training_pairs(data_dir=D)             # [(input, target), ...] over task.train_split
 
 A task is a YAML entry (mergescale/eval/registry/*.yaml, or your own file: `register_tasks(path)` or the
-MERGESCALE_TASKS env var, os.pathsep-separated). Fields: name, category, group (held_in | held_out | custom),
+MERGESCALE_TASKS env var, os.pathsep-separated; a file may set `replace_categories: true`, see register_tasks).
+Fields: name, category, group (held_in | held_out | custom),
 hf_id, hf_config, eval_split, train_split, data_files ({split: path or [paths]}, Parquet/JSONL/JSON/Arrow,
 relative to the YAML file), metric (accuracy | rouge_l | exact_match | f1), max_new_tokens, templates (name,
 jinja "input ||| target", answer_choices "a ||| b" (may use jinja), references, target_delimiter) and fixture
@@ -266,7 +267,10 @@ def task_from_dict(d: dict, source: str | Path = "") -> Task:
 
 
 def register_tasks(path: str | Path, replace: bool = False) -> list[Task]:
-    """Add the tasks of a YAML file ({tasks: [...]}) to the registry."""
+    """Add the tasks of a YAML file ({tasks: [...]}) to the registry. With `replace_categories: true` in the file,
+    its tasks replace every task of another file in their (group, category): `held-in:sentiment` then selects
+    the file's sentiment datasets only."""
+    _ensure_loaded()  # the built-in tasks first, so the file's own can replace them
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -275,9 +279,15 @@ def register_tasks(path: str | Path, replace: bool = False) -> list[Task]:
     entries = doc.get("tasks") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise TaskError(f"{path}: expected a mapping with a 'tasks' list")
+    if not isinstance(doc.get("replace_categories", False), bool):
+        raise TaskError(f"{path}: replace_categories must be true or false")
+    tasks = [task_from_dict(d, path) for d in entries]
+    if doc.get("replace_categories"):
+        cats = {(t.group, t.category) for t in tasks}
+        for name in [n for n, t in _TASKS.items() if (t.group, t.category) in cats and t.source != str(path)]:
+            del _TASKS[name]
     out = []
-    for d in entries:
-        t = task_from_dict(d, path)
+    for t in tasks:
         if t.name in _TASKS and not replace and _TASKS[t.name].source != t.source:
             raise TaskError(f"{path}: task {t.name!r} already defined in {_TASKS[t.name].source}")
         _TASKS[t.name] = t
