@@ -199,3 +199,46 @@ def test_cli(model_dir, data_dir, tmp_path, capsys):
     assert rc == 0 and "rte" in capsys.readouterr().out
     assert main(["eval", str(model_dir), "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_chat_template_prompts_recorded_and_timed(model_dir, data_dir, tmp_path):
+    """--chat-template scores each input as the user's turn of the tokenizer's template (an independent
+    apply_chat_template gives the same context tokens), records prompt_format, and times each task."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(model_dir, chat_dir)
+    tmpl = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}<s>assistant:"
+    (chat_dir / "chat_template.jinja").write_text(tmpl)
+    with pytest.raises(EvalError, match="no chat template"):
+        evaluate(model_dir, tasks="rte", data_dir=data_dir, chat_template=True, progress=False)
+    res = evaluate(chat_dir, tasks="rte", data_dir=data_dir, out=tmp_path / "o", chat_template=True, progress=False)
+    assert res["metrics"][0]["prompt_format"] == "chat"
+    t = res["timing"]["rte"]
+    assert t["computed"] == res["metrics"][0]["n"] and t["examples_per_s"] > 0
+    assert json.loads((tmp_path / "o" / "timing.json").read_text())["rte"]["computed"] == t["computed"]
+    rows = pq.read_table(tmp_path / "o" / "examples" / "rte.parquet").to_pylist()
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    from mergescale.eval.tasks import get_task
+
+    first = next(get_task("rte").prompted(data_dir=data_dir))
+    want = tok.apply_chat_template([{"role": "user", "content": first.input}], tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<s>user: ") and want.endswith("<s>assistant:")
+    backend = HFBackend(chat_dir)
+    req = rank_request(tok, PromptedExample("0", want, first.target, first.choices, first.label, target_delimiter=""),
+                       backend.max_length)
+    scored = next(r for r in rows if r["example_id"] == first.example_id)
+    assert scored["logprobs"] == pytest.approx(backend.loglikelihood([req])[0], abs=1e-4)
+    raw = evaluate(chat_dir, tasks="rte", data_dir=data_dir, progress=False)
+    assert raw["metrics"][0]["prompt_format"] == "raw"
+
+
+def test_cpu_window_is_capped():
+    from mergescale.eval.backends import CPU_MAX_LENGTH, model_max_length
+
+    assert model_max_length({"max_position_embeddings": 8192}) == 8191
+    assert model_max_length({"max_position_embeddings": 8192}, cap=CPU_MAX_LENGTH) == CPU_MAX_LENGTH
+    assert model_max_length({"max_position_embeddings": 512}, cap=CPU_MAX_LENGTH) == 511
+    assert model_max_length({"max_position_embeddings": 8192}, 4000, cap=CPU_MAX_LENGTH) == 4000

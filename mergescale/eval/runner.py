@@ -6,14 +6,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
 
-from mergescale.eval.backends import BACKENDS, EvalError, load_tokenizer, make_backend, model_max_length
+from mergescale.eval.backends import (
+    BACKENDS, CPU_MAX_LENGTH, EvalError, load_tokenizer, make_backend, model_max_length,
+)
 from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
-from mergescale.eval.scoring import GEN_METRICS, gen_request, rank_prediction, rank_request
+from mergescale.eval.scoring import GEN_METRICS, chat_prompt, gen_request, rank_prediction, rank_request
 from mergescale.eval.tasks import PromptedExample, Task, tasks_for
 
 log = logging.getLogger(__name__)
@@ -102,23 +104,27 @@ def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str) -> dic
     return row
 
 
-def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str) -> dict:
+def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, prompt_format: str = "raw") -> dict:
     names = ("acc", "acc_norm") if task.scoring == "rank" else tuple(GEN_METRICS)
     m = {n: (sum(r[n] for r in rows) / len(rows) if rows else float("nan")) for n in names}
     primary = "acc" if task.metric == "accuracy" else task.metric
     return dict(model_fingerprint=model_fp, model_dir=str(model_dir), task=task.name, category=task.category,
                 group=task.group, template=rows[0]["template"] if rows else "", metric=task.metric,
-                score=m[primary], n=len(rows), **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)})
+                score=m[primary], n=len(rows), **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)},
+                prompt_format=prompt_format)
 
 
 def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
              template: str | None = None, limit: int | None = None, max_length: int | None = None,
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
-             backend_kw: dict | None = None, engine=None) -> dict:
+             backend_kw: dict | None = None, engine=None, chat_template: bool = False) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
+    chat_template: prompt each input as the user's turn of the tokenizer's chat template (instruction-tuned
+    bases); the default is the paper's raw prompts. Each task's metrics record which (`prompt_format`);
+    "timing" (and out/timing.json) has each task's examples computed, seconds and examples/s in this run.
     See mergescale/eval/cli.py for the other options."""
     from mergescale.merge.checkpoint import resolve_model_dir
 
@@ -132,7 +138,10 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     model_dir = resolve_model_dir(str(model_dir))
     selected = tasks_for(tasks)
     tok, cfg = load_tokenizer(model_dir)
-    max_len = model_max_length(cfg, max_length)
+    if chat_template and not getattr(tok, "chat_template", None):
+        raise EvalError(f"{model_dir}: --chat-template asked for, but its tokenizer has no chat template")
+    on_gpu = num_gpus_per_replica > 0 or (device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
+    max_len = model_max_length(cfg, max_length, cap=None if on_gpu else CPU_MAX_LENGTH)
     model_fp = model_fingerprint(model_dir, {"max_length": max_len})
     datasets_ = {t.name: t.load(None, data_dir) for t in selected}
     out = Path(out) if out is not None else None
@@ -142,28 +151,42 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     for t in selected:
         tpl = template if template in {x.name for x in t.templates} else None
         exs = list(t.prompted(template=tpl, limit=limit, dataset=datasets_[t.name]))
+        if chat_template:  # the answer is the assistant's turn: no delimiter after the template's own cue
+            exs = [replace(e, input=chat_prompt(tok, e.input), target_delimiter="") for e in exs]
         items[t.name] = _prepare(t, tpl, exs, tok, max_len, model_fp)
     todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}
     n_cached = sum(len(items[n]) - len(todo[n]) for n in items)
     chunks = [c for t in selected for c in make_chunks(todo[t.name], t.scoring, chunk_size)]
     remaining = {name: len(v) for name, v in todo.items()}
     metrics: dict[str, dict] = {}
+    seconds = {name: 0.0 for name in items}  # wall time of each task's chunks (with replicas: between results)
+    timing: dict[str, dict] = {}
+    prompt_format = "chat" if chat_template else "raw"
 
     def finish_task(t: Task):
         rows = [example_row(t, i, cache, model_fp) for i in items[t.name]]
-        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir)
+        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, prompt_format)
+        n, sec = len(todo[t.name]), seconds[t.name]
+        timing[t.name] = {"computed": n, "cached": len(items[t.name]) - n, "seconds": round(sec, 3),
+                          "examples_per_s": round(n / sec, 3) if n and sec > 0 else None}
         if out is not None:
             write_parquet_atomic(pa.Table.from_pylist(rows), out / "examples" / f"{t.name}.parquet")
             ordered = [metrics[x.name] for x in selected if x.name in metrics]
             write_parquet_atomic(pa.Table.from_pylist(ordered), out / "metrics.parquet")
             write_json_atomic(ordered, out / "metrics.json")
+            write_json_atomic(timing, out / "timing.json")  # this run's, apart from the results
 
     by_name = {t.name: t for t in selected}
     for t in selected:
         if remaining[t.name] == 0:
             finish_task(t)
 
+    last = [time.perf_counter()]
+
     def on_done(chunk: Chunk, results: list):
+        now = time.perf_counter()
+        seconds[chunk.items[0].task] += now - last[0]
+        last[0] = now
         cache.add(cache_rows(chunk, results, tok))
         for it in chunk.items:
             remaining[it.task] -= 1
@@ -174,10 +197,12 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     n_examples = sum(len(c.items) for c in chunks)
     t0 = time.perf_counter()
     if chunks:
+        last[0] = t0
         bar = _bar(n_examples, progress)
         kw = dict(device=device, dtype=dtype, max_length=max_len, **(backend_kw or {}))
         if engine is not None or (replicas == 1 and address is None):
             engine = engine or make_backend(backend, model_dir, **kw)
+            last[0] = time.perf_counter()  # loading the model is no task's time
             for c in chunks:
                 on_done(c, run_chunk(engine, c.kind, [i.request for i in c.items]))
                 bar.update(len(c.items))
@@ -189,8 +214,14 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         bar.close()
     elapsed = time.perf_counter() - t0
     log.info("evaluated %d examples (%d cached) in %.1f s", n_examples, n_cached, elapsed)
-    return {"metrics": [metrics[t.name] for t in selected], "computed": n_examples, "cached": n_cached,
+    return {"metrics": [metrics[t.name] for t in selected], "timing": timing, "computed": n_examples, "cached": n_cached,
             "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _bar(total: int, enabled: bool):

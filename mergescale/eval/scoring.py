@@ -47,6 +47,19 @@ def _prefix_id(tokenizer) -> int:
     return 0
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user's turn of the tokenizer's chat template, ending where the assistant's answer starts
+    (instruction-tuned bases; the paper prompts with the raw text). ValueError when there is no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (chat_template in tokenizer_config.json / "
+                         "chat_template.jinja); use raw prompts")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and getattr(tokenizer, "add_bos_token", False) and out.startswith(bos):
+        out = out[len(bos):]  # encoding adds it once more
+    return out
+
+
 def split_context_choice(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
     """(tok(context), tok(context + choice)[len(tok(context)):]): lm-eval's split (module docstring)."""
     n = len(context) - len(context.rstrip())

@@ -346,7 +346,8 @@ def tasks_for(selector: str | list[str]) -> list[Task]:
         else:
             raise TaskError(f"unknown task or selector {sel!r}; use all, held-in, held-out, held-in:<category>, "
                             f"<category> or a task name. Categories: {', '.join(categories())}; tasks: "
-                            f"{', '.join(sorted(_TASKS))}")
+                            f"{', '.join(sorted(_TASKS))}. Add your own tasks with a task YAML: --tasks-yaml FILE, "
+                            "or MERGESCALE_TASKS=FILE[:FILE...] (e.g. DATA_DIR/tasks.yaml of `mergescale data build`)")
         chosen += [t for t in hit if t not in chosen]
     return chosen
 

@@ -40,7 +40,17 @@ def resolve_tasks(specs: list[str]) -> list:
         raise ConfigError(f"tasks: {e}") from None
 
 
-def task_source(task, data_dir: str | None) -> Source:
+def _pair(inp: str, target: str, delimiter: str, chat_tokenizer) -> tuple[str, str]:
+    """(input, continuation) as the evaluator scores them: raw, input + delimiter + target; with a chat
+    tokenizer, the input in its chat template and the target as the assistant's answer."""
+    if chat_tokenizer is None:
+        return inp, delimiter + target
+    from mergescale.eval.scoring import chat_prompt
+
+    return chat_prompt(chat_tokenizer, inp), target
+
+
+def task_source(task, data_dir: str | None, chat_tokenizer=None) -> Source:
     """Every train row rendered with every template of the task (T0 trains on all prompts of a dataset).
     The continuation is target_delimiter + target: the text the evaluator scores after the input."""
     from mergescale.eval.tasks import TaskError
@@ -56,13 +66,13 @@ def task_source(task, data_dir: str | None) -> Source:
         for template in task.templates:
             p = template.render(row, example_id=str(i))
             if p is not None:  # None: the row has no target (unlabelled), nothing to learn from
-                examples.append((p.input, p.target_delimiter + p.target))
+                examples.append(_pair(p.input, p.target, p.target_delimiter, chat_tokenizer))
     if not examples:
         raise ConfigError(f"tasks: task {task.name!r} has no labelled examples in split {task.train_split!r}")
     return Source(task.name, examples)
 
 
-def file_source(path: str | Path) -> tuple[Source, list[str]]:
+def file_source(path: str | Path, chat_tokenizer=None) -> tuple[Source, list[str]]:
     """Rows {"input": str, "target": str, "task": str, "target_delimiter": str} (the last two optional) from a
     JSONL file; returns the source and the task names its rows claim."""
     path = Path(path)
@@ -79,7 +89,7 @@ def file_source(path: str | Path) -> tuple[Source, list[str]]:
                 raise ConfigError(f"data_files: {path}:{lineno}: not valid JSON: {e}") from None
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
                 raise ConfigError(f"data_files: {path}:{lineno}: each row needs string fields 'input' and 'target'")
-            examples.append((row["input"], row.get("target_delimiter", " ") + row["target"]))
+            examples.append(_pair(row["input"], row["target"], row.get("target_delimiter", " "), chat_tokenizer))
             if isinstance(row.get("task"), str):
                 named.append(row["task"])
     if not examples:
