@@ -144,3 +144,22 @@ def test_normalization_and_aggregation():
     assert agg.aggregate_seeds([s1, s2]) == pytest.approx(sum(per_seed) / 2)
     with pytest.raises(ValueError):
         agg.normalize({"copa": 0.5}, {"copa": 0.0})
+
+
+def test_readme_task_yaml_example_registers(tmp_path):
+    """The complete task YAML the README documents loads as written (so the documented schema stays true)."""
+    import re
+    from pathlib import Path
+
+    from mergescale.eval.tasks import register_tasks, tasks_for
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Task YAML.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_reviews").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "my_reviews" / f"{split}.jsonl").write_text('{"text": "great fun", "label": 1}\n')
+    (tmp_path / "tasks.yaml").write_text(block)
+    (task,) = register_tasks(tmp_path / "tasks.yaml")
+    assert [t.name for t in tasks_for("held-in:sentiment")] == ["my_reviews"]
+    (ex,) = task.prompted()
+    assert (ex.input, ex.target, ex.choices) == ("great fun Did the reviewer like it?", "good", ("bad", "good"))
