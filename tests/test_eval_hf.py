@@ -242,3 +242,17 @@ def test_cpu_window_is_capped():
     assert model_max_length({"max_position_embeddings": 8192}, cap=CPU_MAX_LENGTH) == CPU_MAX_LENGTH
     assert model_max_length({"max_position_embeddings": 512}, cap=CPU_MAX_LENGTH) == 511
     assert model_max_length({"max_position_embeddings": 8192}, 4000, cap=CPU_MAX_LENGTH) == 4000
+
+
+def test_accuracy_norm_metric_scores_by_log_prob_per_character(model_dir, data_dir, tmp_path):
+    (tmp_path / "t.yaml").write_text(
+        "tasks:\n  - name: copa_norm\n    category: sentence_completion\n    metric: accuracy_norm\n"
+        f"    eval_split: validation\n    data_files: {{validation: {data_dir}/copa/validation.jsonl}}\n"
+        "    templates:\n      - name: t\n        jinja: '{{ premise }} ||| {{ answer_choices[label] }}'\n"
+        "        answer_choices: '{{ choice1 }} ||| {{ choice2 }}'\n")
+    register_tasks(tmp_path / "t.yaml")
+    res = evaluate(model_dir, tasks="copa_norm", out=tmp_path / "o", progress=False)
+    (m,) = res["metrics"]
+    rows = pq.read_table(tmp_path / "o" / "examples" / "copa_norm.parquet").to_pylist()
+    by_char = [max(range(2), key=lambda j: (r["logprobs"][j] / len(r["choices"][j]), -j)) == r["label"] for r in rows]
+    assert m["metric"] == "accuracy_norm" and m["score"] == pytest.approx(sum(by_char) / len(rows))

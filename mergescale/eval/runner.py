@@ -107,7 +107,7 @@ def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str) -> dic
 def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, prompt_format: str = "raw") -> dict:
     names = ("acc", "acc_norm") if task.scoring == "rank" else tuple(GEN_METRICS)
     m = {n: (sum(r[n] for r in rows) / len(rows) if rows else float("nan")) for n in names}
-    primary = "acc" if task.metric == "accuracy" else task.metric
+    primary = {"accuracy": "acc", "accuracy_norm": "acc_norm"}.get(task.metric, task.metric)
     return dict(model_fingerprint=model_fp, model_dir=str(model_dir), task=task.name, category=task.category,
                 group=task.group, template=rows[0]["template"] if rows else "", metric=task.metric,
                 score=m[primary], n=len(rows), **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)},

@@ -16,12 +16,12 @@ Public API (stable; the training engine imports it):
 
 A task is a YAML entry (mergescale/eval/registry/*.yaml, or your own file: `register_tasks(path)` or the
 MERGESCALE_TASKS env var, os.pathsep-separated; a file may set `replace_categories: true`, see register_tasks).
-Fields: name, category, group (held_in | held_out | custom),
-hf_id, hf_config, eval_split, train_split, data_files ({split: path or [paths]}, Parquet/JSONL/JSON/Arrow,
-relative to the YAML file), metric (accuracy | rouge_l | exact_match | f1), max_new_tokens, templates (name,
-jinja "input ||| target", answer_choices "a ||| b" (may use jinja), references, target_delimiter) and fixture
-(a synthetic-row recipe, see fixtures.py). `accuracy` tasks are scored by rank classification; the others by
-greedy generation.
+Fields: name, category, group (held_in | held_out | custom), hf_id, hf_config, eval_split, train_split,
+data_files ({split: path or [paths]}, Parquet/JSONL/JSON/Arrow, relative to the YAML file), metric (accuracy |
+accuracy_norm | rouge_l | exact_match | f1), max_new_tokens, templates (name, jinja "input ||| target",
+answer_choices "a ||| b" (may use jinja), references, target_delimiter) and fixture (a synthetic-row recipe,
+see fixtures.py). `accuracy` and `accuracy_norm` (HellaSwag's length-normalized accuracy) tasks are scored by
+rank classification; the others by greedy generation.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from typing import Iterator
 import yaml
 
 REGISTRY_DIR = Path(__file__).parent / "registry"
-METRICS = ("accuracy", "rouge_l", "exact_match", "f1")
+METRICS = ("accuracy", "accuracy_norm", "rouge_l", "exact_match", "f1")
+RANK_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: the choice with the best log-prob per character
 GROUPS = ("held_in", "held_out", "custom")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
 _SEP = "|||"
@@ -133,7 +134,7 @@ class Task:
 
     @property
     def scoring(self) -> str:
-        return "rank" if self.metric == "accuracy" else "generate"
+        return "rank" if self.metric in RANK_METRICS else "generate"
 
     def template(self, name: str | None = None) -> Template:
         if name is None:
@@ -261,7 +262,7 @@ def task_from_dict(d: dict, source: str | Path = "") -> Task:
         raise TaskError(f"{where}: needs at least one template")
     base = Path(source).parent if source else Path(".")
     d["data_files"] = {s: [str(base / p) for p in _as_list(v)] for s, v in (d.get("data_files") or {}).items()}
-    if d["templates"][0].answer_choices is None and d.get("metric", "accuracy") == "accuracy":
+    if d["templates"][0].answer_choices is None and d.get("metric", "accuracy") in RANK_METRICS:
         raise TaskError(f"{where}: metric accuracy (rank classification) needs answer_choices in its template")
     return Task(**d, source=str(source))
 
