@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,6 @@ def test_cli_and_cached_resolve(tiny, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cache" / "models").exists() and json.loads((tmp_path / first / "mergescale_manifest.json")
                                                                     .read_text())["source"]["spec"] == f"gguf:{src}"
     assert resolve_model(str(tiny)) == str(tiny)  # a plain directory passes through
+    from mergescale.merge.checkpoint import resolve_model_dir
+
+    assert resolve_model_dir(f"gguf:{src}") == Path(first)  # what merge, eval and train resolve their models with
