@@ -64,7 +64,7 @@ def main() -> None:
         task = get_task(row["task"])
         ex = pq.read_table(out / "results" / "examples" / f"{task.name}.parquet").to_pylist()
         if task.scoring == "rank":
-            lo, hi = bootstrap_ci([r["acc"] for r in ex])
+            lo, hi = bootstrap_ci([r["acc_norm" if task.metric == "accuracy_norm" else "acc"] for r in ex])
             chance = sum(1 / len(r["choices"]) for r in ex) / len(ex)
             ci, ch = f"[{lo:.3f},{hi:.3f}]", f"{chance:.3f}"
         else:
