@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     # Subpackages that have a command line register it here (mergescale/<pkg>/cli.py: add_parser(sub)).
-    for module in ("mergescale.eval.cli", "mergescale.training.cli", "mergescale.models.cli", "mergescale.data.cli"):
+    for module in ("mergescale.eval.cli", "mergescale.training.cli", "mergescale.study.cli", "mergescale.models.cli",
+                   "mergescale.data.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_parser(sub)
     return p

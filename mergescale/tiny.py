@@ -137,3 +137,51 @@ def build_family(root: str | Path, n_experts: int = 4, seed: int = 0, **kw) -> t
 
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+STUDY_CATEGORIES = ("multiple_choice_qa", "paraphrase_identification", "sentiment", "topic_classification")
+
+
+def build_study_fixture(root: str | Path, categories=STUDY_CATEGORIES, n_examples: int = 16,
+                        trained: dict[str, list[str]] | None = None, multitask: tuple[str, ...] = ()) -> dict:
+    """Models and data for a tiny study: a pretrained and an instruction-tuned tiny base (different random inits),
+    one expert per category and base (base + a seeded task vector), fixture data for those categories' tasks and
+    every held-out task. Returns a study config dict (work_dir root/run). `trained` ({base: [category]}) leaves
+    those experts for the study to train (a few steps), and `multitask` names bases whose multitask model it
+    trains."""
+    from mergescale.eval.fixtures import write_fixture_data
+
+    root = Path(root)
+    bases = {"tiny-pt": ("pretrained", 0), "tiny-it": ("instruction_tuned", 1)}
+    experts: dict[str, dict] = {}
+    for name, (kind, seed) in bases.items():
+        base = root / "models" / name
+        if not (base / "config.json").exists():
+            build_tiny_llama(base, seed=seed, max_shard_size="400KB")
+        experts[name] = {}
+        for i, cat in enumerate(categories):
+            if cat in (trained or {}).get(name, ()):
+                experts[name][cat] = "train"
+                continue
+            out = root / "models" / f"{name}-{cat}"
+            if not (out / "config.json").exists():
+                make_expert(base, out, seed=100 * seed + i, max_shard_size="400KB")
+            experts[name][cat] = str(out)
+    data = write_fixture_data(root / "data", ",".join([f"held-in:{c}" for c in categories] + ["held-out"]),
+                              n=n_examples)
+    return {
+        "name": "tiny-study",
+        "work_dir": str(root / "run"),
+        "bases": [{"name": n, "kind": k, "size": "0.4M", "path": str(root / "models" / n)} for n, (k, _) in bases.items()],
+        "experts": experts,
+        "multitask": {b: "train" for b in multitask},
+        "training": {"max_steps": 2, "batch_size": 2, "lr": 1.0e-3, "optimizer": "adamw", "max_input_len": 64,
+                     "max_output_len": 8, "deepspeed": "zero2", "checkpoint_every": 100},
+        "methods": [{"label": "Task Arithmetic", "method": "task_arithmetic", "parameters": {"lambda": 0.5}},
+                    {"label": "TIES", "method": "ties", "parameters": {"density": 0.2, "trim_scope": "global"}}],
+        "num_experts": [2, 4],
+        "seeds": [0, 1],
+        "held_in": list(categories),
+        "held_out": ["held-out"],
+        "eval": {"backend": "hf", "data_dir": str(data)},
+    }

@@ -146,6 +146,29 @@ def test_normalization_and_aggregation():
         agg.normalize({"copa": 0.5}, {"copa": 0.0})
 
 
+def test_a_nan_score_is_not_normalized():
+    # before: nan / 0.5 went into the category mean and the average as nan
+    with pytest.raises(ValueError, match=r"score for task 'copa' is nan; a normalized average needs finite scores"):
+        agg.normalize({"copa": float("nan"), "rte": 0.5}, {"copa": 0.5, "rte": 0.5})
+
+
+def test_labels_that_do_not_parse_are_not_guessed(tmp_path):
+    """Before: hellaswag's `label | int` made "x" choice 0, and winogrande's `else` made an unlabelled row's
+    answer option2: both scored as if labelled."""
+    write_fixture_data(tmp_path, "hellaswag,winogrande", n=4)
+    hs, wg = get_task("hellaswag"), get_task("winogrande")
+    rows = list(hs.load(data_dir=tmp_path))
+    bad = [dict(rows[0], label="x"), *rows[1:]]
+    assert [e.example_id for e in hs.prompted(dataset=bad, data_dir=tmp_path)] == ["1", "2", "3"]
+    assert hs.render_rows(bad, data_dir=tmp_path).unscorable == [
+        ("0", "template 'complete_first_then' cannot render it: 'x' is not an integer")]
+    rows = list(wg.load(data_dir=tmp_path))
+    bad = [dict(r, answer="") if i == 1 else r for i, r in enumerate(rows)]
+    assert [e.example_id for e in wg.prompted(dataset=bad, data_dir=tmp_path)] == ["0", "2", "3"]
+    rendered = wg.render_rows(bad, data_dir=tmp_path)
+    assert rendered.unscorable == [("1", "no target (an unlabelled row)")] and rendered.rows == 4
+
+
 def test_readme_task_yaml_example_registers(tmp_path):
     """The complete task YAML the README documents loads as written (so the documented schema stays true)."""
     import re

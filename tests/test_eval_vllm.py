@@ -4,6 +4,7 @@ missing vLLM fails the run instead of silently skipping."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -81,3 +82,52 @@ def test_evaluate_vllm_equals_hf_and_shares_cache(setup, tmp_path):
     again = evaluate(model, tasks=TASKS, backend="vllm", data_dir=data, out=tmp_path / "hf", max_length=MAXLEN,
                      engine=v, progress=False)
     assert again["computed"] == 0
+
+
+def test_cli_run_exits_zero_after_shutting_the_engine_down(setup, tmp_path):
+    """Before: the engine was left to interpreter-exit hooks, which gave its process 5 s, then killed it; the
+    CLI then died now and then with status 134 ("terminate called without an active exception") after writing
+    complete results, and otherwise logged that the engine core had exited unexpectedly."""
+    import json
+    import subprocess
+    import sys
+
+    model, data, _, _ = setup
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "mergescale.cli", "eval", str(model), "--tasks", "copa", "--backend",
+                        "vllm", "--data-dir", str(data), "--out", str(out), "--max-length", str(MAXLEN), "-q"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr  # vLLM logs to stdout
+    for sign in ("terminate called", "engine core exited unexpectedly", "force killing"):
+        assert sign not in log, log[-3000:]
+    (m,) = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "copa" and m["n"] == 6
+
+
+def test_non_finite_log_probabilities_are_an_error(setup, tmp_path):
+    """An all-NaN model: rank classification and generation both fail naming the model and task, nothing
+    written (before: copa scored 0.5 from [nan, nan])."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergescale.eval.backends import EvalError
+
+    model, data, _, _ = setup
+    nan = tmp_path / "nan"
+    shutil.copytree(model, nan)
+    for f in nan.glob("*.safetensors"):
+        save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(f)).items()}, str(f),
+                  metadata={"format": "pt"})
+    v = VLLMBackend(nan, max_length=MAXLEN, max_num_seqs=16)
+    try:
+        for task, what in (("copa", "log-probabilities are [nan, nan]"), ("xsum", "generating saw non-finite logits")):
+            out = tmp_path / f"out-{task}"
+            with pytest.raises(EvalError, match=rf"model {nan}: task '{task}', example \d+: {re.escape(what)}"):
+                evaluate(nan, tasks=task, backend="vllm", data_dir=data, out=out, max_length=MAXLEN, engine=v,
+                         progress=False)
+            assert not out.exists()
+    finally:
+        v.close()

@@ -45,3 +45,30 @@ def test_train_rayjob_example():
         assert "/shared" in mounts  # checkpoints and output on storage every worker sees
     # one Ray Train worker per GPU: the cluster holds exactly the workers the job asks for
     assert gpus == args.workers == 8
+
+
+def test_study_rayjob_example():
+    """The study RayJob runs `study run` on a config that validates, on a cluster that fits what it asks for."""
+    from mergescale.study.cli import add_arguments as study_arguments
+    from mergescale.study.config import load_study_config
+
+    doc = yaml.safe_load((ROOT / "configs/kuberay/study-rayjob.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["backoffLimit"], int)
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:4] == ["python", "-m", "mergescale.cluster.job", "study"] and "study" in COMMANDS
+    import argparse
+
+    p = argparse.ArgumentParser()
+    study_arguments(p)
+    args = p.parse_args(argv[4:])
+    assert args.study_command == "run"
+    cfg = load_study_config(ROOT / args.config)
+    assert cfg.work_dir.startswith("/shared/")
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"]
+               for g in spec["rayClusterSpec"]["workerGroupSpecs"])
+    assert cfg.training["cluster"]["workers"] <= gpus  # the experts' training fits
+    assert cfg.eval.num_gpus <= gpus and (cfg.merge.workers or 1) * cfg.merge.num_gpus <= gpus
+    for b in cfg.bases:
+        assert b.path.startswith("/shared/")

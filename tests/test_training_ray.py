@@ -8,6 +8,7 @@ Four short runs share one local Ray (2 CPUs). The first DeepSpeed init on a fres
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -178,3 +179,25 @@ def test_resume_after_worker_killed(setup, dropout_run, monkeypatch):
     ref_rows = [json.loads(x) for x in (dropout_run[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+
+
+def test_non_finite_loss_stops_the_run_without_a_model(setup, tmp_path, capsys):
+    """A base whose weights are NaN: the loss of step 1 is NaN, every worker stops there and the command exits 2
+    naming the step (before: 8 steps of NaN loss, a NaN model written, exit 0)."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from mergescale.cli import main
+
+    root, base, data = setup
+    nan = tmp_path / "nan-base"
+    shutil.copytree(base, nan)
+    for f in nan.glob("*.safetensors"):
+        save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(f)).items()}, str(f),
+                  metadata={"format": "pt"})
+    config = tmp_path / "nan.yaml"
+    config.write_text(yaml.safe_dump(_cfg(nan, data, deepspeed="zero2", max_steps=4, out=str(tmp_path / "out"))))
+    assert main(["train", "expert", str(config), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: the training loss is nan at step 1 (recipe expert, base {nan})" in err
+    assert not (tmp_path / "out").exists()

@@ -47,18 +47,37 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
     import ray
 
     from mergescale.cluster.session import ensure_ray
+    from mergescale.eval.backends import EvalError
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ensure_ray(address, log_to_driver=False)
-    actors = []
+    actors, pg = [], None
     try:
         env = {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_", "TRANSFORMERS_"))}
         # a replica lost with its node is restarted and its in-flight chunks retried (results are idempotent)
-        cls = _replica_class(ray).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2, max_task_retries=2,
-                                          runtime_env={"env_vars": env} if env else None)
+        cls = _replica_class(ray)
+        opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=2, max_task_retries=2,
+                    runtime_env={"env_vars": env} if env else None)
         kw = dict(backend_kw)
         if num_gpus > 0 and not kw.get("device"):
             kw["device"] = "cuda"
-        actors += [cls.remote(backend, str(model_dir), kw) for _ in range(replicas)]
+        # All replicas of an evaluation are placed at once (a placement group is all or nothing): evaluations that
+        # run side by side (a study's cells) would otherwise each hold some replicas and wait forever for the rest.
+        bundle = {k: v for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
+        if bundle:
+            have = ray.cluster_resources()
+            short = {k: v * replicas for k, v in bundle.items() if v * replicas > have.get(k, 0)}
+            if short:
+                raise EvalError(f"{replicas} evaluation replicas need {short}; the Ray cluster has "
+                                 f"{ {k: have.get(k, 0) for k in short} }: lower --replicas or the resources per replica")
+            pg = placement_group([bundle] * replicas, strategy="SPREAD")
+            ray.get(pg.ready())  # queued behind other evaluations' replicas until the cluster has room
+        for i in range(replicas):
+            where = {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)} \
+                if pg is not None else {}
+            actors.append(cls.options(**opts, **where).remote(backend, str(model_dir), kw))
         queues = [[chunks[i] for i in idx] for idx in balance([c.cost for c in chunks], replicas)]
         pending: dict = {}
 
@@ -81,3 +100,5 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
     finally:
         for a in actors:  # the session stays up for later work (cluster/session.py); the replicas do not
             ray.kill(a)
+        if pg is not None:
+            remove_placement_group(pg)

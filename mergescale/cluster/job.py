@@ -7,6 +7,7 @@ CLI command with the cluster already there. Models, data and outputs must be on 
     python -m mergescale.cluster.job merge CONFIG [--out DIR] [--workers K]
     python -m mergescale.cluster.job eval MODEL_DIR --tasks held-out --replicas K --out DIR
     python -m mergescale.cluster.job train expert CONFIG [--out DIR] [--workers N]
+    python -m mergescale.cluster.job study run CONFIG          # also: study plan CONFIG, study status RUN_DIR
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _from_cli(module: str, name: str):
         p = argparse.ArgumentParser(prog=f"python -m mergescale.cluster.job {name}")
         cli.add_arguments(p)
         args = p.parse_args(argv)
-        if args.address is None:
+        if getattr(args, "address", "") is None:
             args.address = "auto"  # inside `ray job submit`: the cluster this job runs on
         return cli.run(args)
 
@@ -53,6 +54,7 @@ COMMANDS = {
     "merge": _merge,
     "eval": _from_cli("mergescale.eval.cli", "eval"),
     "train": _from_cli("mergescale.training.cli", "train"),
+    "study": _from_cli("mergescale.study.cli", "study"),
 }
 
 

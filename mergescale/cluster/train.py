@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mergescale.merge.writer import MANIFEST
 from mergescale.training.config import TrainConfig
-from mergescale.training.trainer import FAIL_ENV
+from mergescale.training.trainer import FAIL_ENV, STOPPED
 
 
 class TrainingFailed(RuntimeError):
@@ -36,7 +36,7 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
 
 def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_base: dict, out: Path, work: Path, *,
-                 progress: bool = True, overwrite: bool = False) -> dict:
+                 progress: bool = True, overwrite: bool = False) -> dict | None:
     """Run the trainer on Ray (connecting to cluster.address, or an embedded local Ray) and return the manifest."""
     import ray
     import ray.train
@@ -61,10 +61,13 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
         run_config=RunConfig(name=f"train-{out.name}-{int(time.time())}", storage_path=str(work / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
-    # Train V2 reports no metrics without a Ray checkpoint: the result is the manifest rank 0 wrote.
+    # Train V2 reports no metrics without a Ray checkpoint: the result is the manifest rank 0 wrote (None: the
+    # workers stopped the run and said why in work/STOPPED).
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
                              f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
+    if (work / STOPPED).exists():
+        return None
     return json.loads((out / MANIFEST).read_text())

@@ -5,8 +5,9 @@
                       out="results/merged", data_dir="data/")   # data_dir: offline Parquet/JSONL per task
     result["metrics"]   # per-task dicts: task, category, group, metric, score, acc, acc_norm, rouge_l, ...
 
-Modules: tasks (registry; the training engine uses it), scoring (the shared rule), backends (hf, vllm),
-runner (evaluate), results (cache + Parquet), aggregate (the paper's normalization), fixtures (synthetic data).
+Modules: tasks (registry; the training engine uses it), templates (prompts applied strictly), scoring (the shared
+rule), backends (hf, vllm), runner (evaluate), results (cache + Parquet), aggregate (the paper's normalization),
+fixtures (synthetic data).
 """
 
 

@@ -2,13 +2,14 @@
 
 Held-in: a merged model's score on a dataset / the score of the expert of that dataset's category.
 Held-out: merged score / the base model's score. Aggregation: mean over datasets within a category, then
-over categories, then over seeds. Scores are plain {task name: score} dicts (e.g. from evaluate()["metrics"]).
+over categories, then over seeds. Scores are plain {task name: score} dicts (e.g. from evaluate()["metrics"]);
+`cell_scores` and `summarize` do the same over a study ledger's rows (mergescale.study.ledger).
 """
 
 from __future__ import annotations
 
 import math
-from statistics import fmean
+from statistics import fmean, stdev
 
 from mergescale.eval.tasks import get_task
 
@@ -19,7 +20,8 @@ def scores_from_metrics(metrics: list[dict]) -> dict[str, float]:
 
 
 def normalize(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
-    """score / reference per task; every task needs a positive finite reference (a ratio needs one)."""
+    """score / reference per task; every task needs a finite score and a positive finite reference (a NaN score,
+    e.g. of a task that scored no rows, would make every average NaN)."""
     out = {}
     for task, s in scores.items():
         ref = reference.get(task)
@@ -27,6 +29,8 @@ def normalize(scores: dict[str, float], reference: dict[str, float]) -> dict[str
             raise KeyError(f"no reference score for task {task!r}")
         if not math.isfinite(ref) or ref <= 0:
             raise ValueError(f"reference score for task {task!r} is {ref}; cannot normalize by it")
+        if not math.isfinite(s):
+            raise ValueError(f"score for task {task!r} is {s}; a normalized average needs finite scores")
         out[task] = s / ref
     return out
 
@@ -69,3 +73,56 @@ def normalized_performance(merged: dict[str, float], reference: dict[str, float]
     norm = normalize(merged, reference)
     cats = category_means(norm, category_of)
     return {"tasks": norm, "categories": cats, "average": fmean(cats.values())}
+
+
+# -- a study's ledger: one row per (cell, task), rows as dicts (mergescale.study.ledger) ----------------------------
+CELL_FIELDS = ("base", "kind", "size", "method", "n_experts", "seed", "group")
+SUMMARY_FIELDS = ("base", "kind", "size", "method", "n_experts", "group")
+
+
+def cell_scores(rows: list[dict]) -> dict[tuple, float]:
+    """One number per (base, kind, size, method, n_experts, seed, group): the mean over categories of the mean
+    normalized score of each category's datasets (dataset -> category). Rows of one cell and group only."""
+    by_cell: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = tuple(r[f] for f in CELL_FIELDS)
+        tasks = by_cell.setdefault(key, {})
+        if r["task"] in tasks:
+            raise ValueError(f"ledger holds task {r['task']!r} twice for cell {dict(zip(CELL_FIELDS, key))}")
+        if r["normalized"] is None or not math.isfinite(r["normalized"]):
+            raise ValueError(f"ledger row {dict(zip(CELL_FIELDS, key))} task {r['task']!r}: normalized score "
+                             f"{r['normalized']!r} is not a finite number")
+        tasks[r["task"]] = r["normalized"]
+    category = {r["task"]: r["category"] for r in rows}
+    return {key: aggregate(tasks, category.__getitem__) for key, tasks in by_cell.items()}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """The paper's table cells: per (base, kind, size, method, n_experts, group) the mean over seeds of
+    cell_scores (-> seed), the sample standard deviation over seeds (None with one seed) and the seeds present."""
+    per: dict[tuple, dict[int, float]] = {}
+    for key, score in cell_scores(rows).items():
+        d = dict(zip(CELL_FIELDS, key))
+        per.setdefault(tuple(d[f] for f in SUMMARY_FIELDS), {})[d["seed"]] = score
+    out = []
+    for key, by_seed in per.items():
+        vals = [by_seed[s] for s in sorted(by_seed)]
+        out.append({**dict(zip(SUMMARY_FIELDS, key)), "mean": fmean(vals),
+                    "std": stdev(vals) if len(vals) > 1 else None, "n_seeds": len(vals), "seeds": sorted(by_seed)})
+    return out
+
+
+def summary_weights(rows: list[dict]) -> dict[tuple, dict[int, float]]:
+    """summarize's means as weights on the rows: per SUMMARY_FIELDS key, {row index: w} with
+    sum(w * rows[i]["normalized"]) equal to that key's mean, w = 1 / (seeds x the seed's categories x the category's
+    datasets). A resample of the rows' normalized scores (the report's bootstrap) aggregated with these weights is
+    aggregated exactly like the point estimate."""
+    tree: dict[tuple, dict[int, dict[str, list[int]]]] = {}  # key -> seed -> category -> row indices
+    for i, r in enumerate(rows):
+        key = tuple(r[f] for f in SUMMARY_FIELDS)
+        tree.setdefault(key, {}).setdefault(r["seed"], {}).setdefault(r["category"], []).append(i)
+    out = {}
+    for key, seeds in tree.items():
+        out[key] = {i: 1.0 / (len(seeds) * len(cats) * len(idx))
+                    for cats in seeds.values() for idx in cats.values() for i in idx}
+    return out

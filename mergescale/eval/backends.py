@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from mergescale.eval.scoring import GenRequest, RankRequest
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 class EvalError(ValueError):
@@ -57,11 +59,29 @@ CPU_MAX_LENGTH = 2048
 def model_max_length(cfg: dict, override: int | None = None, cap: int | None = None) -> int:
     """The scoring window in tokens: `override`, else the model's positions minus one (vLLM must place one
     output token after every prompt, so its prompts can be at most positions - 1 long; all backends share
-    the window so they truncate identically), at most `cap`."""
-    if override:
-        return override
-    n = (model_positions(cfg) or 2049) - 1
-    return min(n, cap) if cap else n
+    the window so they truncate identically), at most `cap` when no window is asked for. EvalError for a
+    window under 2 tokens or past the positions (transformers would score tokens at positions the model never
+    saw, without a word)."""
+    positions = model_positions(cfg)
+    if override is None:
+        n = (positions or 2049) - 1
+        return min(n, cap) if cap else n
+    if override < 2:
+        raise EvalError(f"max_length must be at least 2 tokens (a context token and a choice token), got {override}")
+    if positions is not None and override >= positions:
+        raise EvalError(f"max_length {override} must be below the model's {positions} positions "
+                        f"(max_position_embeddings in config.json); at most {positions - 1}")
+    return override
+
+
+def check_device(device: str) -> None:
+    """EvalError for a device string torch does not know, or a GPU this machine does not have."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EvalError(f"device {device!r}: {e}") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise EvalError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -78,13 +98,16 @@ class HFBackend:
 
     def __init__(self, model_dir, device: str | None = None, dtype: str = "float32", max_length: int | None = None,
                  batch_tokens: int = 16384, tokenizer_dir=None):
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         self.tokenizer, cfg = load_tokenizer(model_dir, tokenizer_dir)
         self.max_length = model_max_length(cfg, max_length)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=_dtype(dtype, self.device), trust_remote_code=False).to(self.device).eval()
+        # Plain greedy decoding, as vLLM does with our SamplingParams: transformers would otherwise fill in the
+        # model's generation_config.json (repetition_penalty, no_repeat_ngram_size, ...) without a word.
+        self.model.generation_config = GenerationConfig()
         self.batch_tokens = batch_tokens
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -167,13 +190,28 @@ class HFBackend:
             for b, r in enumerate(reqs):
                 ids[b, lc - len(r.context):] = torch.tensor(r.context)
                 mask[b, lc - len(r.context):] = 1
+            watch = _NonFiniteWatch(len(reqs))
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max(r.max_new_tokens for r in reqs), do_sample=False,
-                                      pad_token_id=self.pad, eos_token_id=eos)
+                                      pad_token_id=self.pad, eos_token_id=eos, logits_processor=[watch])
             for b, (i, _) in enumerate(batch):
                 toks = gen[b, lc:lc + requests[i].max_new_tokens].tolist()
-                out[i] = toks[:toks.index(eos)] if eos in toks else toks
+                out[i] = None if watch.bad[b] else toks[:toks.index(eos)] if eos in toks else toks
         return out
+
+
+class _NonFiniteWatch:
+    """A logits processor that only looks: which batch rows saw a NaN, a +inf, or no finite logit at all
+    (other processors may set -inf on purpose). Greedy argmax over NaNs would still emit tokens."""
+
+    def __init__(self, rows: int):
+        self.bad = [False] * rows
+
+    def __call__(self, input_ids, scores):
+        top = scores.amax(-1)
+        for b in torch.nonzero(torch.isnan(scores).any(-1) | ~torch.isfinite(top)).flatten().tolist():
+            self.bad[b] = True
+        return scores
 
 
 class VLLMBackend:
@@ -189,11 +227,7 @@ class VLLMBackend:
         except Exception as e:  # noqa: BLE001 - not installed, or broken torchvision (see ENVIRONMENT)
             raise EvalError(f"backend vllm: cannot import vllm ({e}); install mergescale[vllm] or use --backend hf") from None
         self.tokenizer, cfg = load_tokenizer(model_dir, tokenizer_dir)
-        self.max_length = model_max_length(cfg, max_length)
-        positions = model_positions(cfg)
-        if positions is not None and self.max_length >= positions:
-            raise EvalError(f"backend vllm: max_length {self.max_length} must be below the model's {positions} "
-                            "positions (vLLM appends one output token to every scored prompt)")
+        self.max_length = model_max_length(cfg, max_length)  # below the positions: vLLM appends an output token
         kw = dict(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), dtype=dtype,
                   max_model_len=self.max_length + 1, enable_prefix_caching=True, trust_remote_code=False, seed=0,
                   tensor_parallel_size=tensor_parallel_size,
@@ -240,27 +274,34 @@ class VLLMBackend:
             out[i][j] = float(sum(lps[p][ids[p]].logprob for p in range(len(c), len(ids))))
         return out
 
-    def close(self) -> None:
-        """Stop the engine's worker processes now (not at interpreter exit, when logging is gone)."""
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the engine's processes now and wait for them. Left to interpreter exit, vLLM gives its engine
+        process 5 s before killing it; on a busy CPU that was too short, and the process then aborted with
+        status 134 ("terminate called without an active exception") after a complete run."""
         llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
         try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort; the engine may already be down
-            pass
+            llm.llm_engine.engine_core.shutdown(timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - the engine may already be down
+            log.debug("vLLM engine shutdown: %s", e)
 
     def generate(self, requests: list[GenRequest]) -> list[list[int]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         eos = self.tokenizer.eos_token_id
-        params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=0.0, detokenize=False,
+        # logprobs=0: each generated token's own log-prob comes back, so non-finite logits are seen
+        params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=0.0, detokenize=False, logprobs=0,
                                  stop_token_ids=[eos] if eos is not None else None) for r in requests]
         results = self.llm.generate([TokensPrompt(prompt_token_ids=list(r.context)) for r in requests], params,
                                     use_tqdm=False)
         out = []
         for res in results:
-            toks = list(res.outputs[0].token_ids)
-            out.append(toks[:toks.index(eos)] if eos in toks else toks)
+            o = res.outputs[0]
+            toks = list(o.token_ids)
+            finite = all(math.isfinite(lp[t].logprob) for t, lp in zip(toks, o.logprobs or []))
+            out.append(None if not finite else toks[:toks.index(eos)] if eos in toks else toks)
         return out
 
 

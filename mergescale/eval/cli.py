@@ -14,8 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=int, default=1, help="K backend replicas as Ray actors (1: in process)")
     p.add_argument("--out", help="output directory (cache, examples/<task>.parquet, metrics.parquet/json)")
     p.add_argument("--data-dir", help="offline data: DIR/<task>/<split>.parquet|jsonl|json|arrow (default: the Hub)")
-    p.add_argument("--template", help="template name to use where a task has it (default: each task's first)")
-    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--template", help="template name to use where a task has it (default: each task's first); a "
+                                      "name no selected task has is an error")
+    p.add_argument("--limit", type=int, help="at most N examples per task (N >= 1)")
+    p.add_argument("--max-unscorable", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of a task's rows that may be left out because they cannot be scored (a label out "
+                        "of range, no target, ...); over it the evaluation fails (default 0: any such row fails)")
     p.add_argument("--max-length", type=int, help="token window (default: the model's max_position_embeddings - 1; "
                    "on CPU at most 2048)")
     p.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (CPU default 2, "
@@ -45,16 +49,17 @@ def run(args) -> int:
                           max_length=args.max_length, dtype=args.dtype, device=args.device, address=args.address,
                           num_cpus_per_replica=args.num_cpus_per_replica,
                           num_gpus_per_replica=args.num_gpus_per_replica, progress=not args.quiet,
-                          chat_template=args.chat_template,
+                          max_unscorable=args.max_unscorable, chat_template=args.chat_template,
                           backend_kw={"kv_cache_gb": args.kv_cache_gb} if args.kv_cache_gb else None)
     except (EvalError, TaskError, CheckpointError, ConnectionError) as e:  # ConnectionError: no Ray cluster
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'task':<20} {'category':<26} {'metric':<12} {'score':>7} {'n':>6} {'ex/s':>7}")
+    print(f"{'task':<20} {'category':<26} {'metric':<13} {'score':>7} {'n':>6} {'unscorable':>10} {'ex/s':>7}")
     for m in result["metrics"]:
         speed = result["timing"].get(m["task"], {}).get("examples_per_s")
         rate = f"{speed:>7.2f}" if speed else f"{'-':>7}"
-        print(f"{m['task']:<20} {m['category']:<26} {m['metric']:<12} {m['score']:>7.4f} {m['n']:>6} {rate}")
+        print(f"{m['task']:<20} {m['category']:<26} {m['metric']:<13} {m['score']:>7.4f} {m['n']:>6} "
+              f"{m['n_unscorable']:>10} {rate}")
     print(f"{result['computed']} examples computed, {result['cached']} from cache"
           + (f"; results in {result['out']}" if result["out"] else ""))
     return 0

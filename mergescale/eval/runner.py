@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 
 from mergescale.eval.backends import (
-    BACKENDS, CPU_MAX_LENGTH, EvalError, load_tokenizer, make_backend, model_max_length,
+    BACKENDS, CPU_MAX_LENGTH, DTYPES, EvalError, check_device, load_tokenizer, make_backend, model_max_length,
 )
 from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
 from mergescale.eval.scoring import GEN_METRICS, chat_prompt, gen_request, rank_prediction, rank_request
-from mergescale.eval.tasks import PromptedExample, Task, tasks_for
+from mergescale.eval.tasks import PromptedExample, Task, TaskError, metric_column, tasks_for
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,16 @@ class Chunk:
         return sum(i.cost for i in self.items)
 
 
-def _prepare(task: Task, template: str | None, examples, tok, max_length: int, model_fp: str) -> list[Item]:
+def _prepare(task: Task, template: str | None, examples, tok, max_length: int, model_fp: str, where) -> list[Item]:
     tpl = task.template(template).name
     items = []
     for ex in examples:
         if task.scoring == "rank":
-            req = rank_request(tok, ex, max_length)
+            try:
+                req = rank_request(tok, ex, max_length)
+            except ValueError as e:  # a choice that does not fit the window, or encodes to no tokens
+                raise EvalError(f"task {task.name!r}: {where(int(ex.example_id))}: {e}; a choice must fit the token "
+                                "window (--max-length) with at least one token of context") from None
             keys = [cache_key(model_fp, task.name, tpl, ex.example_id, ex.input, c) for c in ex.choices]
             cost = sum(len(c) + len(k) for c, k in zip(req.contexts, req.continuations))
         else:
@@ -86,13 +92,24 @@ def cache_rows(chunk: Chunk, results: list, tok) -> list[dict]:
     return rows
 
 
-def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str) -> dict:
+def check_finite(kind: str, item: Item, result, model_dir) -> None:
+    """EvalError naming the model and task when an example's log-probabilities are NaN/inf (rank), or its
+    generation saw non-finite logits (a backend returns None for it): never a score."""
+    bad = result is None if kind == "generate" else not all(math.isfinite(lp) for lp in result)
+    if bad:
+        what = "generating saw non-finite logits" if kind == "generate" else f"log-probabilities are {list(result)}"
+        raise EvalError(f"model {model_dir}: task {item.task!r}, example {item.example.example_id}: {what}. The "
+                        "model's weights hold NaN/inf, or its activations overflow in this dtype; nothing is scored")
+
+
+def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str, model_dir="") -> dict:
     ex = item.example
     row = dict(model_fingerprint=model_fp, task=task.name, category=task.category, group=task.group,
                template=item.template, example_id=ex.example_id, label=ex.label, target=ex.target)
     if task.scoring == "rank":
         hits = [cache.get(k) for k in item.keys]
         lps = [h["logprob"] for h in hits]
+        check_finite("rank", item, lps, model_dir)  # a cache written before this check existed
         pred, pred_norm = rank_prediction(lps, ex.choices)
         row.update(choices=list(ex.choices), logprobs=lps, n_tokens=[h["n_tokens"] for h in hits],
                    n_chars=[len(c) for c in ex.choices], prediction=pred, prediction_norm=pred_norm,
@@ -104,28 +121,34 @@ def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str) -> dic
     return row
 
 
-def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, prompt_format: str = "raw") -> dict:
+def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, n_unscorable: int = 0,
+                 prompt_format: str = "raw") -> dict:
+    """Per-task means; `n` examples scored, `n_unscorable` rows left out because they cannot be scored."""
     names = ("acc", "acc_norm") if task.scoring == "rank" else tuple(GEN_METRICS)
     m = {n: (sum(r[n] for r in rows) / len(rows) if rows else float("nan")) for n in names}
-    primary = {"accuracy": "acc", "accuracy_norm": "acc_norm"}.get(task.metric, task.metric)
+    primary = metric_column(task.metric)
     return dict(model_fingerprint=model_fp, model_dir=str(model_dir), task=task.name, category=task.category,
                 group=task.group, template=rows[0]["template"] if rows else "", metric=task.metric,
-                score=m[primary], n=len(rows), **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)},
-                prompt_format=prompt_format)
+                score=m[primary], n=len(rows), n_unscorable=n_unscorable,
+                **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)}, prompt_format=prompt_format)
 
 
 def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
-             template: str | None = None, limit: int | None = None, max_length: int | None = None,
+             template: str | None = None, limit: int | None = None, sample_seed: int | None = None,
+             max_length: int | None = None,
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
-             backend_kw: dict | None = None, engine=None, chat_template: bool = False) -> dict:
+             backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0,
+             chat_template: bool = False) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
-    chat_template: prompt each input as the user's turn of the tokenizer's chat template (instruction-tuned
-    bases); the default is the paper's raw prompts. Each task's metrics record which (`prompt_format`);
-    "timing" (and out/timing.json) has each task's examples computed, seconds and examples/s in this run.
-    See mergescale/eval/cli.py for the other options."""
+    `limit` with `sample_seed`: a seeded random sample of each task's examples instead of the first ones.
+    `max_unscorable`: the fraction of a task's rows that may be left out because they cannot be scored (a label
+    out of range, no target, ...; 0: none). chat_template: prompt each input as the user's turn of the
+    tokenizer's chat template (instruction-tuned bases); the default is the paper's raw prompts. Each task's
+    metrics record which (`prompt_format`); "timing" (and out/timing.json) has each task's examples computed,
+    seconds and examples/s in this run. See mergescale/eval/cli.py for the other options."""
     from mergescale.merge.checkpoint import resolve_model_dir
 
     # -- validation: everything that can fail does so before any output is written --------------------------
@@ -133,27 +156,61 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         raise EvalError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise EvalError("backend vllm: vllm is not installed (pip install 'mergescale[vllm]'); or use --backend hf")
-    if replicas < 1:
-        raise EvalError(f"replicas must be >= 1, got {replicas}")
+    for name, value, low in (("replicas", replicas, 1), ("limit", limit, 1), ("chunk_size", chunk_size, 1)):
+        if value is not None and value < low:
+            raise EvalError(f"{name} must be >= {low}, got {value}")
+    if not 0 <= max_unscorable <= 1:
+        raise EvalError(f"max_unscorable is a fraction of a task's rows, from 0 to 1; got {max_unscorable}")
+    if dtype not in DTYPES:
+        raise EvalError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    in_process = engine is not None or (replicas == 1 and address is None)
+    if in_process and engine is None and device is not None:
+        check_device(device)  # replicas check theirs on their own nodes
     model_dir = resolve_model_dir(str(model_dir))
     selected = tasks_for(tasks)
+    # `template` is used where a task has it (a study passes one name for many tasks); a name no selected task
+    # has is a typo, never a silent fallback. Each task's metrics record the template it used.
+    chosen = {t.name: template if template in {x.name for x in t.templates} else None for t in selected}
+    if template is not None and not any(chosen.values()):
+        raise EvalError(f"template {template!r}: no selected task has it; their templates: " + "; ".join(
+            f"{t.name!r}: {', '.join(x.name for x in t.templates)}" for t in selected))
+    if template is not None and not all(chosen.values()):
+        log.info("template %r: %s use their first template (they have no %r)", template,
+                 ", ".join(n for n, c in chosen.items() if c is None), template)
     tok, cfg = load_tokenizer(model_dir)
     if chat_template and not getattr(tok, "chat_template", None):
         raise EvalError(f"{model_dir}: --chat-template asked for, but its tokenizer has no chat template")
     on_gpu = num_gpus_per_replica > 0 or (device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
     max_len = model_max_length(cfg, max_length, cap=None if on_gpu else CPU_MAX_LENGTH)
+    for t in selected:
+        if t.scoring == "generate" and t.max_new_tokens >= max_len:
+            raise EvalError(f"task {t.name!r} generates up to {t.max_new_tokens} tokens, which leaves no context in "
+                            f"the {max_len}-token window (--max-length)")
     model_fp = model_fingerprint(model_dir, {"max_length": max_len})
-    datasets_ = {t.name: t.load(None, data_dir) for t in selected}
     out = Path(out) if out is not None else None
     cache = ScoreCache(out, model_fp)
 
     items: dict[str, list[Item]] = {}
+    unscorable: dict[str, int] = {}
+    too_many = []
     for t in selected:
-        tpl = template if template in {x.name for x in t.templates} else None
-        exs = list(t.prompted(template=tpl, limit=limit, dataset=datasets_[t.name]))
+        rendered = t.render_rows(t.load(None, data_dir), chosen[t.name], limit, None, data_dir, sample_seed=sample_seed)
+        where = partial(t.row_origin, None, data_dir)
+        try:
+            rendered.check(t.name, max_unscorable, where, "--max-unscorable")
+        except TaskError as e:
+            too_many.append(str(e))
+        else:
+            if not rendered.examples:  # even where allowed: a score of no rows is NaN
+                too_many.append(f"task {t.name!r}: none of its {rendered.rows} rows can be scored "
+                                f"({t.data_source(None, data_dir)})")
+        unscorable[t.name] = len(rendered.unscorable)
+        exs = rendered.examples
         if chat_template:  # the answer is the assistant's turn: no delimiter after the template's own cue
             exs = [replace(e, input=chat_prompt(tok, e.input), target_delimiter="") for e in exs]
-        items[t.name] = _prepare(t, tpl, exs, tok, max_len, model_fp)
+        items[t.name] = _prepare(t, chosen[t.name], exs, tok, max_len, model_fp, where)
+    if too_many:
+        raise EvalError("\n".join(too_many))
     todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}
     n_cached = sum(len(items[n]) - len(todo[n]) for n in items)
     chunks = [c for t in selected for c in make_chunks(todo[t.name], t.scoring, chunk_size)]
@@ -164,8 +221,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     prompt_format = "chat" if chat_template else "raw"
 
     def finish_task(t: Task):
-        rows = [example_row(t, i, cache, model_fp) for i in items[t.name]]
-        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, prompt_format)
+        rows = [example_row(t, i, cache, model_fp, model_dir) for i in items[t.name]]
+        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, unscorable[t.name], prompt_format)
         n, sec = len(todo[t.name]), seconds[t.name]
         timing[t.name] = {"computed": n, "cached": len(items[t.name]) - n, "seconds": round(sec, 3),
                           "examples_per_s": round(n / sec, 3) if n and sec > 0 else None}
@@ -184,6 +241,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     last = [time.perf_counter()]
 
     def on_done(chunk: Chunk, results: list):
+        for item, res in zip(chunk.items, results):  # before anything of the chunk is cached or written
+            check_finite(chunk.kind, item, res, model_dir)
         now = time.perf_counter()
         seconds[chunk.items[0].task] += now - last[0]
         last[0] = now
@@ -200,12 +259,19 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         last[0] = t0
         bar = _bar(n_examples, progress)
         kw = dict(device=device, dtype=dtype, max_length=max_len, **(backend_kw or {}))
-        if engine is not None or (replicas == 1 and address is None):
+        if in_process:
+            own = engine is None
             engine = engine or make_backend(backend, model_dir, **kw)
             last[0] = time.perf_counter()  # loading the model is no task's time
-            for c in chunks:
-                on_done(c, run_chunk(engine, c.kind, [i.request for i in c.items]))
-                bar.update(len(c.items))
+            try:
+                for c in chunks:
+                    on_done(c, run_chunk(engine, c.kind, [i.request for i in c.items]))
+                    bar.update(len(c.items))
+            finally:
+                if own and hasattr(engine, "close"):
+                    # vLLM's engine processes stopped now, not by interpreter-exit hooks (which can abort the
+                    # process after a complete run)
+                    engine.close()
         else:
             from mergescale.cluster.eval_replicas import run_on_replicas
 
@@ -214,8 +280,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         bar.close()
     elapsed = time.perf_counter() - t0
     log.info("evaluated %d examples (%d cached) in %.1f s", n_examples, n_cached, elapsed)
-    return {"metrics": [metrics[t.name] for t in selected], "timing": timing, "computed": n_examples, "cached": n_cached,
-            "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
+    return {"metrics": [metrics[t.name] for t in selected], "timing": timing, "computed": n_examples,
+            "cached": n_cached, "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
 
 
 def _cuda() -> bool:

@@ -8,11 +8,15 @@ Public API (stable; the training engine imports it):
     tasks = tasks_for("held-out,held-in:sentiment,copa")
     # selectors: all | held-in | held-out | held-in:<category> | held-out:<category> | <category> | <task name>
     ds = task.load(task.train_split, data_dir=None)   # a datasets.Dataset; hub when data_dir is None
-    for ex in task.prompted(split=task.train_split, data_dir=...):   # PromptedExample, one per renderable row
+    for ex in task.prompted(split=task.train_split, data_dir=...):   # PromptedExample, one per scorable row
         ex.input, ex.target                     # a training pair (input text, target text)
         ex.choices, ex.label                    # rank classification: answer strings and the gold index
-    task.templates[0].render(row, example_id="7")   # -> PromptedExample, or None when the row has no target
+    r = task.render_rows(ds, split=..., data_dir=...)   # r.examples, and r.unscorable: [(row, why)] to count
+    task.templates[0].render(row, example_id="7")   # -> PromptedExample, or None when the row cannot be scored
     task.training_pairs(data_dir=D)             # [(input, target), ...] over task.train_split
+
+A row lacking a column its template reads is a TaskError naming the task, file, row and column (templates.py
+applies templates strictly); an empty or unreadable data file is one naming the file.
 
 A task is a YAML entry (mergescale/eval/registry/*.yaml, or your own file: `register_tasks(path)` or the
 MERGESCALE_TASKS env var, os.pathsep-separated; a file may set `replace_categories: true`, see register_tasks).
@@ -26,96 +30,28 @@ rank classification; the others by greedy generation.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
+from mergescale.eval.templates import DataError, PromptedExample, Rendered, TaskError, Template  # noqa: F401 - API
+
 REGISTRY_DIR = Path(__file__).parent / "registry"
 METRICS = ("accuracy", "accuracy_norm", "rouge_l", "exact_match", "f1")
 RANK_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: the choice with the best log-prob per character
+
+
+def metric_column(metric: str) -> str:
+    """A task metric's per-example column (mergescale.eval.runner.example_row): `acc` / `acc_norm` for rank
+    classification (metric accuracy / accuracy_norm), the metric's own name for generation metrics."""
+    return {"accuracy": "acc", "accuracy_norm": "acc_norm"}.get(metric, metric)
 GROUPS = ("held_in", "held_out", "custom")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
-_SEP = "|||"
-
-
-class TaskError(ValueError):
-    """Unknown task, bad task YAML, or missing data; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class PromptedExample:
-    example_id: str
-    input: str
-    target: str
-    choices: tuple[str, ...] | None = None  # rank classification candidates (None: generation task)
-    label: int | None = None  # index of the gold choice
-    references: tuple[str, ...] = ()  # gold strings for generation metrics
-    target_delimiter: str = " "  # text between input and an answer (input + delimiter + choice)
-
-
-def _jinja_env():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    # Sandboxed: task YAML can come from users. `choice` is promptsource's random pick; we take the first
-    # element so prompts (and cache keys) are deterministic.
-    env = ImmutableSandboxedEnvironment(keep_trailing_newline=False)
-    env.filters["choice"] = lambda xs: xs[0] if len(xs) else ""
-    env.globals.update(zip=zip, enumerate=enumerate, range=range, len=len)
-    return env
-
-
-_ENV = None
-
-
-def _env():
-    global _ENV
-    if _ENV is None:
-        _ENV = _jinja_env()
-    return _ENV
-
-
-def _split_sep(text: str) -> list[str]:
-    return [p.strip() for p in text.split(_SEP)]
-
-
-@dataclass
-class Template:
-    name: str
-    jinja: str
-    answer_choices: str | None = None
-    references: str | None = None
-    target_delimiter: str = " "
-
-    def __post_init__(self):
-        if self.jinja.count(_SEP) != 1:
-            raise TaskError(f"template {self.name!r}: jinja must contain exactly one '|||' (input ||| target)")
-        env = _env()
-        self._t = env.from_string(self.jinja)
-        self._c = env.from_string(self.answer_choices) if self.answer_choices else None
-        self._r = env.from_string(self.references) if self.references else None
-
-    def render(self, example: dict, example_id: str = "") -> PromptedExample | None:
-        """Prompt one dataset row; None when the row has no target (e.g. unlabelled test rows)."""
-        choices = None
-        if self._c is not None:
-            choices = tuple(c for c in _split_sep(self._c.render(**example)))
-        text = self._t.render(**example, answer_choices=list(choices or ()))
-        inp, _, target = text.partition(_SEP)
-        inp, target = inp.strip(), target.strip()
-        if not inp or not target:
-            return None
-        label = None
-        if choices is not None:
-            if target not in choices:
-                return None  # gold answer is not among the choices: the row cannot be rank-classified
-            label = choices.index(target)
-        refs = tuple(r for r in _split_sep(self._r.render(**example)) if r) if self._r else (target,)
-        return PromptedExample(str(example_id), inp, target, choices, label, refs, self.target_delimiter)
-
-
 @dataclass
 class Task:
     name: str
@@ -180,18 +116,44 @@ class Task:
                     f"`datasets.load_dataset({self.hf_id!r}, {self.hf_config!r}, split=...).to_parquet(...)` on a "
                     "machine with internet), or set data_files in the task YAML."
                 )
-            parts = [self._load_file(p) for p in found]
+            parts = [self._read_file(p) for p in found]
             return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         if not self.hf_id:
             raise TaskError(f"task {self.name!r}: no hf_id and no data_files; pass data_dir (--data-dir)")
         try:
-            return datasets.load_dataset(self.hf_id, self.hf_config, split=split)
+            ds = datasets.load_dataset(self.hf_id, self.hf_config, split=split)
         except Exception as e:  # noqa: BLE001 - offline, auth, renamed dataset: all mean "provide the files"
             raise TaskError(
                 f"task {self.name!r}: loading {self.hf_id} ({self.hf_config}) split {split!r} from the Hugging Face "
                 f"Hub failed ({type(e).__name__}: {e}). Offline, pass --data-dir DIR with "
                 f"DIR/{self.name}/<split>.parquet|jsonl|json|arrow."
             ) from None
+        if len(ds) == 0:
+            raise TaskError(f"task {self.name!r}: {self.hf_id} ({self.hf_config}) split {split!r} holds no rows")
+        return ds
+
+    def _read_file(self, path: Path):
+        """_load_file, its failures (an empty file, a truncated JSONL, a corrupt Parquet) as a TaskError naming
+        the file instead of the datasets library's traceback."""
+        if path.stat().st_size == 0:
+            raise TaskError(f"task {self.name!r}: {path} is empty")
+        if path.suffix == ".parquet" and _parquet_rows(path) == 0:  # datasets fails on one with a cryptic error
+            raise TaskError(f"task {self.name!r}: {path} holds no rows")
+        quiet = logging.getLogger("datasets.packaged_modules")  # it logs the parser's error before raising
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            ds = self._load_file(path)
+        except Exception as e:  # noqa: BLE001 - StopIteration, DatasetGenerationError, ArrowInvalid, ...
+            while e.__cause__ is not None or e.__context__ is not None:  # the library wraps the parser's error
+                e = e.__cause__ or e.__context__
+            raise TaskError(f"task {self.name!r}: cannot read {path}: "
+                            f"{_bad_json_line(path) or f'{type(e).__name__}: {e}'}") from None
+        finally:
+            quiet.setLevel(level)
+        if len(ds) == 0:
+            raise TaskError(f"task {self.name!r}: {path} holds no rows")
+        return ds
 
     @staticmethod
     def _load_file(path: Path):
@@ -208,25 +170,112 @@ class Task:
             if was_on:
                 datasets.enable_progress_bars()
 
-    def prompted(self, split: str | None = None, data_dir=None, template: str | None = None,
-                 limit: int | None = None, dataset=None) -> Iterator[PromptedExample]:
-        """Rendered examples in dataset order; rows the template cannot render are skipped. The example id is
-        the row index within the (concatenated) split, stable across runs on the same data."""
-        ds = dataset if dataset is not None else self.load(split, data_dir)
-        tpl = self.template(template)
-        n = 0
-        for i, row in enumerate(ds):
-            if limit is not None and n >= limit:
+    def data_source(self, split: str | None, data_dir) -> str:
+        """The split's files (comma-separated), or its Hub dataset."""
+        split = split or self.eval_split
+        if data_dir is not None or self.data_files:
+            return ", ".join(map(str, self.local_files(split, data_dir)[0]))
+        return f"{self.hf_id} ({self.hf_config}) split {split!r}"
+
+    def row_origin(self, split: str | None, data_dir, index: int) -> str:
+        """Where row `index` of a split comes from: "FILE row K" (K counts from 0 within that file)."""
+        split = split or self.eval_split
+        found, _ = self.local_files(split, data_dir)
+        if not (data_dir is not None or self.data_files) or not found:
+            return f"{self.data_source(split, data_dir)} row {index}"
+        for path in found[:-1]:  # only a split of several files needs their lengths (read again: errors only)
+            n = len(self._load_file(path))
+            if index < n:
                 break
-            ex = tpl.render(row, example_id=str(i))
-            if ex is not None:
-                n += 1
-                yield ex
+            index -= n
+        else:
+            path = found[-1]
+        return f"{path} row {index}"
+
+    def render_rows(self, dataset, template: str | None = None, limit: int | None = None, split: str | None = None,
+                    data_dir=None, sample_seed: int | None = None) -> Rendered:
+        """Prompt the rows of `dataset` (the task's `split`, as loaded from data_dir) in order, up to `limit`
+        examples. The example id is the row index within the (concatenated) split, stable across runs on the same
+        data. With `limit` and a `sample_seed`, the rows are read in a seeded random order until `limit` examples
+        are found, and returned in dataset order: a cap that does not favour whatever the file lists first.
+        TaskError naming the task, file, row and column when a row lacks a value the template reads."""
+        tpl = self.template(template)
+        indexed = enumerate(dataset)
+        if limit is not None and sample_seed is not None and limit < len(dataset):
+            import numpy as np
+
+            order = np.random.default_rng([sample_seed, len(dataset)]).permutation(len(dataset)).tolist()
+            indexed = ((i, dataset[i]) for i in order)
+        names = getattr(dataset, "column_names", None)  # a datasets.Dataset; a list of dicts is checked per row
+        missing_cols = [c for c in tpl.columns if names is not None and c not in names]
+        where = partial(self.row_origin, split, data_dir)
+        if missing_cols:
+            raise TaskError(f"task {self.name!r}: {self.data_source(split, data_dir)} has no column "
+                            f"{', '.join(map(repr, missing_cols))}, which template {tpl.name!r} reads (in any row; its "
+                            f"columns: {', '.join(names)})")
+        examples, unscorable, rows = [], [], 0
+        for i, row in indexed:
+            if limit is not None and len(examples) >= limit:
+                break
+            rows += 1
+            try:
+                ex = tpl.prompt(row, example_id=str(i))
+            except DataError as e:
+                raise TaskError(f"task {self.name!r}: {where(i)} {e}") from None
+            if isinstance(ex, str):
+                unscorable.append((str(i), ex))
+            else:
+                examples.append(ex)
+        examples.sort(key=lambda e: int(e.example_id))
+        unscorable.sort(key=lambda u: int(u[0]))
+        return Rendered(examples, unscorable, rows)
+
+    def prompted(self, split: str | None = None, data_dir=None, template: str | None = None,
+                 limit: int | None = None, dataset=None, sample_seed: int | None = None) -> Iterator[PromptedExample]:
+        """Rendered examples in dataset order (rows that cannot be scored are left out: render_rows counts
+        them); `sample_seed`: see render_rows."""
+        ds = dataset if dataset is not None else self.load(split, data_dir)
+        yield from self.render_rows(ds, template, limit, split, data_dir, sample_seed=sample_seed).examples
 
     def training_pairs(self, data_dir=None, template: str | None = None, limit: int | None = None) -> list[tuple[str, str]]:
         if not self.train_split:
             raise TaskError(f"task {self.name!r} has no train_split")
         return [(e.input, e.target) for e in self.prompted(self.train_split, data_dir, template, limit)]
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """Rows in a Parquet file's footer (None when it has none: datasets then says what is wrong)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not Parquet, truncated: reported by the load that follows
+        return None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """The first line of a JSON Lines file that does not parse, as "line N: why" (None: the file parses)."""
+    import json
+
+    if path.suffix not in (".json", ".jsonl"):
+        return None
+    try:
+        with open(path) as f:
+            if path.suffix == ".json":
+                try:
+                    json.load(f)
+                    return None
+                except json.JSONDecodeError:
+                    f.seek(0)
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"line {n} is not valid JSON ({e.msg}; a truncated file?)"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 # -- registry -------------------------------------------------------------------------------------------------

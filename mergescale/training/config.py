@@ -50,6 +50,7 @@ class TrainConfig(BaseModel):
     base: str
     tokenizer: str | None = None  # default: the base model directory
     out: str | None = None
+    allow_pickle: bool = False  # a base stored only as pickle (*.bin, *.pt) is refused unless true, as for merges
 
     # -- data -----------------------------------------------------------------------------------------------
     tasks: list[str] = Field(default_factory=list)  # names or selectors (held-in:sentiment, held-in, ...)
@@ -62,6 +63,7 @@ class TrainConfig(BaseModel):
     eval_selectors: list[str] = Field(default_factory=lambda: ["held-in", "held-out"])  # instruct leak check
     leak_check: Literal["names", "content"] = "content"  # content: data file prompts vs rendered eval prompts too
     validation_size: int = Field(0, ge=0)  # examples held out of the training pool for validation loss
+    max_unscorable: float = Field(0.0, ge=0, le=1)  # fraction of a task's prompts that may be unusable (no target, ...)
     max_input_len: int = Field(2048, ge=1)
     max_output_len: int = Field(512, ge=1)
 
@@ -139,10 +141,25 @@ def deepspeed_json(spec: str) -> dict:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed: {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed: {path} must hold a JSON object with a zero_optimization object")
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage not in (2, 3):
         raise ConfigError(f"deepspeed: {path} sets zero_optimization.stage={stage!r}; this trainer supports 2 or 3")
+    # The train config owns these: a value here would be overwritten without a word, or clash with the client
+    # optimizer the trainer builds.
+    owned = [f"{k} (set {v} in the train config)" for k, v in _TRAIN_CONFIG_OWNS.items() if ds.get(k, "auto") != "auto"]
+    if owned:
+        raise ConfigError(f"deepspeed: {path} sets {'; '.join(owned)}")
     return ds
+
+
+_TRAIN_CONFIG_OWNS = {
+    "optimizer": "optimizer, lr, weight_decay", "scheduler": "lr_schedule, warmup_steps, min_lr_ratio",
+    "fp16": "precision", "bf16": "precision", "train_batch_size": "batch_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps": "batch_size",
+    "gradient_clipping": "grad_clip",
+}
 
 
 def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> TrainConfig:

@@ -50,26 +50,28 @@ def _pair(inp: str, target: str, delimiter: str, chat_tokenizer) -> tuple[str, s
     return chat_prompt(chat_tokenizer, inp), target
 
 
-def task_source(task, data_dir: str | None, chat_tokenizer=None) -> Source:
+def task_source(task, data_dir: str | None, max_unscorable: float = 0.0, chat_tokenizer=None) -> Source:
     """Every train row rendered with every template of the task (T0 trains on all prompts of a dataset).
-    The continuation is target_delimiter + target: the text the evaluator scores after the input."""
-    from mergescale.eval.tasks import TaskError
+    The continuation is target_delimiter + target: the text the evaluator scores after the input. ConfigError
+    when a row lacks a column a template reads, or when more than `max_unscorable` of the prompts (rows x
+    templates) cannot be used (no target, a label out of range, ...): a dropped row is never silent."""
+    from mergescale.eval.tasks import Rendered, TaskError
 
     if not task.train_split:
         raise ConfigError(f"tasks: task {task.name!r} has no train_split to train on")
     try:
         rows = task.load(task.train_split, data_dir)
+        rendered = [task.render_rows(rows, t.name, split=task.train_split, data_dir=data_dir) for t in task.templates]
+        # row by row, each row's templates in order (the order the data fingerprint and the schedule see)
+        examples = sorted(((int(e.example_id), k), e) for k, r in enumerate(rendered) for e in r.examples)
+        every = Rendered([e for _, e in examples], [u for r in rendered for u in r.unscorable],
+                         sum(r.rows for r in rendered))
+        every.check(task.name, max_unscorable, lambda i: task.row_origin(task.train_split, data_dir, i), "max_unscorable")
     except TaskError as e:
         raise ConfigError(f"tasks: {e}") from None
-    examples = []
-    for i, row in enumerate(rows):
-        for template in task.templates:
-            p = template.render(row, example_id=str(i))
-            if p is not None:  # None: the row has no target (unlabelled), nothing to learn from
-                examples.append(_pair(p.input, p.target, p.target_delimiter, chat_tokenizer))
-    if not examples:
+    if not every.examples:
         raise ConfigError(f"tasks: task {task.name!r} has no labelled examples in split {task.train_split!r}")
-    return Source(task.name, examples)
+    return Source(task.name, [_pair(e.input, e.target, e.target_delimiter, chat_tokenizer) for e in every.examples])
 
 
 def file_source(path: str | Path, chat_tokenizer=None) -> tuple[Source, list[str]]:
@@ -89,6 +91,11 @@ def file_source(path: str | Path, chat_tokenizer=None) -> tuple[Source, list[str
                 raise ConfigError(f"data_files: {path}:{lineno}: not valid JSON: {e}") from None
             if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
                 raise ConfigError(f"data_files: {path}:{lineno}: each row needs string fields 'input' and 'target'")
+            empty = [k for k in ("input", "target") if not row[k].strip()]
+            if empty:  # an empty prompt or an empty answer trains on nothing the evaluator asks
+                raise ConfigError(f"data_files: {path}:{lineno}: field {empty[0]!r} is empty")
+            if not isinstance(row.get("target_delimiter", " "), str):
+                raise ConfigError(f"data_files: {path}:{lineno}: 'target_delimiter' must be a string")
             examples.append(_pair(row["input"], row["target"], row.get("target_delimiter", " "), chat_tokenizer))
             if isinstance(row.get("task"), str):
                 named.append(row["task"])
@@ -122,13 +129,14 @@ def check_no_leak(task_names: list[str], files: dict[str, list[str]], file_sourc
 
     for task in eval_tasks:
         prompts = set()
-        for split in dict.fromkeys((task.eval_split, task.train_split)):
+        for split in filter(None, dict.fromkeys((task.eval_split, task.train_split))):
             try:
                 rows = task.load(split, data_dir)
-            except TaskError as e:  # hub/offline/missing files all mean: cannot check by content
-                raise ConfigError(f"leak check: cannot load evaluation task {task.name!r} split {split!r} to compare "
+                prompts.update(_norm(e.input) for t in task.templates
+                               for e in task.render_rows(rows, t.name, split=split, data_dir=data_dir).examples)
+            except TaskError as e:  # hub/offline/missing files/bad rows all mean: cannot check by content
+                raise ConfigError(f"leak check: cannot read evaluation task {task.name!r} split {split!r} to compare "
                                   f"contents ({e}); set data_dir, or leak_check: names") from None
-            prompts.update(_norm(p.input) for r in rows for t in task.templates if (p := t.render(r)) is not None)
         for src in file_sources:
             hits = sum(_norm(inp) in prompts for inp, _ in src.examples)
             if hits:

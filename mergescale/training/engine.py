@@ -1,4 +1,5 @@
-"""DeepSpeed building blocks the trainer loop calls: config, model, optimizer, schedule, loss, checkpoints, export.
+"""DeepSpeed building blocks the trainer loop calls: config, model, optimizer, schedule, loss, consolidation
+(checkpoint files: checkpoints.py).
 
 Plain functions; the loop in trainer.py reads top to bottom and calls these.
 """
@@ -7,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,9 +44,11 @@ def build_ds_config(base: dict, *, batch_size: int, micro_batch_size: int, grad_
     return ds
 
 
-def load_model(base: str, dropout: float, bf16: bool, ds_config: dict, gradient_checkpointing: bool):
+def load_model(base: str, dropout: float, bf16: bool, ds_config: dict, gradient_checkpointing: bool,
+               allow_pickle: bool = False):
     """The base model with dropout set. Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained load each weight
-    straight into its partition (zero.Init), so no rank ever holds the whole model."""
+    straight into its partition (zero.Init), so no rank ever holds the whole model. Safetensors only unless
+    allow_pickle (the driver has refused a pickle-only base already; this keeps transformers from falling back)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -57,7 +58,8 @@ def load_model(base: str, dropout: float, bf16: bool, ds_config: dict, gradient_
             setattr(cfg, field, dropout)
     cfg.use_cache = False
     keep = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None  # noqa: F841
-    model = AutoModelForCausalLM.from_pretrained(base, config=cfg, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, config=cfg, dtype=torch.bfloat16 if bf16 else torch.float32,
+                                                 use_safetensors=None if allow_pickle else True)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -100,23 +102,6 @@ def target_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over target tokens (labels != IGNORE), in float32."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
-
-
-# -- checkpoints ------------------------------------------------------------------------------------------------
-def checkpoint_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def latest_checkpoint(root: Path) -> str | None:
-    latest = root / "latest"
-    return latest.read_text().strip() if latest.exists() else None
-
-
-def rotate_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` step_* directories (rank 0, after every rank finished saving)."""
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def consolidated_state_dict(engine, stage: int) -> dict[str, torch.Tensor] | None:

@@ -21,12 +21,12 @@ def expert_sources(cfg: TrainConfig, chat) -> list[Source]:
     categories = sorted({t.category for t in tasks})
     if len(categories) != 1:
         raise ConfigError(f"recipe expert: tasks {cfg.tasks} span categories {categories}; an expert trains on one")
-    return [task_source(t, cfg.data_dir, chat) for t in tasks]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks]
 
 
 def multitask_sources(cfg: TrainConfig, chat) -> list[Source]:
     tasks = resolve_tasks(cfg.tasks or ["held-in"])
-    return [task_source(t, cfg.data_dir, chat) for t in tasks]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks]
 
 
 def instruct_sources(cfg: TrainConfig, chat) -> list[Source]:
@@ -35,7 +35,7 @@ def instruct_sources(cfg: TrainConfig, chat) -> list[Source]:
     # Before any data is read for training: the paper's IT base is FLAN minus every task it is evaluated on.
     check_no_leak([t.name for t in tasks], {src.name: named for src, named in files}, [src for src, _ in files],
                   cfg.eval_selectors, cfg.data_dir, by_content=cfg.leak_check == "content")
-    return [task_source(t, cfg.data_dir, chat) for t in tasks] + [src for src, _ in files]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks] + [src for src, _ in files]
 
 
 def register_task_files(paths: list[str]) -> None:

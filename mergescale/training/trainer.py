@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mergescale.training import checkpoints as C
 from mergescale.training import engine as E
 from mergescale.training.config import TrainConfig
 from mergescale.training.data import MixtureSchedule, Source, collate, encode, target_token_count
@@ -29,6 +31,7 @@ from mergescale.training.output import METRICS, write_model
 
 log = logging.getLogger(__name__)
 FAIL_ENV = "MERGESCALE_TRAIN_FAIL_AT_STEP"  # fault injection for tests, read by the launcher (see run_worker)
+STOPPED = "stopped.json"  # in the work directory: why the workers ended a run without a model (see _stop)
 
 
 def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[tuple[str, str]], data_info: dict,
@@ -62,21 +65,19 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = E.load_model(cfg.base, cfg.dropout, bf16, ds_config, cfg.gradient_checkpointing)
+    model = E.load_model(cfg.base, cfg.dropout, bf16, ds_config, cfg.gradient_checkpointing, cfg.allow_pickle)
     optimizer = E.build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    # -- resume from the newest DeepSpeed checkpoint of this run, if any ----------------------------------------
+    # -- resume from the newest checkpoint this run sealed, its files verified first (DeepSpeed unpickles them) --
     ckpt_root = work / "checkpoints"
     state = {"step": 0, "best_val": None, "bad_evals": 0, "last_loss": None, "last_val": None, "tokens": 0}
-    if E.latest_checkpoint(ckpt_root):
-        _, client = engine.load_checkpoint(str(ckpt_root))
-        if client.get("fingerprint") != data_info["fingerprint"]:
-            raise RuntimeError(f"checkpoints in {ckpt_root} were made with other training data; remove the directory "
-                               "or train with --no-resume")
+    tag = _verified_resume_tag(ckpt_root, data_info["fingerprint"], rank, world)
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(ckpt_root), tag=tag)
         state.update({k: client[k] for k in state if k in client})
         if rank == 0:
-            log.info("resuming from %s at step %d", ckpt_root / E.latest_checkpoint(ckpt_root), state["step"])
+            log.info("resuming from %s at step %d", ckpt_root / tag, state["step"])
     start = state["step"]
     metrics_path = work / METRICS
     if rank == 0:
@@ -112,8 +113,11 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
             engine.backward(s * (world * accum) / global_tokens)
             engine.step()
             loss_sum += s.detach().double()
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(loss_sum)  # every rank sees the same loss, so every rank stops at the same step
         state.update(step=step + 1, last_loss=loss_sum.item() / global_tokens)
+        if not math.isfinite(state["last_loss"]):
+            bar.close()
+            return _stop(work, rank, f"the training loss is {state['last_loss']} at step {step + 1}")
         state["tokens"] += int(global_tokens)
         tokens_run += all_tokens
         target_run += int(global_tokens)
@@ -122,6 +126,9 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
         stop = False
         if cfg.eval_every and val and (step + 1) % cfg.eval_every == 0:
             state["last_val"] = _validation_loss(engine, tokenizer, val, cfg, pad_id, rank, world)
+            if not math.isfinite(state["last_val"]):
+                bar.close()
+                return _stop(work, rank, f"the validation loss is {state['last_val']} at step {step + 1}")
             if cfg.early_stop:
                 best = state["best_val"]
                 if best is None or state["last_val"] < best - cfg.early_stop.min_delta:
@@ -144,7 +151,7 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
             bar.set_postfix(loss=f"{state['last_loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)  # tqdm's remaining-time estimate is the ETA
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps and not stop:
-            _checkpoint(engine, ckpt_root, state, data_info, cfg.keep_checkpoints, rank)
+            _checkpoint(engine, ckpt_root, state, data_info, cfg.keep_checkpoints, rank, world)
             if fail_at and step + 1 >= fail_at and start == 0 and rank == 0:
                 os.kill(os.getpid(), signal.SIGKILL)  # a crash mid-run, as a preempted node would
         if stop:
@@ -172,12 +179,63 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
     return manifest
 
 
-def _checkpoint(engine, root: Path, state: dict, data_info: dict, keep: int, rank: int) -> None:
-    engine.save_checkpoint(str(root), tag=E.checkpoint_tag(state["step"]),
-                           client_state={**state, "fingerprint": data_info["fingerprint"]})
-    dist.barrier()  # every rank's shards are on disk before old checkpoints go
+def _checkpoint(engine, root: Path, state: dict, data_info: dict, keep: int, rank: int, world: int) -> None:
+    tag = C.checkpoint_tag(state["step"])
+    engine.save_checkpoint(str(root), tag=tag, client_state={**state, "fingerprint": data_info["fingerprint"]})
+    dist.barrier()  # every rank's shards are on disk before they are hashed and old checkpoints go
+    names = _broadcast(C.checkpoint_files(root / tag) if rank == 0 else None)
+    digests = _digests(root / tag, names, rank, world)
     if rank == 0:
-        E.rotate_checkpoints(root, keep)
+        C.seal(root / tag, data_info["fingerprint"], digests)
+        C.rotate_checkpoints(root, keep)
+
+
+def _verified_resume_tag(root: Path, fingerprint: str, rank: int, world: int) -> str | None:
+    """The newest sealed checkpoint with every file matching its seal (the ranks hash a share each), or None.
+    Every rank gets the same answer, or the same error."""
+    found, problem = None, None
+    if rank == 0:
+        try:
+            if (sealed := C.newest_sealed(root)) is not None:
+                found = (sealed[0], sealed[1], C.check_listing(root / sealed[0], sealed[1], fingerprint))
+        except C.CheckpointMismatch as e:
+            problem = str(e)
+    found, problem = _broadcast((found, problem))
+    if problem is None and found is not None:
+        tag, recorded, names = found
+        digests = _digests(root / tag, names, rank, world)
+        if rank == 0:
+            try:
+                C.check_digests(root / tag, recorded, digests)
+            except C.CheckpointMismatch as e:
+                problem = str(e)
+        problem = _broadcast(problem)
+    if problem is not None:
+        raise C.CheckpointMismatch(problem)
+    return found[0] if found else None
+
+
+def _digests(directory: Path, names: list[str], rank: int, world: int) -> dict[str, dict]:
+    """sha256 of the files, each rank hashing every world-th one; the whole map on rank 0 (others: {})."""
+    mine = C.file_digests(directory, names[rank::world])
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    return {k: v for part in parts for k, v in part.items()} if rank == 0 else {}
+
+
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _stop(work: Path, rank: int, what: str) -> None:
+    """End the run without a model: rank 0 records why for the driver (which reports it; Ray Train would
+    only restart the same steps, so the workers return instead of raising)."""
+    if rank == 0:
+        (work / STOPPED).write_text(json.dumps({"error": what}))
+    dist.barrier()
+    return None
 
 
 @torch.no_grad()

@@ -1,0 +1,87 @@
+"""The study's runner on Ray: jobs made of steps (a merge, then an evaluation), each step a Ray task.
+
+Ray schedules the tasks on the cluster's resources (a merge task asks for the merge's CPUs/GPUs, an evaluation task
+for the evaluation's), so merges and evaluations of different cells run side by side. The only policy here is a
+bound: at most `max_in_flight` jobs are started and not finished, which bounds the merged checkpoints alive on disk
+(a job's checkpoint exists from its merge until its evaluation ends). Steps are plain functions (mergescale.study
+.cells); what a job's next step is, and what to do with results and failures, the caller decides.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    fn: Callable
+    args: tuple
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    name: str = ""
+
+
+def error_text(e: BaseException) -> str:
+    """The original error of a failed Ray task ('MergeInputError: ...'), not Ray's wrapper and traceback."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        e = cause
+    return f"{type(e).__name__}: {e}"
+
+
+def run_jobs(jobs: list, first_step: Callable, next_step: Callable, on_failure: Callable, *, max_in_flight: int,
+             address: str | None = None, on_start: Callable | None = None) -> None:
+    """Run every job's steps as Ray tasks, at most max_in_flight jobs at once.
+
+    first_step(job) -> Step | None (None: nothing to do); next_step(job, step, result) -> Step | None (None: the
+    job is finished); on_failure(job, step, error_text) when a step raises (or its worker dies twice): the job
+    stops, the others go on. on_start(job, step) is called as each step is submitted."""
+    import ray
+
+    from mergescale.cluster.session import ensure_ray
+
+    ensure_ray(address)
+    remotes: dict = {}
+
+    def submit(job, step: Step, inflight: dict):
+        if step.fn not in remotes:
+            remotes[step.fn] = ray.remote(step.fn)
+        # max_retries: a worker lost with its node is retried once; an exception in the step is not
+        ref = remotes[step.fn].options(num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=1,
+                                       retry_exceptions=False, name=step.name or step.fn.__name__).remote(*step.args)
+        inflight[ref] = (job, step)
+        if on_start is not None:
+            on_start(job, step)
+
+    queue, inflight = deque(jobs), {}
+    try:
+        while queue or inflight:
+            while queue and len(inflight) < max_in_flight:
+                job = queue.popleft()
+                step = first_step(job)
+                if step is not None:
+                    submit(job, step, inflight)
+            if not inflight:
+                continue
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            job, step = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its job only
+                on_failure(job, step, error_text(e))
+                continue
+            try:
+                nxt = next_step(job, step, result)
+            except Exception as e:  # noqa: BLE001 - e.g. a non-finite score found while recording the result
+                on_failure(job, step, error_text(e))
+                continue
+            if nxt is not None:
+                submit(job, nxt, inflight)
+    finally:
+        for ref in inflight:  # interrupted (Ctrl-C, an error in a callback): stop what is still running
+            ray.cancel(ref, force=True)

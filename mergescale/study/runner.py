@@ -1,0 +1,324 @@
+"""`study.run(config)`: the paper's grid as one resumable run, top to bottom.
+
+    plan (validate everything)  ->  train the experts and multitask models the config asks for
+    ->  evaluate each reference model once (base: every task; an expert: its category's tasks; multitask: all)
+    ->  every cell not done yet: merge -> evaluate (its N categories' held-in tasks + every held-out task)
+        -> record its scores -> delete the merged checkpoint (unless keep_merged)
+    ->  ledger (scores normalized as the paper does) -> summary -> report
+
+Merges and evaluations are Ray tasks (mergescale.cluster.study): different cells merge and evaluate side by side,
+with at most `max_merged_alive` cells in flight. A cell's result is written only once it is complete
+(results/<key>.parquet), so a killed study rerun with the same command redoes only unfinished cells; a failed
+cell is recorded (failed/<key>.json, with its error) and the study goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+import mergescale
+from mergescale.eval.aggregate import summarize
+from mergescale.eval.results import write_json_atomic
+from mergescale.study import cells as C
+from mergescale.study.config import MULTITASK_LABEL
+from mergescale.study.ledger import RunDir, StudyError, ledger_rows, write_ledger
+from mergescale.study.plan import ModelRef, StudyPlan, make_plan
+
+log = logging.getLogger(__name__)
+
+
+def run(config, *, address: str | None = None, progress: bool = True, report: bool = True) -> dict:
+    """Run (or resume, or grow) a study; returns {"run_dir", "cells", "done", "failed", "ledger", "report"}."""
+    t_start = time.time()
+    plan = make_plan(config, address=address)
+    rd = plan.run
+    _open_run_dir(plan)
+    digests = C.Digests(rd.path("digests.json"))
+    from mergescale.cluster.session import ensure_ray
+
+    ensure_ray(plan.config.address)
+
+    # -- 1. trainings ---------------------------------------------------------------------------------------------
+    for m in plan.trainings():
+        _train(plan, m, progress)
+
+    # -- 2. reference evaluations, each model once ---------------------------------------------------------------
+    refs = _references(plan, digests, progress)
+
+    # -- 3. cells -----------------------------------------------------------------------------------------------------
+    keys = {c: C.cell_key(plan, c, digests) for c in plan.cells}
+    write_json_atomic({"cells": [{"cell": c.name, "key": k} for c, k in keys.items()]}, rd.path("plan.json"))
+    results = {k: rd.read_scores("results", k) for k in set(keys.values()) if k in rd.done_keys("results")}
+    _cleanup(plan, set(results))
+    _run_cells(plan, keys, results, refs, progress)
+
+    # -- 4. ledger, summary, report -------------------------------------------------------------------------------
+    rows = _write_ledger(plan, keys, results, refs)
+    failed = rd.failures()
+    done = sum(k in results for k in keys.values())
+    rd.log_timing("run", "study", t_start, time.time(), cells=len(keys), done=done)
+    if progress:
+        print_summary(rows, plan, done, failed)
+    out = {"run_dir": str(rd.root), "cells": len(keys), "done": done, "failed": len(failed),
+           "ledger": str(rd.path("ledger.parquet")), "report": None}
+    if report:
+        out["report"] = _report(rd.root, progress)
+    return out
+
+
+# -- run directory ---------------------------------------------------------------------------------------------------
+def _open_run_dir(plan: StudyPlan) -> None:
+    rd = plan.run
+    old = rd.path("study.yaml")
+    if old.exists():
+        name = (yaml.safe_load(old.read_text()) or {}).get("name")
+        if name != plan.config.name:
+            raise StudyError(f"work_dir {rd.root} holds study {name!r}, not {plan.config.name!r}; choose another "
+                             "work_dir (or the same name to resume or grow that study)")
+    rd.root.mkdir(parents=True, exist_ok=True)
+    tmp = rd.path(".study.yaml.tmp")
+    tmp.write_text(yaml.safe_dump(plan.config.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, old)
+    write_json_atomic({"mergescale_version": mergescale.__version__, "started": time.time(),
+                       "host": socket.gethostname(), "pid": os.getpid()}, rd.path("run.json"))
+
+
+def _cleanup(plan: StudyPlan, done_keys: set[str]) -> None:
+    """Merged checkpoints of cells already scored (a crash between scoring and deleting), and stale markers."""
+    rd = plan.run
+    for key in rd.running():
+        rd.clear_running(key)
+    if plan.config.keep_merged == "none" and rd.path("merged").exists():
+        for d in rd.path("merged").iterdir():
+            if d.name in done_keys:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+# -- training --------------------------------------------------------------------------------------------------------
+_NOT_COMPARED = ("cluster", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "out")
+
+
+def _train(plan: StudyPlan, m: ModelRef, progress: bool) -> None:
+    from mergescale.training import train
+    from mergescale.training.config import load_train_config
+
+    cfg = load_train_config(m.train)
+    manifest = m.path / C.MANIFEST
+    overwrite = False
+    if manifest.exists():
+        had = json.loads(manifest.read_text()).get("config", {})
+        want = cfg.model_dump(mode="json")
+        diff = sorted(k for k in want if k not in _NOT_COMPARED and had.get(k) != want[k])
+        if not diff:
+            return
+        log.warning("%s was trained with other settings (%s); training it again", m.path, ", ".join(diff))
+        overwrite = True
+    if progress:
+        print(f"training {m.base} {m.role} -> {m.path}", flush=True)
+    t0 = time.time()
+    out = train(m.recipe, cfg, overwrite=overwrite, progress=progress)
+    tokens = _trained_tokens(m.path)
+    plan.run.log_timing("train", f"{m.base}/{m.role}", t0, time.time(), param_tokens=tokens * plan.model_params[m.base],
+                        steps=out.get("steps"))
+
+
+def _trained_tokens(model_dir: Path) -> int:
+    p = model_dir / "metrics.jsonl"
+    if not p.exists():
+        return 0
+    return sum(json.loads(x).get("tokens", 0) for x in p.read_text().splitlines() if x.strip())
+
+
+# -- reference evaluations -------------------------------------------------------------------------------------------
+def _groups(plan: StudyPlan) -> dict[str, str]:
+    g = {t: "held_in" for ts in plan.tasks_of.values() for t in ts}
+    g.update({t: "held_out" for t in plan.held_out})
+    return g
+
+
+def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tuple[str, str], dict[str, dict]]:
+    """{(base, role): {task: score row}}; evaluates the reference models without a stored result, in parallel."""
+    from mergescale.cluster.study import Step, run_jobs
+
+    rd, ev = plan.run, plan.config.eval
+    keys = {m: C.reference_key(plan, m, digests) for m in plan.references()}
+    done = rd.done_keys("references")
+    todo = [m for m, k in keys.items() if k not in done]
+    settings, groups = C.eval_settings(plan), _groups(plan)
+    bar = _bar(len(keys), "reference evaluations", "model", progress, initial=len(keys) - len(todo))
+    errors = []
+
+    def first(m: ModelRef):
+        k = keys[m]
+        return Step(C.evaluate_model, (str(m.path), plan.tasks_of_model(m.role), str(rd.path("evals", k)), settings),
+                    *_eval_resources(ev), name=f"eval {m.base} {m.role}")
+
+    def finished(m: ModelRef, step, res):
+        k = keys[m]
+        fp = digests.model(m.path)[:32]
+        rows = C.score_rows(rd.root, f"{m.base}/{m.role}", k, res["metrics"], groups, fp, rd.path("evals", k), None,
+                            res["end"] - res["start"])
+        rd.write_scores("references", k, rows)
+        rd.log_timing("eval", k, res["start"], res["end"], model=f"{m.base}/{m.role}",
+                      param_examples=res["computed"] * plan.model_params[m.base])
+        bar.update(1)
+
+    def failed(m: ModelRef, step, err):
+        errors.append(f"{m.base} {m.role} ({m.path}): {err}")
+        bar.update(1)
+
+    run_jobs(todo, first, finished, failed, max_in_flight=max(1, len(todo)), address=plan.config.address)
+    bar.close()
+    if errors:
+        raise StudyError("reference evaluation failed (cells cannot be normalized without it):\n  " +
+                         "\n  ".join(errors))
+    out = {}
+    for m, k in keys.items():
+        out[(m.base, m.role)] = {r["task"]: r for r in rd.read_scores("references", k)}
+    bad = [f"{b} {role}: task {t} scores {r['score']}" for (b, role), rs in out.items() for t, r in rs.items()
+           if not r["score"] > 0]
+    if bad:
+        raise StudyError("reference scores of 0 cannot normalize anything (check these tasks' data and models):\n  "
+                         + "\n  ".join(bad))
+    return out
+
+
+def _eval_resources(ev) -> tuple[float, float]:
+    """(num_cpus, num_gpus) of an evaluation task: its own backend in process, or with replicas only the driver."""
+    return (ev.num_cpus, ev.num_gpus) if ev.replicas == 1 else (0.0, 0.0)
+
+
+# -- cells -----------------------------------------------------------------------------------------------------------
+def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress: bool) -> None:
+    from mergescale.cluster.study import Step, run_jobs
+
+    rd, cfg = plan.run, plan.config
+    cells_of: dict[str, list] = {}
+    for c, k in keys.items():
+        cells_of.setdefault(k, []).append(c)
+    todo = [k for k in cells_of if k not in results]
+    settings, groups = C.eval_settings(plan), _groups(plan)
+    bar = _bar(len(keys), "study", "cell", progress, initial=sum(len(v) for k, v in cells_of.items() if k in results))
+    state = {"merging": 0, "evaluating": 0, "failed": 0}
+    merged: dict[str, dict] = {}
+
+    def show():
+        bar.set_postfix_str(f"merging {state['merging']}, evaluating {state['evaluating']}, failed {state['failed']}",
+                            refresh=True)
+
+    def started(key, step):
+        stage = "merge" if step.fn is C.merge_model else "eval"
+        state["merging" if stage == "merge" else "evaluating"] += 1
+        rd.mark_running(key, stage)
+        show()
+
+    def first(key):
+        cell = cells_of[key][0]
+        ms = cfg.merge
+        cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
+        return Step(C.merge_model, (C.merge_config(plan, cell), str(rd.path("merged", key)), ms.workers), cpus, gpus,
+                    name=f"merge {cell.name}")
+
+    def next_step(key, step, res):
+        cell = cells_of[key][0]
+        if step.fn is C.merge_model:
+            state["merging"] -= 1
+            merged[key] = res
+            write_json_atomic(res["manifest"], rd.path("manifests", f"{key}.json"))
+            rd.log_timing("merge", key, res["start"], res["end"], bytes_read=plan.merge_read_bytes(cell))
+            return Step(C.evaluate_model, (str(rd.path("merged", key)), plan.cell_tasks(cell),
+                                           str(rd.path("evals", key)), settings), *_eval_resources(cfg.eval),
+                        name=f"eval {cell.name}")
+        state["evaluating"] -= 1
+        m = merged.pop(key)
+        rd.log_timing("eval", key, res["start"], res["end"], param_examples=res["computed"] * plan.model_params[cell.base])
+        rows = C.score_rows(rd.root, cell.name, key, res["metrics"], groups, m["fingerprint"], rd.path("evals", key),
+                            m["end"] - m["start"], res["end"] - res["start"])
+        rd.write_scores("results", key, rows)  # the cell is done from here on
+        results[key] = rows
+        rd.clear_running(key)
+        rd.clear_failed(key)
+        if cfg.keep_merged == "none":
+            shutil.rmtree(rd.path("merged", key), ignore_errors=True)
+        _write_ledger(plan, keys, results, refs)
+        bar.update(len(cells_of[key]))
+        show()
+        return None
+
+    def failed(key, step, err):
+        stage = "merge" if step.fn is C.merge_model else "evaluation"
+        state["merging" if stage == "merge" else "evaluating"] -= 1
+        state["failed"] += 1
+        merged.pop(key, None)
+        rd.mark_failed(key, [c.name for c in cells_of[key]], stage, err)
+        rd.clear_running(key)
+        bar.write(f"cell {cells_of[key][0].name} failed in its {stage}: {err.splitlines()[0][:300]}")
+        bar.update(len(cells_of[key]))
+        show()
+
+    show()
+    run_jobs(todo, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
+             on_start=started)
+    bar.close()
+
+
+def _write_ledger(plan: StudyPlan, keys: dict, results: dict, refs: dict) -> list[dict]:
+    rd = plan.run
+    mt_cells = [(c, None) for c in plan.multitask_cells]
+    rows = ledger_rows(plan.config.name, mergescale.__version__, list(keys.items()) + mt_cells, results, refs)
+    failures = rd.failures()
+    running = rd.running()
+    cell_rows = []
+    for c, k in list(keys.items()) + mt_cells:
+        status = "done" if (k is None or k in results) else "failed" if k in failures else \
+            "running" if k in running else "pending"
+        cell_rows.append({"base": c.base, "kind": c.kind, "size": c.size, "method": c.method,
+                          "method_name": c.method_name, "n_experts": c.n_experts, "seed": c.seed,
+                          "categories": list(c.categories), "cell_key": k, "status": status,
+                          "error": failures[k]["error"] if status == "failed" else None})
+    write_ledger(rd, rows, cell_rows)
+    return rows
+
+
+# -- output ----------------------------------------------------------------------------------------------------------
+def _bar(total: int, desc: str, unit: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def print_summary(rows: list[dict], plan: StudyPlan, done: int, failed: dict) -> None:
+    """Mean normalized performance per (base, method, N), held-in and held-out: the report's tables in brief."""
+    summary = summarize(rows)
+    by = {(s["base"], s["method"], s["n_experts"], s["group"]): s for s in summary}
+    ns = plan.config.num_experts
+    labels = [m.label for m in plan.config.methods] + [MULTITASK_LABEL]
+    print(f"\n{done} of {len(plan.cells)} cells done, {len(failed)} failed; ledger: {plan.run.path('ledger.parquet')}")
+    for group in ("held_in", "held_out"):
+        print(f"\naverage normalized performance, {group.replace('_', '-')} (mean over seeds)")
+        head = f"{'base':<18}{'method':<18}" + "".join(f"{'N=' + str(n):>8}" for n in ns)
+        print(head)
+        for b in plan.config.bases:
+            for label in labels:
+                vals = [by.get((b.name, label, n, group)) for n in ns]
+                if not any(vals):
+                    continue
+                print(f"{b.name[:17]:<18}{label[:17]:<18}" +
+                      "".join(f"{v['mean']:>8.3f}" if v else f"{'-':>8}" for v in vals))
+    for k, f in failed.items():
+        print(f"failed: {', '.join(f['cells'])} ({f['stage']}): {f['error'].splitlines()[0][:200]}")
+
+
+def _report(root: Path, progress: bool) -> dict:
+    from mergescale.study.report import write_report
+
+    paths = write_report(root)
+    return {k: str(p) for k, p in paths.items() if k in ("markdown", "html")}
