@@ -54,12 +54,12 @@ def run(args) -> int:
     except (EvalError, TaskError, CheckpointError, ConnectionError) as e:  # ConnectionError: no Ray cluster
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'task':<20} {'category':<26} {'metric':<13} {'score':>7} {'n':>6} {'unscorable':>10} {'ex/s':>7}")
+    print(f"{'task':<20} {'category':<26} {'metric':<13} {'score':>7} {'ex/s':>7} {'n':>6} {'unscorable':>10}")
     for m in result["metrics"]:
         speed = result["timing"].get(m["task"], {}).get("examples_per_s")
         rate = f"{speed:>7.2f}" if speed else f"{'-':>7}"
-        print(f"{m['task']:<20} {m['category']:<26} {m['metric']:<13} {m['score']:>7.4f} {m['n']:>6} "
-              f"{m['n_unscorable']:>10} {rate}")
+        print(f"{m['task']:<20} {m['category']:<26} {m['metric']:<13} {m['score']:>7.4f} {rate} {m['n']:>6} "
+              f"{m['n_unscorable']:>10}")
     print(f"{result['computed']} examples computed, {result['cached']} from cache"
           + (f"; results in {result['out']}" if result["out"] else ""))
     return 0

@@ -24,6 +24,7 @@ def cpu_comm_op_built() -> bool:
     """Has DeepSpeed's CPU communication op (deepspeed_shm_comm, compiled by the first init_distributed on a
     machine: ~2 minutes) been built into torch's extension cache already?"""
     import os
+    from pathlib import Path
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return any(root.glob("**/deepspeed_shm_comm*/*.so"))
