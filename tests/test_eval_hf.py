@@ -76,9 +76,24 @@ def test_token_boundary_moves_whitespace_into_choice(backend):
     # naive per-part encoding gives other tokens (a lone space, and no leading-space token)
     naive = tok("the movie was great. sentiment: ")["input_ids"] + tok("positive")["input_ids"]
     assert naive != ctx + cont
-    # a BPE merge across the boundary: the scored tokens are still the natural tokenization of the whole
-    ctx, cont = split_context_choice(tok, "the mov", "ie was great")
-    assert ctx + cont == tok("the movie was great")["input_ids"]
+
+
+def test_split_follows_lm_eval_where_a_merge_crosses_the_boundary(backend):
+    """lm-eval's rule: condition on tok(context); the answer is tok(context + answer)[len(tok(context)):]. The
+    log-probs equal one plain forward pass over exactly those tokens."""
+    tok = backend.tokenizer
+    cases = [("the mov", "ie was great"), ("capital of fr", "ance")]  # empty delimiters: merges span the cut
+    for context, answer in cases:
+        own = tok(context)["input_ids"]
+        whole = tok(context + answer)["input_ids"]
+        assert whole[:len(own)] != own  # a merge crosses the boundary: cutting `whole` would give another context
+        ctx, cont = split_context_choice(tok, context, answer)
+        assert ctx == own and cont == whole[len(own):]
+        ex = PromptedExample("0", context, answer, (answer, "zebra"), 0, target_delimiter="")
+        req = rank_request(tok, ex, backend.max_length)
+        assert req.contexts[0] == own and req.continuations[0] == whole[len(own):]
+        got = backend.loglikelihood([req])[0][0]
+        assert abs(got - _direct_logprob(backend.model, own, whole[len(own):])) <= 1e-4
 
 
 def _train(model, tok, texts, steps=80):
@@ -184,3 +199,60 @@ def test_cli(model_dir, data_dir, tmp_path, capsys):
     assert rc == 0 and "rte" in capsys.readouterr().out
     assert main(["eval", str(model_dir), "--tasks", "nope", "--data-dir", str(data_dir)]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_chat_template_prompts_recorded_and_timed(model_dir, data_dir, tmp_path):
+    """--chat-template scores each input as the user's turn of the tokenizer's template (an independent
+    apply_chat_template gives the same context tokens), records prompt_format, and times each task."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat"
+    shutil.copytree(model_dir, chat_dir)
+    tmpl = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}<s>assistant:"
+    (chat_dir / "chat_template.jinja").write_text(tmpl)
+    with pytest.raises(EvalError, match="no chat template"):
+        evaluate(model_dir, tasks="rte", data_dir=data_dir, chat_template=True, progress=False)
+    res = evaluate(chat_dir, tasks="rte", data_dir=data_dir, out=tmp_path / "o", chat_template=True, progress=False)
+    assert res["metrics"][0]["prompt_format"] == "chat"
+    t = res["timing"]["rte"]
+    assert t["computed"] == res["metrics"][0]["n"] and t["examples_per_s"] > 0
+    assert json.loads((tmp_path / "o" / "timing.json").read_text())["rte"]["computed"] == t["computed"]
+    rows = pq.read_table(tmp_path / "o" / "examples" / "rte.parquet").to_pylist()
+    tok = AutoTokenizer.from_pretrained(str(chat_dir))
+    from mergescale.eval.tasks import get_task
+
+    first = next(get_task("rte").prompted(data_dir=data_dir))
+    want = tok.apply_chat_template([{"role": "user", "content": first.input}], tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<s>user: ") and want.endswith("<s>assistant:")
+    backend = HFBackend(chat_dir)
+    req = rank_request(tok, PromptedExample("0", want, first.target, first.choices, first.label, target_delimiter=""),
+                       backend.max_length)
+    scored = next(r for r in rows if r["example_id"] == first.example_id)
+    assert scored["logprobs"] == pytest.approx(backend.loglikelihood([req])[0], abs=1e-4)
+    raw = evaluate(chat_dir, tasks="rte", data_dir=data_dir, progress=False)
+    assert raw["metrics"][0]["prompt_format"] == "raw"
+
+
+def test_cpu_window_is_capped():
+    from mergescale.eval.backends import CPU_MAX_LENGTH, model_max_length
+
+    assert model_max_length({"max_position_embeddings": 8192}) == 8191
+    assert model_max_length({"max_position_embeddings": 8192}, cap=CPU_MAX_LENGTH) == CPU_MAX_LENGTH
+    assert model_max_length({"max_position_embeddings": 512}, cap=CPU_MAX_LENGTH) == 511
+    assert model_max_length({"max_position_embeddings": 8192}, 4000, cap=CPU_MAX_LENGTH) == 4000
+
+
+def test_accuracy_norm_metric_scores_by_log_prob_per_character(model_dir, data_dir, tmp_path):
+    (tmp_path / "t.yaml").write_text(
+        "tasks:\n  - name: copa_norm\n    category: sentence_completion\n    metric: accuracy_norm\n"
+        f"    eval_split: validation\n    data_files: {{validation: {data_dir}/copa/validation.jsonl}}\n"
+        "    templates:\n      - name: t\n        jinja: '{{ premise }} ||| {{ answer_choices[label] }}'\n"
+        "        answer_choices: '{{ choice1 }} ||| {{ choice2 }}'\n")
+    register_tasks(tmp_path / "t.yaml")
+    res = evaluate(model_dir, tasks="copa_norm", out=tmp_path / "o", progress=False)
+    (m,) = res["metrics"]
+    rows = pq.read_table(tmp_path / "o" / "examples" / "copa_norm.parquet").to_pylist()
+    by_char = [max(range(2), key=lambda j: (r["logprobs"][j] / len(r["choices"][j]), -j)) == r["label"] for r in rows]
+    assert m["metric"] == "accuracy_norm" and m["score"] == pytest.approx(sum(by_char) / len(rows))

@@ -167,3 +167,22 @@ def test_labels_that_do_not_parse_are_not_guessed(tmp_path):
     assert [e.example_id for e in wg.prompted(dataset=bad, data_dir=tmp_path)] == ["0", "2", "3"]
     rendered = wg.render_rows(bad, data_dir=tmp_path)
     assert rendered.unscorable == [("1", "no target (an unlabelled row)")] and rendered.rows == 4
+
+
+def test_readme_task_yaml_example_registers(tmp_path):
+    """The complete task YAML the README documents loads as written (so the documented schema stays true)."""
+    import re
+    from pathlib import Path
+
+    from mergescale.eval.tasks import register_tasks, tasks_for
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Task YAML.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_reviews").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "my_reviews" / f"{split}.jsonl").write_text('{"text": "great fun", "label": 1}\n')
+    (tmp_path / "tasks.yaml").write_text(block)
+    (task,) = register_tasks(tmp_path / "tasks.yaml")
+    assert [t.name for t in tasks_for("held-in:sentiment")] == ["my_reviews"]
+    (ex,) = task.prompted()
+    assert (ex.input, ex.target, ex.choices) == ("great fun Did the reviewer like it?", "good", ("bad", "good"))

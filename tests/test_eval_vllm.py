@@ -38,10 +38,14 @@ def setup(tmp_path_factory):
     model = build_tiny_llama(root / "tiny", seed=3, vocab_size=384)
     data = write_fixture_data(root / "data", TASKS, n=6)
     hf = HFBackend(model, max_length=MAXLEN)
-    preload = os.environ.get("LD_PRELOAD")
-    v = VLLMBackend(model, max_length=MAXLEN, max_num_seqs=16)  # one engine for the module (~40 s start)
+    preload, kv_env = os.environ.get("LD_PRELOAD"), os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    v = VLLMBackend(model, max_length=MAXLEN, max_num_seqs=16, kv_cache_gb=2)  # one engine for the module (~40 s)
     # vLLM sets LD_PRELOAD for its engine processes; the backend gives the caller's environment back unchanged
     assert os.environ.get("LD_PRELOAD") == preload
+    # the KV cache is the size asked for (not the environment's 1 GiB, nor vLLM's size-from-free-memory), and
+    # the asking leaves the environment as it was
+    assert v.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == 2 * 2**30
+    assert os.environ.get("VLLM_CPU_KVCACHE_SPACE") == kv_env
     yield model, data, hf, v
     v.close()
     torch.set_num_threads(n)

@@ -114,6 +114,50 @@ def test_expert_and_multitask_data(data_dir):
     assert len(multi["sources"]) == 16 and all(s["rate"] == pytest.approx(1 / 16) for s in multi["sources"])
 
 
+def test_task_files_replace_a_category_and_chat_prompts(base, data_dir, tmp_path):
+    """A task file (train --tasks-yaml) replaces its category's built-in datasets; chat_template wraps every
+    input in the tokenizer's template with the target as the assistant's answer; unknown tasks say how to add."""
+    (tmp_path / "my").mkdir()
+    (tmp_path / "my" / "train.jsonl").write_text("".join(json.dumps({"text": f"so good {i}", "label": 1}) + "\n"
+                                                         for i in range(3)))
+    (tmp_path / "tasks.yaml").write_text(
+        "replace_categories: true\ntasks:\n  - name: my_reviews\n    category: sentiment\n    group: held_in\n"
+        "    data_files: {train: my/train.jsonl}\n    templates:\n      - name: t\n"
+        "        jinja: '{{ text }} Good or bad? ||| {{ answer_choices[label] }}'\n        answer_choices: bad ||| good\n")
+    args = dict(base=str(base), tasks=["held-in:sentiment"], data_dir=str(data_dir))
+    cfg = load_train_config(args, task_files=[str(tmp_path / "tasks.yaml")])
+    sources, _, info = prepare_data("expert", cfg)
+    assert [s.name for s in sources] == ["my_reviews"] and info["prompt_format"] == "raw"
+    assert sources[0].examples[0] == ("so good 0 Good or bad?", " good")
+    with pytest.raises(ConfigError, match="no chat template"):
+        prepare_data("expert", cfg.model_copy(update={"chat_template": True}))
+    chat_base = tmp_path / "chat_base"
+    import shutil
+
+    shutil.copytree(base, chat_base)
+    (chat_base / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %} ->")
+    chat = prepare_data("expert", cfg.model_copy(update={"chat_template": True, "base": str(chat_base)}))
+    assert chat[2]["prompt_format"] == "chat" and chat[0][0].examples[0] == ("[so good 0 Good or bad?] ->", "good")
+    assert chat[2]["fingerprint"] != info["fingerprint"]
+    with pytest.raises(ConfigError, match="MERGESCALE_TASKS"):
+        prepare_data("expert", cfg.model_copy(update={"tasks": ["no_such_task"]}))
+
+
+def test_train_cli_passes_data_dir_and_task_files(monkeypatch):
+    import mergescale.training.api as api
+    from mergescale.cli import main
+
+    seen = {}
+
+    def fake_train(recipe, config, **kw):
+        seen.update(kw)
+        return {"final": {"val_loss": None, "train_loss": 1.0}, "config": {"out": "o"}, "recipe": recipe, "steps": 1}
+
+    monkeypatch.setattr(api, "train", fake_train)
+    assert main(["train", "expert", "c.yaml", "--data-dir", "d", "--tasks-yaml", "a.yaml", "--tasks-yaml", "b.yaml"]) == 0
+    assert seen["data_dir"] == "d" and seen["task_files"] == ["a.yaml", "b.yaml"]
+
+
 def _train_args(base, data_dir, out, **kw):
     return {"base": str(base), "data_dir": str(data_dir), "out": str(out), **kw}
 

@@ -51,14 +51,21 @@ def model_positions(cfg: dict) -> int | None:
     return None
 
 
-def model_max_length(cfg: dict, override: int | None = None) -> int:
+# Default scoring window on CPUs: a model's full context (8,192 for SmolLM2) makes vLLM size its KV cache and
+# sequence buffers for it; evaluation prompts here are far shorter.
+CPU_MAX_LENGTH = 2048
+
+
+def model_max_length(cfg: dict, override: int | None = None, cap: int | None = None) -> int:
     """The scoring window in tokens: `override`, else the model's positions minus one (vLLM must place one
     output token after every prompt, so its prompts can be at most positions - 1 long; all backends share
-    the window so they truncate identically). EvalError for a window under 2 tokens or past the positions
-    (transformers would score tokens at positions the model never saw, without a word)."""
+    the window so they truncate identically), at most `cap` when no window is asked for. EvalError for a
+    window under 2 tokens or past the positions (transformers would score tokens at positions the model never
+    saw, without a word)."""
     positions = model_positions(cfg)
     if override is None:
-        return (positions or 2049) - 1
+        n = (positions or 2049) - 1
+        return min(n, cap) if cap else n
     if override < 2:
         raise EvalError(f"max_length must be at least 2 tokens (a context token and a choice token), got {override}")
     if positions is not None and override >= positions:
@@ -214,7 +221,7 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_dir, device: str | None = None, dtype: str = "float32", max_length: int | None = None,
-                 tensor_parallel_size: int = 1, tokenizer_dir=None, **engine_kw):
+                 tensor_parallel_size: int = 1, tokenizer_dir=None, kv_cache_gb: float | None = None, **engine_kw):
         try:
             from vllm import LLM
         except Exception as e:  # noqa: BLE001 - not installed, or broken torchvision (see ENVIRONMENT)
@@ -228,17 +235,27 @@ class VLLMBackend:
                   distributed_executor_backend="uni" if tensor_parallel_size == 1 else "mp")
         if not torch.cuda.is_available():
             kw["enforce_eager"] = True  # CPU: no graph capture
+            # vLLM's CPU default sizes the KV cache from free memory (20 GB here, killed for memory with other
+            # work running); a scoring run needs little: VLLM_CPU_KVCACHE_SPACE (GiB), 2 unless set or asked.
+            kv_env = str(max(1, round(kv_cache_gb))) if kv_cache_gb else os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")
+            kw.setdefault("max_num_seqs", 16)
+        elif kv_cache_gb:
+            kw["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         kw.update(engine_kw)
         # vLLM's CPU platform exports LD_PRELOAD (torch's libgomp, its tcmalloc) into os.environ for the engine
         # processes it spawns here; left set, every later subprocess of the caller (Ray, shells) would preload them.
-        preload = os.environ.get("LD_PRELOAD")
+        # The KV-cache size is this engine's only.
+        saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "VLLM_CPU_KVCACHE_SPACE")}
+        if not torch.cuda.is_available():
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_env  # read while the engine starts
         try:
             self.llm = LLM(**kw)
         finally:
-            if preload is None:
-                os.environ.pop("LD_PRELOAD", None)
-            else:
-                os.environ["LD_PRELOAD"] = preload
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def loglikelihood(self, requests: list[RankRequest]) -> list[list[float]]:
         from vllm import SamplingParams

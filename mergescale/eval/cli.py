@@ -20,7 +20,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-unscorable", type=float, default=0.0, metavar="FRACTION",
                    help="fraction of a task's rows that may be left out because they cannot be scored (a label out "
                         "of range, no target, ...); over it the evaluation fails (default 0: any such row fails)")
-    p.add_argument("--max-length", type=int, help="token window (default: the model's max_position_embeddings - 1)")
+    p.add_argument("--max-length", type=int, help="token window (default: the model's max_position_embeddings - 1; "
+                   "on CPU at most 2048)")
+    p.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (CPU default 2, "
+                   "VLLM_CPU_KVCACHE_SPACE; GPU default: vLLM's memory fraction)")
+    p.add_argument("--chat-template", action="store_true", help="prompt in the tokenizer's chat template "
+                   "(instruction-tuned bases); default: the paper's raw prompts. Recorded as prompt_format")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     p.add_argument("--device", help="hf backend device (default: cuda if available, else cpu)")
     p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
@@ -44,13 +49,16 @@ def run(args) -> int:
                           max_length=args.max_length, dtype=args.dtype, device=args.device, address=args.address,
                           num_cpus_per_replica=args.num_cpus_per_replica,
                           num_gpus_per_replica=args.num_gpus_per_replica, progress=not args.quiet,
-                          max_unscorable=args.max_unscorable)
+                          max_unscorable=args.max_unscorable, chat_template=args.chat_template,
+                          backend_kw={"kv_cache_gb": args.kv_cache_gb} if args.kv_cache_gb else None)
     except (EvalError, TaskError, CheckpointError, ConnectionError) as e:  # ConnectionError: no Ray cluster
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{'task':<16} {'category':<26} {'metric':<12} {'score':>7} {'n':>6} {'unscorable':>10}")
+    print(f"{'task':<20} {'category':<26} {'metric':<13} {'score':>7} {'ex/s':>7} {'n':>6} {'unscorable':>10}")
     for m in result["metrics"]:
-        print(f"{m['task']:<16} {m['category']:<26} {m['metric']:<12} {m['score']:>7.4f} {m['n']:>6} "
+        speed = result["timing"].get(m["task"], {}).get("examples_per_s")
+        rate = f"{speed:>7.2f}" if speed else f"{'-':>7}"
+        print(f"{m['task']:<20} {m['category']:<26} {m['metric']:<13} {m['score']:>7.4f} {rate} {m['n']:>6} "
               f"{m['n_unscorable']:>10}")
     print(f"{result['computed']} examples computed, {result['cached']} from cache"
           + (f"; results in {result['out']}" if result["out"] else ""))

@@ -7,18 +7,18 @@ import importlib.util
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 
 from mergescale.eval.backends import (
-    BACKENDS, DTYPES, EvalError, check_device, load_tokenizer, make_backend, model_max_length,
+    BACKENDS, CPU_MAX_LENGTH, DTYPES, EvalError, check_device, load_tokenizer, make_backend, model_max_length,
 )
 from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
-from mergescale.eval.scoring import GEN_METRICS, gen_request, rank_prediction, rank_request
-from mergescale.eval.tasks import PromptedExample, Task, TaskError, tasks_for
+from mergescale.eval.scoring import GEN_METRICS, chat_prompt, gen_request, rank_prediction, rank_request
+from mergescale.eval.tasks import PromptedExample, Task, TaskError, metric_column, tasks_for
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +121,16 @@ def example_row(task: Task, item: Item, cache: ScoreCache, model_fp: str, model_
     return row
 
 
-def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, n_unscorable: int = 0) -> dict:
+def task_metrics(task: Task, rows: list[dict], model_fp: str, model_dir: str, n_unscorable: int = 0,
+                 prompt_format: str = "raw") -> dict:
     """Per-task means; `n` examples scored, `n_unscorable` rows left out because they cannot be scored."""
     names = ("acc", "acc_norm") if task.scoring == "rank" else tuple(GEN_METRICS)
     m = {n: (sum(r[n] for r in rows) / len(rows) if rows else float("nan")) for n in names}
-    primary = "acc" if task.metric == "accuracy" else task.metric
+    primary = metric_column(task.metric)
     return dict(model_fingerprint=model_fp, model_dir=str(model_dir), task=task.name, category=task.category,
                 group=task.group, template=rows[0]["template"] if rows else "", metric=task.metric,
                 score=m[primary], n=len(rows), n_unscorable=n_unscorable,
-                **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)})
+                **{k: m.get(k) for k in ("acc", "acc_norm", *GEN_METRICS)}, prompt_format=prompt_format)
 
 
 def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1, out=None, data_dir=None,
@@ -137,13 +138,17 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
              max_length: int | None = None,
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
-             backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0) -> dict:
+             backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0,
+             chat_template: bool = False) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
     `limit` with `sample_seed`: a seeded random sample of each task's examples instead of the first ones.
     `max_unscorable`: the fraction of a task's rows that may be left out because they cannot be scored (a label
-    out of range, no target, ...; 0: none). See mergescale/eval/cli.py for the other options."""
+    out of range, no target, ...; 0: none). chat_template: prompt each input as the user's turn of the
+    tokenizer's chat template (instruction-tuned bases); the default is the paper's raw prompts. Each task's
+    metrics record which (`prompt_format`); "timing" (and out/timing.json) has each task's examples computed,
+    seconds and examples/s in this run. See mergescale/eval/cli.py for the other options."""
     from mergescale.merge.checkpoint import resolve_model_dir
 
     # -- validation: everything that can fail does so before any output is written --------------------------
@@ -173,7 +178,10 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         log.info("template %r: %s use their first template (they have no %r)", template,
                  ", ".join(n for n, c in chosen.items() if c is None), template)
     tok, cfg = load_tokenizer(model_dir)
-    max_len = model_max_length(cfg, max_length)
+    if chat_template and not getattr(tok, "chat_template", None):
+        raise EvalError(f"{model_dir}: --chat-template asked for, but its tokenizer has no chat template")
+    on_gpu = num_gpus_per_replica > 0 or (device or ("cuda" if _cuda() else "cpu")).startswith("cuda")
+    max_len = model_max_length(cfg, max_length, cap=None if on_gpu else CPU_MAX_LENGTH)
     for t in selected:
         if t.scoring == "generate" and t.max_new_tokens >= max_len:
             raise EvalError(f"task {t.name!r} generates up to {t.max_new_tokens} tokens, which leaves no context in "
@@ -197,7 +205,10 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
                 too_many.append(f"task {t.name!r}: none of its {rendered.rows} rows can be scored "
                                 f"({t.data_source(None, data_dir)})")
         unscorable[t.name] = len(rendered.unscorable)
-        items[t.name] = _prepare(t, chosen[t.name], rendered.examples, tok, max_len, model_fp, where)
+        exs = rendered.examples
+        if chat_template:  # the answer is the assistant's turn: no delimiter after the template's own cue
+            exs = [replace(e, input=chat_prompt(tok, e.input), target_delimiter="") for e in exs]
+        items[t.name] = _prepare(t, chosen[t.name], exs, tok, max_len, model_fp, where)
     if too_many:
         raise EvalError("\n".join(too_many))
     todo = {name: [i for i in its if not all(k in cache for k in i.keys)] for name, its in items.items()}
@@ -205,24 +216,36 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     chunks = [c for t in selected for c in make_chunks(todo[t.name], t.scoring, chunk_size)]
     remaining = {name: len(v) for name, v in todo.items()}
     metrics: dict[str, dict] = {}
+    seconds = {name: 0.0 for name in items}  # wall time of each task's chunks (with replicas: between results)
+    timing: dict[str, dict] = {}
+    prompt_format = "chat" if chat_template else "raw"
 
     def finish_task(t: Task):
         rows = [example_row(t, i, cache, model_fp, model_dir) for i in items[t.name]]
-        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, unscorable[t.name])
+        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, unscorable[t.name], prompt_format)
+        n, sec = len(todo[t.name]), seconds[t.name]
+        timing[t.name] = {"computed": n, "cached": len(items[t.name]) - n, "seconds": round(sec, 3),
+                          "examples_per_s": round(n / sec, 3) if n and sec > 0 else None}
         if out is not None:
             write_parquet_atomic(pa.Table.from_pylist(rows), out / "examples" / f"{t.name}.parquet")
             ordered = [metrics[x.name] for x in selected if x.name in metrics]
             write_parquet_atomic(pa.Table.from_pylist(ordered), out / "metrics.parquet")
             write_json_atomic(ordered, out / "metrics.json")
+            write_json_atomic(timing, out / "timing.json")  # this run's, apart from the results
 
     by_name = {t.name: t for t in selected}
     for t in selected:
         if remaining[t.name] == 0:
             finish_task(t)
 
+    last = [time.perf_counter()]
+
     def on_done(chunk: Chunk, results: list):
         for item, res in zip(chunk.items, results):  # before anything of the chunk is cached or written
             check_finite(chunk.kind, item, res, model_dir)
+        now = time.perf_counter()
+        seconds[chunk.items[0].task] += now - last[0]
+        last[0] = now
         cache.add(cache_rows(chunk, results, tok))
         for it in chunk.items:
             remaining[it.task] -= 1
@@ -233,11 +256,13 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     n_examples = sum(len(c.items) for c in chunks)
     t0 = time.perf_counter()
     if chunks:
+        last[0] = t0
         bar = _bar(n_examples, progress)
         kw = dict(device=device, dtype=dtype, max_length=max_len, **(backend_kw or {}))
         if in_process:
             own = engine is None
             engine = engine or make_backend(backend, model_dir, **kw)
+            last[0] = time.perf_counter()  # loading the model is no task's time
             try:
                 for c in chunks:
                     on_done(c, run_chunk(engine, c.kind, [i.request for i in c.items]))
@@ -255,8 +280,14 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         bar.close()
     elapsed = time.perf_counter() - t0
     log.info("evaluated %d examples (%d cached) in %.1f s", n_examples, n_cached, elapsed)
-    return {"metrics": [metrics[t.name] for t in selected], "computed": n_examples, "cached": n_cached,
-            "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
+    return {"metrics": [metrics[t.name] for t in selected], "timing": timing, "computed": n_examples,
+            "cached": n_cached, "seconds": elapsed, "model_fingerprint": model_fp, "out": str(out) if out else None}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _bar(total: int, enabled: bool):

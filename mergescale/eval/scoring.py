@@ -2,10 +2,13 @@
 
 Rank classification (T0's rule): the prediction is the choice with the largest summed log-prob of its tokens
 given the context; `acc_norm` divides that sum by the choice's character length (lm-eval's rule). The text
-scored is input + target_delimiter + choice; any whitespace at the end of the context moves into the choice,
-then context+choice is encoded once and cut at the context's own token length, so the scored tokens are the
-model's natural tokenization of the whole string. Inputs longer than the model's window are truncated from
-the left so that the longest choice still fits.
+scored is input + target_delimiter + choice; any whitespace at the end of the context moves into the choice.
+The split is lm-eval's for decoder-only models: the model is conditioned on the context's own tokens
+`tok(context)` (what it sees at generation time), and the choice's tokens are `tok(context + choice)` past
+`len(tok(context))`. Where a BPE merge crosses the boundary, tok(context) + those tokens is not the
+tokenization of the whole string; cutting the whole string's tokens instead would condition on a context
+the model never sees when prompted. Inputs longer than the model's window are truncated from the left so that
+the longest choice still fits.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from mergescale.eval.tasks import PromptedExample
 
 @dataclass
 class RankRequest:
-    """One example: per choice, (context ids, continuation ids). Contexts are usually identical across
-    choices (backends share their computation); they differ only when a BPE merge crosses the boundary."""
+    """One example: per choice, (context ids, continuation ids). The rule gives every choice the same context
+    (backends share its computation); backends still accept different ones."""
 
     contexts: list[list[int]]
     continuations: list[list[int]]
@@ -44,14 +47,26 @@ def _prefix_id(tokenizer) -> int:
     return 0
 
 
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as the user's turn of the tokenizer's chat template, ending where the assistant's answer starts
+    (instruction-tuned bases; the paper prompts with the raw text). ValueError when there is no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (chat_template in tokenizer_config.json / "
+                         "chat_template.jinja); use raw prompts")
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and getattr(tokenizer, "add_bos_token", False) and out.startswith(bos):
+        out = out[len(bos):]  # encoding adds it once more
+    return out
+
+
 def split_context_choice(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
-    """(context ids, choice ids) of context+choice encoded once, cut at len(encode(context))."""
+    """(tok(context), tok(context + choice)[len(tok(context)):]): lm-eval's split (module docstring)."""
     n = len(context) - len(context.rstrip())
     if n:  # "Answer: " + "yes" is scored as "Answer:" + " yes" (leading-space tokens in BPE vocabularies)
         context, choice = context[:-n], context[-n:] + choice
-    whole = _encode(tokenizer, context + choice)
-    cut = len(_encode(tokenizer, context))
-    ctx, cont = whole[:cut], whole[cut:]
+    ctx = _encode(tokenizer, context)
+    cont = _encode(tokenizer, context + choice)[len(ctx):]
     if not cont:
         raise ValueError(f"choice {choice!r} encodes to no tokens after context {context[-40:]!r}")
     if not ctx:  # nothing to condition the first choice token on (no BOS): condition on a start token

@@ -19,12 +19,13 @@ A row lacking a column its template reads is a TaskError naming the task, file, 
 applies templates strictly); an empty or unreadable data file is one naming the file.
 
 A task is a YAML entry (mergescale/eval/registry/*.yaml, or your own file: `register_tasks(path)` or the
-MERGESCALE_TASKS env var, os.pathsep-separated). Fields: name, category, group (held_in | held_out | custom),
-hf_id, hf_config, eval_split, train_split, data_files ({split: path or [paths]}, Parquet/JSONL/JSON/Arrow,
-relative to the YAML file), metric (accuracy | rouge_l | exact_match | f1), max_new_tokens, templates (name,
-jinja "input ||| target", answer_choices "a ||| b" (may use jinja), references, target_delimiter) and fixture
-(a synthetic-row recipe, see fixtures.py). `accuracy` tasks are scored by rank classification; the others by
-greedy generation.
+MERGESCALE_TASKS env var, os.pathsep-separated; a file may set `replace_categories: true`, see register_tasks).
+Fields: name, category, group (held_in | held_out | custom), hf_id, hf_config, eval_split, train_split,
+data_files ({split: path or [paths]}, Parquet/JSONL/JSON/Arrow, relative to the YAML file), metric (accuracy |
+accuracy_norm | rouge_l | exact_match | f1), max_new_tokens, templates (name, jinja "input ||| target",
+answer_choices "a ||| b" (may use jinja), references, target_delimiter) and fixture (a synthetic-row recipe,
+see fixtures.py). `accuracy` and `accuracy_norm` (HellaSwag's length-normalized accuracy) tasks are scored by
+rank classification; the others by greedy generation.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ import yaml
 from mergescale.eval.templates import DataError, PromptedExample, Rendered, TaskError, Template  # noqa: F401 - API
 
 REGISTRY_DIR = Path(__file__).parent / "registry"
-METRICS = ("accuracy", "rouge_l", "exact_match", "f1")
+METRICS = ("accuracy", "accuracy_norm", "rouge_l", "exact_match", "f1")
+RANK_METRICS = ("accuracy", "accuracy_norm")  # accuracy_norm: the choice with the best log-prob per character
+
+
+def metric_column(metric: str) -> str:
+    """A task metric's per-example column (mergescale.eval.runner.example_row): `acc` / `acc_norm` for rank
+    classification (metric accuracy / accuracy_norm), the metric's own name for generation metrics."""
+    return {"accuracy": "acc", "accuracy_norm": "acc_norm"}.get(metric, metric)
 GROUPS = ("held_in", "held_out", "custom")
 DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
 @dataclass
@@ -62,7 +70,7 @@ class Task:
 
     @property
     def scoring(self) -> str:
-        return "rank" if self.metric == "accuracy" else "generate"
+        return "rank" if self.metric in RANK_METRICS else "generate"
 
     def template(self, name: str | None = None) -> Template:
         if name is None:
@@ -303,13 +311,16 @@ def task_from_dict(d: dict, source: str | Path = "") -> Task:
         raise TaskError(f"{where}: needs at least one template")
     base = Path(source).parent if source else Path(".")
     d["data_files"] = {s: [str(base / p) for p in _as_list(v)] for s, v in (d.get("data_files") or {}).items()}
-    if d["templates"][0].answer_choices is None and d.get("metric", "accuracy") == "accuracy":
+    if d["templates"][0].answer_choices is None and d.get("metric", "accuracy") in RANK_METRICS:
         raise TaskError(f"{where}: metric accuracy (rank classification) needs answer_choices in its template")
     return Task(**d, source=str(source))
 
 
 def register_tasks(path: str | Path, replace: bool = False) -> list[Task]:
-    """Add the tasks of a YAML file ({tasks: [...]}) to the registry."""
+    """Add the tasks of a YAML file ({tasks: [...]}) to the registry. With `replace_categories: true` in the file,
+    its tasks replace every task of another file in their (group, category): `held-in:sentiment` then selects
+    the file's sentiment datasets only."""
+    _ensure_loaded()  # the built-in tasks first, so the file's own can replace them
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -318,9 +329,15 @@ def register_tasks(path: str | Path, replace: bool = False) -> list[Task]:
     entries = doc.get("tasks") if isinstance(doc, dict) else None
     if not isinstance(entries, list):
         raise TaskError(f"{path}: expected a mapping with a 'tasks' list")
+    if not isinstance(doc.get("replace_categories", False), bool):
+        raise TaskError(f"{path}: replace_categories must be true or false")
+    tasks = [task_from_dict(d, path) for d in entries]
+    if doc.get("replace_categories"):
+        cats = {(t.group, t.category) for t in tasks}
+        for name in [n for n, t in _TASKS.items() if (t.group, t.category) in cats and t.source != str(path)]:
+            del _TASKS[name]
     out = []
-    for d in entries:
-        t = task_from_dict(d, path)
+    for t in tasks:
         if t.name in _TASKS and not replace and _TASKS[t.name].source != t.source:
             raise TaskError(f"{path}: task {t.name!r} already defined in {_TASKS[t.name].source}")
         _TASKS[t.name] = t
@@ -379,7 +396,8 @@ def tasks_for(selector: str | list[str]) -> list[Task]:
         else:
             raise TaskError(f"unknown task or selector {sel!r}; use all, held-in, held-out, held-in:<category>, "
                             f"<category> or a task name. Categories: {', '.join(categories())}; tasks: "
-                            f"{', '.join(sorted(_TASKS))}")
+                            f"{', '.join(sorted(_TASKS))}. Add your own tasks with a task YAML: --tasks-yaml FILE, "
+                            "or MERGESCALE_TASKS=FILE[:FILE...] (e.g. DATA_DIR/tasks.yaml of `mergescale data build`)")
         chosen += [t for t in hit if t not in chosen]
     return chosen
 

@@ -19,17 +19,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from mergescale.eval.tasks import metric_column
 from mergescale.study.ledger import StudyError
 
 N_BOOT = 1000
 BOOT_SEED = 0
 LEVEL = 0.95
-
-
-def metric_column(metric: str) -> str:
-    """A task metric's per-example column (mergescale.eval.runner.example_row): `acc` for rank classification
-    (metric accuracy), the metric's own name for generation metrics (rouge_l, exact_match, f1)."""
-    return "acc" if metric == "accuracy" else metric
 
 
 def resample_counts(n: int, n_boot: int, key: str) -> np.ndarray:

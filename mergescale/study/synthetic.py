@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mergescale.study.bootstrap import metric_column
+from mergescale.eval.tasks import RANK_METRICS, metric_column
 from mergescale.study.config import MULTITASK_LABEL, size_value
 from mergescale.study.grid import Cell, categories_for
 from mergescale.study.ledger import RunDir, ledger_rows, write_ledger
@@ -120,8 +120,8 @@ def write_synthetic_run(run_dir: str | Path, value: Callable[[Cell, str], float 
     rng = np.random.default_rng(0)
 
     def write_examples(model: str, task: SynthTask, score: float) -> tuple[str, float]:
-        """One model's per-example values on a task with mean `score` (0/1 for accuracy); (path, actual mean)."""
-        if task.metric == "accuracy":
+        """One model's per-example values on a task with mean `score` (0/1 for accuracies); (path, actual mean)."""
+        if task.metric in RANK_METRICS:
             k = int(round(min(max(score, 0.0), 1.0) * n_examples))
             values = np.zeros(n_examples)
             values[rng.permutation(n_examples)[:k]] = 1.0

@@ -39,13 +39,14 @@ def run_key(recipe: str, cfg: TrainConfig, fingerprint: str) -> str:
 
 def train(recipe: str, config: TrainConfig | dict | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
           resume: bool = True, progress: bool = True, workers: int | None = None, address: str | None = None,
-          keep_checkpoints: bool = False) -> dict:
+          keep_checkpoints: bool = False, data_dir: str | None = None, task_files: list[str] | None = None) -> dict:
     """Train `recipe` (expert | multitask | instruct) as `config` says; returns the output manifest.
 
     A run whose checkpoint directory holds checkpoints of the same run (same recipe, config and data) resumes
     from the newest one; resume=False discards them. After success the checkpoints are deleted unless
     keep_checkpoints."""
-    cfg = load_train_config(config, out=str(out) if out is not None else None, workers=workers, address=address)
+    cfg = load_train_config(config, out=str(out) if out is not None else None, workers=workers, address=address,
+                            data_dir=data_dir, task_files=task_files or None)
     check_recipe(recipe, cfg)
     if cfg.out is None:
         raise ConfigError("out: no output directory; set 'out' in the config or pass --out DIR")

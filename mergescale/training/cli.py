@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output model directory (overrides 'out' in the config)")
     p.add_argument("--workers", type=int, help="Ray Train workers (overrides cluster.workers)")
     p.add_argument("--address", help="Ray address (auto, ray://host:port); default: an embedded local Ray")
+    p.add_argument("--data-dir", help="offline data: DIR/<task>/<split>.parquet|jsonl|json|arrow (overrides data_dir)")
+    p.add_argument("--tasks-yaml", action="append", default=[],
+                   help="task YAML file(s) to register (added to the config's task_files), e.g. DATA_DIR/tasks.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints of an interrupted run of this config")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the DeepSpeed checkpoints after success")
@@ -32,7 +35,7 @@ def run(args) -> int:
     try:
         m = train(args.recipe, args.config, out=args.out, overwrite=args.overwrite, resume=not args.no_resume,
                   progress=not args.quiet, workers=args.workers, address=args.address,
-                  keep_checkpoints=args.keep_checkpoints)
+                  keep_checkpoints=args.keep_checkpoints, data_dir=args.data_dir, task_files=args.tasks_yaml)
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

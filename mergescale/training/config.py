@@ -56,6 +56,9 @@ class TrainConfig(BaseModel):
     tasks: list[str] = Field(default_factory=list)  # names or selectors (held-in:sentiment, held-in, ...)
     data_files: list[str] = Field(default_factory=list)  # instruct only: JSONL rows {"input": ..., "target": ...}
     data_dir: str | None = None  # passed to Task.load
+    task_files: list[str] = Field(default_factory=list)  # task YAMLs to register first (e.g. DATA_DIR/tasks.yaml)
+    chat_template: bool = False  # wrap inputs in the tokenizer's chat template (instruction-tuned bases); the
+    #                              paper's raw prompts by default, as `mergescale eval --chat-template` scores them
     mixture_cap: int | None = Field(500_000, ge=1)  # examples-proportional mixing, each source capped (T0: 500k)
     eval_selectors: list[str] = Field(default_factory=lambda: ["held-in", "held-out"])  # instruct leak check
     leak_check: Literal["names", "content"] = "content"  # content: data file prompts vs rendered eval prompts too
@@ -174,6 +177,8 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
                 source[key] = resolve_config_path(path.parent, source[key])
         if isinstance(source.get("deepspeed"), str) and source["deepspeed"] not in ("zero2", "zero3"):
             source["deepspeed"] = resolve_config_path(path.parent, source["deepspeed"])
+        if isinstance(source.get("task_files"), list):
+            source["task_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f for f in source["task_files"]]
         if isinstance(source.get("data_files"), list):
             source["data_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f for f in source["data_files"]]
     source = dict(source)
@@ -182,6 +187,8 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
             continue
         if key in ("workers", "address"):
             source["cluster"] = {**(source.get("cluster") or {}), key: value}
+        elif key == "task_files":  # CLI --tasks-yaml adds to the config's own
+            source[key] = list(source.get(key) or []) + list(value)
         else:
             source[key] = value
     try:

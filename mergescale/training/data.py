@@ -40,7 +40,17 @@ def resolve_tasks(specs: list[str]) -> list:
         raise ConfigError(f"tasks: {e}") from None
 
 
-def task_source(task, data_dir: str | None, max_unscorable: float = 0.0) -> Source:
+def _pair(inp: str, target: str, delimiter: str, chat_tokenizer) -> tuple[str, str]:
+    """(input, continuation) as the evaluator scores them: raw, input + delimiter + target; with a chat
+    tokenizer, the input in its chat template and the target as the assistant's answer."""
+    if chat_tokenizer is None:
+        return inp, delimiter + target
+    from mergescale.eval.scoring import chat_prompt
+
+    return chat_prompt(chat_tokenizer, inp), target
+
+
+def task_source(task, data_dir: str | None, max_unscorable: float = 0.0, chat_tokenizer=None) -> Source:
     """Every train row rendered with every template of the task (T0 trains on all prompts of a dataset).
     The continuation is target_delimiter + target: the text the evaluator scores after the input. ConfigError
     when a row lacks a column a template reads, or when more than `max_unscorable` of the prompts (rows x
@@ -61,10 +71,10 @@ def task_source(task, data_dir: str | None, max_unscorable: float = 0.0) -> Sour
         raise ConfigError(f"tasks: {e}") from None
     if not every.examples:
         raise ConfigError(f"tasks: task {task.name!r} has no labelled examples in split {task.train_split!r}")
-    return Source(task.name, [(e.input, e.target_delimiter + e.target) for e in every.examples])
+    return Source(task.name, [_pair(e.input, e.target, e.target_delimiter, chat_tokenizer) for e in every.examples])
 
 
-def file_source(path: str | Path) -> tuple[Source, list[str]]:
+def file_source(path: str | Path, chat_tokenizer=None) -> tuple[Source, list[str]]:
     """Rows {"input": str, "target": str, "task": str, "target_delimiter": str} (the last two optional) from a
     JSONL file; returns the source and the task names its rows claim."""
     path = Path(path)
@@ -86,7 +96,7 @@ def file_source(path: str | Path) -> tuple[Source, list[str]]:
                 raise ConfigError(f"data_files: {path}:{lineno}: field {empty[0]!r} is empty")
             if not isinstance(row.get("target_delimiter", " "), str):
                 raise ConfigError(f"data_files: {path}:{lineno}: 'target_delimiter' must be a string")
-            examples.append((row["input"], row.get("target_delimiter", " ") + row["target"]))
+            examples.append(_pair(row["input"], row["target"], row.get("target_delimiter", " "), chat_tokenizer))
             if isinstance(row.get("task"), str):
                 named.append(row["task"])
     if not examples:
@@ -168,8 +178,8 @@ def split_validation(sources: list[Source], n: int, seed: int) -> tuple[list[Sou
 # -- tokenization -----------------------------------------------------------------------------------------------
 def encode(tokenizer, inp: str, continuation: str, max_input_len: int, max_output_len: int) -> tuple[list[int], list[int]]:
     """input_ids and labels of input + continuation + EOS, labels IGNORE on the input. Tokenized exactly as the
-    evaluator scores a choice (eval.scoring.split_context_choice: the whole string encoded once, cut at the
-    context), so training and rank classification see the same target tokens. The input is cut from the left
+    evaluator scores a choice (eval.scoring.split_context_choice: the input's own tokens, then the tokens of
+    input + continuation past them), so training and rank classification see the same tokens. The input is cut from the left
     (the instruction cue just before the answer survives), the target from the right."""
     from mergescale.eval.scoring import split_context_choice
 

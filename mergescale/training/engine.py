@@ -20,6 +20,16 @@ DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "resid_pdrop
                   "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout_rate", "classifier_dropout")
 
 
+def cpu_comm_op_built() -> bool:
+    """Has DeepSpeed's CPU communication op (deepspeed_shm_comm, compiled by the first init_distributed on a
+    machine: ~2 minutes) been built into torch's extension cache already?"""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return any(root.glob("**/deepspeed_shm_comm*/*.so"))
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 

@@ -16,26 +16,36 @@ from mergescale.training.data import (
 )
 
 
-def expert_sources(cfg: TrainConfig) -> list[Source]:
+def expert_sources(cfg: TrainConfig, chat) -> list[Source]:
     tasks = resolve_tasks(cfg.tasks)
     categories = sorted({t.category for t in tasks})
     if len(categories) != 1:
         raise ConfigError(f"recipe expert: tasks {cfg.tasks} span categories {categories}; an expert trains on one")
-    return [task_source(t, cfg.data_dir, cfg.max_unscorable) for t in tasks]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks]
 
 
-def multitask_sources(cfg: TrainConfig) -> list[Source]:
+def multitask_sources(cfg: TrainConfig, chat) -> list[Source]:
     tasks = resolve_tasks(cfg.tasks or ["held-in"])
-    return [task_source(t, cfg.data_dir, cfg.max_unscorable) for t in tasks]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks]
 
 
-def instruct_sources(cfg: TrainConfig) -> list[Source]:
+def instruct_sources(cfg: TrainConfig, chat) -> list[Source]:
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else []
-    files = [file_source(p) for p in cfg.data_files]
+    files = [file_source(p, chat) for p in cfg.data_files]
     # Before any data is read for training: the paper's IT base is FLAN minus every task it is evaluated on.
     check_no_leak([t.name for t in tasks], {src.name: named for src, named in files}, [src for src, _ in files],
                   cfg.eval_selectors, cfg.data_dir, by_content=cfg.leak_check == "content")
-    return [task_source(t, cfg.data_dir, cfg.max_unscorable) for t in tasks] + [src for src, _ in files]
+    return [task_source(t, cfg.data_dir, cfg.max_unscorable, chat) for t in tasks] + [src for src, _ in files]
+
+
+def register_task_files(paths: list[str]) -> None:
+    from mergescale.eval.tasks import TaskError, register_tasks
+
+    for path in paths:
+        try:
+            register_tasks(path, replace=True)
+        except TaskError as e:
+            raise ConfigError(f"task_files: {e}") from None
 
 
 RECIPE_SOURCES = {"expert": expert_sources, "multitask": multitask_sources, "instruct": instruct_sources}
@@ -44,7 +54,15 @@ RECIPE_SOURCES = {"expert": expert_sources, "multitask": multitask_sources, "ins
 def prepare_data(recipe: str, cfg: TrainConfig) -> tuple[list[Source], list[tuple[str, str]], dict]:
     """(training sources, validation examples, data description for the manifest)."""
     check_recipe(recipe, cfg)
-    sources = RECIPE_SOURCES[recipe](cfg)
+    register_task_files(cfg.task_files)
+    chat = None
+    if cfg.chat_template:
+        from transformers import AutoTokenizer
+
+        chat = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.base)
+        if not chat.chat_template:
+            raise ConfigError(f"chat_template: the tokenizer of {cfg.tokenizer or cfg.base} has no chat template")
+    sources = RECIPE_SOURCES[recipe](cfg, chat)
     train, val = split_validation(sources, cfg.validation_size, cfg.seed)
     rates = MixtureSchedule([len(s.examples) for s in train], cfg.mixture_cap, cfg.seed).mixing_rates()
     info = {
@@ -52,5 +70,6 @@ def prepare_data(recipe: str, cfg: TrainConfig) -> tuple[list[Source], list[tupl
         "sources": [{"name": s.name, "examples": len(s.examples), "rate": round(r, 6)} for s, r in zip(train, rates)],
         "validation_examples": len(val),
         "mixture_cap": cfg.mixture_cap,
+        "prompt_format": "chat" if cfg.chat_template else "raw",
     }
     return train, val, info

@@ -43,9 +43,16 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
     from transformers import AutoTokenizer
 
     # -- process group: Ray Train (or torchrun) already made it; DeepSpeed reuses it --------------------------
+    t_setup = time.time()
     backend = "nccl" if device.type == "cuda" else "gloo"
+    compiling = device.type == "cpu" and not E.cpu_comm_op_built()
+    if compiling and progress and int(os.environ.get("RANK", "0")) == 0:
+        print("setup: compiling DeepSpeed's CPU communication op (the first training on this machine only, about "
+              "2 minutes; cached in ~/.cache/torch_extensions afterwards)", flush=True)
     deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if compiling and progress and rank == 0:
+        print(f"setup: DeepSpeed op ready after {time.time() - t_setup:.0f} s", flush=True)
     if world != cfg.cluster.workers:
         raise RuntimeError(f"process group has {world} ranks but cluster.workers is {cfg.cluster.workers}")
     accum, micro = cfg.grad_accum, cfg.micro_batch_size
@@ -79,7 +86,7 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
 
     schedule = MixtureSchedule([len(s.examples) for s in sources], cfg.mixture_cap, cfg.seed)
     bar = _progress(rank == 0 and progress, cfg.max_steps, start)
-    t0, tokens_run = time.time(), 0
+    t0, tokens_run, target_run = time.time(), 0, 0
     step = start
     for step in range(start, cfg.max_steps):
         # -- this rank's micro-batches of the global batch of (seed, step) ------------------------------------
@@ -113,6 +120,7 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
             return _stop(work, rank, f"the training loss is {state['last_loss']} at step {step + 1}")
         state["tokens"] += int(global_tokens)
         tokens_run += all_tokens
+        target_run += int(global_tokens)
 
         # -- validation loss and early stop (same all-reduced numbers on every rank: same decision) ------------
         stop = False
@@ -149,6 +157,7 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
         if stop:
             break
     bar.close()
+    train_s = time.time() - t0
 
     # -- consolidated Hugging Face checkpoint -----------------------------------------------------------------
     sd = E.consolidated_state_dict(engine, stage)
@@ -159,6 +168,10 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
             "deepspeed": ds_config, "steps": state["step"], "stopped_early": state["step"] < cfg.max_steps,
             "final": {"train_loss": state["last_loss"], "val_loss": state["last_val"], "target_tokens": state["tokens"]},
             "world_size": world, "resumed_from_step": start or None,
+            # this process's run (a resumed run: the steps since the resume); setup: process group to first step
+            "timing": {"setup_s": round(t0 - t_setup, 3), "train_s": round(train_s, 3),
+                       "steps_run": state["step"] - start, "tokens_per_s": round(tokens_run / max(train_s, 1e-9), 2),
+                       "target_tokens_per_s": round(target_run / max(train_s, 1e-9), 2)},
         }
         manifest = write_model(sd, out, base=cfg.base, tokenizer=tokenizer, manifest=manifest, metrics=metrics_path,
                                shard_size=cfg.out_shard_size, overwrite=overwrite)
