@@ -142,7 +142,7 @@ def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -
                       sample_seed=settings["sample_seed"], max_length=settings["max_length"],
                       dtype=settings["dtype"], num_cpus_per_replica=settings["num_cpus"],
                       num_gpus_per_replica=settings["num_gpus"], max_unscorable=settings["max_unscorable"],
-                      progress=False)
+                      chat_template=settings["chat_template"], progress=False)
     return {"metrics": result["metrics"], "computed": result["computed"], "cached": result["cached"], "start": t0,
             "end": time.time()}
 

@@ -105,6 +105,9 @@ class EvalSettings(_Strict):
     max_length: int | None = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_unscorable: float = Field(0.0, ge=0, le=1, description="share of a task's rows that may be unscorable")
+    # prompt each input as the user's turn of the tokenizer's chat template (instruction-tuned bases); default: the
+    # paper's raw prompts. Trainings follow it unless their train spec sets chat_template itself.
+    chat_template: bool = False
     num_cpus: float = Field(1.0, gt=0, description="CPUs of one evaluation (or of each replica)")
     num_gpus: float = Field(0.0, ge=0)
 

@@ -255,10 +255,23 @@ def _tasks(config: StudyConfig) -> tuple[list[str], dict[str, list[str]], list[s
     return held_in, tasks_of, [t.name for t in out]
 
 
+def _model_dir(spec: str, field: str) -> Path:
+    """A given model as a local directory: package:/gguf: specs imported once, hub ids fetched (mergescale.merge
+    .checkpoint.resolve_model_dir); ConfigError naming the field otherwise."""
+    from mergescale.merge.checkpoint import CheckpointError, resolve_model_dir
+
+    try:
+        return resolve_model_dir(spec).resolve()
+    except CheckpointError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
 def _models(config: StudyConfig, held_in: list[str], run: RunDir) -> dict[tuple[str, str], ModelRef]:
     models = {}
     for b in config.bases:
-        models[(b.name, "base")] = ModelRef(b.name, "base", Path(b.path), f"bases[{b.name}].path")
+        field = f"bases[{b.name}].path"
+        base_dir = _model_dir(b.path, field)
+        models[(b.name, "base")] = ModelRef(b.name, "base", base_dir, field)
         given = config.experts.get(b.name, {})
         missing = [c for c in held_in if c not in given]
         if missing:
@@ -272,23 +285,26 @@ def _models(config: StudyConfig, held_in: list[str], run: RunDir) -> dict[tuple[
             src = given[cat]
             f = f"experts.{b.name}.{cat}"
             if isinstance(src, TrainSpec):
-                train = {**config.training, **src.train, "base": b.path, "tasks": [f"held-in:{cat}"]}
+                train = {**config.training, **src.train, "base": str(base_dir), "tasks": [f"held-in:{cat}"]}
                 out = run.path("models", b.name, "experts", cat)
                 models[(b.name, f"expert:{cat}")] = ModelRef(b.name, f"expert:{cat}", out, f, train, "expert")
             else:
-                models[(b.name, f"expert:{cat}")] = ModelRef(b.name, f"expert:{cat}", Path(src), f)
+                models[(b.name, f"expert:{cat}")] = ModelRef(b.name, f"expert:{cat}", _model_dir(src, f), f)
         if b.name in config.multitask:
             src = config.multitask[b.name]
             f = f"multitask.{b.name}"
             if isinstance(src, TrainSpec):
-                train = {**config.training, **src.train, "base": b.path, "tasks": [f"held-in:{c}" for c in held_in]}
+                train = {**config.training, **src.train, "base": str(base_dir),
+                         "tasks": [f"held-in:{c}" for c in held_in]}
                 models[(b.name, "multitask")] = ModelRef(b.name, "multitask", run.path("models", b.name, "multitask"),
                                                          f, train, "multitask")
             else:
-                models[(b.name, "multitask")] = ModelRef(b.name, "multitask", Path(src), f)
+                models[(b.name, "multitask")] = ModelRef(b.name, "multitask", _model_dir(src, f), f)
     for m in models.values():
-        if m.train is not None:
+        if m.train is not None:  # trained on the data, tasks and prompt format the study evaluates with
             m.train.setdefault("data_dir", config.eval.data_dir)
+            m.train.setdefault("task_files", list(config.eval.tasks_yaml))
+            m.train.setdefault("chat_template", config.eval.chat_template)
             m.train["out"] = str(m.path)
     return models
 
@@ -296,7 +312,7 @@ def _models(config: StudyConfig, held_in: list[str], run: RunDir) -> dict[tuple[
 def _check_models(config: StudyConfig, base: str, models: dict) -> tuple[int, int]:
     """Every given model of a base opens and holds the base's tensors (the merge's own checks); returns the base's
     (weight bytes, parameters)."""
-    from mergescale.merge.checkpoint import Checkpoint, CheckpointError, resolve_model_dir
+    from mergescale.merge.checkpoint import Checkpoint, CheckpointError
     from mergescale.merge.inputs import MergeInputError, MergeInputs, check_architectures, check_same_tensors
 
     mine = [m for (b, _), m in models.items() if b == base and not m.trained_by_study]
@@ -304,7 +320,7 @@ def _check_models(config: StudyConfig, base: str, models: dict) -> tuple[int, in
     try:
         for m in mine:
             try:
-                opened[m.role] = Checkpoint(resolve_model_dir(str(m.path)))
+                opened[m.role] = Checkpoint(m.path)
             except CheckpointError as e:
                 raise ConfigError(f"{m.field}: {e}") from None
         ref = opened["base"]
