@@ -60,8 +60,11 @@ class MergeActor:
     def set_stats(self, stats_json: dict) -> None:
         self.worker.set_stats(stats_json)
 
-    def merge(self, unit_ids, next_unit=None) -> dict:
-        return self.worker.merge(unit_ids, next_unit)
+    def merge(self, unit_ids, next_unit=None, hashed=()) -> dict:
+        return self.worker.merge(unit_ids, next_unit, hashed)
+
+    def verify(self, unit_ids, next_unit=None) -> dict:
+        return self.worker.verify(unit_ids, next_unit)
 
     def flush(self) -> list[int]:
         return self.worker.flush()
