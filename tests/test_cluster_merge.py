@@ -312,7 +312,7 @@ def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_pa
     cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",
            "parameters": {"normalize": False}, "tile_mb": 0.05, "cluster": {"num_cpus": 0.25}}
     out = tmp_path / "dist"
-    with pytest.raises(MergeInputError, match=r"the merge produced \d+ non-finite values \(NaN/inf\) in tensor '.*norm"):
+    with pytest.raises(MergeInputError, match=r"merge produced \d+ non-finite values \(NaN/inf\) in tensor '.*norm"):
         run_distributed_merge(cfg, out, workers=2, progress=False)
     assert no_output(out)
     cfg["on_nonfinite"] = "warn"

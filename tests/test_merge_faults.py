@@ -52,8 +52,8 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 def copy_family(fam, root: Path):
     """Copies of the base and experts, so a test may replace one expert's shards."""
-    return namedtuple("Fam", "base experts")(
-        shutil.copytree(fam.base, root / "base"), [shutil.copytree(e, root / f"e{i}") for i, e in enumerate(fam.experts)])
+    experts = [shutil.copytree(e, root / f"e{i}") for i, e in enumerate(fam.experts)]
+    return namedtuple("Fam", "base experts")(shutil.copytree(fam.base, root / "base"), experts)
 
 
 @pytest.mark.parametrize("method, params, crash_at", [
@@ -121,8 +121,8 @@ def test_partial_output_of_an_older_journal_format_starts_over(micro, tmp_path, 
     ("out_shard_size", float("inf")), ("cluster.num_cpus", float("inf")),
 ])
 def test_non_finite_or_overflowing_settings_exit_2(family, tmp_path, capsys, field, value):
-    cfg = {"method": "task_arithmetic", "base": str(family.base), "experts": [{"path": e} for e in family.expert_strs[:2]],
-           "parameters": {}, "cluster": {}}
+    cfg = {"method": "task_arithmetic", "base": str(family.base), "parameters": {}, "cluster": {},
+           "experts": [{"path": e} for e in family.expert_strs[:2]]}
     *parents, leaf = field.split(".")
     node = cfg
     for k in parents:
@@ -437,3 +437,25 @@ def test_output_under_a_file_or_over_a_symlink_exits_2(family, tmp_path, capsys)
     code, err = cli(capsys, cfg, "--out", link, "--overwrite")
     assert code == 2 and "symbolic link" in err, err
     assert link.is_symlink() and tree(target) == before
+
+
+def test_nonfinite_scan_of_merged_tiles_counts_like_numpy():
+    """kernels.count_nonfinite_raw (64-bit words first, then a count) against numpy's isfinite, for bf16 bits and
+    float32, any length and alignment, NaN/inf anywhere (the first, last, a word's every lane)."""
+    import numpy as np
+
+    from mergescale.merge.kernels import count_nonfinite_raw
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(0, 70))
+        x = rng.standard_normal(n + 1).astype(np.float32)
+        for i in rng.integers(0, n + 1, int(rng.integers(0, 4))):
+            x[i] = rng.choice([np.nan, np.inf, -np.inf])
+        if trial % 7 == 0 and n:
+            x[-1] = np.inf
+        x = x[trial % 2:]  # odd starts: not 8-byte aligned
+        bf16 = torch.from_numpy(x.copy()).to(torch.bfloat16)
+        bits = bf16.view(torch.int16).numpy().view(np.uint16)
+        assert count_nonfinite_raw(x) == int((~np.isfinite(x)).sum())
+        assert count_nonfinite_raw(bits[trial % 3:]) == int((~torch.isfinite(bf16[trial % 3:])).sum())

@@ -66,7 +66,8 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                 raise
             log.warning("%s: the inputs changed since the interrupted run (%s): its partial output cannot be used; "
                         "starting over", out, e)
-            pool.shutdown()  # its actors may still be writing into the removed partial output's files
+            pool, old = None, pool
+            old.shutdown(wait=True)  # none of its actors may write into the new partial output
             pool = ActorPool(config, config.cluster.workers)
             pool.start(config, out, plan.layout.fingerprint(), key)
             return _merge(pool, config, out, inputs, plan, key, overwrite, progress, False, t_start)
@@ -137,7 +138,8 @@ def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: s
                                     add_digests)
                 stats_json = stats.to_json()
                 partial.save_stats(stats_json, digests.recorded)
-            global_thresholds = {GLOBAL: stats_json["thresholds"][GLOBAL]} if GLOBAL in stats_json["thresholds"] else None
+            thresholds = stats_json["thresholds"]
+            global_thresholds = {GLOBAL: thresholds[GLOBAL]} if GLOBAL in thresholds else None
         t_stats = time.time() - t0
         pool.set_stats(stats_json)
 

@@ -82,8 +82,10 @@ class InputDigests:
     def describe_change(self, unit: Unit, old: bytes, new: bytes) -> str:
         n = len(self.inputs.all)
         if len(old) != len(new) or len(old) != n * DIGEST_BYTES:
-            return f"the recorded input digest of tensor {unit.name!r} rows {unit.row_start}-{unit.row_end} is malformed"
-        roles = (["base"] if self.inputs.base is not None else []) + [f"expert {i}" for i in range(len(self.inputs.experts))]
+            return (f"the recorded input digest of tensor {unit.name!r} rows {unit.row_start}-{unit.row_end}"
+                    " is malformed")
+        roles = ["base"] if self.inputs.base is not None else []
+        roles += [f"expert {i}" for i in range(len(self.inputs.experts))]
         changed = [f"{role} ({c.tensors[unit.name].file})" for j, (role, c) in enumerate(zip(roles, self.inputs.all))
                    if old[j * DIGEST_BYTES:(j + 1) * DIGEST_BYTES] != new[j * DIGEST_BYTES:(j + 1) * DIGEST_BYTES]]
         return (f"tensor {unit.name!r} rows {unit.row_start}-{unit.row_end} of {', '.join(changed)} are not the "

@@ -19,7 +19,7 @@ from mergescale.merge.checkpoint import (
 )
 from mergescale.merge.errors import MergeInputError
 from mergescale.merge.output_dir import METADATA_FILES, check_output, room
-from mergescale.merge.writer import OutputLayout
+from mergescale.merge.layout import OutputLayout
 
 SHOW = 5  # how many names of each kind an error lists
 # (MergeInputError and check_output moved to errors.py and output_dir.py; imported from here, they still work)

@@ -104,9 +104,9 @@ def check_output(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
         raise MergeInputError(f"output directory {out} cannot be created: no permission to write in {parent}")
     work = partial_dir(out)
     if work.exists() and not (work / "run.json").is_file() and any(work.iterdir()):
+        held = _names(p.name for p in work.iterdir())
         raise MergeInputError(f"{work} (where the output of {out} is written before it is moved into place) exists "
-                              f"and was not written by mergescale (no run.json); it holds {_names(p.name for p in work.iterdir())}. "
-                              "Move it away")
+                              f"and was not written by mergescale (no run.json); it holds {held}. Move it away")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Writing a merged model: a layout planned up front, rows written in place, one atomic commit.
 
 Because every output tensor's shape and dtype is known before any math runs, the whole output (which shard each
-tensor goes to, its byte offset, every shard's header) is planned first. Shard files are created at full size with
-their headers, and each merged tile is written straight to its final byte range with `pwrite`. So no tensor is
-ever assembled in memory, tiles may arrive in any order (Ray actors write their own rows), and a crashed run
-can resume: a journal in the partial directory lists the units whose bytes are durable.
+tensor goes to, its byte offset, every shard's header) is planned first (layout.py). Shard files are created at
+full size with their headers, and each merged tile is written straight to its final byte range with `pwrite`. So
+no tensor is ever assembled in memory, tiles may arrive in any order (Ray actors write their own rows), and a
+crashed run can resume: a journal in the partial directory lists the units whose bytes are durable.
 
 Everything goes into a hidden sibling directory `.NAME.partial`; `commit` fsyncs it, writes the index and the
 manifest, and renames it to NAME. A directory named NAME is therefore always complete.
@@ -12,22 +12,20 @@ manifest, and renames it to NAME. A directory named NAME is therefore always com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.direct_io import DirectStream, open_stream, pwrite_all
 from mergescale.merge.errors import MergeInputError, OutputInTheWay
+from mergescale.merge.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
 from mergescale.merge.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
 from mergescale.merge.shard_hash import ShardHashes
 
@@ -61,77 +59,6 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     comes only from fdatasync/fsync."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
-
-
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str  # safetensors code
-    shape: tuple[int, ...]
-    shard: int
-    offset: int  # absolute byte offset in the shard file
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
-
-@dataclass
-class OutputLayout:
-    shard_names: list[str]
-    shard_sizes: list[int]
-    headers: list[bytes]
-    tensors: dict[str, OutTensor]
-
-    @classmethod
-    def plan(cls, specs: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int) -> "OutputLayout":
-        """Greedy in input order: a shard takes tensors until the next would pass max_shard_size."""
-        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, dtype, shape in specs:
-            n = 1
-            for s in shape:
-                n *= s
-            nbytes = n * SAFETENSORS_DTYPES[dtype][0]
-            if groups[-1] and size + nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, dtype, tuple(shape), nbytes))
-            size += nbytes
-        k = len(groups)
-        names = ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-        tensors, headers, sizes = {}, [], []
-        for shard, group in enumerate(groups):
-            header: dict = {"__metadata__": {"format": "pt"}}
-            pos = 0
-            for name, dtype, shape, nbytes in group:
-                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-                pos += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-            data_start = 8 + len(raw)
-            for name, dtype, shape, nbytes in group:
-                begin = header[name]["data_offsets"][0]
-                tensors[name] = OutTensor(name, dtype, shape, shard, data_start + begin, nbytes)
-            headers.append(len(raw).to_bytes(8, "little") + raw)
-            sizes.append(data_start + pos)
-        return cls(names, sizes, headers, tensors)
-
-    @property
-    def total_tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for name, raw in zip(self.shard_names, self.headers):
-            h.update(name.encode())
-            h.update(raw)
-        return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -170,7 +97,8 @@ class PartialOutput:
         marker = self.dir / "run.json"
         if self.dir.exists():
             if not marker.is_file() and any(self.dir.iterdir()):
-                raise MergeInputError(f"{self.dir} exists and was not written by mergescale (no run.json); move it away")
+                raise MergeInputError(f"{self.dir} exists and was not written by mergescale (no run.json); "
+                                      "move it away")
             same = marker.is_file() and _read_json(marker).get("run_key") == self.run_key
             if resume and same:
                 done = self._read_journal()
@@ -466,7 +394,3 @@ def _write_json(path: Path, obj: dict) -> None:
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def layout_to_dict(layout: OutputLayout) -> dict:
-    return {"shards": layout.shard_names, "tensors": {n: asdict(t) for n, t in layout.tensors.items()}}
