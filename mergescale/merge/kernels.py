@@ -1269,6 +1269,8 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     for name in MERGE_KERNELS:
         if methods is None or name in methods:
             merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
+    dst[:5] = np.array(np.inf, np.float32).view(np.uint32) >> 16 if dst.dtype == np.uint16 else np.inf
+    count_nonfinite_raw(dst)  # the merged-tile scan (reader.check_merged), both of its steps
     if not selection:
         return
     from mergescale.merge.selection import RADIX, window_around
