@@ -66,6 +66,24 @@ def test_eval_with_an_address_nobody_listens_on_exits_2(family, tmp_path):
     assert "error:" in r.stderr and NOBODY in r.stderr and "connection refused" in r.stderr
 
 
+def test_train_with_an_address_nobody_listens_on_exits_2(tmp_path):
+    from mergescale.eval.fixtures import write_fixture_data
+    from mergescale.eval.tasks import tasks_for
+    from mergescale.tiny import build_tiny_llama
+
+    task = tasks_for("held-in")[0]
+    write_fixture_data(tmp_path / "data", [task], n=8)
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(yaml.safe_dump({"base": str(build_tiny_llama(tmp_path / "base", seed=0)), "tasks": [task.name],
+                                   "data_dir": str(tmp_path / "data"), "max_steps": 2, "batch_size": 2,
+                                   "micro_batch_size": 1, "max_input_len": 32, "max_output_len": 8}))
+    out = tmp_path / "out"
+    r = run_cli("train", "expert", str(cfg), "--out", str(out), "--address", NOBODY, "-q")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "error:" in r.stderr and NOBODY in r.stderr and "connection refused" in r.stderr
+    assert not out.exists()
+
+
 DRIVER = textwrap.dedent("""
     import os, sys, time
     import psutil, ray
