@@ -3,9 +3,14 @@ was made from.
 
 A partial output keeps, for every unit it journaled and every unit its statistics passes read, the digest of that
 unit's input rows: xxh3-128 of each model's stored bytes of the rows, base first. The reader hashes a unit the
-first time a run reads it (merge.reader.UnitReader), on its reading thread, from the pages it has just mapped: the
-rows are read anyway, so the digest costs no extra I/O, and xxh3 hashes at ~16 GB/s on one core (sha256 1.6,
-blake3 6; it releases the GIL), about 0.3 CPU-s for the 5 GB one merge pass of the benchmark reads.
+first time a run reads it (merge.reader.UnitReader), on its reading thread, from the pages it has just mapped: no
+extra I/O, and xxh3 is the fastest full-content hash at hand (it releases the GIL and runs at memory speed; sha256
+and blake3 are several times slower; docs/BENCHMARKS.md, "Resume proof"). What it costs is that memory read: a
+second pass over the inputs' bytes in RAM beside the kernels' own, which a CPU-bound merge on a small node pays
+in wall time (measured there) and a merge waiting on its storage hardly at all. Digests of whole files taken up
+front would read every input byte once more before merging (a terabyte for 64B x 8); folding the digest into the
+fused kernels, which read every byte anyway, would remove the second pass over RAM (not done: it touches every
+kernel).
 
 A resumed run then proves every recorded digest before it commits:
 - the journaled units first, before any new work: their rows are read and hashed again (the one cost of the proof,
