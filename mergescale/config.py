@@ -18,6 +18,7 @@ Validation errors name the field and what is allowed (`ConfigError`).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -25,7 +26,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.method_params import SIGNATURES, Factor
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -39,6 +40,8 @@ def parse_size(value: int | str) -> int:
     """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 5GB, 512MiB or a byte count")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a size such as 5GB, 512MiB or a byte count, got {value!r}")
     if isinstance(value, (int, float)):
         n = int(value)
     else:
@@ -54,13 +57,13 @@ def parse_size(value: int | str) -> int:
 class ExpertSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    weight: float = 1.0
+    weight: Factor = 1.0
 
 
 class ClusterSpec(BaseModel):
     """How a distributed merge is placed on Ray (ignored by the single-process executor)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     workers: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -76,7 +79,7 @@ AUTO_TILE_MB_MAX = 64.0
 
 
 class MergeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     base: str | None = None
     experts: list[ExpertSpec] = Field(min_length=1)
@@ -163,6 +166,20 @@ class MergeConfig(BaseModel):
         for base + 4 experts, 36 MB for base + 8), so that peak memory does not grow with the number of experts."""
         mb = self.tile_mb if self.tile_mb is not None else min(AUTO_TILE_MB_MAX, AUTO_TILES_MB / self.n_models)
         return max(4, int(mb * 2**20))
+
+
+def with_cluster(config: MergeConfig, **updates) -> MergeConfig:
+    """`config` with cluster fields replaced where `updates` gives a value (the command line's --workers),
+    validated as the config file's own (--workers 0 is as wrong as cluster.workers: 0)."""
+    updates = {k: v for k, v in updates.items() if v is not None}
+    if not updates:
+        return config
+    try:
+        cluster = ClusterSpec.model_validate({**config.cluster.model_dump(), **updates})
+    except ValidationError as e:
+        flags = ", ".join(f"--{k}" for k in updates)
+        raise ConfigError(format_errors(e, prefix="cluster", header=f"invalid {flags}", model=ClusterSpec)) from None
+    return config.model_copy(update={"cluster": cluster})
 
 
 def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:

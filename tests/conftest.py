@@ -120,6 +120,38 @@ def no_output(out: str | Path) -> bool:
     return not out.exists() and not (out.parent / f".{out.name}.partial").exists()
 
 
+def replace_weights(dst: Path, src: Path) -> None:
+    """Put src's shards in place of dst's: other weights of exactly the same layout (file names, sizes, headers),
+    so the run key's fingerprint of the inputs (sizes and header hashes) cannot tell."""
+    from mergescale.merge.checkpoint import Checkpoint
+
+    before = Checkpoint(dst).fingerprint()
+    for f in shard_files(dst):
+        assert f.read_bytes() != (src / f.name).read_bytes()
+        shutil.copyfile(src / f.name, f)
+    assert Checkpoint(dst).fingerprint() == before
+
+
+def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
+    """A single-process merge interrupted at its `at`-th merge_unit call (as a kill: the partial output stays),
+    every unit before it journaled."""
+    from mergescale.merge import executor
+
+    real, calls = executor.merge_unit, {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(executor, "merge_unit", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        executor.run_merge(cfg, out, progress=False)
+    monkeypatch.setattr(executor, "merge_unit", real)
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory) -> Family:
     root = tmp_path_factory.mktemp("family")
@@ -198,7 +230,7 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
 # passed. Each module that starts its own Ray (its fixture's ray.init settings, a multi-node Cluster) therefore runs
 # its selected tests in a pytest process of its own; every other test must leave no Ray session behind.
 OWN_RAY_SESSION = ("test_cluster_faults.py", "test_cluster_merge.py", "test_cluster_multinode.py", "test_eval_ray.py",
-                   "test_cluster_session.py",
+                   "test_ray_workers.py",
                    "test_training_ray.py")
 _CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
 

@@ -53,7 +53,7 @@ def manifest_digests(manifest: dict) -> dict[str, str]:
 
 def journaled(out: Path) -> int:
     j = partial_dir(out) / "done.journal"
-    return len(j.read_text().split()) if j.exists() else 0
+    return len(j.read_text().splitlines()) if j.exists() else 0  # a line per unit: its id and input digest
 
 
 def wait_for(cond, timeout=120.0):
@@ -163,3 +163,32 @@ def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatc
     assert manifest["timing"]["units_resumed"] == 24
     assert shard_bytes(out) == expected[0]
     assert manifest_digests(manifest) == {n: hashlib.sha256(b).hexdigest() for n, b in shard_bytes(out).items()}
+
+
+@pytest.mark.parametrize("crash_at", [25, 1])
+def test_resume_over_replaced_inputs_starts_over_on_ray(micro, tmp_path, monkeypatch, caplog, crash_at):
+    """A partial output whose inputs were replaced by other weights of the same layout (the run key cannot tell):
+    the driver's actors prove the journal (crash_at 25: units journaled) or the saved statistics as they read the
+    rest (crash_at 1: none journaled); either way nothing of it is reused and the output is a clean merge's."""
+    import logging
+    import shutil
+
+    from tests.conftest import crash_merge, replace_weights
+
+    root = tmp_path / "models"
+    base = shutil.copytree(micro.base, root / "base")
+    experts = [shutil.copytree(e, root / f"e{i}") for i, e in enumerate(micro.experts)]
+    cfg = {**ties_config(micro), "base": str(base), "experts": [str(e) for e in experts]}
+    out = tmp_path / "merged"
+    crash_merge(cfg, out, monkeypatch, crash_at)  # the same partial output a killed Ray driver leaves
+    assert journaled(out) == crash_at - 1
+    replace_weights(experts[1], experts[2])
+
+    caplog.set_level(logging.WARNING)
+    manifest = run_distributed_merge(cfg, out, workers=2, progress=False)
+    clean = run_merge(cfg, tmp_path / "clean", progress=False)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+    assert manifest_digests(manifest) == manifest_digests(clean)
+    assert manifest["timing"]["units_resumed"] == 0
+    said = [r.getMessage() for r in caplog.records if "starting over" in r.getMessage()]
+    assert len(said) == 1 and "expert 1" in said[0] and str(experts[1]) in said[0], said

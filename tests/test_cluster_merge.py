@@ -301,3 +301,22 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
         assert type(err.value) is MergeInputError  # Ray's RayTaskError(MergeInputError) subclass carries its traceback
     finally:
         pool.shutdown()
+
+
+def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_path):
+    """The actors check what they merge as the single-process merge does: 3e38 + 3e38 is inf in float32 (the
+    RMSNorm weights are ~1), an error naming the tensor, or with on_nonfinite: warn, written and recorded."""
+    from mergescale.merge.inputs import MergeInputError
+    from tests.conftest import no_output
+
+    cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",
+           "parameters": {"normalize": False}, "tile_mb": 0.05, "cluster": {"num_cpus": 0.25}}
+    out = tmp_path / "dist"
+    with pytest.raises(MergeInputError, match=r"merge produced \d+ non-finite values \(NaN/inf\) in tensor '.*norm"):
+        run_distributed_merge(cfg, out, workers=2, progress=False)
+    assert no_output(out)
+    cfg["on_nonfinite"] = "warn"
+    dist = run_distributed_merge(cfg, out, workers=2, progress=False)
+    single = run_merge(cfg, tmp_path / "single", progress=False)
+    assert sorted(dist["warnings"]) == sorted(single["warnings"]) and single["warnings"]
+    assert shard_bytes(out) == shard_bytes(tmp_path / "single")

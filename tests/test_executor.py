@@ -122,10 +122,9 @@ def test_out_from_config_and_overwrite(family, tmp_path):
     cfg = {"method": "average", "experts": family.expert_strs[:2], "out": str(out)}
     first = merge(cfg, None)
     assert (out / MANIFEST).exists()
-    stamp = out / "stale.txt"
-    stamp.write_text("old")
-    second = merge({**cfg, "experts": family.expert_strs[1:]}, None, overwrite=True)
-    assert not stamp.exists() and second["outputs"] != first["outputs"]
+    assert first["files"] == sorted(p.name for p in out.iterdir())
+    second = merge({**cfg, "experts": family.expert_strs[1:]}, None, overwrite=True)  # a complete output: replaced
+    assert second["outputs"] != first["outputs"]
     assert load_sd(out).keys() == load_sd(family.base).keys()
     assert not list(tmp_path.glob(".out*"))
 

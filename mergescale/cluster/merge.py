@@ -27,7 +27,7 @@ import ray
 
 from mergescale.cluster.pool import ActorPool, balanced_batches
 from mergescale.cluster.session import ensure_ray
-from mergescale.config import MergeConfig, load_config
+from mergescale.config import MergeConfig, load_config, with_cluster
 
 # Nothing here imports torch: the driver creates its actors first, and they load torch, numba and the compiled
 # kernels (seconds) while the driver validates the inputs from their headers. Thresholds need none of it here
@@ -41,45 +41,105 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                           workers: int | None = None, address: str | None = None, overwrite: bool = False,
                           progress: bool = True, resume: bool = True) -> dict:
     """Merge on `workers` Ray actors (default: config.cluster.workers). Blocks; returns the manifest."""
-    config = load_config(config)
-    if workers is not None:
-        config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"workers": workers})})
+    config = with_cluster(load_config(config), workers=workers)
     ensure_ray(address or config.cluster.address, log_to_driver=True)
-    pool = partial = inputs = None
+    pool = inputs = None
     t0 = time.time()
     try:
         pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
-        from mergescale.merge.inputs import MergeInputError, prepare, progress_bar, unit_read_bytes
-        from mergescale.merge.manifest import build_manifest, config_updates, run_key
-        from mergescale.merge.method_params import needs_statistics
-        from mergescale.merge.writer import PartialOutput
+        from mergescale.merge.errors import InputsChanged
+        from mergescale.merge.inputs import output_room, prepare
+        from mergescale.merge.manifest import run_key
+        from mergescale.merge.output_dir import space_error
 
         config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
         key = run_key(config, inputs, plan)
+        needed, free = output_room(plan, inputs, out, key)
+        if needed > free:
+            raise space_error(out, needed, free)
         pool.start(config, out, plan.layout.fingerprint(), key)  # output files only once every actor is placed
-        t_start, t0 = time.time() - t0, time.time()
-        partial = PartialOutput(out, plan.layout, key)
+        t_start = time.time() - t0
+        try:
+            return _merge(pool, config, out, inputs, plan, key, overwrite, progress, resume, t_start)
+        except InputsChanged as e:
+            if not resume:
+                raise
+            log.warning("%s: the inputs changed since the interrupted run (%s): its partial output cannot be used; "
+                        "starting over", out, e)
+            pool, old = None, pool
+            old.shutdown(wait=True)  # none of its actors may write into the new partial output
+            pool = ActorPool(config, config.cluster.workers)
+            pool.start(config, out, plan.layout.fingerprint(), key)
+            return _merge(pool, config, out, inputs, plan, key, overwrite, progress, False, t_start)
+    finally:
+        if inputs is not None:
+            inputs.close()
+        if pool is not None:
+            pool.shutdown()
+
+
+def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: str, overwrite: bool, progress: bool,
+           resume: bool, t_start: float) -> dict:
+    """The merge on started actors, into a new or (resume) a resumed partial output, whose recorded input digests
+    the actors' reads prove: InputsChanged, the partial output removed, when they do not (merge/input_digests.py)."""
+    from mergescale.merge.errors import InputsChanged, MergeInputError
+    from mergescale.merge.input_digests import InputDigests
+    from mergescale.merge.inputs import human_bytes, output_room, progress_bar, unit_read_bytes
+    from mergescale.merge.manifest import build_manifest, config_updates
+    from mergescale.merge.method_params import needs_statistics
+    from mergescale.merge.output_dir import is_no_space, space_error
+    from mergescale.merge.writer import PartialOutput
+
+    t0 = time.time()
+    partial = PartialOutput(out, plan.layout, key)
+    digests = InputDigests(inputs)
+    try:
         done = partial.open(resume=resume)
         k = len(pool.slots)
         unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
         units_by_id = {u.id: u for u in plan.units}
 
+        def add_digests(found: dict):  # the actors' digests of what they read; InputsChanged where one differs
+            for u, d in found.items():
+                digests.add(units_by_id[u], d)
+
         def durable(unit_ids):  # the output's sha256s advance in the background as rows become final
             for u in unit_ids:
                 partial.rows_durable(units_by_id[u].name, units_by_id[u].row_start, units_by_id[u].row_end)
 
-        durable(sorted(done))
         max_failures = 2 * k + config.cluster.max_actor_restarts * k
 
         def queues(units):
             return balanced_batches(units, unit_bytes, k)
 
+        saved = partial.load_stats(lambda stats_json: stats_json)
+        digests.merge_recorded(done, units_by_id)
+        if saved is not None:
+            digests.merge_recorded(saved[1], units_by_id)
+        if done:  # prove the journaled units' inputs before trusting any of them
+            todo_bytes = sum(unit_bytes[u] for u in done)
+            log.info("resuming %s: %d of %d units already written; proving their inputs unchanged (reading %s on %d "
+                     "workers)", out, len(done), len(plan.units), human_bytes(todo_bytes), k)
+            bar = progress_bar(todo_bytes, f"prove inputs unchanged on {k} workers", progress)
+            pool.run("verify", queues([units_by_id[u] for u in sorted(done)]), lambda b, upcoming: (b, upcoming),
+                     lambda slot, batch, found: (add_digests(found), bar.update(sum(unit_bytes[u] for u in batch))),
+                     max_failures)
+            bar.close()
+        durable(sorted(done))
+
         # -- statistics (only methods that can need them load the statistics code here) ------------------------
         stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
         if needs_statistics(config.method, config.method_params):
-            stats = _statistics(pool, config, plan, inputs, partial, queues, unit_bytes, units_by_id, max_failures,
-                                progress)
-            stats_json, global_thresholds = stats.to_json(), stats.global_thresholds()
+            from mergescale.merge.statistics import GLOBAL
+
+            stats_json = saved[0] if saved is not None else None
+            if stats_json is None:
+                stats = _statistics(pool, config, plan, inputs, queues, unit_bytes, units_by_id, max_failures, progress,
+                                    add_digests)
+                stats_json = stats.to_json()
+                partial.save_stats(stats_json, digests.recorded)
+            thresholds = stats_json["thresholds"]
+            global_thresholds = {GLOBAL: thresholds[GLOBAL]} if GLOBAL in thresholds else None
         t_stats = time.time() - t0
         pool.set_stats(stats_json)
 
@@ -91,10 +151,11 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         warnings: list[str] = []
 
         def on_durable(unit_ids):
-            partial.journal(unit_ids)  # the actor has fdatasync'ed these rows
+            partial.journal(digests.of(unit_ids))  # the actor has fdatasync'ed these rows
             durable(unit_ids)
 
         def on_merged(slot, batch, res):
+            add_digests(res["digests"])
             warnings.extend(w for w in res["warnings"] if w not in warnings)  # redone units warn again
             on_durable(res["durable"])
             slot.unsynced = res["units"]
@@ -109,13 +170,18 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
             bar.update(sum(unit_bytes[u] for u in fresh))
             bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
 
-        pool.run("merge", queues(todo), lambda b, upcoming: (b, upcoming), on_merged, max_failures)
+        def merge_args(batch, upcoming):  # units hashed in this run's statistics pass are not hashed again
+            return batch, upcoming, [u for u in batch if u in digests.fresh]
+
+        pool.run("merge", queues(todo), merge_args, on_merged, max_failures)
         while True:
             on_durable(pool.flush())
             if not any(s.queue for s in pool.slots):
                 break
-            pool.run("merge", [s.queue for s in pool.slots], lambda b, upcoming: (b, upcoming), on_merged, max_failures)
+            pool.run("merge", [s.queue for s in pool.slots], merge_args, on_merged, max_failures)
         bar.close()
+        if digests.unproven():  # every unit was read: a recorded digest no read confirmed would be a bug
+            raise InputsChanged(f"{len(digests.unproven())} recorded input digests were not checked")
 
         # -- commit -------------------------------------------------------------------------------------------
         total_s = time.time() - t0
@@ -133,32 +199,30 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
         if progress:
             print_actor_summary(per_actor)
         return manifest
-    except BaseException as e:
-        if partial is not None and isinstance(e, MergeInputError):
-            partial.abort()  # bad data: nothing worth keeping
-        elif partial is not None:
-            partial.close()  # keep for resume
+    except MergeInputError as e:
+        partial.close() if e.keep_partial else partial.abort()  # bad data: nothing worth keeping
         raise
-    finally:
-        if inputs is not None:
-            inputs.close()
-        if pool is not None:
-            pool.shutdown()
+    except OSError as e:
+        partial.close()  # keep for resume
+        if is_no_space(e):
+            needed, free = output_room(plan, inputs, out, key)
+            raise space_error(out, needed, free, during=f"writing {partial.dir}") from None
+        raise
+    except BaseException:
+        partial.close()  # keep for resume
+        raise
 
 
-def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, queues, unit_bytes: dict,
-                units_by_id: dict, max_failures: int, progress: bool):
-    """The statistics passes on the actors (thresholds: 1-3 counting passes; whole-tensor sums: one pass), or the
-    statistics a killed run already saved in the partial output. Returns the MergeStats."""
+def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, queues, unit_bytes: dict, units_by_id: dict,
+                max_failures: int, progress: bool, add_digests):
+    """The statistics passes on the actors (thresholds: 1-3 counting passes; whole-tensor sums: one pass). Returns
+    the MergeStats; `add_digests` gets the input digests of the units the actors read."""
     from mergescale.merge.inputs import progress_bar
     from mergescale.merge.statistics import (
         MergeStats, finish_complete_streams, pending_units, statistics_work, sums_from, thresholds_from,
         units_per_scope,
     )
 
-    stats = partial.load_stats(MergeStats.from_json)
-    if stats is not None:
-        return stats
     stats, k = MergeStats(), len(pool.slots)
     work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
     if work.selector is not None:
@@ -174,8 +238,9 @@ def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, que
                                progress)
             left = units_per_scope(todo, work.global_selection)
 
-            def add_counts(slot, batch, counts, bar=bar, left=left):
-                sel.merge_from(counts)  # and finish each stream as soon as all its units are counted
+            def add_counts(slot, batch, res, bar=bar, left=left):
+                add_digests(res["digests"])
+                sel.merge_from(res["counts"])  # and finish each stream as soon as all its units are counted
                 finish_complete_streams(sel, left, [units_by_id[u] for u in batch], work.global_selection,
                                         len(inputs.experts))
                 bar.update(sum(unit_bytes[u] for u in batch))
@@ -189,9 +254,8 @@ def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, partial, que
     if work.sum_units:
         parts: dict = {}  # unit id -> its rows' sums
         pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
-                 lambda slot, batch, res: parts.update(res), max_failures)
+                 lambda slot, batch, res: (add_digests(res["digests"]), parts.update(res["sums"])), max_failures)
         stats.sums = sums_from(plan, parts)
-    partial.save_stats(stats.to_json())
     return stats
 
 

@@ -8,6 +8,7 @@ actor loads numba, the method's compiled kernels and, when the method needs it, 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -60,8 +61,11 @@ class MergeActor:
     def set_stats(self, stats_json: dict) -> None:
         self.worker.set_stats(stats_json)
 
-    def merge(self, unit_ids, next_unit=None) -> dict:
-        return self.worker.merge(unit_ids, next_unit)
+    def merge(self, unit_ids, next_unit=None, hashed=()) -> dict:
+        return self.worker.merge(unit_ids, next_unit, hashed)
+
+    def verify(self, unit_ids, next_unit=None) -> dict:
+        return self.worker.verify(unit_ids, next_unit)
 
     def flush(self) -> list[int]:
         return self.worker.flush()
@@ -297,10 +301,23 @@ class ActorPool:
         donor = max(self.slots, key=lambda s: len(s.queue))
         return donor.queue.pop() if donor.queue else None
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = False) -> None:
+        """Kill the actors. wait=True returns only once each is gone (ray.kill does not wait): a merge that starts
+        over in a new partial output at the same path must not have an old actor still writing into it."""
         for s in self.slots:
             try:
                 ray.kill(s.actor, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
+        deadline = time.time() + ACTOR_START_TIMEOUT_S
+        for s in self.slots if wait else ():
+            while True:
+                try:
+                    ray.get(s.actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.time()))
+                except (*_ACTOR_DIED, ray.exceptions.RayTaskError):
+                    break
+                except ray.exceptions.GetTimeoutError:
+                    stuck = f"merge worker {s.index} did not stop in {ACTOR_START_TIMEOUT_S:.0f} s"
+                    raise RuntimeError(stuck) from None
+                time.sleep(0.05)
         ray.util.remove_placement_group(self.pg)

@@ -5,20 +5,41 @@ session outlive it and can touch freed state (ray-project/ray#31145). After ray.
 `worker.io` thread and gRPC pollers were still running here at interpreter exit, and a test process that had
 cycled five sessions segfaulted at exit after every test had passed. So mergescale never calls ray.shutdown(): the
 session the first merge, evaluation or training run of a process starts serves every later one (which also saves
-the 5-6 s that `ray.init` takes per call), and Ray's own exit hook stops it. Call ray.shutdown() yourself to
-release an embedded Ray sooner, once you start no more Ray work in that process."""
+the 5-6 s that `ray.init` takes per call), and Ray's own exit hook stops it.
+
+Two ways Ray itself fails a user here, handled below:
+- `ray.init(address=...)` where nothing listens retries for minutes: the address is probed first
+  (`check_reachable`), and a refused or unanswered connection is an error naming it within CONNECT_TIMEOUT_S.
+- A driver killed without its exit hook (SIGKILL, the OOM killer) takes the embedded Ray's gcs_server and
+  raylet with it (Ray starts them with a parent-death signal), but the raylet's DashboardAgent and
+  RuntimeEnvAgent (~230 MB) first try to report the raylet's death to the dead GCS, with a 60 s timeout that
+  is not configurable, and linger that long. A small watcher process (cluster/reaper.py) started with the
+  embedded session kills what is left of it as soon as the driver is gone.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import ray
+
+from mergescale.config import ConfigError
 
 log = logging.getLogger(__name__)
 # Ray Train's detached placement-group cleaner warns once a second while the State API is slow, which it is on a
 # loaded machine: ~1,200 lines in one training run here, and nothing for the user to do about it.
 QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+CONNECT_TIMEOUT_S = 10.0
+_reaper_pipe: int | None = None  # the write end the reaper watches: it reads EOF when this process ends
+
+
+class RayUnreachable(ConfigError):
+    """An address where no Ray cluster answers."""
 
 
 def quiet_worker_logs() -> None:
@@ -29,12 +50,14 @@ def quiet_worker_logs() -> None:
 
 def ensure_ray(address: str | None = None, **init_kw) -> bool:
     """Use the Ray this process already runs; else connect to `address`, or with none start an embedded local Ray.
-    Returns True when this call connected or started it. It is never shut down here (see the module docstring)."""
+    Returns True when this call connected or started it. It is never shut down here (see the module docstring).
+    RayUnreachable when nothing answers at `address` within CONNECT_TIMEOUT_S."""
     if ray.is_initialized():
         if address:
             log.debug("Ray is already initialized in this process; using it, not %s", address)
         return False
-    if address:
+    if address and address != "local":
+        check_reachable(address)
         ray.init(address=address, **init_kw)
     else:
         # Ray runs its workers at nice 15 by default, so on a shared machine a training run yields to everything
@@ -43,4 +66,58 @@ def ensure_ray(address: str | None = None, **init_kw) -> bool:
         env = dict(init_kw.pop("runtime_env", None) or {})
         env.setdefault("worker_process_setup_hook", "mergescale.cluster.session.quiet_worker_logs")
         ray.init(address="local", include_dashboard=False, runtime_env=env, **init_kw)
+        _start_reaper()
     return True
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """RayUnreachable naming `address` unless something accepts a TCP connection at its host and port within
+    `timeout` seconds. "auto" is looked up as Ray does (RAY_ADDRESS, then the last cluster started on this node);
+    when there is none, ray.init says so at once by itself."""
+    target = address.removeprefix("ray://")
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address(address)
+        except Exception:  # noqa: BLE001 - a private API: leave the lookup and its errors to ray.init
+            return
+        if target is None:
+            return
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    if not sep or not host or not port.isdigit():
+        raise RayUnreachable(f"--address / cluster.address {address!r}: expected host:port, ray://host:port or auto")
+    named = address if target == address else f"{address} ({target})"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except ConnectionRefusedError:
+        why = "nothing is listening there (connection refused)"
+    except socket.timeout:
+        why = f"no answer within {timeout:.0f} s"
+    except OSError as e:
+        why = str(e)
+    else:
+        return
+    raise RayUnreachable(f"cannot reach a Ray cluster at {named}: {why}. Start one there (`ray start --head`), "
+                         "give the address of a running one, or leave --address out for an embedded local Ray")
+
+
+def _start_reaper() -> None:
+    """Start cluster/reaper.py to watch this process and the embedded session's processes (see the module
+    docstring). It reads a pipe whose write end only this process holds (os.pipe's descriptors are not inherited
+    by the processes Ray starts), so it sees EOF when this process ends, however it ends."""
+    global _reaper_pipe
+    try:
+        node = ray._private.worker._global_node
+        roots = [p.process.pid for procs in node.all_processes.values() for p in procs]
+    except Exception:  # noqa: BLE001 - private API: without it there is nothing to watch
+        log.debug("cannot list the embedded Ray's processes; no reaper started", exc_info=True)
+        return
+    read_end, _reaper_pipe = os.pipe()
+    try:
+        subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), *map(str, roots)],
+                         stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # not in this process's group: a signal to the group spares it
+    finally:
+        os.close(read_end)

@@ -21,9 +21,10 @@ from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
 from mergescale.merge import kernel_path, kernels
 from mergescale.merge.checkpoint import safetensors_dtype
+from mergescale.merge.input_digests import InputDigests
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
 from mergescale.merge.method_params import needs_statistics
-from mergescale.merge.reader import UnitReader
+from mergescale.merge.reader import UnitReader, check_merged
 from mergescale.merge.writer import PartialOutput
 
 _CPUS = 1  # this actor's CPU share, set by start_process
@@ -80,7 +81,11 @@ class MergeWorker:
             from mergescale.merge.statistics import statistics_work
 
             self.global_sel = statistics_work(self.config.method, self.params, self.plan, len(self.inputs.experts)).global_selection
-        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read, raw=self.kernel_only)
+        # the digests of the units this actor reads: the driver journals them and proves a resumed run's
+        # (merge/input_digests.py)
+        self.digests = InputDigests(self.inputs)
+        self.reader = UnitReader(self.inputs, self.config.on_nonfinite, self.config.read, raw=self.kernel_only,
+                                 digests=self.digests)
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="mergescale-sync")
         self._syncing = None  # (future of the last batch's fdatasync, its unit ids)
 
@@ -111,8 +116,22 @@ class MergeWorker:
                 experts = [e.to(self.device) for e in experts]
             yield unit, base, experts
 
+    def digests_of(self, unit_ids: list[int]) -> dict[int, bytes]:
+        """The input digests of these units that this actor has computed."""
+        return {u: self.digests.recorded[u] for u in unit_ids if u in self.digests.recorded}
+
+    def verify(self, unit_ids: list[int], next_unit: int | None = None) -> dict[int, bytes]:
+        """Read and hash these units' input rows (a resumed merge proving its journal); their digests."""
+        for _ in self.reader.stream([self.units[u] for u in unit_ids], None, self.units.get(next_unit), check=False):
+            pass
+        return self.digests_of(unit_ids)
+
     def selection(self, unit_ids: list[int], windows: dict, next_unit: int | None = None) -> dict:
-        """This batch's selection counts for the coordinator's windows of the current pass."""
+        """This batch's selection counts for the coordinator's windows of the current pass, and the units' input
+        digests: {"counts": ..., "digests": ...}."""
+        return {"counts": self._selection(unit_ids, windows, next_unit), "digests": self.digests_of(unit_ids)}
+
+    def _selection(self, unit_ids: list[int], windows: dict, next_unit: int | None) -> dict:
         from mergescale.merge.selection import StreamingSelector
 
         sel = StreamingSelector([])
@@ -161,10 +180,12 @@ class MergeWorker:
         return {(q.stream, q.tag): q.window for q in work.selector.queries}
 
     def row_stats(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
+        """{"sums": {unit id: its rows' sums}, "digests": the units' input digests}."""
         from mergescale.merge.executor import unit_row_stats
 
-        return {unit.id: unit_row_stats(self.method, self.params, base, experts).cpu()
+        sums = {unit.id: unit_row_stats(self.method, self.params, base, experts).cpu()
                 for unit, base, experts in self._stream(unit_ids, next_unit)}
+        return {"sums": sums, "digests": self.digests_of(unit_ids)}
 
     def set_stats(self, stats_json: dict) -> None:
         if not needs_statistics(self.config.method, self.params):
@@ -175,14 +196,16 @@ class MergeWorker:
         if self.device != "cpu":
             self.stats.sums = {k: v.to(self.device) for k, v in self.stats.sums.items()}
 
-    def merge(self, unit_ids: list[int], next_unit: int | None = None) -> dict:
-        """Merge and write the units; return them, and the units of the previous call, now durable (the driver
-        journals only those). Each batch's fdatasync runs in the background while the next batch merges; `flush`
-        waits for the last one.
+    def merge(self, unit_ids: list[int], next_unit: int | None = None, hashed: list[int] = ()) -> dict:
+        """Merge and write the units; return them, their input digests, and the units of the previous call, now
+        durable (the driver journals only those). Each batch's fdatasync runs in the background while the next
+        batch merges; `flush` waits for the last one.
 
         `next_unit`: the first unit of the batch the driver plans to send next; it is read while this batch's last
-        unit merges, so the actor does not wait for a read at the start of every batch."""
+        unit merges, so the actor does not wait for a read at the start of every batch. `hashed`: units whose
+        digests the driver has from this run already (its statistics pass), not hashed again."""
         t0, nbytes, warnings = time.time(), 0, []
+        self.digests.fresh.update(hashed)
         self.partial.attach()  # first merge call: the driver created the shard files after placing actors
         units = [self.units[uid] for uid in unit_ids]
         then = self.units.get(next_unit)
@@ -208,7 +231,8 @@ class MergeWorker:
         durable = self.flush()
         self._syncing = (self._syncer.submit(self.partial.sync), unit_ids)
         return {"units": unit_ids, "durable": durable, "bytes": nbytes, "seconds": time.time() - t0,
-                "node": self.node, "device": self.device, "torch": "torch" in sys.modules, "warnings": warnings}
+                "node": self.node, "device": self.device, "torch": "torch" in sys.modules, "warnings": warnings,
+                "digests": self.digests_of(unit_ids)}
 
     def _thresholds_of(self, unit: Unit) -> list | None:
         """The statistics pass's thresholds for the unit (whole-model, or its split tensor's), if any."""
@@ -242,6 +266,7 @@ class MergeWorker:
 
         for unit, base, experts in self._stream([u.id for u in units], next_unit, warnings):
             tile = merge_unit(self.config, self.method, self.params, self.plan, self._stats(), self.global_sel, unit,
-                              base, experts)
-            self.partial.write_rows(unit.name, unit.row_start, tile.cpu())
+                              base, experts).cpu()
+            check_merged(self.config, unit, tile, warnings)
+            self.partial.write_rows(unit.name, unit.row_start, tile)
             yield unit

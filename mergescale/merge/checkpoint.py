@@ -155,9 +155,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
     tensors: dict[str, TensorInfo] = {}
     for name, h in header.items():
         try:
-            dtype, shape, (begin, end) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
+            dtype, shape, (begin, end) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)) or end < begin:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {h!r}") from None
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r} (needs a dtype, a "
+                                  f"shape and data_offsets of non-negative integers): {h!r}") from None
         if dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         info = TensorInfo(name, dtype, shape, path, data_start + int(begin), int(end) - int(begin))
@@ -173,6 +176,21 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
             )
         tensors[name] = info
     return tensors, meta, raw
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """A model directory's config.json as a dict ({} when there is none); CheckpointError when it is not a JSON
+    object."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.exists():
+        return {}
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg}: must hold a JSON object (a model config), got {type(config).__name__}")
+    return config
 
 
 def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
@@ -204,13 +222,7 @@ class Checkpoint:
 
     # -- discovery ------------------------------------------------------------------------------------------
     def _read_config(self) -> dict:
-        cfg = self.path / "config.json"
-        if not cfg.exists():
-            return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg}: not valid JSON: {e}") from None
+        return read_model_config(self.path)
 
     def _open_weights(self, allow_pickle: bool):
         if not self.path.is_dir():
@@ -220,8 +232,16 @@ class Checkpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files, got "
+                                      f"{type(weight_map).__name__}")
+            for name, f in weight_map.items():
+                # a shard is a file of this directory: a path elsewhere would merge another model's bytes
+                if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {f!r}, which is not a file name in "
+                                          f"{self.path}")
             files = sorted({self.path / f for f in weight_map.values()})
             for f in files:
                 if not f.exists():
@@ -269,6 +289,8 @@ class Checkpoint:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many types for bad pickles
                 raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True): {e}") from None
+            if not isinstance(sd, dict):
+                raise CheckpointError(f"{f}: holds a {type(sd).__name__}, not a state dict (tensor names to tensors)")
             with open(f, "rb") as fh:
                 headers[f.name] = fh.read(65536)
             for name, t in sd.items():

@@ -21,12 +21,15 @@ import torch
 
 from mergescale.config import MergeConfig
 from mergescale.merge.checkpoint import release_free_heap, torch_dtype
+from mergescale.merge.errors import InputsChanged, MergeInputError
+from mergescale.merge.input_digests import InputDigests
 from mergescale.merge.inputs import (
-    MergeInputError, MergeInputs, MergePlan, Unit, human_bytes, prepare, progress_bar, unit_read_bytes,
+    MergeInputs, MergePlan, Unit, human_bytes, output_room, prepare, progress_bar, unit_read_bytes,
 )
+from mergescale.merge.output_dir import is_no_space, mount_point, space_error
 from mergescale.merge.manifest import build_manifest, config_updates, run_key
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
-from mergescale.merge.reader import UnitReader, check_finite
+from mergescale.merge.reader import UnitReader, check_finite, checked_writes
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
 from mergescale.merge.statistics import (
     Bracket, MergeStats, finish_complete_streams, held_brackets, held_budget, pending_units, plan_tensor, restrict,
@@ -214,7 +217,7 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
             if held and unit.name in held:
                 if current is None or current.name != unit.name:
                     current = HeldTensor(config, method, params, plan, stats, reader.inputs, unit.name,
-                                         held[unit.name], warnings)
+                                         held[unit.name], warnings, reader.digests)
                 finished = current.add(unit, base, experts)
                 if finished:
                     current = None  # its rows live on only in the writes queued below
@@ -223,7 +226,7 @@ def merge_stream(config, method, params, plan: MergePlan, stats: MergeStats, glo
             check = deferred_check(reader.inputs, config, unit, base, experts, warnings)
             yield unit, merge_unit(config, method, params, plan, stats, global_sel, unit, base, experts, check)
 
-    yield from write_behind(tiles(), write)
+    yield from write_behind(tiles(), checked_writes(config, write, warnings))
 
 
 class HeldTensor:
@@ -237,9 +240,9 @@ class HeldTensor:
     this tensor runs after all (`_fallback`), so it costs a read, never exactness."""
 
     def __init__(self, config, method, params, plan: MergePlan, stats: MergeStats, inputs: MergeInputs, name: str,
-                 bracket: Bracket, warnings: list[str]):
+                 bracket: Bracket, warnings: list[str], digests: InputDigests | None = None):
         self.config, self.method, self.params, self.plan, self.stats = config, method, params, plan, stats
-        self.inputs = inputs
+        self.inputs, self.digests = inputs, digests
         self.name, self.bracket, self.warnings = name, bracket, warnings
         self.info = plan_tensor(plan, name)
         self.out = torch.empty(self.info.shape, dtype=torch_dtype(plan.out_dtypes[name]))
@@ -272,7 +275,7 @@ class HeldTensor:
         """The selection pass of this tensor, then its merge unit by unit, with a reader of its own."""
         log.info("tensor %s: sampled threshold brackets missed (or non-finite values); selecting first", self.name)
         inputs = self.inputs
-        reader = UnitReader(inputs, self.config.on_nonfinite, self.config.read)
+        reader = UnitReader(inputs, self.config.on_nonfinite, self.config.read, digests=self.digests)
         try:
             found = compute_statistics(self.config, self.method, self.params, self.plan, inputs, reader, False, [],
                                        only={self.name})
@@ -354,25 +357,55 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
               progress: bool = True, dry_run: bool = False, resume: bool = True) -> dict:
     """Merge on this process. Returns the manifest (or, with dry_run, {"description": the plan})."""
     config, out, inputs, plan = prepare(config, out, overwrite)
-    method, params = get_method(config.method), config.method_params
-    if dry_run:
+    try:
+        key = run_key(config, inputs, plan)
+        needed, free = output_room(plan, inputs, out, key)
+        if dry_run:
+            space = f"{human_bytes(needed)} to write, {human_bytes(free)} free on {mount_point(out)}"
+            description = describe_plan(config, inputs, plan) + f"\ndisk space        {space}"
+        if needed > free:
+            raise space_error(out, needed, free)
+        if dry_run:
+            return {"dry_run": True, "description": description}
+        try:
+            return _merge(config, out, inputs, plan, key, overwrite=overwrite, progress=progress, resume=resume)
+        except InputsChanged as e:
+            if not resume:
+                raise
+            # the partial output was made from other bytes (and is gone): nothing of it can be used
+            log.warning("%s: the inputs changed since the interrupted run (%s): its partial output cannot be used; "
+                        "starting over", out, e)
+            return _merge(config, out, inputs, plan, key, overwrite=overwrite, progress=progress, resume=False)
+    finally:
         inputs.close()
-        return {"dry_run": True, "description": describe_plan(config, inputs, plan)}
+
+
+def _merge(config: MergeConfig, out: Path, inputs: MergeInputs, plan: MergePlan, key: str, *, overwrite: bool,
+           progress: bool, resume: bool) -> dict:
+    """run_merge once: resume a partial output of this run (its recorded input digests proven, else InputsChanged
+    with the partial output removed), or start a new one."""
+    method, params = get_method(config.method), config.method_params
     warnings: list[str] = []
     t0 = time.time()
-    partial = PartialOutput(out, plan.layout, run_key(config, inputs, plan), direct=config.write == "direct")
-    reader = UnitReader(inputs, config.on_nonfinite, config.read)
+    partial = PartialOutput(out, plan.layout, key, direct=config.write == "direct")
+    digests = InputDigests(inputs)
+    reader = UnitReader(inputs, config.on_nonfinite, config.read, digests=digests)
     try:
         done = partial.open(resume=resume)
-        if done:
-            log.info("resuming %s: %d of %d units already written", out, len(done), len(plan.units))
+        saved = partial.load_stats(MergeStats.from_json)
+        if done or saved:
+            units_by_id = {u.id: u for u in plan.units}
+            digests.merge_recorded(done, units_by_id)
+            if saved is not None:
+                digests.merge_recorded(saved[1], units_by_id)
+            prove_journaled(inputs, reader, [units_by_id[u] for u in sorted(done)], out, len(plan.units), progress)
         todo = [u for u in plan.units if u.id not in done]
         # split tensors whose per-tensor thresholds the merge pass finds itself (HeldTensor), from a sample
         held = held_brackets(config, method, params, plan, inputs, {u.id for u in todo})
-        stats = partial.load_stats(MergeStats.from_json)
+        stats = saved[0] if saved is not None else None
         if stats is None:
             stats = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings, skip=set(held))
-            partial.save_stats(stats.to_json())
+            partial.save_stats(stats.to_json(), digests.recorded)
         else:  # resumed: a split tensor held last time but not now (some of it written) is selected first
             work = statistics_work(method.name, params, plan, len(inputs.experts))
             todo_ids = {u.id for u in todo}
@@ -381,7 +414,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             if missing:
                 found = compute_statistics(config, method, params, plan, inputs, reader, progress, warnings, only=missing)
                 stats.thresholds.update(found.thresholds)
-                partial.save_stats(stats.to_json())
+                partial.save_stats(stats.to_json(), digests.recorded)
         t_stats = time.time() - t0
         global_sel = statistics_work(method.name, params, plan, len(inputs.experts)).global_selection
         bar = progress_bar(sum(unit_read_bytes(inputs, u) for u in todo), f"merge {config.method}", progress)
@@ -392,7 +425,7 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             partial.write_rows(unit.name, unit.row_start, tile)
             pending.append(unit.id)
             if time.time() - last_sync[0] > JOURNAL_EVERY_S:
-                partial.mark_done(pending)
+                partial.mark_done(digests.of(pending))
                 pending.clear()
                 last_sync[0] = time.time()
 
@@ -402,16 +435,39 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             bar.update(unit_read_bytes(inputs, unit))
             bar.set_postfix_str(f"tensors {tensors_done}/{len(plan.tensors)}", refresh=False)
         bar.close()
+        if digests.unproven():  # every unit was read: a recorded digest no read confirmed would be a bug
+            raise InputsChanged(f"{len(digests.unproven())} recorded input digests were not checked")
         timing = {"statistics_s": round(t_stats, 3), "total_s": round(time.time() - t0, 3),
                   "units_total": len(plan.units), "units_resumed": len(done)}
         manifest = build_manifest(config, inputs, plan, stats.global_thresholds(), timing, warnings)
         return partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
-    except MergeInputError:
-        partial.abort()  # bad data: a rerun would fail the same way, nothing worth keeping
+    except MergeInputError as e:
+        # bad data: a rerun would fail the same way, nothing worth keeping; unless the fault is elsewhere
+        partial.close() if e.keep_partial else partial.abort()
+        raise
+    except OSError as e:
+        partial.close()
+        if is_no_space(e):
+            needed, free = output_room(plan, inputs, out, key)
+            raise space_error(out, needed, free, during=f"writing {partial.dir}") from None
         raise
     except BaseException:
         partial.close()  # crash or interrupt: keep the partial output so a rerun resumes
         raise
     finally:
         reader.close()
-        inputs.close()
+
+
+def prove_journaled(inputs: MergeInputs, reader: UnitReader, units: list[Unit], out: Path, total: int,
+                    progress: bool) -> None:
+    """Read and hash the input rows of a resumed run's journaled units: the reader's digests raise InputsChanged
+    unless they are the bytes those units were merged from (merge.input_digests)."""
+    if not units:
+        return
+    nbytes = sum(unit_read_bytes(inputs, u) for u in units)
+    log.info("resuming %s: %d of %d units already written; proving their inputs unchanged (reading %s)", out,
+             len(units), total, human_bytes(nbytes))
+    bar = progress_bar(nbytes, "prove inputs unchanged", progress)
+    for unit, _, _ in reader.stream(units, check=False):
+        bar.update(unit_read_bytes(inputs, unit))
+    bar.close()

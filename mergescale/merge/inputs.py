@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergescale.config import MergeConfig, load_config
-from mergescale.merge.checkpoint import Checkpoint, CheckpointError, TensorInfo, resolve_model_dir, safetensors_dtype
-from mergescale.merge.writer import METADATA_FILES, OutputLayout
+from mergescale.merge.checkpoint import (
+    Checkpoint, CheckpointError, TensorInfo, read_model_config, resolve_model_dir, safetensors_dtype,
+)
+from mergescale.merge.errors import MergeInputError
+from mergescale.merge.output_dir import METADATA_FILES, check_output, room
+from mergescale.merge.layout import OutputLayout
 
 SHOW = 5  # how many names of each kind an error lists
-
-
-class MergeInputError(ValueError):
-    """Inputs that cannot be merged as configured; the message names models, files and tensors."""
+# (MergeInputError and check_output moved to errors.py and output_dir.py; imported from here, they still work)
 
 
 @dataclass
@@ -71,6 +72,11 @@ def _metadata_source(config: MergeConfig, inputs: MergeInputs) -> Path:
         raise MergeInputError(f"tokenizer_source {src!r}: {path} is not a directory")
     if not any((path / f).exists() for f in METADATA_FILES):
         raise MergeInputError(f"tokenizer_source {src!r}: {path} has none of {', '.join(METADATA_FILES[:4])}, ...")
+    if (path / "config.json").exists():  # the output's config.json (checked here, not when the merge is done)
+        try:
+            read_model_config(path)
+        except CheckpointError as e:
+            raise MergeInputError(f"tokenizer_source {src!r}: {e}") from None
     return path
 
 
@@ -109,28 +115,24 @@ def check_same_tensors(inputs: MergeInputs) -> None:
 
 def check_architectures(inputs: MergeInputs, allow_mismatch: bool) -> None:
     ref = inputs.layout_source
-    if not ref.config:
+    if not (ref.path / "config.json").is_file():
         raise MergeInputError(f"{ref.path}: no config.json; a merged model needs the reference model's config")
     want = (ref.config.get("model_type"), ref.config.get("architectures"))
     for c in inputs.all:
+        if allow_mismatch:
+            break
+        if not (c.path / "config.json").is_file():
+            raise MergeInputError(
+                f"{c.path}: no config.json; it tells whether this model has the architecture of "
+                f"{ref.path} ({want[0]!r}/{want[1]!r}). Add it, or set allow_architecture_mismatch: true to merge "
+                "without that check"
+            )
         got = (c.config.get("model_type"), c.config.get("architectures"))
-        if got != want and not allow_mismatch:
+        if got != want:
             raise MergeInputError(
                 f"{c.path / 'config.json'}: model_type/architectures {got[0]!r}/{got[1]!r} differ from "
                 f"{ref.path / 'config.json'}: {want[0]!r}/{want[1]!r}; set allow_architecture_mismatch: true to merge anyway"
             )
-
-
-def check_output(out: Path, overwrite: bool, inputs: list[Path] = ()) -> None:
-    if out.exists() and not overwrite:
-        raise MergeInputError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise MergeInputError(f"output path {out} exists and is not a directory")
-    target = out.resolve()
-    for p in inputs:  # --overwrite would delete an input model (the commit replaces the whole directory)
-        p = Path(p).resolve()
-        if p == target or target in p.parents:
-            raise MergeInputError(f"output directory {out} holds the input model {p}; choose another --out")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,6 +208,15 @@ def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
         tile_bytes=config.tile_bytes,
         float_numel=sum(t.numel for t in tensors if t.is_float),
     )
+
+
+def output_room(plan: MergePlan, inputs: MergeInputs, out: Path, run_key: str) -> tuple[int, int]:
+    """(bytes the merge still has to write on the output's file system, bytes free there): output_dir.room, with
+    the metadata files copied from inputs.metadata_source and a journal line (unit id and input digests in hex)
+    plus manifest entry per unit."""
+    metadata = sum(f.stat().st_size for f in (inputs.metadata_source / n for n in METADATA_FILES) if f.is_file())
+    extra = metadata + len(plan.units) * (80 + 33 * plan.n_models) + 2**20
+    return room(out, plan.layout.shard_names, plan.layout.shard_sizes, extra, run_key)
 
 
 def human_bytes(n: float) -> str:

@@ -27,7 +27,7 @@ from mergescale.merge import kernels
 from mergescale.merge.checkpoint import release_free_heap
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.method_params import SIGNATURES, kernels_merge
-from mergescale.merge.reader import UnitReader
+from mergescale.merge.reader import UnitReader, checked_writes
 from mergescale.merge.selection import KthQuery, StreamingSelector
 from mergescale.merge.writer import write_behind
 
@@ -151,7 +151,8 @@ def merge_stream(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, read
     """executor.merge_stream with the kernels alone: units in order, reads one ahead (`reader`, made with
     raw=True; after the last unit it reads `then`), writes one behind (`write(unit, tile)`, writer.write_behind),
     and `fallback(unit)` -> tile for a unit the kernels do not merge. `thresholds_of(unit)`: the statistics pass's
-    thresholds for the unit, or None. Yields each unit after its merge."""
+    thresholds for the unit, or None. Merged values go through the non-finite policy (reader.check_merged)
+    before they are written. Yields each unit after its merge."""
 
     def tiles():
         for unit, base, experts in reader.stream(units, warnings, then, check=False):
@@ -161,4 +162,4 @@ def merge_stream(config: MergeConfig, plan: MergePlan, inputs: MergeInputs, read
             tile = merge_unit_arrays(config, plan, inputs, unit, base, experts, thr)
             yield unit, (tile if tile is not None else fallback(unit))
 
-    yield from write_behind(tiles(), write)
+    yield from write_behind(tiles(), checked_writes(config, write, warnings))

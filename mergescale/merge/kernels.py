@@ -883,6 +883,16 @@ if numba is not None:
             bad += (a[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
         return bad
 
+    @_jit_serial
+    def _exponent_carries(words, mask, carry):
+        """OR over 64-bit words of ((word & mask) + carry), `mask` the exponent bits of each lane (a bf16 or float32
+        value) and `carry` their lowest bit: a lane's exponent is all ones (NaN or inf) iff that sum carries into the
+        lane's sign bit, and never past it. Two operations per 8 bytes: memory speed."""
+        acc = np.uint64(0)
+        for i in range(words.shape[0]):
+            acc |= (words[i] & mask) + carry
+        return acc
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Python side: raw views of tiles, dispatch, and the fallback contract (None = use methods.py)
@@ -1172,9 +1182,29 @@ def count_nonfinite(t: torch.Tensor) -> int | None:
     flat = _raw_view(t)
     if flat is None:
         return None
-    if flat.dtype == np.uint16:
-        return int(_count_nonfinite_bf16(flat))
-    return int(_count_nonfinite_f32(flat.view(np.uint32)))
+    return count_nonfinite_raw(flat)
+
+
+# (exponent bits, their lowest bit, sign bits) of each lane of a 64-bit word, by the lanes' bit dtype
+_LANES = {np.dtype(np.uint16): (0x7F807F807F807F80, 0x0080008000800080, 0x8000800080008000),
+          np.dtype(np.uint32): (0x7F8000007F800000, 0x0080000000800000, 0x8000000080000000)}
+
+
+def count_nonfinite_raw(flat: np.ndarray) -> int:
+    """Number of NaN/inf values in a flat contiguous array of bf16 bits (uint16) or float32 (a kernel's output
+    tile, or a `_raw_view`): every 64-bit word is checked at memory speed first (`_exponent_carries`; ~3x faster
+    than counting bf16 values one by one), and values are counted only where that finds some."""
+    bits = flat.view(np.uint32) if flat.dtype == np.float32 else flat
+    count = _count_nonfinite_bf16 if bits.dtype == np.uint16 else _count_nonfinite_f32
+    if numba is None:
+        mask = 0x7F80 if bits.dtype == np.uint16 else 0x7F800000
+        return int(np.count_nonzero((bits & mask) == mask))
+    body = len(bits) - len(bits) % (8 // bits.itemsize)
+    if body and bits.ctypes.data % 8 == 0:
+        mask, carry, sign = _LANES[bits.dtype]
+        if not _exponent_carries(bits[:body].view(np.uint64), np.uint64(mask), np.uint64(carry)) & sign:
+            return int(count(bits[body:])) if body < len(bits) else 0
+    return int(count(bits))
 
 
 SAMPLE_RUNS = 256  # at least this many runs of SAMPLE_RUN elements sampled per expert (else no sampled bracket)
@@ -1239,6 +1269,8 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     for name in MERGE_KERNELS:
         if methods is None or name in methods:
             merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
+    dst[:5] = np.array(np.inf, np.float32).view(np.uint32) >> 16 if dst.dtype == np.uint16 else np.inf
+    count_nonfinite_raw(dst)  # the merged-tile scan (reader.check_merged), both of its steps
     if not selection:
         return
     from mergescale.merge.selection import RADIX, window_around

@@ -11,13 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _within_float32(x: float) -> float:
+    if abs(x) > FLOAT32_MAX:
+        raise ValueError(f"must be at most {FLOAT32_MAX:.4g} in magnitude: the merge computes in float32, where "
+                         f"{x:g} is inf")
+    return x
+
+
+# A factor of the merge's float32 arithmetic (lambda, an expert's weight): finite, and finite in float32 too
+Factor = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_within_float32)]
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN or inf in a parameter makes every merged value NaN or inf: refused like any other bad value
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AverageParams(_Params):
@@ -25,19 +39,19 @@ class AverageParams(_Params):
 
 
 class TaskArithmeticParams(_Params):
-    lambda_: float = Field(1.0, alias="lambda")
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 class TiesParams(_Params):
     density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
     trim_scope: Literal["global", "tensor"] = "global"
     sign: Literal["mass", "count"] = "mass"
-    lambda_: float = Field(1.0, alias="lambda")
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 class DareLinearParams(_Params):
     p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
-    lambda_: float = Field(1.0, alias="lambda")
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 class DareTiesParams(TiesParams):
@@ -55,7 +69,7 @@ class BreadcrumbsParams(_Params):
     density: float = Field(0.9, gt=0.0, le=1.0)
     gamma: float = Field(0.01, ge=0.0, lt=1.0)
     trim_scope: Literal["global", "tensor"] = "tensor"
-    lambda_: float = Field(1.0, alias="lambda")
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 class ModelStockParams(_Params):

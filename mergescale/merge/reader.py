@@ -11,7 +11,10 @@ import logging
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from mergescale.merge import kernels
+from mergescale.merge.input_digests import InputDigests, unit_digest
 from mergescale.merge.inputs import MergeInputError, MergeInputs, Unit
 
 if TYPE_CHECKING:
@@ -85,6 +88,50 @@ def check_finite(inputs: MergeInputs, unit: Unit, tiles: list[torch.Tensor], on_
             warnings.append(msg)
 
 
+def count_nonfinite(tile) -> int:
+    """NaN/inf values in a merged tile: a torch tensor, or a flat numpy array of bf16 bits (uint16) or float32 (the
+    fused kernels' output, merge/kernel_path.py)."""
+    if isinstance(tile, np.ndarray):
+        if tile.dtype in (np.uint16, np.float32):
+            return kernels.count_nonfinite_raw(tile.reshape(-1))
+        return int(np.count_nonzero(~np.isfinite(tile))) if np.issubdtype(tile.dtype, np.floating) else 0
+    import torch
+
+    if not tile.is_floating_point():
+        return 0
+    tile = tile.cpu()
+    bad = kernels.count_nonfinite(tile)
+    return bad if bad is not None else int((~torch.isfinite(tile)).sum())
+
+
+def check_merged(config, unit: Unit, tile, warnings: list[str] | None) -> None:
+    """The non-finite policy (config.on_nonfinite) for a unit's merged rows: finite inputs can still merge to NaN
+    or inf when the arithmetic overflows (a large lambda or weight, a float16 output). The fused kernels check
+    their inputs, not their results, so this looks at every merged value, at memory speed
+    (kernels.count_nonfinite_raw), on the writer's thread."""
+    bad = count_nonfinite(tile)
+    if not bad:
+        return
+    msg = (f"the merge produced {bad} non-finite values (NaN/inf) in tensor {unit.name!r} (rows {unit.row_start}-"
+           f"{unit.row_end}): its arithmetic overflowed (parameters {config.parameters}, expert weights "
+           f"{config.weights}, out_dtype {config.out_dtype or 'as the base'}), or non-finite inputs were merged")
+    if config.on_nonfinite == "error":
+        raise MergeInputError(msg + "; set on_nonfinite: warn to write them anyway")
+    log.warning(msg)
+    if warnings is not None:
+        warnings.append(msg)
+
+
+def checked_writes(config, write, warnings: list[str] | None):
+    """`write(unit, tile)` for merged tiles that pass `check_merged` first."""
+
+    def checked(unit: Unit, tile):
+        check_merged(config, unit, tile, warnings)
+        return write(unit, tile)
+
+    return checked
+
+
 class UnitReader:
     """Reads units (`read_unit`, stored dtype) one ahead of the caller, on a thread. read='mmap' maps them from the
     page cache (no copy: ~4x less CPU than `preadv` on cached files, which on a small node is CPU the kernels
@@ -99,9 +146,13 @@ class UnitReader:
     itself only when it needs to: the fused kernels detect non-finite inputs as they compute.
 
     raw=True (with read='mmap'; no check): each unit comes as (base or None, experts) of flat uint8 numpy arrays,
-    the rows' stored bytes (`Checkpoint.map_bytes`), for merge/kernel_path.py, which never loads torch."""
+    the rows' stored bytes (`Checkpoint.map_bytes`), for merge/kernel_path.py, which never loads torch.
 
-    def __init__(self, inputs: MergeInputs, on_nonfinite: str, read: str = "mmap", raw: bool = False):
+    `digests` (merge.input_digests.InputDigests): a unit read for the first time in this run is hashed on the
+    reading thread, and `get` adds its digest there (raising InputsChanged if it differs from a recorded one)."""
+
+    def __init__(self, inputs: MergeInputs, on_nonfinite: str, read: str = "mmap", raw: bool = False,
+                 digests: InputDigests | None = None):
         if read not in ("mmap", "pread"):
             raise ValueError(f"read must be 'mmap' or 'pread', got {read!r}")
         if raw and read != "mmap":
@@ -109,10 +160,18 @@ class UnitReader:
         self.inputs, self.on_nonfinite, self.mapped, self.raw = inputs, on_nonfinite, read == "mmap", raw
         self._slots: list[list[torch.Tensor]] = [[], []]
         self._next = 0  # the slot the next read goes into (the caller holds the other one)
-        self._pending = None  # (unit, future of (base, experts, warnings, checked))
+        self._pending = None  # (unit, future of (base, experts, warnings, checked, digest or None))
         self._pool: ThreadPoolExecutor | None = None
+        self.digests = digests
 
     def _read(self, unit: Unit, slot: int, check: bool = True):
+        base, experts, warnings, check = self._read_tiles(unit, slot, check)
+        digest = None
+        if self.digests is not None and self.digests.wants(unit.id):
+            digest = unit_digest(([base] if base is not None else []) + list(experts))
+        return base, experts, warnings, check, digest
+
+    def _read_tiles(self, unit: Unit, slot: int, check: bool):
         warnings, policy = [], self.on_nonfinite if check else "ignore"
         if self.raw:
             if check:
@@ -146,13 +205,15 @@ class UnitReader:
         pending = self._pending
         if pending is not None and pending[0] == unit:
             self._pending = None
-            base, experts, warns, checked = pending[1].result()
+            base, experts, warns, checked, digest = pending[1].result()
             if check and not checked:  # prefetched for a caller that checks itself; this one does not
                 tiles = ([base] if base is not None else []) + experts
                 check_finite(self.inputs, unit, tiles, self.on_nonfinite, warns)
         else:
             self._drop()
-            base, experts, warns, _ = self._read(unit, self._next, check)
+            base, experts, warns, _, digest = self._read(unit, self._next, check)
+        if digest is not None:
+            self.digests.add(unit, digest)
         self._next ^= 1
         if warnings is not None:
             warnings.extend(warns)

@@ -1,10 +1,10 @@
 """Writing a merged model: a layout planned up front, rows written in place, one atomic commit.
 
 Because every output tensor's shape and dtype is known before any math runs, the whole output (which shard each
-tensor goes to, its byte offset, every shard's header) is planned first. Shard files are created at full size with
-their headers, and each merged tile is written straight to its final byte range with `pwrite`. So no tensor is
-ever assembled in memory, tiles may arrive in any order (Ray actors write their own rows), and a crashed run
-can resume: a journal in the partial directory lists the units whose bytes are durable.
+tensor goes to, its byte offset, every shard's header) is planned first (layout.py). Shard files are created at
+full size with their headers, and each merged tile is written straight to its final byte range with `pwrite`. So
+no tensor is ever assembled in memory, tiles may arrive in any order (Ray actors write their own rows), and a
+crashed run can resume: a journal in the partial directory lists the units whose bytes are durable.
 
 Everything goes into a hidden sibling directory `.NAME.partial`; `commit` fsyncs it, writes the index and the
 manifest, and renames it to NAME. A directory named NAME is therefore always complete.
@@ -12,20 +12,21 @@ manifest, and renames it to NAME. A directory named NAME is therefore always com
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
 from mergescale.merge.direct_io import DirectStream, open_stream, pwrite_all
+from mergescale.merge.errors import MergeInputError, OutputInTheWay
+from mergescale.merge.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
+from mergescale.merge.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
 from mergescale.merge.shard_hash import ShardHashes
 
 if TYPE_CHECKING:
@@ -34,11 +35,8 @@ if TYPE_CHECKING:
 # No torch at import: a Ray driver plans the layout and commits with this module, and write_rows takes numpy
 # tiles too (merge/kernel_path.py); it loads torch only for a torch tile.
 
-METADATA_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-MANIFEST = "mergescale_manifest.json"
+log = logging.getLogger(__name__)
+_RUN_FILES = ("run.json", "done.journal", "stats.json", "stats.json.tmp")  # what a partial output holds to resume
 
 
 def _libc_sync_file_range():
@@ -63,87 +61,12 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
 
 
-@dataclass
-class OutTensor:
-    name: str
-    dtype: str  # safetensors code
-    shape: tuple[int, ...]
-    shard: int
-    offset: int  # absolute byte offset in the shard file
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
-
-@dataclass
-class OutputLayout:
-    shard_names: list[str]
-    shard_sizes: list[int]
-    headers: list[bytes]
-    tensors: dict[str, OutTensor]
-
-    @classmethod
-    def plan(cls, specs: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int) -> "OutputLayout":
-        """Greedy in input order: a shard takes tensors until the next would pass max_shard_size."""
-        groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for name, dtype, shape in specs:
-            n = 1
-            for s in shape:
-                n *= s
-            nbytes = n * SAFETENSORS_DTYPES[dtype][0]
-            if groups[-1] and size + nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append((name, dtype, tuple(shape), nbytes))
-            size += nbytes
-        k = len(groups)
-        names = ["model.safetensors"] if k == 1 else [f"model-{i + 1:05d}-of-{k:05d}.safetensors" for i in range(k)]
-        tensors, headers, sizes = {}, [], []
-        for shard, group in enumerate(groups):
-            header: dict = {"__metadata__": {"format": "pt"}}
-            pos = 0
-            for name, dtype, shape, nbytes in group:
-                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
-                pos += nbytes
-            raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-            data_start = 8 + len(raw)
-            for name, dtype, shape, nbytes in group:
-                begin = header[name]["data_offsets"][0]
-                tensors[name] = OutTensor(name, dtype, shape, shard, data_start + begin, nbytes)
-            headers.append(len(raw).to_bytes(8, "little") + raw)
-            sizes.append(data_start + pos)
-        return cls(names, sizes, headers, tensors)
-
-    @property
-    def total_tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for name, raw in zip(self.shard_names, self.headers):
-            h.update(name.encode())
-            h.update(raw)
-        return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
 
 
 class PartialOutput:
@@ -162,31 +85,47 @@ class PartialOutput:
         self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final
         self._hasher: ThreadPoolExecutor | None = None  # write_rows' sha256, beside its write (`_hash_behind`)
         self._hashing = None  # the future of the last tile handed to the hasher
-        self.done: set[int] = set()
+        self.done: dict[int, bytes] = {}  # journaled units: id -> the digest of the input rows they were merged from
+        self._opened = False  # this object created or reopened the directory (only then may abort remove it)
 
     # -- opening: fresh or resumed ----------------------------------------------------------------------------
-    def open(self, resume: bool = True) -> set[int]:
-        """Create the partial directory, or reopen a matching one; returns the unit ids already durable."""
+    def open(self, resume: bool = True) -> dict[int, bytes]:
+        """Create the partial directory, or reopen a matching one; returns the units already durable, each with the
+        digest of the input rows it was merged from (merge.input_digests: the caller proves them before trusting
+        a unit). A directory of another run (config, inputs or layout) is removed, one mergescale did not write
+        (no run.json, not empty) is an error."""
         marker = self.dir / "run.json"
         if self.dir.exists():
-            same = marker.exists() and json.loads(marker.read_text()).get("run_key") == self.run_key
+            if not marker.is_file() and any(self.dir.iterdir()):
+                raise MergeInputError(f"{self.dir} exists and was not written by mergescale (no run.json); "
+                                      "move it away")
+            same = marker.is_file() and _read_json(marker).get("run_key") == self.run_key
             if resume and same:
-                self.done = self._read_journal()
-                for i in range(len(self.layout.shard_names)):
-                    self._fds[i] = os.open(self.dir / self.layout.shard_names[i], os.O_RDWR)
-                self.hashes = ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
-                return set(self.done)
-            shutil.rmtree(self.dir)  # left by a different config or inputs: cannot be reused
+                done = self._read_journal()
+                if done is not None:
+                    self.done = done
+                    for i in range(len(self.layout.shard_names)):
+                        self._fds[i] = os.open(self.dir / self.layout.shard_names[i], os.O_RDWR)
+                    self.hashes = ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
+                    self._opened = True
+                    return dict(self.done)
+            elif resume and marker.is_file():
+                log.warning("%s was left by a run of another config, other inputs or another mergescale version: "
+                            "starting over", self.dir)
+            shutil.rmtree(self.dir)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir.mkdir()
+        self._opened = True
+        # first, so that a directory without it is never one of ours (`open` and output_dir.check_output refuse it)
+        _write_json(marker, {"run_key": self.run_key, "started": time.time()})
         for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes, self.layout.headers)):
             fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[i] = fd
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, size)
-            self._fds[i] = fd
         self.hashes = ShardHashes([self.dir / n for n in self.layout.shard_names], self.layout.headers)
-        marker.write_text(json.dumps({"run_key": self.run_key, "started": time.time()}))
-        return set()
+        self.done = {}
+        return {}
 
     def attach(self) -> None:
         """Open the shard files of a partial directory another process created (a Ray actor writing its rows).
@@ -207,34 +146,54 @@ class PartialOutput:
         for fd in self._fds.values():
             os.fdatasync(fd)
 
-    def save_stats(self, stats: dict) -> None:
-        """Keep the statistics pass's result so a resumed run does not repeat it."""
+    def save_stats(self, stats: dict, digests: dict[int, bytes]) -> None:
+        """Keep the statistics pass's result, and the digests of the input rows it came from, so a resumed run does
+        not repeat it once those rows are proven unchanged."""
         tmp = self.dir / "stats.json.tmp"
-        _write_json(tmp, stats)
+        _write_json(tmp, {"stats": stats, "input_digests": {str(u): d.hex() for u, d in sorted(digests.items())}})
         os.rename(tmp, self.dir / "stats.json")
 
     def load_stats(self, parse):
+        """(parse(the saved statistics), {unit id: input digest}), or None when none were saved."""
         path = self.dir / "stats.json"
-        return parse(json.loads(path.read_text())) if path.exists() else None
+        if not path.exists():
+            return None
+        saved = _read_json(path)
+        try:
+            digests = {int(u): bytes.fromhex(d) for u, d in saved["input_digests"].items()}
+            return parse(saved["stats"]), digests
+        except (KeyError, TypeError, ValueError, AttributeError):
+            log.warning("%s is not readable: the statistics passes run again", path)
+            return None
 
-    def journal(self, unit_ids: list[int]) -> None:
-        """Record units whose bytes their writers have already made durable."""
-        if not unit_ids:
+    def journal(self, entries: dict[int, bytes]) -> None:
+        """Record units whose bytes their writers have already made durable, each with the digest of its input
+        rows."""
+        if not entries:
             return
         with open(self.dir / "done.journal", "a") as f:
-            f.write("".join(f"{u}\n" for u in unit_ids))
+            f.write("".join(f"{u} {d.hex()}\n" for u, d in entries.items()))
             f.flush()
             os.fsync(f.fileno())
-        self.done.update(unit_ids)
+        self.done.update(entries)
 
-    def _read_journal(self) -> set[int]:
+    def _read_journal(self) -> dict[int, bytes] | None:
+        """The journaled units; None (and a log line saying why) when a line other than a torn last one is not a
+        unit and its digest: nothing in the journal can then be trusted."""
         path = self.dir / "done.journal"
         if not path.exists():
-            return set()
-        done = set()
-        for line in path.read_text().splitlines():
-            if line.strip().isdigit():  # a torn last line (crash mid-append) is ignored
-                done.add(int(line))
+            return {}
+        *lines, _torn = path.read_text().split("\n")  # a last line without its newline: a crash mid-append
+        done = {}
+        for n, line in enumerate(lines, 1):
+            uid, _, digest = line.partition(" ")
+            try:
+                if not uid.isdigit() or not digest:
+                    raise ValueError(line)
+                done[int(uid)] = bytes.fromhex(digest)
+            except ValueError:
+                log.warning("%s: line %d is not a unit and its input digest (%r): starting over", path, n, line[:80])
+                return None
         return done
 
     # -- writing ---------------------------------------------------------------------------------------------
@@ -298,12 +257,13 @@ class PartialOutput:
             stream, self._stream = self._stream[1], None
             stream.close(flush=flush)
 
-    def mark_done(self, unit_ids: list[int]) -> None:
-        """Make the listed units durable: data first (fdatasync), then the journal line that says so."""
-        if not unit_ids:
+    def mark_done(self, entries: dict[int, bytes]) -> None:
+        """Make the listed units (id -> input digest) durable: data first (fdatasync), then the journal lines that
+        say so."""
+        if not entries:
             return
         self.sync()
-        self.journal(unit_ids)
+        self.journal(entries)
 
     # -- commit ----------------------------------------------------------------------------------------------
     def shard_digests(self) -> dict[str, dict]:
@@ -316,7 +276,10 @@ class PartialOutput:
     def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None, overwrite: bool = False) -> dict:
         """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
 
-        Returns the manifest as written (with each shard's size and sha256)."""
+        Returns the manifest as written (with each shard's size and sha256, and the files it holds). Something at
+        the output path that this call may not replace (see output_dir.replace_refusal) is an OutputInTheWay error,
+        the finished partial directory kept as it is: a rerun after moving it away resumes with nothing to merge."""
+        self._check_target(overwrite)
         self._end_stream()
         for fd in self._fds.values():
             os.fsync(fd)
@@ -338,14 +301,14 @@ class PartialOutput:
             else:
                 shutil.copyfile(src, self.dir / fname)
                 fsync_file(self.dir / fname)
-        manifest = {**manifest, "outputs": self.shard_digests()}
+        files = sorted({p.name for p in self.dir.iterdir()} - set(_RUN_FILES) | {MANIFEST})
+        manifest = {**manifest, "outputs": self.shard_digests(), "files": files}
         _write_json(self.dir / MANIFEST, manifest)
-        for leftover in ("run.json", "done.journal", "stats.json"):
+        self._check_target(overwrite)  # again: seconds may have passed, and nothing has been removed yet
+        for leftover in _RUN_FILES:
             (self.dir / leftover).unlink(missing_ok=True)
         _fsync_dir(self.dir)
-        if self.out.exists():
-            if not overwrite:
-                raise FileExistsError(f"{self.out} appeared while merging; the result is kept in {self.dir}")
+        if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.rename(self.out, old)
             os.rename(self.dir, self.out)
@@ -355,8 +318,16 @@ class PartialOutput:
         _fsync_dir(self.out.parent)
         return manifest
 
+    def _check_target(self, overwrite: bool) -> None:
+        if not (self.out.exists() or self.out.is_symlink()):
+            return
+        refusal = "it appeared while merging" if not overwrite else replace_refusal(self.out)
+        if refusal is not None:
+            raise OutputInTheWay(f"cannot move the merged output into place at {self.out}: {refusal}. It is complete "
+                                 f"in {self.dir}: move {self.out} away and rerun the same command to finish")
+
     def abort(self) -> None:
-        """Remove the partial directory (a deterministic input error: nothing worth resuming)."""
+        """Remove the partial directory this object opened (a deterministic input error: nothing worth resuming)."""
         self._stop_hasher()
         if self.hashes is not None:
             self.hashes.stop()
@@ -364,7 +335,8 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self._opened:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def _stop_hasher(self) -> None:
         try:
@@ -407,13 +379,18 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file this module wrote; {} when it is not one (a crash mid-write)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
 def _write_json(path: Path, obj: dict) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def layout_to_dict(layout: OutputLayout) -> dict:
-    return {"shards": layout.shard_names, "tensors": {n: asdict(t) for n, t in layout.tensors.items()}}
