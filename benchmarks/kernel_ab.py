@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from mergescale.merge import kernels as new
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
     from mergescale.merge.methods import get_method
     from mergescale.merge.selection import RADIX, window_around
 

@@ -110,7 +110,7 @@ def child_floor(spec: dict) -> dict:
     (with O_DIRECT through mergescale's DirectStream, or buffered: as the merge writes), fsync."""
     import torch  # noqa: F401 - same interpreter baseline as the merge children
 
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
 
     base_rss = _rss_now()
     chunk = int(spec.get("chunk_mb", 16) * 2**20)
@@ -139,7 +139,7 @@ def child_floor(spec: dict) -> dict:
     fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     stream = None
     if spec.get("write") == "direct":
-        from mergescale.merge.direct_io import open_stream
+        from mergescale.checkpoint.direct_io import open_stream
 
         stream = open_stream(out, fd)
     written, total = 0, spec["out_bytes"]

@@ -43,7 +43,7 @@ def madvise_holding_the_gil(mapped, advice: int) -> int:
 
 def read_all(paths: list[Path], hold_gil: bool) -> tuple[int, float]:
     """Every tensor mapped and its pages faulted in, as the merge reads (`read: mmap`, Checkpoint.map_bytes)."""
-    from mergescale.merge import checkpoint
+    from mergescale.checkpoint import read as checkpoint
 
     own = checkpoint._madvise
     checkpoint._madvise = madvise_holding_the_gil if hold_gil else own

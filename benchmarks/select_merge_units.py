@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     import torch
 
     from mergescale.merge import kernels
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
     from mergescale.merge.methods import TileContext, get_method
 
     paths = C.make_checkpoints(args.model_mb, 4)

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mergescale.data.packages import DataBuildError
-    from mergescale.merge.checkpoint import CheckpointError
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.errors import MergeInputError
     from mergescale.models.gguf_import import ModelImportError
 
     try:

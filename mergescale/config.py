@@ -97,7 +97,7 @@ class MergeConfig(BaseModel):
     # mmap: map input rows from the page cache (much less CPU on cached or local files); pread: copy them into
     # reused buffers (for inputs that may be rewritten during a merge, or file systems where mmap is slow)
     read: Literal["mmap", "pread"] = "mmap"
-    # direct: the single-process merge writes its shards front to back with O_DIRECT (merge/direct_io.py; ~6x less
+    # direct: the single-process merge writes its shards front to back with O_DIRECT (checkpoint/direct_io.py; ~6x less
     # CPU than copying into the page cache, and output does not crowd out the inputs' cached pages), buffered
     # where the file system has no O_DIRECT; buffered: always through the page cache. Ray actors write buffered.
     write: Literal["direct", "buffered"] = "direct"

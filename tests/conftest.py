@@ -123,7 +123,7 @@ def no_output(out: str | Path) -> bool:
 def replace_weights(dst: Path, src: Path) -> None:
     """Put src's shards in place of dst's: other weights of exactly the same layout (file names, sizes, headers),
     so the run key's fingerprint of the inputs (sizes and header hashes) cannot tell."""
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
 
     before = Checkpoint(dst).fingerprint()
     for f in shard_files(dst):

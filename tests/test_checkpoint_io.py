@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 import mergescale
 from conftest import header_dtypes, load_f32, load_sd, merge, shard_files
-from mergescale.merge import checkpoint as ckpt_mod
-from mergescale.merge.checkpoint import Checkpoint
-from mergescale.merge.writer import MANIFEST
+from mergescale.checkpoint import read as ckpt_mod
+from mergescale.checkpoint.read import Checkpoint
+from mergescale.checkpoint.output_dir import MANIFEST
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading
@@ -303,7 +303,7 @@ def test_default_dtype_follows_base(family, bf16, tmp_path):
 
 def test_dtype_table_agrees_with_torch():
     """Headers are read without torch, so the dtype table carries each code's size itself: it must be torch's."""
-    from mergescale.merge.checkpoint import SAFETENSORS_DTYPES, safetensors_dtype, torch_dtype
+    from mergescale.checkpoint.read import SAFETENSORS_DTYPES, safetensors_dtype, torch_dtype
 
     for code, (size, _) in SAFETENSORS_DTYPES.items():
         dt = torch_dtype(code)

@@ -21,7 +21,7 @@ import yaml
 from mergescale.cluster.merge import run_distributed_merge
 from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.merge.executor import run_merge
-from mergescale.merge.writer import partial_dir
+from mergescale.checkpoint.output_dir import partial_dir
 
 pytestmark = pytest.mark.ray
 

@@ -291,7 +291,7 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
     driver raises that error itself, not Ray's wrapper around it."""
     from mergescale.cluster.pool import ActorPool
     from mergescale.config import load_config
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
 
     config = load_config(config_for(micro, "average", 0.05))
     pool = ActorPool(config, 1)
@@ -306,7 +306,7 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
 def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_path):
     """The actors check what they merge as the single-process merge does: 3e38 + 3e38 is inf in float32 (the
     RMSNorm weights are ~1), an error naming the tensor, or with on_nonfinite: warn, written and recorded."""
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
     from tests.conftest import no_output
 
     cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",

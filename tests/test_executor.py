@@ -14,7 +14,7 @@ import mergescale
 from conftest import load_f32, load_sd, merge, no_output
 from mergescale.merge import executor
 from mergescale.merge.methods import REGISTRY
-from mergescale.merge.writer import MANIFEST, partial_dir
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 
 
 def file_digests(out) -> dict[str, str]:
@@ -187,6 +187,6 @@ def test_merge_pass_scans_for_non_finite_only_without_a_kernel(bf16, tmp_path, m
     assert manifest["warnings"] == []
     assert bool(scanned) == scans
     if scans:  # every float input byte of every model, once
-        with mergescale.merge.checkpoint.Checkpoint(bf16.base) as c:
+        with mergescale.checkpoint.read.Checkpoint(bf16.base) as c:
             floats = sum(t.numel for t in c.tensors.values() if t.is_float)
         assert sum(scanned) == floats * (1 + len(experts))

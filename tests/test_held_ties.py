@@ -16,7 +16,7 @@ from conftest import load_sd, merge, no_output, write_like, load_f32
 from test_methods import VARIANTS, assert_matches, reference, variant_config
 from mergescale.merge import executor, statistics
 from mergescale.config import MergeConfig
-from mergescale.merge.inputs import MergeInputError
+from mergescale.errors import MergeInputError
 
 
 def merge_config(cfg: dict) -> MergeConfig:
@@ -140,7 +140,7 @@ def test_resume_with_a_held_tensor_partly_written(micro, tmp_path, monkeypatch, 
     cfg = variant_config(micro, "ties_tensor_mass", tile_mb=TILE, out_shard_size="20KB")
     clean = merge(cfg, tmp_path / "clean")
     monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
-    from mergescale.merge.writer import PartialOutput
+    from mergescale.checkpoint.write import PartialOutput
 
     real_write, writes = PartialOutput.write_rows, []
     target = sorted(spy["held"])[0] if spy["held"] else None

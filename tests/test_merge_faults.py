@@ -21,9 +21,9 @@ from conftest import crash_merge, load_sd, no_output, replace_weights
 from mergescale.cli import main
 from mergescale.config import load_config
 from mergescale.merge import executor
-from mergescale.merge.checkpoint import Checkpoint
+from mergescale.checkpoint.read import Checkpoint
 from mergescale.merge.executor import run_merge
-from mergescale.merge.writer import MANIFEST, partial_dir
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 
 
 def write_cfg(tmp_path: Path, **cfg) -> Path:
@@ -249,7 +249,7 @@ def test_output_appearing_during_the_merge_is_kept_and_so_is_the_work(family, tm
 def test_training_output_writer_shares_the_overwrite_rule(family, tmp_path):
     from transformers import AutoTokenizer
 
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
     from mergescale.training.output import write_model
 
     out = user_dir(tmp_path)
@@ -271,7 +271,7 @@ def fake_free(monkeypatch, free: int) -> None:
 
 
 def test_not_enough_space_is_an_error_before_anything_is_written(family, tmp_path, capsys, monkeypatch):
-    from mergescale.merge import output_dir
+    from mergescale.checkpoint import output_dir
 
     cfg = merge_cfg(tmp_path, family)
     out = tmp_path / "out"
@@ -289,7 +289,7 @@ def test_not_enough_space_is_an_error_before_anything_is_written(family, tmp_pat
 
 
 def test_disk_full_mid_merge_is_an_error_and_a_rerun_resumes(family, tmp_path, capsys, monkeypatch):
-    from mergescale.merge import output_dir
+    from mergescale.checkpoint import output_dir
     from mergescale.merge.inputs import output_room, prepare
     from mergescale.merge.manifest import run_key
 
@@ -389,7 +389,7 @@ def test_index_naming_a_shard_outside_the_model_directory_exits_2(family, tmp_pa
 
 
 def test_header_with_negative_sizes_is_corrupt(tmp_path):
-    from mergescale.merge.checkpoint import CheckpointError, read_safetensors_header
+    from mergescale.checkpoint.read import CheckpointError, read_safetensors_header
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [16, 0]}}).encode()
     f = tmp_path / "model.safetensors"

@@ -158,6 +158,6 @@ def test_cli_and_cached_resolve(tiny, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cache" / "models").exists() and json.loads((tmp_path / first / "mergescale_manifest.json")
                                                                     .read_text())["source"]["spec"] == f"gguf:{src}"
     assert resolve_model(str(tiny)) == str(tiny)  # a plain directory passes through
-    from mergescale.merge.checkpoint import resolve_model_dir
+    from mergescale.models.sources import resolve_model_dir
 
     assert resolve_model_dir(f"gguf:{src}") == Path(first)  # what merge, eval and train resolve their models with

@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergescale.merge import shard_hash
-from mergescale.merge.shard_hash import ShardHashes
-from mergescale.merge.writer import OutputLayout, PartialOutput
+from mergescale.checkpoint import shard_hash
+from mergescale.checkpoint.shard_hash import ShardHashes
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.write import PartialOutput
 
 
 def make_shards(tmp_path, sizes, seed):

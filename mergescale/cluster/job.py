@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mergescale.config import ConfigError
-    from mergescale.merge.checkpoint import CheckpointError
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.errors import MergeInputError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

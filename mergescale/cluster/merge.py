@@ -47,10 +47,10 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
     t0 = time.time()
     try:
         pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
-        from mergescale.merge.errors import InputsChanged
+        from mergescale.errors import InputsChanged
         from mergescale.merge.inputs import output_room, prepare
         from mergescale.merge.manifest import run_key
-        from mergescale.merge.output_dir import space_error
+        from mergescale.checkpoint.output_dir import space_error
 
         config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
         key = run_key(config, inputs, plan)
@@ -82,13 +82,13 @@ def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: s
            resume: bool, t_start: float) -> dict:
     """The merge on started actors, into a new or (resume) a resumed partial output, whose recorded input digests
     the actors' reads prove: InputsChanged, the partial output removed, when they do not (merge/input_digests.py)."""
-    from mergescale.merge.errors import InputsChanged, MergeInputError
+    from mergescale.errors import InputsChanged, MergeInputError
     from mergescale.merge.input_digests import InputDigests
     from mergescale.merge.inputs import human_bytes, output_room, progress_bar, unit_read_bytes
     from mergescale.merge.manifest import build_manifest, config_updates
     from mergescale.merge.method_params import needs_statistics
-    from mergescale.merge.output_dir import is_no_space, space_error
-    from mergescale.merge.writer import PartialOutput
+    from mergescale.checkpoint.output_dir import is_no_space, space_error
+    from mergescale.checkpoint.write import PartialOutput
 
     t0 = time.time()
     partial = PartialOutput(out, plan.layout, key)
@@ -285,7 +285,7 @@ def merge_async(config: MergeConfig | dict | str | Path, out: str | Path | None 
     config = load_config(config)
     out = out or config.out
     if out is None:
-        from mergescale.merge.inputs import MergeInputError
+        from mergescale.errors import MergeInputError
 
         raise MergeInputError("no output directory: pass out= (or set 'out' in the config)")
     return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers, overwrite)

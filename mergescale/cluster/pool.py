@@ -17,7 +17,8 @@ from pathlib import Path
 import ray
 
 from mergescale.config import MergeConfig
-from mergescale.merge import checkpoint, method_params
+from mergescale.checkpoint.read import stored_float_dtype
+from mergescale.merge import method_params
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -146,7 +147,7 @@ class ActorPool:
         kernels_merge = method_params.kernels_merge(config.method) and config.read == "mmap"
         selection = not method_params.kernels_alone(config.method, config.method_params)
         # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
-        stored = checkpoint.stored_float_dtype(config.base or config.experts[0].path)
+        stored = stored_float_dtype(config.base or config.experts[0].path)
         self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored, config.out_dtype)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
@@ -170,7 +171,7 @@ class ActorPool:
         self.stats_ref = None  # once set, every replacement actor gets the statistics before any merge work
 
     def start(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str) -> None:
-        from mergescale.merge.inputs import MergeInputError
+        from mergescale.errors import MergeInputError
 
         ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.placement_timeout_s)
         if not ready:

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from mergescale.merge.writer import MANIFEST
+from mergescale.checkpoint.output_dir import MANIFEST
 from mergescale.training.config import TrainConfig
 from mergescale.training.trainer import FAIL_ENV, STOPPED
 

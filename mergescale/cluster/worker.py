@@ -20,12 +20,12 @@ import ray
 from mergescale.cluster.pool import UNIT_DELAY_ENV
 from mergescale.config import MergeConfig
 from mergescale.merge import kernel_path, kernels
-from mergescale.merge.checkpoint import safetensors_dtype
+from mergescale.checkpoint.read import safetensors_dtype
 from mergescale.merge.input_digests import InputDigests
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
 from mergescale.merge.method_params import needs_statistics
 from mergescale.merge.reader import UnitReader, check_merged
-from mergescale.merge.writer import PartialOutput
+from mergescale.checkpoint.write import PartialOutput
 
 _CPUS = 1  # this actor's CPU share, set by start_process
 

@@ -39,7 +39,7 @@ def run(args) -> int:
     from mergescale.eval.backends import EvalError
     from mergescale.eval.runner import evaluate
     from mergescale.eval.tasks import TaskError, register_tasks
-    from mergescale.merge.checkpoint import CheckpointError
+    from mergescale.checkpoint.read import CheckpointError
 
     try:
         for y in args.tasks_yaml:

@@ -149,7 +149,7 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     tokenizer's chat template (instruction-tuned bases); the default is the paper's raw prompts. Each task's
     metrics record which (`prompt_format`); "timing" (and out/timing.json) has each task's examples computed,
     seconds and examples/s in this run. See mergescale/eval/cli.py for the other options."""
-    from mergescale.merge.checkpoint import resolve_model_dir
+    from mergescale.models.sources import resolve_model_dir
 
     # -- validation: everything that can fail does so before any output is written --------------------------
     if backend not in BACKENDS:

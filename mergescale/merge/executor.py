@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from mergescale.config import MergeConfig
-from mergescale.merge.checkpoint import release_free_heap, torch_dtype
-from mergescale.merge.errors import InputsChanged, MergeInputError
+from mergescale.checkpoint.read import release_free_heap, torch_dtype
+from mergescale.errors import InputsChanged, MergeInputError
 from mergescale.merge.input_digests import InputDigests
 from mergescale.merge.inputs import (
     MergeInputs, MergePlan, Unit, human_bytes, output_room, prepare, progress_bar, unit_read_bytes,
 )
-from mergescale.merge.output_dir import is_no_space, mount_point, space_error
+from mergescale.checkpoint.output_dir import is_no_space, mount_point, space_error
 from mergescale.merge.manifest import build_manifest, config_updates, run_key
 from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
 from mergescale.merge.reader import UnitReader, check_finite, checked_writes
@@ -35,7 +35,7 @@ from mergescale.merge.statistics import (
     Bracket, MergeStats, finish_complete_streams, held_brackets, held_budget, pending_units, plan_tensor, restrict,
     sample_windows, scope_of, statistics_work, sums_from, thresholds_from, tile_context, units_per_scope,
 )
-from mergescale.merge.writer import PartialOutput, write_behind
+from mergescale.checkpoint.write import PartialOutput, write_behind
 
 log = logging.getLogger(__name__)
 JOURNAL_EVERY_S = 10.0  # how often finished units are made durable (fdatasync + journal line)

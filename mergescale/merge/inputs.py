@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergescale.config import MergeConfig, load_config
-from mergescale.merge.checkpoint import (
-    Checkpoint, CheckpointError, TensorInfo, read_model_config, resolve_model_dir, safetensors_dtype,
+from mergescale.checkpoint.read import (
+    Checkpoint, CheckpointError, TensorInfo, read_model_config, safetensors_dtype,
 )
-from mergescale.merge.errors import MergeInputError
-from mergescale.merge.output_dir import METADATA_FILES, check_output, room
-from mergescale.merge.layout import OutputLayout
+from mergescale.errors import MergeInputError
+from mergescale.checkpoint.output_dir import METADATA_FILES, check_output, room
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.models.sources import resolve_model_dir
 
 SHOW = 5  # how many names of each kind an error lists
 # (MergeInputError and check_output moved to errors.py and output_dir.py; imported from here, they still work)

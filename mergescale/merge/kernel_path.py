@@ -24,12 +24,12 @@ import numpy as np
 
 from mergescale.config import MergeConfig
 from mergescale.merge import kernels
-from mergescale.merge.checkpoint import release_free_heap
+from mergescale.checkpoint.read import release_free_heap
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.method_params import SIGNATURES, kernels_merge
 from mergescale.merge.reader import UnitReader, checked_writes
 from mergescale.merge.selection import KthQuery, StreamingSelector
-from mergescale.merge.writer import write_behind
+from mergescale.checkpoint.write import write_behind
 
 
 def possible(config: MergeConfig) -> bool:

@@ -15,7 +15,8 @@ import numpy as np
 
 from mergescale.merge import kernels
 from mergescale.merge.input_digests import InputDigests, unit_digest
-from mergescale.merge.inputs import MergeInputError, MergeInputs, Unit
+from mergescale.errors import MergeInputError
+from mergescale.merge.inputs import MergeInputs, Unit
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.config import MergeConfig
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.checkpoint.read import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
 from mergescale.merge.method_params import SIGNATURES
 from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around

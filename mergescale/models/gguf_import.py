@@ -157,9 +157,10 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "float32
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mergescale.config import parse_size
-    from mergescale.merge.checkpoint import safetensors_dtype
-    from mergescale.merge.inputs import check_output
-    from mergescale.merge.writer import OutputLayout, PartialOutput
+    from mergescale.checkpoint.read import safetensors_dtype
+    from mergescale.checkpoint.output_dir import check_output
+    from mergescale.checkpoint.layout import OutputLayout
+    from mergescale.checkpoint.write import PartialOutput
 
     t0 = time.perf_counter()
     path, out = Path(gguf_file).resolve(), Path(out)

@@ -256,9 +256,10 @@ def _tasks(config: StudyConfig) -> tuple[list[str], dict[str, list[str]], list[s
 
 
 def _model_dir(spec: str, field: str) -> Path:
-    """A given model as a local directory: package:/gguf: specs imported once, hub ids fetched (mergescale.merge
-    .checkpoint.resolve_model_dir); ConfigError naming the field otherwise."""
-    from mergescale.merge.checkpoint import CheckpointError, resolve_model_dir
+    """A given model as a local directory: package:/gguf: specs imported once, hub ids fetched
+    (mergescale.models.sources.resolve_model_dir); ConfigError naming the field otherwise."""
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.models.sources import resolve_model_dir
 
     try:
         return resolve_model_dir(spec).resolve()
@@ -312,7 +313,7 @@ def _models(config: StudyConfig, held_in: list[str], run: RunDir) -> dict[tuple[
 def _check_models(config: StudyConfig, base: str, models: dict) -> tuple[int, int]:
     """Every given model of a base opens and holds the base's tensors (the merge's own checks); returns the base's
     (weight bytes, parameters)."""
-    from mergescale.merge.checkpoint import Checkpoint, CheckpointError
+    from mergescale.checkpoint.read import Checkpoint, CheckpointError
     from mergescale.merge.inputs import MergeInputError, MergeInputs, check_architectures, check_same_tensors
 
     mine = [m for (b, _), m in models.items() if b == base and not m.trained_by_study]

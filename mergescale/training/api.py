@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from mergescale.config import ConfigError
-from mergescale.merge.checkpoint import resolve_model_dir
-from mergescale.merge.inputs import check_output
+from mergescale.models.sources import resolve_model_dir
+from mergescale.checkpoint.output_dir import check_output
 from mergescale.training.checkpoints import CheckpointMismatch, verified_resume_tag
 from mergescale.training.config import TrainConfig, check_recipe, deepspeed_json, load_train_config
 from mergescale.training.recipes import prepare_data
@@ -115,7 +115,7 @@ def _run_key_of(marker: Path) -> str | None:
 def _check_base(cfg: TrainConfig) -> dict:
     """The base opens as a model directory (safetensors, or pickle only with allow_pickle, as merges do); its
     config.json."""
-    from mergescale.merge.checkpoint import Checkpoint, CheckpointError
+    from mergescale.checkpoint.read import Checkpoint, CheckpointError
 
     try:
         with Checkpoint(cfg.base, allow_pickle=cfg.allow_pickle) as ck:

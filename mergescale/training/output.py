@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from mergescale.merge.checkpoint import Checkpoint, CheckpointError, safetensors_dtype
-from mergescale.merge.writer import OutputLayout, PartialOutput, fsync_file
+from mergescale.checkpoint.read import Checkpoint, CheckpointError, safetensors_dtype
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.write import PartialOutput, fsync_file
 
 METRICS = "metrics.jsonl"
 

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergescale.merge.direct_io import DirectStream, open_stream, pwrite_all
-from mergescale.merge.errors import MergeInputError, OutputInTheWay
-from mergescale.merge.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
-from mergescale.merge.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
-from mergescale.merge.shard_hash import ShardHashes
+from mergescale.checkpoint.direct_io import DirectStream, open_stream, pwrite_all
+from mergescale.errors import MergeInputError, OutputInTheWay
+from mergescale.checkpoint.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
+from mergescale.checkpoint.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
+from mergescale.checkpoint.shard_hash import ShardHashes
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ class PartialOutput:
         self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
         self._fds: dict[int, int] = {}
         # direct=True (one writer going front to back: the single-process merge): rows go through a DirectStream
-        # (merge/direct_io.py), one shard at a time, bypassing the page cache
+        # (checkpoint/direct_io.py), one shard at a time, bypassing the page cache
         self._direct = direct
         self._stream: tuple[int, DirectStream] | None = None
         self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final

@@ -418,28 +418,3 @@ def stored_float_dtype(spec: str | Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: also min() of nothing
         return None
     return next((t.dtype for t in tensors.values() if t.is_float), None)
-
-
-def resolve_model_dir(spec: str) -> Path:
-    """A local directory as is; `package:DIST[/FILE.gguf]` or `gguf:PATH` imported once into the cache
-    (mergescale.models.sources); otherwise a Hugging Face Hub id (org/name), fetched with huggingface_hub
-    (safetensors, configs and tokenizer files only). Fails with a clear message when offline."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return p
-    if spec.startswith(("package:", "gguf:")):
-        from mergescale.models.sources import ModelImportError, resolve_model
-
-        try:
-            return Path(resolve_model(spec))
-        except ModelImportError as e:
-            raise CheckpointError(str(e)) from None
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise CheckpointError(f"{spec}: model directory does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - network, auth, missing repo
-        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: {e}") from None
