@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from mergescale.merge import kernels
     from mergescale.checkpoint.read import Checkpoint
-    from mergescale.merge.methods import TileContext, get_method
+    from mergescale.merge.methods import UnitContext, get_method
 
     paths = C.make_checkpoints(args.model_mb, 4)
     C.warm_kernels(4)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         base, *experts = [m.read(name) for m in models]
         n = base.numel()
         out = torch.empty_like(base)
-        ctx = TileContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0, thresholds=[{} for _ in experts])
+        ctx = UnitContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0, thresholds=[{} for _ in experts])
         best = float("inf")
         for _ in range(args.repeat):
             t0 = time.perf_counter()
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             best = min(best, time.perf_counter() - t0)
         share = f"{listed['n'] / n:.1%}" if "n" in listed else "-"
         # the merge alone, its thresholds known (what a selection pass first would leave to do)
-        known = TileContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0,
+        known = UnitContext(name=name, shape=tuple(base.shape), element_offset=0, seed=0,
                             thresholds=[{"min": v} for v in (thr or [0.0] * 4)])
         merge_only = float("inf")
         for _ in range(args.repeat):

@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.merge.method_params import SIGNATURES, Factor
+from mergescale.merge.methods import METHODS, Factor
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -118,13 +118,13 @@ class MergeConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v):
-        if v not in SIGNATURES:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(SIGNATURES))}")
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(METHODS))}")
         return v
 
     @model_validator(mode="after")
     def _method_constraints(self):
-        m = SIGNATURES[self.method]
+        m = METHODS[self.method]
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
@@ -150,7 +150,7 @@ class MergeConfig(BaseModel):
 
     @property
     def method_params(self):
-        return SIGNATURES[self.method].params.model_validate(self.parameters)
+        return METHODS[self.method].params.model_validate(self.parameters)
 
     @property
     def weights(self) -> list[float]:

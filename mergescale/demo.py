@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mergescale.merge.methods import REGISTRY
+from mergescale.merge.methods import METHODS
 
 DEMO_PARAMETERS = {
     "average": {},
@@ -31,7 +31,7 @@ def run_demo(out: str | Path = "mergescale-demo", progress: bool = True) -> list
         print(f"building a tiny Llama base and 4 experts in {models} ...")
         build_family(models, n_experts=4)
     rows = []
-    for method in sorted(REGISTRY):
+    for method in sorted(METHODS):
         n = 2 if method == "slerp" else 4
         config = {
             "base": str(models / "base"),

@@ -15,7 +15,7 @@ import ray
 from mergescale.cluster.merge import merge_async, run_distributed_merge
 from mergescale.cluster.pool import balanced_batches
 from mergescale.merge.executor import run_merge
-from mergescale.merge.methods import REGISTRY
+from mergescale.merge.methods import METHODS
 
 pytestmark = pytest.mark.ray
 
@@ -55,7 +55,7 @@ def manifest_digests(manifest: dict) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in manifest["outputs"].items()}
 
 
-@pytest.mark.parametrize("method", sorted(REGISTRY))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro, tmp_path):
     # Two tilings: one that splits every matrix into many row tiles with odd remainders, one that keeps most
     # tensors whole; the single-process output is itself tile-invariant (tested in test_executor).

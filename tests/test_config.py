@@ -191,7 +191,7 @@ def test_average_weights_summing_to_zero_cannot_normalize():
 
 
 def test_model_stock_undefined_ratio_is_a_clear_error():
-    from mergescale.merge.methods import model_stock_ratio
+    from mergescale.merge.torch_math import model_stock_ratio
 
     assert model_stock_ratio(0.5, 3) == pytest.approx(3 * 0.5 / 2.0)
     with pytest.raises(ValueError, match="model_stock: mean pairwise cosine"):

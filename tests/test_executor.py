@@ -13,7 +13,7 @@ import yaml
 import mergescale
 from conftest import load_f32, load_sd, merge, no_output
 from mergescale.merge import executor
-from mergescale.merge.methods import REGISTRY
+from mergescale.merge.methods import METHODS
 from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 
 
@@ -24,7 +24,7 @@ def file_digests(out) -> dict[str, str]:
 def counting(monkeypatch, method: str, fail_at: int | None = None) -> list:
     """Wrap a registered method's merge: count calls and raise RuntimeError on call number `fail_at` (1-based)."""
     calls = []
-    m = REGISTRY[method]
+    m = METHODS[method]
 
     def wrapped(*a, **k):
         calls.append(a[4].name)
@@ -32,7 +32,7 @@ def counting(monkeypatch, method: str, fail_at: int | None = None) -> list:
             raise RuntimeError("simulated crash")
         return m.merge(*a, **k)
 
-    monkeypatch.setitem(REGISTRY, method, dataclasses.replace(m, merge=wrapped, fused_merge=None))
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(m, merge=wrapped, kernel=None))
     return calls
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergescale.merge import methods as M
+from mergescale.merge import torch_math as M
 from mergescale.merge.masks import dare_keep_mask, uniform_bits, uniform_bits_reference
 
 
@@ -91,11 +91,8 @@ def test_tiny_chunks_and_radix_thresholds_change_nothing(micro, tmp_path, monkey
 def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch, variant):
     """Per-tensor TIES through the fused select-and-merge kernel (sampled brackets, listed elements redone) gives
     the bytes of selecting first (radix select) and merging after."""
-    import dataclasses
-
     from conftest import merge
     from mergescale.merge import executor, kernels
-    from mergescale.merge.methods import REGISTRY
     from test_methods import variant_config
 
     if not kernels.available():
@@ -109,13 +106,13 @@ def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch,
     monkeypatch.setattr(kernels, "SAMPLE_RUNS", 8)  # sample 8 x 16 values: the micro model's tensors qualify
     monkeypatch.setattr(kernels, "SAMPLE_RUN", 16)
     calls = []
-    method = REGISTRY[cfg["method"]]
+    real = kernels.select_and_merge_ties
 
     def counted(*a, **k):
-        calls.append(kernels.select_and_merge_ties(method.name, *a, **k))
+        calls.append(real(*a, **k))
         return calls[-1]
 
-    monkeypatch.setitem(REGISTRY, method.name, dataclasses.replace(method, fused_select_merge=counted))
+    monkeypatch.setattr(kernels, "select_and_merge_ties", counted)
     fused = merge(cfg, tmp_path / "fused")
     assert sum(c is not None for c in calls) >= 2  # the fused path really ran (a miss may fall back)
     assert fused["outputs"] == separate["outputs"]

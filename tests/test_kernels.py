@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergescale.merge import kernels
-from mergescale.merge.methods import TileContext, get_method
+from mergescale.merge.methods import UnitContext, get_method
 from mergescale.merge.selection import RADIX, sample_bracket, window_around, window_histogram
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
@@ -43,9 +43,9 @@ def models(n: int, dtype: torch.dtype, n_experts: int = 4, seed: int = 0):
     return base.to(dtype), [e.to(dtype) for e in experts]
 
 
-def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> TileContext:
+def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> UnitContext:
     thr = [{"min": x} for x in (0.005, 0.01, 0.0, 0.02, 0.007, 0.0)[:n_experts]] if with_thresholds else []
-    return TileContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7, thresholds=thr)
+    return UnitContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7, thresholds=thr)
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
@@ -88,7 +88,7 @@ def test_one_compiled_kernel_serves_every_expert_count():
     compiled = []
     for n_experts in (1, 2, 3, 5, 8, 9, 12):
         base, experts = models(700, torch.float32, n_experts, seed=n_experts)
-        ctx = TileContext(name="t", shape=(700,), element_offset=3, seed=7,
+        ctx = UnitContext(name="t", shape=(700,), element_offset=3, seed=7,
                           thresholds=[{"min": 0.004 * (i % 3)} for i in range(n_experts)])
         weights = [0.5 + i for i in range(n_experts)]
         for method, params in (("average", {}), ("dare_linear", {"p": 0.3}), ("ties", {"density": 0.2})):
@@ -218,7 +218,7 @@ def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, o
         got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
         want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
         assert got == want_thr, k
-        ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=offset, seed=ctx.seed,
+        ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=offset, seed=ctx.seed,
                               thresholds=[{"min": v} for v in want_thr])
         want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(out_dtype)
         assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
@@ -286,7 +286,7 @@ def test_select_and_merge_with_brackets_of_one_value(method, params):
     base, experts = _quantized_case(n)
     m = get_method(method)
     p = m.params.model_validate(params)
-    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    ctx = UnitContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     k = n - int(p.density * n)
     raw = kernels._raw([base] + experts)
@@ -297,7 +297,7 @@ def test_select_and_merge_with_brackets_of_one_value(method, params):
     got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
     want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -310,7 +310,7 @@ def test_select_and_merge_with_every_bracket_of_one_value(n_experts, sign):
     base, experts = _quantized_case(n, (0.002, 0.003, 0.004, 0.002)[:n_experts])
     m = get_method("ties")
     p = m.params.model_validate({"density": 0.35, "sign": sign})
-    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    ctx = UnitContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
     k = [n - int(p.density * n)] * n_experts
     raw = kernels._raw([base] + experts)
     lo, hi, _ = kernels._sample_bracket(raw[0], raw[1:], kernels._dare_args(0.0, 5, ctx.name, n_experts, 77), k)
@@ -320,7 +320,7 @@ def test_select_and_merge_with_every_bracket_of_one_value(n_experts, sign):
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     want_thr = [torch.kthvalue(x, k[0]).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * n_experts, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -330,7 +330,7 @@ def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch, sprea
     n = 600_000
     base, experts = _quantized_case(n, spreads)
     p = get_method("ties").params.model_validate({"density": density})
-    ctx = TileContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
+    ctx = UnitContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
     k = [n - int(density * n)] * len(experts)
     real = kernels._sample_bracket
 

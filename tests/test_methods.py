@@ -427,51 +427,36 @@ def test_global_thresholds_in_manifest_equal_kthvalue(family, tmp_path):
         assert recorded[i]["min"] == torch.kthvalue(flat, k).values.item()
 
 
-def test_every_registered_method_has_a_signature_and_back():
-    """The config validates against method_params.SIGNATURES (no torch); every name there must have math."""
-    from mergescale.merge.method_params import SIGNATURES
-    from mergescale.merge.methods import REGISTRY
+def test_declaring_the_methods_loads_neither_torch_nor_numba():
+    """The config schema, a Ray driver and kernel-only actors read the declarations (mergescale.merge.methods): the
+    math loads only when a method's torch function runs."""
+    import subprocess
+    import sys
 
-    assert sorted(REGISTRY) == sorted(SIGNATURES)
-
-
-def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
-    """A Ray driver skips the statistics pass, and torch, for methods whose signature has statistics=False; so
-    registering one that has a selection or row sums under such a signature fails, and none of the registered
-    ones does."""
-    from mergescale.merge.method_params import Selection, ties_ranks
-    from mergescale.merge.methods import REGISTRY, MergeMethod, register
-
-    with pytest.raises(ValueError, match="needs statistics"):
-        register(MergeMethod(name="average", merge=REGISTRY["average"].merge,
-                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
-    with pytest.raises(ValueError, match="needs statistics"):
-        register(MergeMethod(name="task_arithmetic", merge=REGISTRY["task_arithmetic"].merge,
-                             row_stats=lambda base, experts, p: None))
-    quiet = [name for name, m in REGISTRY.items() if m.signature.statistics is False]
-    assert sorted(quiet) == ["average", "dare_linear", "task_arithmetic"]
-    for name in quiet:
-        assert REGISTRY[name].selection(REGISTRY[name].params()) is None and REGISTRY[name].row_stats is None
+    code = ("import sys, mergescale.config, mergescale.merge.methods as m; "
+            "assert len(m.METHODS) == 8 and not {'torch', 'numba'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_method_takes_its_selection_and_row_stats_from_its_signature():
-    """A Ray coordinator plans the statistics passes from method_params alone (no torch there), so register()
-    fills a method's selection from its signature and refuses one that says otherwise; the registered methods'
-    selections are their signatures' functions."""
-    from mergescale.merge.method_params import SIGNATURES, Selection, ties_ranks
-    from mergescale.merge.methods import REGISTRY, MergeMethod, register
+def test_register_refuses_a_method_declared_inconsistently():
+    """A method that selects thresholds of its magnitudes must declare them in torch (the definition its kernel is
+    checked against), and a name is declared once."""
+    import dataclasses
 
-    before = dict(REGISTRY)
-    with pytest.raises(ValueError, match="give its selection in method_params.SIGNATURES"):
-        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge,
-                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
-    with pytest.raises(ValueError, match="row_stats and its signature's row_stats=False disagree"):
-        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge, row_stats=lambda base, experts, p: None))
-    with pytest.raises(ValueError, match="row_stats=True disagree"):
-        register(MergeMethod(name="model_stock", merge=REGISTRY["model_stock"].merge))
-    assert REGISTRY == before
-    for name, m in REGISTRY.items():
-        assert m.selection is SIGNATURES[name].selection and (m.row_stats is not None) == SIGNATURES[name].row_stats
+    from mergescale.merge.methods import METHODS, Kernel, Selection, register, ties_ranks
+
+    before = dict(METHODS)
+    ties = METHODS["ties"]
+    with pytest.raises(ValueError, match="registered already"):
+        register(ties)
+    with pytest.raises(ValueError, match="declares no magnitudes"):
+        register(dataclasses.replace(ties, name="ties2", magnitudes=None))
+    with pytest.raises(ValueError, match="magnitudes kernel needs"):
+        register(dataclasses.replace(METHODS["average"], name="avg2", kernel=Kernel("average", magnitudes=True)))
+    with pytest.raises(ValueError, match="declares no magnitudes"):
+        register(dataclasses.replace(METHODS["average"], name="avg3",
+                                     selection=lambda p: Selection("tensor", ties_ranks(0.5))))
+    assert METHODS == before
 
 
 @pytest.mark.parametrize("method,params", [
@@ -481,17 +466,15 @@ def test_a_method_takes_its_selection_and_row_stats_from_its_signature():
     ("model_stock", {}),
 ])
 def test_needs_statistics_agrees_with_what_the_method_selects(method, params):
-    """method_params.needs_statistics (torch-free, what the Ray driver and actors decide on) is False only where
-    the registered method neither selects nor sums rows for these parameters; dare_ties without an extra trim
-    (density 1, the default) is such a case, and its units are then each one fused kernel call."""
-    from mergescale.merge.method_params import kernels_alone, needs_statistics
-    from mergescale.merge.methods import REGISTRY
+    """Method.needs_statistics (torch-free, what the Ray driver and actors decide on) is False only where the
+    method neither selects nor sums rows for these parameters; dare_ties without an extra trim (density 1, the
+    default) is such a case, and its units are then each one fused kernel call."""
+    from mergescale.merge.methods import METHODS
 
-    m = REGISTRY[method]
+    m = METHODS[method]
     p = m.params.model_validate(params)
-    if not needs_statistics(method, p):
-        assert m.selection(p) is None and m.row_stats is None
-    assert needs_statistics(method, p) == (method in ("ties", "slerp", "breadcrumbs", "model_stock")
-                                           or (method == "dare_ties" and p.density < 1.0))
-    assert kernels_alone(method, p) == (method in ("average", "task_arithmetic", "dare_linear")
-                                        or (method == "dare_ties" and p.density >= 1.0))
+    assert m.needs_statistics(p) == (method in ("ties", "slerp", "breadcrumbs", "model_stock")
+                                     or (method == "dare_ties" and p.density < 1.0))
+    assert m.kernels_alone(p) == (method in ("average", "task_arithmetic", "dare_linear")
+                                  or (method == "dare_ties" and p.density >= 1.0))
+    assert m.kernels_merge() == (method in ("average", "task_arithmetic", "dare_linear", "ties", "dare_ties"))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergescale.merge.masks import dare_keep_mask
-from mergescale.merge.method_params import breadcrumbs_ranks, ties_ranks
+from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
 from mergescale.merge.selection import (
     RADIX, KthQuery, SparseCounts, StreamingSelector, float_bits, kth_smallest, sample_bracket, window_around, window_histogram,
 )

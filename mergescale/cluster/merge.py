@@ -86,7 +86,7 @@ def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: s
     from mergescale.merge.input_digests import InputDigests
     from mergescale.merge.inputs import human_bytes, output_room, progress_bar, unit_read_bytes
     from mergescale.merge.manifest import build_manifest, config_updates
-    from mergescale.merge.method_params import needs_statistics
+    from mergescale.merge.methods import METHODS
     from mergescale.checkpoint.output_dir import is_no_space, space_error
     from mergescale.checkpoint.write import PartialOutput
 
@@ -129,7 +129,7 @@ def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: s
 
         # -- statistics (only methods that can need them load the statistics code here) ------------------------
         stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
-        if needs_statistics(config.method, config.method_params):
+        if METHODS[config.method].needs_statistics(config.method_params):
             from mergescale.merge.statistics import GLOBAL
 
             stats_json = saved[0] if saved is not None else None

@@ -18,7 +18,7 @@ import ray
 
 from mergescale.config import MergeConfig
 from mergescale.checkpoint.read import stored_float_dtype
-from mergescale.merge import method_params
+from mergescale.merge.methods import METHODS
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -144,8 +144,9 @@ class ActorPool:
         self.workers, self.use_gpu = workers, spec.num_gpus > 0
         # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch;
         # and whether they find thresholds (so load those kernels too)
-        kernels_merge = method_params.kernels_merge(config.method) and config.read == "mmap"
-        selection = not method_params.kernels_alone(config.method, config.method_params)
+        method = METHODS[config.method]
+        kernels_merge = method.kernels_merge() and config.read == "mmap"
+        selection = not method.kernels_alone(config.method_params)
         # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
         stored = stored_float_dtype(config.base or config.experts[0].path)
         self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored, config.out_dtype)

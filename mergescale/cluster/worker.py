@@ -23,7 +23,7 @@ from mergescale.merge import kernel_path, kernels
 from mergescale.checkpoint.read import safetensors_dtype
 from mergescale.merge.input_digests import InputDigests
 from mergescale.merge.inputs import MergeInputError, Unit, open_inputs, plan_merge, unit_read_bytes
-from mergescale.merge.method_params import needs_statistics
+from mergescale.merge.methods import METHODS
 from mergescale.merge.reader import UnitReader, check_merged
 from mergescale.checkpoint.write import PartialOutput
 
@@ -77,7 +77,7 @@ class MergeWorker:
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         self.stats = None  # a statistics.MergeStats: the driver's, or none (set_stats)
         self.global_sel = False
-        if needs_statistics(self.config.method, self.params):
+        if METHODS[self.config.method].needs_statistics(self.params):
             from mergescale.merge.statistics import statistics_work
 
             self.global_sel = statistics_work(self.config.method, self.params, self.plan, len(self.inputs.experts)).global_selection
@@ -188,7 +188,7 @@ class MergeWorker:
         return {"sums": sums, "digests": self.digests_of(unit_ids)}
 
     def set_stats(self, stats_json: dict) -> None:
-        if not needs_statistics(self.config.method, self.params):
+        if not METHODS[self.config.method].needs_statistics(self.params):
             return  # nothing to set (the driver sends empty statistics), and no torch to load for it
         from mergescale.merge.statistics import MergeStats
 

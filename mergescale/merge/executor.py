@@ -28,7 +28,9 @@ from mergescale.merge.inputs import (
 )
 from mergescale.checkpoint.output_dir import is_no_space, mount_point, space_error
 from mergescale.merge.manifest import build_manifest, config_updates, run_key
-from mergescale.merge.methods import MergeMethod, TileContext, column_totals, get_method
+from mergescale.merge import kernels
+from mergescale.merge.methods import Method, UnitContext, get_method
+from mergescale.merge.torch_math import column_totals
 from mergescale.merge.reader import UnitReader, check_finite, checked_writes
 from mergescale.merge.selection import KthQuery, StreamingSelector, kth_smallest
 from mergescale.merge.statistics import (
@@ -53,14 +55,15 @@ def feed_selection(selector: StreamingSelector, config, method, params, plan, gl
     feed_counts(selector, method, params, ctx, base, experts, lambda i: (scope, i), check)
 
 
-def feed_counts(selector: StreamingSelector, method: MergeMethod, params, ctx, base, experts, stream_of,
+def feed_counts(selector: StreamingSelector, method: Method, params, ctx, base, experts, stream_of,
                 check=None) -> None:
     """One unit's selection counts: from the fused kernel (one pass over the raw tiles for all experts) when it
     handles the unit, else from method.magnitudes chunk by chunk (counts add exactly: chunking never changes them).
     `check()` (the non-finite policy of tiles read unchecked) runs unless the kernel handled the unit, as in
     merge_unit."""
     ws = selector.expert_windows(len(experts), stream_of)
-    got = method.fused_histograms(params, ctx, base, experts, ws) if method.fused_histograms is not None else None
+    k = method.kernel
+    got = kernels.histograms(method.name, params, ctx, base, experts, ws) if k and k.magnitudes else None
     if got is not None:
         selector.add_expert_counts(stream_of, ws, got)
         return
@@ -83,7 +86,7 @@ CHUNK_ELEMS = 1 << 18
 KTHVALUE_MAX = 1 << 14
 
 
-def unit_row_stats(method: MergeMethod, params, base, experts) -> torch.Tensor:
+def unit_row_stats(method: Method, params, base, experts) -> torch.Tensor:
     """method.row_stats of a unit, chunk by chunk (rows are independent, so the result is the same)."""
     return torch.cat([method.row_stats(b, es, params) for _, b, es in chunks(None, base, experts)])
 
@@ -92,7 +95,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
-def chunks(ctx: TileContext, base, experts, chunk_elems: int | None = None):
+def chunks(ctx: UnitContext, base, experts, chunk_elems: int | None = None):
     """Yield (ctx of the chunk, base rows, expert rows) as float32, row slices of about chunk_elems elements.
 
     Tiles may be float32 or still in their stored dtype (each chunk is converted on its own). Tiles on an
@@ -112,22 +115,23 @@ def chunks(ctx: TileContext, base, experts, chunk_elems: int | None = None):
         yield (sub, (_f32(base[r:r + step]) if base is not None else None), [_f32(e[r:r + step]) for e in experts])
 
 
-def fused_select_merge(method: MergeMethod, params, weights, ctx: TileContext, base, experts, out, have_sel: bool) -> bool:
+def fused_select_merge(method: Method, params, weights, ctx: UnitContext, base, experts, out, have_sel: bool) -> bool:
     """Per-tensor thresholds of a single-unit tensor and its merge in one fused pass (kernels.select_and_merge_ties);
     False when the unit needs no inline selection, the method asks for several ranks or has no kernel, or the
     kernel's sample bracket missed: inline_statistics and the merge then run separately (same bytes)."""
     sel = method.selection(params)
-    if method.fused_select_merge is None or sel is None or have_sel or method.row_stats is not None:
+    ties_kernel = method.kernel is not None and method.kernel.merge == "ties"
+    if not ties_kernel or sel is None or have_sel or method.row_stats is not None:
         return False
     n = experts[0].numel()
     ranks = sel.ranks(n)
     if n <= KTHVALUE_MAX or len(ranks) != 1 or None in ranks.values():
         return False
     ((_, k),) = ranks.items()
-    return method.fused_select_merge(params, weights, ctx, base, experts, out, [k] * len(experts)) is not None
+    return kernels.select_and_merge_ties(method.name, params, weights, ctx, base, experts, out, [k] * len(experts)) is not None
 
 
-def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, experts, have_sel: bool) -> TileContext:
+def inline_statistics(method: Method, params, ctx: UnitContext, base, experts, have_sel: bool) -> UnitContext:
     """Per-tensor statistics of a tensor that is a single unit, from its rows already in memory."""
     updates = {}
     sel = method.selection(params)
@@ -146,15 +150,15 @@ def inline_statistics(method: MergeMethod, params, ctx: TileContext, base, exper
             for q in selector.queries:
                 thresholds[q.stream][q.tag] = q.value
             updates["thresholds"] = thresholds
-    if method.row_stats is not None and ctx.stats is None:
+    if method.row_stats is not None and ctx.sums is None:
         # row_stats are per row (tiling-independent order), so stacking chunks' rows gives the same totals
-        updates["stats"] = column_totals(torch.cat([method.row_stats(b, es, params) for _, b, es in chunks(ctx, base, experts)]))
+        updates["sums"] = column_totals(torch.cat([method.row_stats(b, es, params) for _, b, es in chunks(ctx, base, experts)]))
     if not updates:
         return ctx
     return dataclasses.replace(ctx, **updates)
 
 
-def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan, stats: MergeStats, global_sel: bool,
+def merge_unit(config: MergeConfig, method: Method, params, plan: MergePlan, stats: MergeStats, global_sel: bool,
                unit: Unit, base, experts, check=None) -> torch.Tensor:
     """Merge one unit's rows and cast to the output dtype. Integer tensors pass through.
 
@@ -173,11 +177,12 @@ def merge_unit(config: MergeConfig, method: MergeMethod, params, plan: MergePlan
     if fused_select_merge(method, params, config.weights, ctx, base, experts, out, have_sel=have_sel):
         return out
     if check is not None and ((method.selection(params) is not None and not have_sel)
-                              or (method.row_stats is not None and ctx.stats is None)):
+                              or (method.row_stats is not None and ctx.sums is None)):
         check()  # before statistics of this unit's own values, which NaN or inf would make meaningless
         check = None
     ctx = inline_statistics(method, params, ctx, base, experts, have_sel=have_sel)
-    if method.fused_merge is not None and method.fused_merge(params, config.weights, ctx, base, experts, out):
+    if (method.kernel is not None and method.kernel.merge is not None
+            and kernels.merge_tile(method.name, params, config.weights, ctx, base, experts, out)):
         return out  # the fused CPU kernel: the same bits as the chunked torch path below
     if check is not None:
         check()
@@ -251,8 +256,6 @@ class HeldTensor:
 
     def add(self, unit: Unit, base, experts):
         """Merge one unit (in row order); after the last one, return [(unit, its merged rows)] for every unit."""
-        from mergescale.merge import kernels
-
         self.units.append(unit)
         if self.parts is not None:
             ctx = tile_context(self.config, self.info, unit, self.stats, self.name, len(experts))

@@ -26,7 +26,7 @@ from mergescale.config import MergeConfig
 from mergescale.merge import kernels
 from mergescale.checkpoint.read import release_free_heap
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.method_params import SIGNATURES, kernels_merge
+from mergescale.merge.methods import METHODS
 from mergescale.merge.reader import UnitReader, checked_writes
 from mergescale.merge.selection import KthQuery, StreamingSelector
 from mergescale.checkpoint.write import write_behind
@@ -35,7 +35,7 @@ from mergescale.checkpoint.write import write_behind
 def possible(config: MergeConfig) -> bool:
     """Whether this config's merge pass can run here, as far as the config tells: numba, a method the kernels
     merge (method_params.kernels_merge), and mapped reads (config.read)."""
-    return kernels.available() and kernels_merge(config.method) and config.read == "mmap"
+    return kernels.available() and METHODS[config.method].kernels_merge() and config.read == "mmap"
 
 
 def usable(config: MergeConfig, inputs: MergeInputs) -> bool:
@@ -90,7 +90,7 @@ def merge_unit_arrays(config: MergeConfig, plan: MergePlan, inputs: MergeInputs,
     models, out_dtype = got
     out = np.empty(models[0].shape[0], out_dtype)
     ctx = unit_context(config, inputs, unit, thresholds)
-    sel = SIGNATURES[config.method].selection(config.method_params)
+    sel = METHODS[config.method].selection(config.method_params)
     if sel is not None and thresholds is None:
         ctx = _own_thresholds(config, ctx, models, out, base is not None)
         if ctx is None or ctx.thresholds is None:  # not handled here, or merged already by the fused select
@@ -107,7 +107,7 @@ def _own_thresholds(config: MergeConfig, ctx: _UnitContext, models: tuple, out: 
     if not has_base:
         return None
     method, params, n_e, n = config.method, config.method_params, len(models) - 1, models[0].shape[0]
-    all_ranks = SIGNATURES[method].selection(params).ranks(n)
+    all_ranks = METHODS[method].selection(params).ranks(n)
     ranks = {tag: k for tag, k in all_ranks.items() if k is not None}
     # one bound to find (TIES's "min"): one pass, unless the tensor is too small to sample (then None at once)
     if len(all_ranks) == len(ranks) == 1:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.merge.masks import stream_keys
-from mergescale.merge.method_params import FUSED_MERGE
+from mergescale.merge.methods import METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -934,12 +934,13 @@ def _dare_args(p: float, seed: int, name: str, n_experts: int, element_offset: i
 
 
 def _dare_p(method: str, params) -> float:
-    return float(params.p) if method in ("dare_linear", "dare_ties") else 0.0
+    k = METHODS[method].kernel
+    return float(k.dare(params)) if k is not None else 0.0
 
 
-MERGE_KERNELS = FUSED_MERGE
-MAGNITUDE_KERNELS = ("ties", "dare_ties", "breadcrumbs")  # their `magnitudes` are |tau| or |DARE(tau)|
-SELECT_MERGE_KERNELS = ("ties", "dare_ties")
+MERGE_KERNELS = tuple(n for n, m in METHODS.items() if m.kernel is not None and m.kernel.merge is not None)
+MAGNITUDE_KERNELS = tuple(n for n, m in METHODS.items() if m.kernel is not None and m.kernel.magnitudes)
+SELECT_MERGE_KERNELS = tuple(n for n, m in METHODS.items() if m.kernel is not None and m.kernel.merge == "ties")
 
 
 def merge_tile(method: str, params, weights: list[float], ctx, base, experts, out: torch.Tensor) -> bool:
@@ -1253,7 +1254,6 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
         return
     from types import SimpleNamespace
 
-    from mergescale.merge.method_params import SIGNATURES
 
     n = 8 * SAMPLE_RUNS * SAMPLE_RUN + 1  # large enough for the sampled bracket
     rng = np.random.default_rng(0)
@@ -1268,7 +1268,7 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     ctx = SimpleNamespace(name="warm_up", seed=0, element_offset=0, thresholds=[{"min": 0.01}] * n_experts)
     for name in MERGE_KERNELS:
         if methods is None or name in methods:
-            merge_arrays(name, SIGNATURES[name].params(), [1.0] * n_experts, ctx, models, True, dst)
+            merge_arrays(name, METHODS[name].params(), [1.0] * n_experts, ctx, models, True, dst)
     dst[:5] = np.array(np.inf, np.float32).view(np.uint32) >> 16 if dst.dtype == np.uint16 else np.inf
     count_nonfinite_raw(dst)  # the merged-tile scan (reader.check_merged), both of its steps
     if not selection:
@@ -1277,7 +1277,7 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
 
     for name in SELECT_MERGE_KERNELS:
         if methods is None or name in methods:
-            params = SIGNATURES[name].params.model_validate({"density": 0.5})
+            params = METHODS[name].params.model_validate({"density": 0.5})
             histogram_arrays(name, params, ctx, models, [[RADIX] for _ in models[1:]])
             histogram_arrays(name, params, ctx, models, [[RADIX.refine(7), window_around(0.5, 0.6)] for _ in models[1:]])
             select_and_merge_arrays(name, params, ctx, models, dst, [n // 2] * n_experts)

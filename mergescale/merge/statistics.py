@@ -17,13 +17,11 @@ import numpy as np
 from mergescale.config import MergeConfig
 from mergescale.checkpoint.read import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.methods import METHODS, UnitContext
 from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around
 
 if TYPE_CHECKING:
     import torch
-
-    from mergescale.merge.methods import TileContext
 
 # No torch or numba at import: a Ray coordinator plans and runs the statistics passes with this module (the
 # actors count; it adds their counts), so it loads neither. What reads or sums tensor values imports torch itself.
@@ -70,7 +68,7 @@ def statistics_work(method: str, params, plan: MergePlan, n_experts: int) -> Sta
     """Whole-model thresholds need every float unit; per-tensor statistics of tensors split into several units
     need those units. A tensor that is a single unit gets its statistics inline, from the rows read to merge it.
     `method` is the method's name: what it needs is in its signature (method_params), without torch."""
-    sig = SIGNATURES[method]
+    sig = METHODS[method]
     sel = sig.selection(params)
     tiled = [t for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
     queries, sel_units = [], []
@@ -83,7 +81,7 @@ def statistics_work(method: str, params, plan: MergePlan, n_experts: int) -> Sta
     return StatisticsWork(
         global_selection=sel is not None and sel.scope == "global",
         selection_units=sel_units,
-        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if sig.row_stats else [],
+        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if sig.row_stats is not None else [],
         selector=StreamingSelector(queries) if queries else None,
     )
 
@@ -104,7 +102,7 @@ def restrict(work: StatisticsWork, skip=frozenset(), only: set[str] | None = Non
 
 
 def selection_queries(method: str, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
-    ranks = SIGNATURES[method].selection(params).ranks(n)
+    ranks = METHODS[method].selection(params).ranks(n)
     return [KthQuery((scope, i), k, tag) for i in range(n_experts) for tag, k in ranks.items() if k is not None]
 
 
@@ -120,16 +118,14 @@ def scope_of(name: str, global_selection: bool) -> str:
     return GLOBAL if global_selection else name
 
 
-def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
-    from mergescale.merge.methods import TileContext
-
-    return TileContext(
+def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> UnitContext:
+    return UnitContext(
         name=unit.name,
         shape=info.shape,
         element_offset=unit.row_start * info.row_numel,
         seed=config.seed,
         thresholds=stats.thresholds.get(scope, [dict() for _ in range(n_experts)]),
-        stats=stats.sums.get(unit.name),
+        sums=stats.sums.get(unit.name),
     )
 
 
@@ -274,7 +270,8 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
     peak memory still does not grow with the model."""
     from mergescale.merge import kernels
 
-    sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
+    ties_kernel = method.kernel is not None and method.kernel.merge == "ties"
+    sel = method.selection(params) if ties_kernel and method.row_stats is None else None
     if sel is None or sel.scope == "global" or inputs.base is None or not kernels.available():
         return {}
     n_e, budget = len(inputs.experts), held_budget(config, inputs)
@@ -312,7 +309,7 @@ def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torc
     """Whole-tensor sums from per-unit row statistics, concatenated in row order (any tiling, any actor count)."""
     import torch
 
-    from mergescale.merge.methods import column_totals
+    from mergescale.merge.torch_math import column_totals
 
     by_tensor: dict[str, list[Unit]] = {}
     for u in plan.units:

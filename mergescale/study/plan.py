@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from mergescale.config import ConfigError
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.methods import METHODS as SIGNATURES
 from mergescale.study.config import StudyConfig, TrainSpec, load_study_config, size_value
 from mergescale.study.grid import Cell, categories_for, cells, multitask_cells
 from mergescale.study.ledger import RunDir
