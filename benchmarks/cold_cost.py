@@ -82,7 +82,7 @@ def child(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the kernel threads are told apart
 
     from mergescale.merge import kernels
-    from mergescale.merge.executor import run_merge
+    from mergescale.merge.driver import run_merge
 
     before = set(_threads())
     kernels.warm_up(len(spec["experts"]))

@@ -58,7 +58,7 @@ def child_merge(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the baseline RSS is taken
 
     from mergescale.merge import kernels
-    from mergescale.merge.executor import run_merge
+    from mergescale.merge.driver import run_merge
 
     # Like the imports, loading the compiled kernels from numba's cache (~0.5 s) is paid once per process, not per
     # merge: timed apart, so the merge time is the method's, whatever the process did before.

@@ -22,7 +22,7 @@ DEMO_PARAMETERS = {
 
 
 def run_demo(out: str | Path = "mergescale-demo", progress: bool = True) -> list[dict]:
-    from mergescale.merge.executor import run_merge
+    from mergescale.merge.driver import run_merge
     from mergescale.tiny import build_family
 
     out = Path(out).resolve()

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.merge.executor import run_merge
+from mergescale.merge.driver import run_merge
 from mergescale.tiny import build_tiny_llama, make_expert
 
 METHODS = {

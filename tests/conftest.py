@@ -135,9 +135,9 @@ def replace_weights(dst: Path, src: Path) -> None:
 def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
     """A single-process merge interrupted at its `at`-th merge_unit call (as a kill: the partial output stays),
     every unit before it journaled."""
-    from mergescale.merge import executor
+    from mergescale.merge import driver, local, pipeline
 
-    real, calls = executor.merge_unit, {"n": 0}
+    real, calls = pipeline.merge_unit, {"n": 0}
 
     def crashing(*a, **k):
         calls["n"] += 1
@@ -145,11 +145,11 @@ def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
-    monkeypatch.setattr(executor, "merge_unit", crashing)
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(pipeline, "merge_unit", crashing)
     with pytest.raises(KeyboardInterrupt):
-        executor.run_merge(cfg, out, progress=False)
-    monkeypatch.setattr(executor, "merge_unit", real)
+        driver.run_merge(cfg, out, progress=False)
+    monkeypatch.setattr(pipeline, "merge_unit", real)
 
 
 @pytest.fixture(scope="session")

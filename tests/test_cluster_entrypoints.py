@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mergescale.config import load_config
-from mergescale.merge.executor import run_merge
+from mergescale.merge.driver import run_merge
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

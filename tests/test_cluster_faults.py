@@ -19,8 +19,8 @@ import ray
 import yaml
 
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.cluster.pool import UNIT_DELAY_ENV
-from mergescale.merge.executor import run_merge
+from mergescale.cluster.worker import UNIT_DELAY_ENV
+from mergescale.merge.driver import run_merge
 from mergescale.checkpoint.output_dir import partial_dir
 
 pytestmark = pytest.mark.ray
@@ -141,7 +141,7 @@ def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, 
 
 def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatch):
     """The single-process executor journals too: a crash keeps the partial output and a rerun finishes it."""
-    import mergescale.merge.executor as ex
+    import mergescale.merge.local as ex
 
     out = tmp_path / "merged"
     calls = {"n": 0}

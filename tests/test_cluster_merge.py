@@ -1,4 +1,4 @@
-"""Distributed merge on Ray: byte-identical to the single-process executor, exact global thresholds, the
+"""Distributed merge on Ray: byte-identical to the single-process merge, exact global thresholds, the
 Python entry points. One local Ray (2 CPUs) is shared by the whole module."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import ray
 
 from mergescale.cluster.merge import merge_async, run_distributed_merge
 from mergescale.cluster.pool import balanced_batches
-from mergescale.merge.executor import run_merge
+from mergescale.merge.driver import run_merge
 from mergescale.merge.methods import METHODS
 
 pytestmark = pytest.mark.ray
@@ -58,7 +58,7 @@ def manifest_digests(manifest: dict) -> dict[str, str]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro, tmp_path):
     # Two tilings: one that splits every matrix into many row tiles with odd remainders, one that keeps most
-    # tensors whole; the single-process output is itself tile-invariant (tested in test_executor).
+    # tensors whole; the single-process output is itself tile-invariant (tested in test_methods).
     expected = {}
     for tile_mb in (0.003, 0.05):
         single = tmp_path / f"single-{tile_mb}"
@@ -189,7 +189,7 @@ def test_driver_places_actors_before_loading_torch():
 
 def test_merge_without_statistics_never_loads_torch(micro, bf16, tmp_path):
     """A method without a statistics pass is validated, planned, handed out and committed by a driver that never
-    imports torch or numba, and merged by actors that never import torch (merge/kernel_path.py): a lighter head
+    imports torch or numba, and merged by actors that never import torch (the kernels alone): a lighter head
     node, actors that start ~1.4 s sooner. Run in a fresh interpreter, where the first call starts an embedded Ray
     that the next two reuse, for average on float32 inputs, dare_linear on bf16 ones (into float32) and dare_ties
     without an extra trim (density 1); the outputs are the single-process merges'."""
@@ -222,7 +222,7 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
     queries. Fresh interpreter with its own embedded Ray: TIES with whole-model and per-tensor trims (rows split
     into many units, so per-tensor TIES has a selection pass too), DARE-TIES with a per-tensor trim and
     breadcrumbs (two bounds per expert); the outputs and whole-model thresholds are the single-process merge's.
-    The TIES and DARE-TIES actors sample, count and merge with the kernels alone (merge/kernel_path.py) and never
+    The TIES and DARE-TIES actors sample, count and merge with the kernels alone and never
     import torch either; breadcrumbs, which has no fused kernels, does."""
     import subprocess
     import sys
@@ -259,19 +259,19 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
 
 
 def test_actor_samples_the_windows_the_single_process_merge_starts_from(micro, tmp_path):
-    """The first counting windows an actor samples for the coordinator are the ones the single-process executor
+    """The first counting windows an actor samples for the coordinator are the ones the single-process merge
     places (so both take the same passes); an actor that died before sampling leaves every query at the whole
     range (exact all the same, a pass more)."""
     from mergescale.cluster.pool import ActorPool
     from mergescale.merge.inputs import prepare
-    from mergescale.merge.methods import get_method
     from mergescale.merge.selection import RADIX
-    from mergescale.merge.statistics import sample_windows, statistics_work
+    from mergescale.merge.pipeline import MergeJob, sample_windows
+    from mergescale.merge.statistics import statistics_work
 
     config, out, inputs, plan = prepare(config_for(micro, "ties", 0.003), tmp_path / "out", False)
     try:
         work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
-        sample_windows(config, get_method(config.method), config.method_params, plan, inputs, work)
+        sample_windows(MergeJob(config, inputs, plan), work)
         want = {(q.stream, q.tag): q.window for q in work.selector.queries}
     finally:
         inputs.close()

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mergescale.cluster.merge import run_distributed_merge
-from mergescale.merge.executor import run_merge
+import mergescale
 
 pytestmark = pytest.mark.ray
 
@@ -168,7 +167,7 @@ def local_ray():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_single_process_bytes_are_pinned(models, tmp_path, case, dtype):
     out = tmp_path / "out"
-    run_merge(config_for(models, dtype, case), out, progress=False)
+    mergescale.merge(config_for(models, dtype, case), out, progress=False)
     assert output_digest(out) == EXPECTED.get(f"{case}-{dtype}"), f"{case}-{dtype}"
 
 
@@ -176,5 +175,5 @@ def test_single_process_bytes_are_pinned(models, tmp_path, case, dtype):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ray_bytes_are_pinned(models, local_ray, tmp_path, case, dtype):
     out = tmp_path / "out"
-    run_distributed_merge(config_for(models, dtype, case), out, workers=2, progress=False)
+    mergescale.merge(config_for(models, dtype, case), out, workers=2, progress=False)
     assert output_digest(out) == EXPECTED.get(f"{case}-{dtype}"), f"{case}-{dtype}"

@@ -260,15 +260,15 @@ TILES = [64.0, 700 / 2**20, 100 / 2**20]
 def test_tile_size_invariance(micro, tmp_path, monkeypatch, variant):
     """Same bytes for every output tensor whatever the tiling, and each tiling matches the reference."""
     from mergescale.config import load_config
-    from mergescale.merge import executor
+    from mergescale.merge import pipeline
     from mergescale.merge.inputs import open_inputs, plan_merge
 
     ref = reference(micro, variant)
     outputs = []
-    # Last: whole-tensor units that the executor computes in 100-element row chunks (if it chunks units).
+    # Last: whole-tensor units that the torch path computes in 100-element row chunks.
     for i, (tile_mb, chunk) in enumerate([(t, None) for t in TILES] + [(64.0, 100)]):
-        if chunk is not None and hasattr(executor, "CHUNK_ELEMS"):
-            monkeypatch.setattr(executor, "CHUNK_ELEMS", chunk)
+        if chunk is not None:
+            monkeypatch.setattr(pipeline, "CHUNK_ELEMS", chunk)
         cfg = variant_config(micro, variant, tile_mb=tile_mb)
         if i == len(TILES) - 1:  # the tiling really splits every tensor, 1-D ones included, with a remainder
             inputs = open_inputs(load_config(cfg))

@@ -18,7 +18,7 @@ ray = pytest.importorskip("ray")
 
 from mergescale.eval.fixtures import write_fixture_data  # noqa: E402
 from mergescale.eval.tasks import register_tasks  # noqa: E402
-from mergescale.merge.executor import run_merge  # noqa: E402
+from mergescale.merge.driver import run_merge  # noqa: E402
 from mergescale.tiny import build_tiny_llama  # noqa: E402
 from mergescale.training import train  # noqa: E402
 from mergescale.training.data import collate, encode  # noqa: E402

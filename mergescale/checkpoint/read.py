@@ -307,50 +307,54 @@ class Checkpoint:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def read_rows(self, name: str, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, end) of dim 0 (a scalar: the whole value), in the stored dtype; reads only those bytes.
-
-        `out`: a reusable uint8 buffer of at least the rows' bytes to read into (the result is a view of it); a
-        fresh buffer is allocated otherwise. Reusing one avoids faulting in new pages for every tile."""
+    def _check_rows(self, name: str, start: int, end: int) -> TensorInfo:
         info = self.tensors[name]
         if not 0 <= start <= end <= info.rows:
             # Out-of-range rows would silently read the bytes of the next tensor in the file.
             raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
-        shape = (end - start,) + info.shape[1:] if info.shape else ()
-        if name in self._pickled:
-            t = self._pickled[name]
-            return (t[start:end] if info.shape else t).clone()
-        import torch
+        return info
 
-        row_bytes = info.rows_nbytes(0, 1)
+    def read_bytes(self, name: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored bytes of rows [start, end) of dim 0 (a scalar: all of it) as a flat uint8 array, read with
+        `preadv`: only those bytes. `out`: a reusable uint8 buffer of at least that size to read into (the result is
+        a view of it); a fresh one otherwise. Reusing one avoids faulting in new pages for every tile."""
+        info = self._check_rows(name, start, end)
+        if name in self._pickled:
+            import torch
+
+            t = self._pickled[name]
+            return (t[start:end] if info.shape else t).contiguous().reshape(-1).view(torch.uint8).numpy().copy()
         nbytes = info.rows_nbytes(start, end)
-        buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        buf = out[:nbytes] if out is not None and out.size >= nbytes else np.empty(nbytes, np.uint8)
         if nbytes:
-            _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)
-        return buf.view(info.torch_dtype).reshape(shape)
+            _read_into(self._fd(info.file), memoryview(buf), info.offset + info.rows_nbytes(0, start), info.file)
+        return buf
+
+    def row_bytes(self, name: str, start: int, end: int, mapped: bool, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored bytes of rows [start, end): mapped from the page cache (`map_bytes`) or read (`read_bytes`,
+        into `out`). Pickled tensors, which live in memory, and empty ranges are read."""
+        if mapped and name not in self._pickled and self._check_rows(name, start, end).rows_nbytes(start, end):
+            return self.map_bytes(name, start, end)
+        return self.read_bytes(name, start, end, out)
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of dim 0 as a tensor in the stored dtype (`read_bytes`)."""
+        return as_tensor(self.tensors[name], start, end, self.read_bytes(name, start, end))
 
     def map_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """read_rows without the copy: the rows' bytes mapped from the page cache and faulted in here, on the calling
-        thread (so a reader thread pays for it, not the kernels that use them). Several times cheaper than `preadv` on
-        cached files: no copy, and no private memory to fault in. The mapping is private (copy on write), so writing
-        into the tensor never touches the file; it is unmapped when the last view of it goes.
-
-        A file truncated after this returns makes the next access to the lost pages a SIGBUS, not an exception:
-        `read_rows` is the safer choice for inputs that may change during a merge."""
-        info = self.tensors[name]
-        if not 0 <= start <= end <= info.rows or name in self._pickled or info.rows_nbytes(start, end) == 0:
-            return self.read_rows(name, start, end)  # its checks and errors; pickles live in memory already
-        import torch
-
-        shape = (end - start,) + info.shape[1:] if info.shape else ()
-        return torch.from_numpy(self.map_bytes(name, start, end)).view(info.torch_dtype).reshape(shape)
+        """`read_rows` without the copy (`row_bytes` mapped)."""
+        return as_tensor(self.tensors[name], start, end, self.row_bytes(name, start, end, mapped=True))
 
     def map_bytes(self, name: str, start: int, end: int) -> np.ndarray:
-        """The stored bytes of rows [start, end) as a flat, writable uint8 array mapped as in `map_rows` (which is
-        this plus a torch view); needs no torch. Safetensors data only: a pickled tensor has no bytes to map."""
-        info = self.tensors[name]
-        if not 0 <= start <= end <= info.rows:
-            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
+        """The stored bytes of rows [start, end) as a flat, writable uint8 array, mapped from the page cache and
+        faulted in here, on the calling thread (so a reader thread pays for it, not the kernels that use them).
+        Several times cheaper than `preadv` on cached files: no copy, and no private memory to fault in. The mapping
+        is private (copy on write), so writing into the array never touches the file; it is unmapped when the last
+        view of it goes. Safetensors data only: a pickled tensor has no bytes to map.
+
+        A file truncated after this returns makes the next access to the lost pages a SIGBUS, not an exception:
+        `read_bytes` is the safer choice for inputs that may change during a merge."""
+        info = self._check_rows(name, start, end)
         if name in self._pickled:
             raise CheckpointError(f"{info.file}: tensor {name!r} comes from a pickle checkpoint and cannot be mapped")
         nbytes = info.rows_nbytes(start, end)
@@ -376,6 +380,7 @@ class Checkpoint:
         return whole[skip:skip + nbytes]
 
     def read(self, name: str) -> torch.Tensor:
+        """A whole tensor (`read_rows`)."""
         return self.read_rows(name, 0, self.tensors[name].rows)
 
     def fingerprint(self) -> dict:
@@ -401,6 +406,17 @@ class Checkpoint:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def as_tensor(info: TensorInfo, start: int, end: int, raw: np.ndarray) -> torch.Tensor:
+    """Rows [start, end) of a tensor as a torch tensor of its stored dtype and shape, viewing their stored bytes
+    `raw` (no copy)."""
+    import torch
+
+    shape = (end - start,) + info.shape[1:] if info.shape else ()
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot view as another dtype
+        return torch.empty(shape, dtype=info.torch_dtype)
+    return torch.from_numpy(raw).view(info.torch_dtype).reshape(shape)
 
 
 def stored_float_dtype(spec: str | Path) -> str | None:

@@ -26,8 +26,6 @@ BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progr
 # includes the first merge of a fresh install, where every actor compiles the fused kernels before numba's cache
 # has them: ~70 s of CPU per process here, and two actors on 2 busy cores went past the 120 s this used to be.
 ACTOR_START_TIMEOUT_S = 600.0
-# Testing aid for fault-injection tests: seconds each actor sleeps per unit, so a test can kill mid-merge.
-UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
 
 
 class MergeActor:
@@ -142,10 +140,10 @@ class ActorPool:
 
         spec = self.spec = config.cluster
         self.workers, self.use_gpu = workers, spec.num_gpus > 0
-        # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch;
-        # and whether they find thresholds (so load those kernels too)
+        # whether the actors can merge with the fused kernels alone, and so skip torch; and whether they find
+        # thresholds (so load those kernels too)
         method = METHODS[config.method]
-        kernels_merge = method.kernels_merge() and config.read == "mmap"
+        kernels_merge = method.kernels_merge()
         selection = not method.kernels_alone(config.method_params)
         # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
         stored = stored_float_dtype(config.base or config.experts[0].path)

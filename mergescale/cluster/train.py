@@ -14,12 +14,9 @@ import time
 from pathlib import Path
 
 from mergescale.checkpoint.output_dir import MANIFEST
+from mergescale.training.api import TrainingFailed
 from mergescale.training.config import TrainConfig
 from mergescale.training.trainer import FAIL_ENV, STOPPED
-
-
-class TrainingFailed(RuntimeError):
-    """The worker group failed more often than cluster.max_failures allows; the checkpoints stay for a rerun."""
 
 
 def _train_loop_per_worker(loop_config: dict) -> None:

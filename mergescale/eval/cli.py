@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from mergescale.eval.backends import EvalError
-    from mergescale.eval.runner import evaluate
+    from mergescale.eval import evaluate
     from mergescale.eval.tasks import TaskError, register_tasks
     from mergescale.checkpoint.read import CheckpointError
 

@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from mergescale.cluster.train import TrainingFailed
-    from mergescale.training.api import train
+    from mergescale.training import train
+    from mergescale.training.api import TrainingFailed
 
     try:
         m = train(args.recipe, args.config, out=args.out, overwrite=args.overwrite, resume=not args.no_resume,
