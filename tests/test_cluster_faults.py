@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import crash_merge, replace_weights
 
 from mergescale.cluster.merge import run_distributed_merge
 from mergescale.cluster.worker import UNIT_DELAY_ENV
@@ -140,25 +141,10 @@ def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, 
 
 
 def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatch):
-    """The single-process executor journals too: a crash keeps the partial output and a rerun finishes it."""
-    import mergescale.merge.local as ex
-
+    """The single-process merge journals too: a crash keeps the partial output and a rerun finishes it."""
     out = tmp_path / "merged"
-    calls = {"n": 0}
-    real = ex.merge_unit
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt  # an interrupt mid-merge
-        return real(*a, **k)
-
-    monkeypatch.setattr(ex, "JOURNAL_EVERY_S", 0.0)
-    monkeypatch.setattr(ex, "merge_unit", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run_merge(ties_config(micro), out, progress=False)
+    crash_merge(ties_config(micro), out, monkeypatch, 25)  # an interrupt mid-merge
     assert not out.exists() and journaled(out) == 24  # every unit before the crash, none after
-    monkeypatch.setattr(ex, "merge_unit", real)
     manifest = run_merge(ties_config(micro), out, progress=False)
     assert manifest["timing"]["units_resumed"] == 24
     assert shard_bytes(out) == expected[0]
@@ -173,7 +159,6 @@ def test_resume_over_replaced_inputs_starts_over_on_ray(micro, tmp_path, monkeyp
     import logging
     import shutil
 
-    from tests.conftest import crash_merge, replace_weights
 
     root = tmp_path / "models"
     base = shutil.copytree(micro.base, root / "base")

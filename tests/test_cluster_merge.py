@@ -83,7 +83,7 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
     # And both equal kthvalue over the concatenated task vectors of each expert (the TIES reference rule).
     import torch
 
-    from tests.conftest import load_f32
+    from conftest import load_f32
 
     base = load_f32(micro.base)
     for i, e in enumerate(micro.experts):
@@ -99,7 +99,7 @@ def test_non_finite_warnings_reach_the_manifest(micro, tmp_path, cpus):
     """on_nonfinite: warn in a distributed merge records the same warnings as the single-process merge."""
     import torch
 
-    from tests.conftest import load_sd, write_like
+    from conftest import load_sd, write_like
 
     name = "model.layers.0.mlp.down_proj.weight"
     sd = load_sd(micro.experts[1])
@@ -307,7 +307,7 @@ def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_pa
     """The actors check what they merge as the single-process merge does: 3e38 + 3e38 is inf in float32 (the
     RMSNorm weights are ~1), an error naming the tensor, or with on_nonfinite: warn, written and recorded."""
     from mergescale.errors import MergeInputError
-    from tests.conftest import no_output
+    from conftest import no_output
 
     cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",
            "parameters": {"normalize": False}, "tile_mb": 0.05, "cluster": {"num_cpus": 0.25}}
