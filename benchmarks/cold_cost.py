@@ -81,8 +81,8 @@ def touch_pages(paths: list[Path]) -> tuple[float, float]:
 def child(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the kernel threads are told apart
 
+    import mergescale
     from mergescale.merge import kernels
-    from mergescale.merge.driver import run_merge
 
     before = set(_threads())
     kernels.warm_up(len(spec["experts"]))
@@ -90,7 +90,7 @@ def child(spec: dict) -> dict:
     out = spec.pop("out")
     t0_threads, r0, steal0 = _threads(), resource.getrusage(resource.RUSAGE_SELF), _steal_s()
     t0 = time.perf_counter()
-    run_merge(spec, out, overwrite=True, progress=False)
+    mergescale.merge(spec, out, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
     r1, steal1, t1_threads = resource.getrusage(resource.RUSAGE_SELF), _steal_s(), _threads()
     kernel_user = sum(t1_threads[t][0] - t0_threads[t][0] for t in workers if t in t0_threads and t in t1_threads)

@@ -8,7 +8,7 @@
     .venv/bin/python benchmarks/merge_single.py --checkouts OLD . --methods task_arithmetic   # A/B of two checkouts
 
 Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
-into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.executor.run_merge` in a fresh
+into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge(config, out)` in a fresh
 subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
 subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
 worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed
@@ -57,8 +57,8 @@ def _rss_now() -> int:
 def child_merge(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the baseline RSS is taken
 
+    import mergescale  # the public API: the same call in every checkout --checkouts compares
     from mergescale.merge import kernels
-    from mergescale.merge.driver import run_merge
 
     # Like the imports, loading the compiled kernels from numba's cache (~0.5 s) is paid once per process, not per
     # merge: timed apart, so the merge time is the method's, whatever the process did before.
@@ -76,11 +76,11 @@ def child_merge(spec: dict) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-        manifest = run_merge(spec, out, overwrite=True, progress=False)
+        manifest = mergescale.merge(spec, out, overwrite=True, progress=False)
         prof.disable()
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
     else:
-        manifest = run_merge(spec, out, overwrite=True, progress=False)
+        manifest = mergescale.merge(spec, out, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     return {"time_s": dt, "cpu_s": _cpu_s() - cpu0, "kernel_load_s": load_s, "timing": manifest["timing"],
             "base_rss": base_rss, "maxrss": _peak_rss()}
@@ -317,7 +317,7 @@ Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_
 ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
 experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
 (all inputs fit in RAM), output fsynced. tile_mb {tile_label(tile_mb, len(models))}, read {read}, write {write}. Default method parameters (TIES density 0.2, DARE p 0.9,
-dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
+dare_ties without extra trim). Each run is a fresh process calling `mergescale.merge`; time excludes interpreter start,
 imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
 size ({how_write}), single thread; one floor run right before every merge run, and each method is compared with the floor run
 paired with its best run (the disk's write speed drifts). CPU: user + system seconds of the child over the same span, all

@@ -135,10 +135,6 @@ def build_family(root: str | Path, n_experts: int = 4, seed: int = 0, **kw) -> t
     return base, experts
 
 
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 STUDY_CATEGORIES = ("multiple_choice_qa", "paraphrase_identification", "sentiment", "topic_classification")
 
 

@@ -62,8 +62,9 @@ def test_cli_workers_with_embedded_ray(micro, tmp_path):
 @pytest.fixture
 def ray_head(tmp_path):
     """A real Ray head (`ray start --head --block`) in its own process group; only it is stopped afterwards
-    (never `ray stop`, which would kill every Ray on the machine). Token auth off for head and submit alike,
-    as ENVIRONMENT.md describes for Ray 2.60."""
+    (never `ray stop`, which would kill every Ray on the machine). Token auth off for head and submit alike:
+    Ray 2.60 turns token authentication on, and a plain `ray job submit` then fails with "Missing authentication
+    token"."""
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     # Short path: Ray's unix sockets live under the temp dir and must fit in 107 bytes.

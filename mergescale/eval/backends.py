@@ -224,7 +224,7 @@ class VLLMBackend:
                  tensor_parallel_size: int = 1, tokenizer_dir=None, kv_cache_gb: float | None = None, **engine_kw):
         try:
             from vllm import LLM
-        except Exception as e:  # noqa: BLE001 - not installed, or broken torchvision (see ENVIRONMENT)
+        except Exception as e:  # noqa: BLE001 - not installed, or torchvision wheels for another torch (setup.sh)
             raise EvalError(f"backend vllm: cannot import vllm ({e}); install mergescale[vllm] or use --backend hf") from None
         self.tokenizer, cfg = load_tokenizer(model_dir, tokenizer_dir)
         self.max_length = model_max_length(cfg, max_length)  # below the positions: vLLM appends an output token
