@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
             "parameters": params, "out": str(out / "merged")}
     env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"{C.machine_line()}\n{args.method}, base + {args.experts} experts of {C.fmt_bytes(C.model_bytes(paths['base']))}; "
-          f"load average {C.load_average()}", flush=True)
+    print(f"{C.machine_line()}\n{args.method}, base + {args.experts} experts of "
+          f"{C.fmt_bytes(C.model_bytes(paths['base']))}; load average {C.load_average()}", flush=True)
     runs: dict[str, list[dict]] = {s: [] for s in STATES}
     try:
         for rnd in range(args.rounds):
@@ -153,10 +153,12 @@ def main(argv=None) -> int:
           f"({first[1]:.2f} CPU-s), again {again[0]:.2f} s ({again[1]:.2f} CPU-s)", flush=True)
     rows = []
     for state in STATES:
-        med = {k: statistics.median(r[k] for r in runs[state]) for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s")}
+        med = {k: statistics.median(r[k] for r in runs[state])
+               for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s")}
         rows.append([state, *(f"{med[k]:.2f}" for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s"))])
     print(f"\nmedians of {args.rounds} rounds; load average {C.load_average()}")
-    print(C.markdown_table(["inputs", "wall (s)", "user (s)", "system (s)", "kernel threads' user (s)", "steal (s)"], rows))
+    print(C.markdown_table(["inputs", "wall (s)", "user (s)", "system (s)", "kernel threads' user (s)", "steal (s)"],
+                           rows))
     return 0
 
 

@@ -5,8 +5,9 @@
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --old /tmp/old --dare-p 0.9 # dare_ties
 
 Loads the other checkout's kernels (mergescale/merge/kernels/, or the single kernels.py of commits before issue
-31) as a second copy beside this one's and calls both kernels in turn, round by round, on the same unit (an MLP matrix of the synthetic checkpoints of
-benchmarks/merge_single.py, base + 4 experts, bf16), so that a noisy shared machine's drift hits both alike. Cases:
+31) as a second copy beside this one's and calls both kernels in turn, round by round, on the same unit (an MLP
+matrix of the synthetic checkpoints of benchmarks/merge_single.py, base + 4 experts, bf16), so that a noisy shared
+machine's drift hits both alike. Cases:
 the TIES merge with its thresholds known (`_ties_kernel`), with one-value brackets (counts only) and with
 listed brackets (+-1%), for both sign rules; and the histogram pass of global TIES (`histograms`) over a sampled
 window and over the whole range. Every case's outputs (merged bytes, counts, listed indices, histograms) must be
@@ -131,9 +132,11 @@ def main(argv=None) -> int:
             for case, (lo, hi, th) in cases.items():
                 for count_sign in (False, True):
                     below, ndefer = np.zeros((T, 2 * ne), np.int64), np.zeros(T, np.int64)
-                    defer, bad, dst = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8), np.empty(n, np.uint16)
+                    defer, bad = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8)
+                    dst = np.empty(n, np.uint16)
                     t0 = time.perf_counter()
-                    mod._ties_kernel(b, *mod.slots(e), th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer, ndefer, dst, bad)
+                    mod._ties_kernel(b, *mod.slots(e), th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer,
+                                     ndefer, dst, bad)
                     key = (f"{case}, {'count' if count_sign else 'mass'}", label)
                     if rnd:
                         times.setdefault(key, []).append(time.perf_counter() - t0)

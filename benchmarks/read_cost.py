@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     rows = []
     for r in range(args.rounds):
         deadline = time.perf_counter() + 3.0
-        rows.append([str(r + 1), "none", f"{loop_rate(lambda: time.perf_counter() > deadline):.2f}", "-", "-", "-", "-"])
+        rows.append([str(r + 1), "none", f"{loop_rate(lambda: time.perf_counter() > deadline):.2f}", "-", "-", "-",
+                     "-"])
         for mode in ("warm", "cold", "cold, mmap.madvise"):
             if mode.startswith("cold"):
                 C.drop_page_cache(paths)

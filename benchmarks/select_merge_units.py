@@ -5,8 +5,8 @@
 
 Times `kernels.select_and_merge` (density 0.2, 4 experts) on one attention and one MLP matrix read whole from
 the synthetic checkpoints of benchmarks/merge_single.py, prints the share of elements the bracketed merge
-listed for a redo, and times the merge alone with the thresholds known and the sampled brackets alone. Run it at two commits to compare kernel
-versions on the same data.
+listed for a redo, and times the merge alone with the thresholds known and the sampled brackets alone. Run it at
+two commits to compare kernel versions on the same data.
 """
 
 from __future__ import annotations

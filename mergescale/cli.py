@@ -65,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from mergescale.data.packages import DataBuildError
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     from mergescale.checkpoint.read import CheckpointError
+    from mergescale.data.packages import DataBuildError
     from mergescale.errors import MergeInputError
     from mergescale.models.gguf_import import ModelImportError
 

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergescale.merge.methods import METHODS, Factor
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
 
 
 class ConfigError(ValueError):
@@ -128,7 +129,8 @@ class MergeConfig(BaseModel):
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
-            raise ValueError(format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}", model=m.params)) from None
+            raise ValueError(format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}",
+                                           model=m.params)) from None
         if m.needs_base and not self.base:
             raise ValueError(f"method {self.method!r} needs a base model: set 'base'")
         n = len(self.experts)
@@ -182,7 +184,8 @@ def with_cluster(config: MergeConfig, **updates) -> MergeConfig:
     return config.model_copy(update={"cluster": cluster})
 
 
-def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:
+def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config",
+                  model: type[BaseModel] | None = None) -> str:
     lines = [header + ":"]
     for err in e.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
@@ -249,7 +252,9 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         if isinstance(source.get("experts"), list):
             source["experts"] = [
                 resolve_config_path(path.parent, e) if isinstance(e, str)
-                else ({**e, "path": resolve_config_path(path.parent, e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) else e)
+                else {**e, "path": resolve_config_path(path.parent, e["path"])}
+                if isinstance(e, dict) and isinstance(e.get("path"), str)
+                else e
                 for e in source["experts"]
             ]
     try:

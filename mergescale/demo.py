@@ -84,7 +84,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'method':<16}{'experts':>8}{'shards':>8}{'MB':>8}{'seconds':>9}  {'shard-1 sha256':<14}"
           f"{'held-out/base':>14}  output")
     for r in rows:
-        print(f"{r['method']:<16}{r['experts']:>8}{r['shards']:>8}{r['MB']:>8.2f}{r['seconds']:>9.2f}  {r['sha256']:<14}"
-              f"{r.get('held_out_norm', float('nan')):>14.3f}  {r['out']}")
+        print(f"{r['method']:<16}{r['experts']:>8}{r['shards']:>8}{r['MB']:>8.2f}{r['seconds']:>9.2f}  "
+              f"{r['sha256']:<14}{r.get('held_out_norm', float('nan')):>14.3f}  {r['out']}")
     print("held-out/base: the merge's held-out rank-classification score over the base's (random tiny models on "
           "synthetic data, so about 1.0)")

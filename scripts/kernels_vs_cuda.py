@@ -33,7 +33,8 @@ def main() -> int:
         for out_dtype in (torch.bfloat16, torch.float32):
             cpu = torch.empty(n, dtype=out_dtype)
             assert merge_tile(method, p, [0.3, 1.0, 0.7, 2.0], ctx, base, experts, cpu)
-            gpu = m.merge(base.cuda().float(), [e.cuda().float() for e in experts], [0.3, 1.0, 0.7, 2.0], p, ctx).to(out_dtype).cpu()
+            gpu = m.merge(base.cuda().float(), [e.cuda().float() for e in experts], [0.3, 1.0, 0.7, 2.0], p,
+                          ctx).to(out_dtype).cpu()
             same = torch.equal(cpu.view(torch.uint8), gpu.view(torch.uint8))
             bad += not same
             diff = (cpu.float() - gpu.float()).abs().max().item()

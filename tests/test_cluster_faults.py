@@ -6,7 +6,6 @@ Actors sleep a little per unit (MERGESCALE_UNIT_DELAY_S, read by the merge actor
 from __future__ import annotations
 
 import hashlib
-
 import os
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import ray
 import yaml
 from conftest import crash_merge, replace_weights
 
+from mergescale.checkpoint.output_dir import partial_dir
 from mergescale.cluster.merge import run_distributed_merge
 from mergescale.cluster.worker import UNIT_DELAY_ENV
 from mergescale.merge.driver import run_merge
-from mergescale.checkpoint.output_dir import partial_dir
 
 pytestmark = pytest.mark.ray
 
@@ -97,7 +96,8 @@ def test_actor_killed_mid_merge_is_replaced_and_output_identical(micro, expected
     th = threading.Thread(target=merge)
     th.start()
     wait_for(lambda: journaled(out) >= 3)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("mergescale-merge-")]
     assert len(names) == 2, names
     for name in names:
         ray.kill(ray.get_actor(name), no_restart=True)

@@ -4,7 +4,6 @@ Python entry points. One local Ray (2 CPUs) is shared by the whole module."""
 from __future__ import annotations
 
 import hashlib
-
 import json
 import time
 from pathlib import Path
@@ -82,7 +81,6 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
     assert dist["global_thresholds"] == single["global_thresholds"]
     # And both equal kthvalue over the concatenated task vectors of each expert (the TIES reference rule).
     import torch
-
     from conftest import load_f32
 
     base = load_f32(micro.base)
@@ -98,7 +96,6 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
 def test_non_finite_warnings_reach_the_manifest(micro, tmp_path, cpus):
     """on_nonfinite: warn in a distributed merge records the same warnings as the single-process merge."""
     import torch
-
     from conftest import load_sd, write_like
 
     name = "model.layers.0.mlp.down_proj.weight"
@@ -230,7 +227,8 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
     code = ("import json, sys, ray\n"
             "from mergescale.cluster.merge import run_distributed_merge\n"
             "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-            "ms = [run_distributed_merge(cfg, out, workers=2, progress=False) for cfg, out in json.loads(sys.argv[1])]\n"
+            "ms = [run_distributed_merge(cfg, out, workers=2, progress=False)\n"
+            "      for cfg, out in json.loads(sys.argv[1])]\n"
             "th = [m['global_thresholds'] for m in ms]\n"
             "actors = [[a['loaded_torch'] for a in m['distributed']['actors']] for m in ms]\n"
             "print(json.dumps([th, actors, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
@@ -264,8 +262,8 @@ def test_actor_samples_the_windows_the_single_process_merge_starts_from(micro, t
     range (exact all the same, a pass more)."""
     from mergescale.cluster.pool import ActorPool
     from mergescale.merge.inputs import prepare
-    from mergescale.merge.selection import RADIX
     from mergescale.merge.pipeline import MergeJob, sample_windows
+    from mergescale.merge.selection import RADIX
     from mergescale.merge.statistics import statistics_work
 
     config, out, inputs, plan = prepare(config_for(micro, "ties", 0.003), tmp_path / "out", False)
@@ -306,8 +304,9 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
 def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_path):
     """The actors check what they merge as the single-process merge does: 3e38 + 3e38 is inf in float32 (the
     RMSNorm weights are ~1), an error naming the tensor, or with on_nonfinite: warn, written and recorded."""
-    from mergescale.errors import MergeInputError
     from conftest import no_output
+
+    from mergescale.errors import MergeInputError
 
     cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",
            "parameters": {"normalize": False}, "tile_mb": 0.05, "cluster": {"num_cpus": 0.25}}

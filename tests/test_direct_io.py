@@ -9,8 +9,8 @@ import os
 import random
 
 import pytest
-
 from conftest import merge
+
 from mergescale.checkpoint import direct_io
 from mergescale.checkpoint.direct_io import ALIGN, DirectStream
 

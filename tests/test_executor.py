@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import load_f32, load_sd, merge, no_output
 
 import mergescale
-from conftest import load_f32, load_sd, merge, no_output
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 from mergescale.merge import driver, local
 from mergescale.merge.methods import METHODS
-from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 
 
 def file_digests(out) -> dict[str, str]:

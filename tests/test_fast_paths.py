@@ -72,12 +72,14 @@ def test_fast_ties_update_defers_on_non_finite():
                        _reference_update([t.clone(), -t], [0.0, 0.0], "count").isnan())
 
 
-@pytest.mark.parametrize("variant", ["ties_tensor_mass", "dare_ties_trim_tensor", "slerp", "model_stock", "dare_linear"])
+@pytest.mark.parametrize("variant", ["ties_tensor_mass", "dare_ties_trim_tensor", "slerp", "model_stock",
+                                     "dare_linear"])
 def test_tiny_chunks_and_radix_thresholds_change_nothing(micro, tmp_path, monkeypatch, variant):
     """Chunks of 5 elements and the radix-select path for every per-tensor threshold give the same bytes."""
     from conftest import merge
-    from mergescale.merge import pipeline
     from test_methods import variant_config
+
+    from mergescale.merge import pipeline
 
     cfg = variant_config(micro, variant)
     whole = merge(cfg, tmp_path / "whole")
@@ -92,9 +94,10 @@ def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch,
     """Per-tensor TIES through the fused select-and-merge kernel (sampled brackets, listed elements redone) gives
     the bytes of selecting first (radix select) and merging after."""
     from conftest import merge
+    from test_methods import variant_config
+
     from mergescale.merge import kernels, pipeline
     from mergescale.merge.kernels import selection as kernel_selection
-    from test_methods import variant_config
 
     if not kernels.available():
         pytest.skip("numba not installed")

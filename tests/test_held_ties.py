@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-
-from conftest import load_sd, merge, no_output, write_like, load_f32
+from conftest import load_f32, load_sd, merge, no_output, write_like
 from test_methods import VARIANTS, assert_matches, reference, variant_config
-from mergescale.merge import local, pipeline, statistics
+
 from mergescale.config import MergeConfig
 from mergescale.errors import MergeInputError
+from mergescale.merge import local, pipeline, statistics
 
 
 def merge_config(cfg: dict) -> MergeConfig:

@@ -90,7 +90,8 @@ def models(n: int, dtype: torch.dtype, n_experts: int = 4, seed: int = 0):
 
 def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> UnitContext:
     thr = [{"min": x} for x in (0.005, 0.01, 0.0, 0.02, 0.007, 0.0)[:n_experts]] if with_thresholds else []
-    return UnitContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7, thresholds=thr)
+    return UnitContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7,
+                       thresholds=thr)
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
@@ -151,8 +152,8 @@ def test_one_compiled_kernel_serves_every_expert_count():
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n=st.integers(1, 3000), distinct=st.sampled_from([2, 7, 1 << 30]))
 def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinct):
-    """kernel_selection.select_kth (the quickselect behind the sampled brackets and the exact thresholds) against a sort, with
-    many equal values or none."""
+    """kernel_selection.select_kth (the quickselect behind the sampled brackets and the exact thresholds) against a
+    sort, with many equal values or none."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     a = (rng.integers(0, distinct, n) * 0.25).astype(np.float32)
     k = data.draw(st.integers(0, n - 1))
@@ -269,7 +270,8 @@ def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, o
         assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
 
 
-@pytest.mark.parametrize("method, params, in_dtype", [("ties", {}, torch.bfloat16), ("dare_ties", {"p": 0.5}, torch.float32)])
+@pytest.mark.parametrize("method, params, in_dtype",
+                         [("ties", {}, torch.bfloat16), ("dare_ties", {"p": 0.5}, torch.float32)])
 def test_magnitudes_equal_the_methods_magnitudes(method, params, in_dtype):
     """The torch-free magnitudes (samples, small tensors' thresholds): bitwise the torch definition's."""
     n = 5000
@@ -337,7 +339,8 @@ def test_select_and_merge_with_brackets_of_one_value(method, params):
     got = select_and_merge(method, p, ctx, base, experts, out, [k] * 4)
     want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5,
+                          thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -353,14 +356,16 @@ def test_select_and_merge_with_every_bracket_of_one_value(n_experts, sign):
     ctx = UnitContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
     k = [n - int(p.density * n)] * n_experts
     raw = arrays([base] + experts)
-    lo, hi, _ = kernel_selection.sample_bracket(raw[0], raw[1:], primitives.dare_args(0.0, 5, ctx.name, n_experts, 77), k)
+    no_dare = primitives.dare_args(0.0, 5, ctx.name, n_experts, 77)
+    lo, hi, _ = kernel_selection.sample_bracket(raw[0], raw[1:], no_dare, k)
     assert (lo == hi).all()
     out = torch.empty(n, dtype=torch.bfloat16)
     got = select_and_merge("ties", p, ctx, base, experts, out, k)
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     want_thr = [torch.kthvalue(x, k[0]).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5,
+                          thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * n_experts, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -397,7 +402,10 @@ def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypa
     assert select_and_merge("ties", p, ctx, base, experts, out, k) is None
     monkeypatch.undo()
     # a bracket entirely below the answer: the counts show it, nothing is guessed
-    monkeypatch.setattr(kernel_selection, "sample_bracket", lambda *a: (np.zeros(4, np.float32), np.full(4, 1e-6, np.float32), 0.1))
+    def bracket_below(*a):
+        return np.zeros(4, np.float32), np.full(4, 1e-6, np.float32), 0.1
+
+    monkeypatch.setattr(kernel_selection, "sample_bracket", bracket_below)
     assert select_and_merge("ties", p, ctx, base, experts, out, k) is None
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import crash_merge, load_sd, no_output, replace_weights
+
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
+from mergescale.checkpoint.read import Checkpoint
 from mergescale.cli import main
 from mergescale.config import load_config
 from mergescale.merge import driver, local
-from mergescale.checkpoint.read import Checkpoint
 from mergescale.merge.driver import run_merge
-from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
 
 
 def write_cfg(tmp_path: Path, **cfg) -> Path:

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_f32, load_sd, merge, write_like
+
 from mergescale.merge.masks import dare_keep_mask
 
 ATOL = 1e-6
@@ -156,7 +156,8 @@ def ref_breadcrumbs(base, experts, weights, density=0.9, gamma=0.01, trim_scope=
                 k[n] = tau[n] * mask[pos : pos + m].reshape(tau[n].shape)
                 pos += m
         else:
-            k = {n: tau[n] * _magnitude_outliers_mask(tau[n].abs().reshape(-1), density, gamma).reshape(tau[n].shape) for n in names}
+            k = {n: tau[n] * _magnitude_outliers_mask(tau[n].abs().reshape(-1), density, gamma).reshape(tau[n].shape)
+                 for n in names}
         kept.append(k)
     return {n: base[n] + lam * sum(w * k[n] for w, k in zip(weights, kept)) for n in names}
 
@@ -192,19 +193,20 @@ VARIANTS = {
                           lambda b, e, w, s: ref_ties(b, e, 0.2, "global", "count")),
     "ties_tensor_mass": ("ties", {"density": 0.3, "trim_scope": "tensor"}, None, 3, True,
                          lambda b, e, w, s: ref_ties(b, e, 0.3, "tensor", "mass")),
-    "ties_tensor_count": ("ties", {"density": 0.5, "trim_scope": "tensor", "sign": "count", "lambda": 0.8}, None, 3, True,
-                          lambda b, e, w, s: ref_ties(b, e, 0.5, "tensor", "count", 0.8)),
+    "ties_tensor_count": ("ties", {"density": 0.5, "trim_scope": "tensor", "sign": "count", "lambda": 0.8}, None, 3,
+                          True, lambda b, e, w, s: ref_ties(b, e, 0.5, "tensor", "count", 0.8)),
     "dare_linear": ("dare_linear", {"p": 0.4, "lambda": 0.9}, [1.0, 0.5, 2.0], 3, True,
                     lambda b, e, w, s: ref_dare_linear(b, e, w, 0.4, s, 0.9)),
     "dare_ties": ("dare_ties", {"p": 0.5}, None, 3, True, lambda b, e, w, s: ref_dare_ties(b, e, 0.5, s)),
     "dare_ties_trim_global": ("dare_ties", {"p": 0.3, "density": 0.5, "lambda": 1.1}, None, 3, True,
                               lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.5, "global", "mass", 1.1)),
-    "dare_ties_trim_tensor": ("dare_ties", {"p": 0.3, "density": 0.4, "trim_scope": "tensor", "sign": "count"}, None, 3, True,
-                              lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.4, "tensor", "count")),
+    "dare_ties_trim_tensor": ("dare_ties", {"p": 0.3, "density": 0.4, "trim_scope": "tensor", "sign": "count"}, None,
+                              3, True, lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.4, "tensor", "count")),
     "slerp": ("slerp", {"t": 0.3}, None, 2, False, lambda b, e, w, s: ref_slerp(e, 0.3)),
     "breadcrumbs_tensor": ("breadcrumbs", {"density": 0.8, "gamma": 0.05}, [1.0, 0.5, 2.0], 3, True,
                            lambda b, e, w, s: ref_breadcrumbs(b, e, w, 0.8, 0.05, "tensor")),
-    "breadcrumbs_global": ("breadcrumbs", {"density": 0.7, "gamma": 0.02, "trim_scope": "global", "lambda": 0.8}, None, 3, True,
+    "breadcrumbs_global": ("breadcrumbs", {"density": 0.7, "gamma": 0.02, "trim_scope": "global", "lambda": 0.8},
+                           None, 3, True,
                            lambda b, e, w, s: ref_breadcrumbs(b, e, [1.0] * 3, 0.7, 0.02, "global", 0.8)),
     "model_stock": ("model_stock", {}, None, 3, True, lambda b, e, w, s: ref_model_stock(b, e)),
 }
@@ -368,8 +370,8 @@ def test_dare_with_p_zero_equals_underlying_method(family, tmp_path, dare_params
     def cfg(spec):
         w = spec.get("weights")
         experts = [{"path": p, "weight": x} for p, x in zip(family.expert_strs, w)] if w else family.expert_strs
-        return {"method": spec["method"], "parameters": spec["parameters"], "base": str(family.base), "experts": experts,
-                "seed": 11}
+        return {"method": spec["method"], "parameters": spec["parameters"], "base": str(family.base),
+                "experts": experts, "seed": 11}
 
     a = merge(cfg(dare_params), tmp_path / "dare")
     b = merge(cfg(plain), tmp_path / "plain")
@@ -404,7 +406,8 @@ def test_global_and_tensor_trim_differ_on_scaled_model(scaled, tmp_path):
     base, g, t = load_f32(scaled.base), load_f32(tmp_path / "global"), load_f32(tmp_path / "tensor")
 
     def changed(sd, key):
-        return sum(int((sd[n] != base[n]).sum()) for n in base if key in n) / sum(base[n].numel() for n in base if key in n)
+        names = [n for n in base if key in n]
+        return sum(int((sd[n] != base[n]).sum()) for n in names) / sum(base[n].numel() for n in names)
 
     assert any(not torch.equal(g[n], t[n]) for n in base)
     # Global trim spends the budget on the large-scale MLP tensors and almost none on the small-scale embedding;

@@ -19,8 +19,8 @@ def setup(micro, tmp_path):
     sd = load_sd(micro.experts[1])
     sd[BAD][1, 2] = float("nan")
     bad = write_like(micro.experts[1], tmp_path / "bad", sd)
-    cfg = load_config({"method": "task_arithmetic", "base": str(micro.base), "experts": [micro.expert_strs[0], str(bad)],
-                       "tile_mb": 0.002})
+    cfg = load_config({"method": "task_arithmetic", "base": str(micro.base),
+                       "experts": [micro.expert_strs[0], str(bad)], "tile_mb": 0.002})
     inputs = open_inputs(cfg)
     yield inputs, plan_merge(cfg, inputs)
     inputs.close()

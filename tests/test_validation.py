@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import load_sd, merge, no_output, weight_map, write_like
+
 from mergescale.errors import MergeInputError
 
 NAME = "model.layers.1.mlp.down_proj.weight"

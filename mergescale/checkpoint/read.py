@@ -139,7 +139,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file "
+                                      f"(header length {n}, file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
@@ -167,7 +168,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
         itemsize = SAFETENSORS_DTYPES[dtype][0]
         if info.nbytes != info.numel * itemsize or begin < 0:
             raise CheckpointError(
-                f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape {list(shape)} {dtype}"
+                f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape "
+                f"{list(shape)} {dtype}"
             )
         if end > data_size:
             raise CheckpointError(
@@ -198,7 +200,8 @@ def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
     while done < len(buf):
         n = os.preadv(fd, [buf[done:]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} (file truncated while reading?)")
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} "
+                                  "(file truncated while reading?)")
         done += n
 
 
@@ -256,7 +259,8 @@ class Checkpoint:
             elif pickles:
                 return self._open_pickles(pickles, allow_pickle)
             else:
-                raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json or *.safetensors found")
+                raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json or "
+                                      "*.safetensors found")
         tensors: dict[str, TensorInfo] = {}
         headers: dict[str, bytes] = {}
         for f in files:
@@ -269,7 +273,8 @@ class Checkpoint:
         if weight_map is not None:
             for name, fname in weight_map.items():
                 if name not in tensors or tensors[name].file.name != fname:
-                    raise CheckpointError(f"{index}: maps tensor {name!r} to {fname}, but that shard does not contain it")
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {fname}, "
+                                          "but that shard does not contain it")
         order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
         return files, {t.name: t for t in order}, headers
 
@@ -298,7 +303,8 @@ class Checkpoint:
                     continue
                 t = t.contiguous()
                 self._pickled[name] = t
-                tensors[name] = TensorInfo(name, safetensors_dtype(t.dtype), tuple(t.shape), f, -1, t.numel() * t.element_size())
+                tensors[name] = TensorInfo(name, safetensors_dtype(t.dtype), tuple(t.shape), f, -1,
+                                           t.numel() * t.element_size())
         return files, tensors, headers
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -311,7 +317,8 @@ class Checkpoint:
         info = self.tensors[name]
         if not 0 <= start <= end <= info.rows:
             # Out-of-range rows would silently read the bytes of the next tensor in the file.
-            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
+            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} "
+                             f"with {info.rows} rows")
         return info
 
     def read_bytes(self, name: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mergescale.checkpoint.direct_io import DirectStream, open_stream, pwrite_all
-from mergescale.errors import MergeInputError, OutputInTheWay
 from mergescale.checkpoint.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
 from mergescale.checkpoint.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
 from mergescale.checkpoint.shard_hash import ShardHashes
+from mergescale.errors import MergeInputError, OutputInTheWay
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,8 @@ class PartialOutput:
         self._opened = True
         # first, so that a directory without it is never one of ours (`open` and output_dir.check_output refuse it)
         _write_json(marker, {"run_key": self.run_key, "started": time.time()})
-        for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes, self.layout.headers)):
+        for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes,
+                                                     self.layout.headers)):
             fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[i] = fd
             os.pwrite(fd, header, 0)
@@ -273,7 +274,8 @@ class PartialOutput:
         digests = hashes.digests(sizes)
         return {name: {"size": size, "sha256": d} for name, size, d in zip(self.layout.shard_names, sizes, digests)}
 
-    def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None, overwrite: bool = False) -> dict:
+    def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None,
+               overwrite: bool = False) -> dict:
         """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
 
         Returns the manifest as written (with each shard's size and sha256, and the files it holds). Something at

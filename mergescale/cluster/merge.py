@@ -248,4 +248,5 @@ def merge_async(config: MergeConfig | dict | str | Path, out: str | Path | None 
         from mergescale.errors import MergeInputError
 
         raise MergeInputError("no output directory: pass out= (or set 'out' in the config)")
-    return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers, overwrite)
+    return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers,
+                              overwrite)

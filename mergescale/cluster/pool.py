@@ -16,8 +16,8 @@ from pathlib import Path
 
 import ray
 
-from mergescale.config import MergeConfig
 from mergescale.checkpoint.read import stored_float_dtype
+from mergescale.config import MergeConfig
 from mergescale.merge.methods import METHODS
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ class ActorPool:
         selection = not method.kernels_alone(config.method_params)
         # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
         stored = stored_float_dtype(config.base or config.experts[0].path)
-        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored, config.out_dtype)
+        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored,
+                          config.out_dtype)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()
@@ -198,7 +199,8 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.replacements += 1
-        slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.init_args)
+        name = f"{self.name_prefix}-{slot.index}-r{self.replacements}"
+        slot.actor = self.remote_cls.options(**self.resources, name=name).remote(*self.init_args)
         slot.starting = slot.actor.setup.remote(*self.args, self.stats_ref)
         slot.node = None
 
@@ -209,7 +211,8 @@ class ActorPool:
         try:
             return ray.get(self.slots[0].actor.sample_windows.remote(), timeout=ACTOR_START_TIMEOUT_S)
         except _ACTOR_DIED as e:
-            log.warning("merge worker 0 died (%s) while sampling; thresholds start from the whole range", type(e).__name__)
+            log.warning("merge worker 0 died (%s) while sampling; thresholds start from the whole range",
+                        type(e).__name__)
             return {}
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None

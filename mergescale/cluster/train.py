@@ -63,8 +63,9 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
-                             f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
+        raise TrainingFailed(
+            f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
+            f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
     if (work / STOPPED).exists():
         return None
     return json.loads((out / MANIFEST).read_text())

@@ -41,7 +41,8 @@ def model_fingerprint(model_dir: str | Path, extra: dict | None = None) -> str:
     with Checkpoint(model_dir) as ck:
         weights = ck.fingerprint()
     files = {}
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                 "special_tokens_map.json"):
         p = model_dir / name
         if p.exists():
             files[name] = hashlib.sha256(p.read_bytes()).hexdigest()

@@ -14,9 +14,23 @@ from pathlib import Path
 import pyarrow as pa
 
 from mergescale.eval.backends import (
-    BACKENDS, CPU_MAX_LENGTH, DTYPES, EvalError, check_device, load_tokenizer, make_backend, model_max_length,
+    BACKENDS,
+    CPU_MAX_LENGTH,
+    DTYPES,
+    EvalError,
+    check_device,
+    load_tokenizer,
+    make_backend,
+    model_max_length,
 )
-from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
+from mergescale.eval.results import (
+    GENERATE,
+    ScoreCache,
+    cache_key,
+    model_fingerprint,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from mergescale.eval.scoring import GEN_METRICS, chat_prompt, gen_request, rank_prediction, rank_request
 from mergescale.eval.tasks import PromptedExample, Task, TaskError, metric_column, tasks_for
 

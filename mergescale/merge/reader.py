@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 _NUMPY_FLOATS = {"F16": np.float16, "F64": np.float64}
 
 
-def read_rows(inputs: MergeInputs, unit: Unit, mapped: bool, buffers: list[np.ndarray] | None = None) -> list[np.ndarray]:
+def read_rows(inputs: MergeInputs, unit: Unit, mapped: bool,
+              buffers: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """The stored bytes of the unit's rows in every model (base first): mapped, or read into `buffers` (one uint8
     array per model, reused when large enough)."""
     return [c.row_bytes(unit.name, unit.row_start, unit.row_end, mapped, buffers[j] if buffers is not None else None)

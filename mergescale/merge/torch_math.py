@@ -21,6 +21,7 @@ import torch
 
 from mergescale.merge.masks import dare_keep_mask
 
+
 def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [e - base for e in experts]
 
@@ -102,7 +103,8 @@ def ties(
     return base + lam * ties_update(task_vectors(base, experts), thresholds, sign_mode)
 
 
-def ties_update(taus: list[torch.Tensor], thresholds: list[float], sign_mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
+def ties_update(taus: list[torch.Tensor], thresholds: list[float],
+                sign_mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
     """The merged task vector of TIES: disjoint_mean(trim(tau_i), elect_sign(...)), trimming the given vectors."""
     fast = _ties_update_fast(taus, thresholds, sign_mode)
     if fast is not None:
@@ -162,7 +164,8 @@ def dare(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     return tau * keep * (1.0 / (1.0 - p))
 
 
-def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float = 1e-8, lerp_above: float = 0.9995) -> torch.Tensor:
+def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float = 1e-8,
+          lerp_above: float = 0.9995) -> torch.Tensor:
     """Spherical interpolation: M = sin((1-t)W)/sin(W) v0 + sin(tW)/sin(W) v1, W = arccos(dot).
 
     `dot` is the cosine between the whole tensors v0 and v1 (computed by the executor over all tiles). Falls
@@ -179,7 +182,8 @@ def model_stock_ratio(cos: float, n: int) -> float:
     """Model Stock (Jang et al. 2024): t = N cos / (1 + (N - 1) cos), cos = mean pairwise task-vector cosine."""
     denom = 1.0 + (n - 1) * cos
     if denom == 0.0:  # task vectors exactly "anti-aligned" on average: the ratio is undefined
-        raise ValueError(f"model_stock: mean pairwise cosine {cos} = -1/(N-1) makes t = N cos / (1 + (N-1) cos) undefined")
+        raise ValueError(f"model_stock: mean pairwise cosine {cos} = -1/(N-1) makes t = N cos / (1 + (N-1) cos) "
+                         "undefined")
     return n * cos / denom
 
 
@@ -191,7 +195,8 @@ def model_stock(base: torch.Tensor, experts: list[torch.Tensor], ratio: float) -
 def dared_task_vectors(base: torch.Tensor, experts: list[torch.Tensor], p: float, seed: int, name: str,
                        element_offset: int) -> list[torch.Tensor]:
     """DARE(tau_i) for every expert, with the masks of the tile's elements (masks.dare_keep_mask)."""
-    masks = [dare_keep_mask(seed, i, name, element_offset, tuple(e.shape), p).to(e.device) for i, e in enumerate(experts)]
+    masks = [dare_keep_mask(seed, i, name, element_offset, tuple(e.shape), p).to(e.device)
+             for i, e in enumerate(experts)]
     return [dare(tau, keep, p) for tau, keep in zip(task_vectors(base, experts), masks)]
 
 

@@ -97,6 +97,8 @@ def resolve_model_dir(spec: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
+        patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - network, auth, missing repo
-        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: {e}") from None
+        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: "
+                              f"{e}") from None

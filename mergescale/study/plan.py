@@ -121,17 +121,19 @@ class StudyPlan:
         t = estimate_seconds(self, rates)
         lines = [
             f"study             {c.name}  ->  {self.run.root}",
-            f"bases             " + ", ".join(f"{b.name} ({b.kind}, {b.size})" for b in c.bases),
-            f"methods           " + ", ".join(f"{m.label} ({m.method})" for m in c.methods),
+            "bases             " + ", ".join(f"{b.name} ({b.kind}, {b.size})" for b in c.bases),
+            "methods           " + ", ".join(f"{m.label} ({m.method})" for m in c.methods),
             f"held-in           {len(self.held_in)} categories, {sum(len(v) for v in self.tasks_of.values())} tasks; "
             f"held-out {len(self.held_out)} tasks ({', '.join(self.held_out)})",
             f"grid              N in {c.num_experts} x seeds {c.seeds}: {len(self.cells)} cells, {len(merges)} merges "
             f"({len(self.cells) - len(merges)} cells share another cell's merge)",
-            f"trainings         {len(trains)}" + (f" ({', '.join(f'{m.base}/{m.role}' for m in trains)})" if trains else ""),
+            f"trainings         {len(trains)}"
+            + (f" ({', '.join(f'{m.base}/{m.role}' for m in trains)})" if trains else ""),
             f"evaluations       {len(refs)} reference models ({n_ref_evals} model-task evaluations) + {len(merges)} "
             f"merged models ({n_cell_evals} model-task evaluations)",
             f"bytes to read     {human_bytes(read)} (merges)",
-            f"bytes to write    {human_bytes(write)} merged" + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
+            f"bytes to write    {human_bytes(write)} merged"
+            + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",
             f"estimated time    {_hms(t['training'] + (sum(t.values()) - t['training']) / c.max_merged_alive)} with "
@@ -250,8 +252,9 @@ def _tasks(config: StudyConfig) -> tuple[list[str], dict[str, list[str]], list[s
         raise ConfigError(f"held_out: {e}") from None
     wrong = [t.name for t in out if t.group == "held_in"]
     if wrong:
-        raise ConfigError(f"held_out: {', '.join(wrong)} {'is a held-in task' if len(wrong) == 1 else 'are held-in tasks'}"
-                          "; held-out tasks are normalized by the base, held-in ones by their category's expert")
+        what = "is a held-in task" if len(wrong) == 1 else "are held-in tasks"
+        raise ConfigError(f"held_out: {', '.join(wrong)} {what}; held-out tasks are normalized by the base, "
+                          "held-in ones by their category's expert")
     return held_in, tasks_of, [t.name for t in out]
 
 

@@ -14,9 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from mergescale.checkpoint.output_dir import check_output
 from mergescale.config import ConfigError
 from mergescale.models.sources import resolve_model_dir
-from mergescale.checkpoint.output_dir import check_output
 from mergescale.training.checkpoints import CheckpointMismatch, verified_resume_tag
 from mergescale.training.config import TrainConfig, check_recipe, deepspeed_json, load_train_config
 from mergescale.training.recipes import prepare_data
@@ -135,7 +135,8 @@ def _check_tokenizer(cfg: TrainConfig, model_cfg: dict) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:  # noqa: BLE001 - missing files, bad JSON
-        raise ConfigError(f"{'tokenizer' if cfg.tokenizer else 'base'}: cannot load a tokenizer from {src}: {e}") from None
+        field = "tokenizer" if cfg.tokenizer else "base"
+        raise ConfigError(f"{field}: cannot load a tokenizer from {src}: {e}") from None
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {src}: needs a pad or an EOS token to pad batches")
     rows = model_cfg.get("vocab_size")

@@ -47,7 +47,8 @@ def run(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="fine-tune an expert, multitask or instruction-tuned model (DeepSpeed ZeRO on Ray)",
+    p = subparsers.add_parser("train",
+                              help="fine-tune an expert, multitask or instruction-tuned model (DeepSpeed ZeRO on Ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

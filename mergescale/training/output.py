@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mergescale.checkpoint.read import Checkpoint, CheckpointError, safetensors_dtype
 from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.read import Checkpoint, CheckpointError, safetensors_dtype
 from mergescale.checkpoint.write import PartialOutput, fsync_file
 
 METRICS = "metrics.jsonl"
@@ -34,7 +34,8 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
                 metrics: Path | None, shard_size: int, overwrite: bool) -> dict:
     """Write out/ atomically; returns the manifest as written (with shard digests)."""
     tensors = select_tensors(state_dict, base)
-    layout = OutputLayout.plan([(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()], shard_size)
+    layout = OutputLayout.plan([(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
+                               shard_size)
     partial = PartialOutput(out, layout, run_key=manifest["data"]["fingerprint"])
     partial.open(resume=False)
     try:

@@ -22,8 +22,17 @@ No torch here, and numba only if installed (without it every entry point says "n
 """
 
 from mergescale.merge.kernels.dispatch import (
-    RAW_CODES, available, bracketed_tile, count_nonfinite, finish_bracketed, histograms, magnitudes, merge,
-    select_and_merge, set_threads, warm_up,
+    RAW_CODES,
+    available,
+    bracketed_tile,
+    count_nonfinite,
+    finish_bracketed,
+    histograms,
+    magnitudes,
+    merge,
+    select_and_merge,
+    set_threads,
+    warm_up,
 )
 
 __all__ = ["RAW_CODES", "available", "bracketed_tile", "count_nonfinite", "finish_bracketed", "histograms",

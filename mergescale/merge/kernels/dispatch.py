@@ -159,7 +159,8 @@ def warm_up(n_experts: int, dtype: str = "BF16", out_dtype: str | None = None, m
     n = 8 * selection_kernels.SAMPLE_RUNS * selection_kernels.SAMPLE_RUN + 1  # large enough for the sampled bracket
     rng = np.random.default_rng(0)
     base32 = rng.standard_normal(n, dtype=np.float32)
-    models32 = [base32] + [base32 + np.float32(0.01) * rng.standard_normal(n, dtype=np.float32) for _ in range(n_experts)]
+    models32 = [base32] + [base32 + np.float32(0.01) * rng.standard_normal(n, dtype=np.float32)
+                           for _ in range(n_experts)]
 
     def stored(a: np.ndarray, code: str) -> np.ndarray:  # bf16 by truncation: any finite values will do here
         return (a.view(np.uint32) >> 16).astype(np.uint16) if code == "BF16" else a.astype(RAW_CODES[code])

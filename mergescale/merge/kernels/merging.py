@@ -19,7 +19,19 @@ from numba.cpython.unsafe.numbers import trailing_zeros
 
 from mergescale.merge.kernels import selection
 from mergescale.merge.kernels.primitives import (
-    BLOCK, SUB, base_row, dare_args, finite, jit_parallel, load, mix32, sign, slots, store, task_rows, tau_row,
+    BLOCK,
+    SUB,
+    base_row,
+    dare_args,
+    finite,
+    jit_parallel,
+    load,
+    mix32,
+    sign,
+    slots,
+    store,
+    task_rows,
+    tau_row,
     work_items,
 )
 

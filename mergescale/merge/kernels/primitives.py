@@ -223,7 +223,8 @@ def work_items(n: int) -> int:
 
 
 def dare_args(p: float, seed: int, name: str, n_experts: int, element_offset: int):
-    """(dare?, threshold, k1s, k2s, first, 1/(1-p) as float32): the mask of masks.dare_keep_mask, element for element."""
+    """(dare?, threshold, k1s, k2s, first, 1/(1-p) as float32): the mask of masks.dare_keep_mask, element for
+    element."""
     if p <= 0.0:
         z = np.zeros(n_experts, np.uint32)
         return False, np.uint32(0), z, z, np.uint64(0), np.float32(1.0)

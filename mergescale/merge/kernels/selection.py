@@ -16,7 +16,15 @@ from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
 from mergescale.merge.kernels.primitives import (
-    BLOCK, SUB, dare_args, finite, jit_parallel, jit_serial, load, slots, task_rows,
+    BLOCK,
+    SUB,
+    dare_args,
+    finite,
+    jit_parallel,
+    jit_serial,
+    load,
+    slots,
+    task_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -343,7 +351,8 @@ def histograms(dare_p: float, ctx, models: tuple, windows: list[list]) -> list[l
     # T x N x 65536 counters zeroed and summed for every unit (hundreds of MB at 64 threads).
     items = min(numba.get_num_threads(), HIST_ITEMS)
     nq = max([len(ws) for ws in windows] + [1])
-    starts, shifts, nbins = (np.full((n_e, nq), -1, np.int64), np.zeros((n_e, nq), np.int64), np.zeros((n_e, nq), np.int64))
+    starts = np.full((n_e, nq), -1, np.int64)
+    shifts, nbins = np.zeros((n_e, nq), np.int64), np.zeros((n_e, nq), np.int64)
     for j, ws in enumerate(windows):
         for q, w in enumerate(ws):
             starts[j, q], shifts[j, q], nbins[j, q] = w.start, w.shift, w.bins
