@@ -111,6 +111,23 @@ def test_partial_output_of_an_older_journal_format_starts_over(micro, tmp_path, 
     assert any("done.journal" in r.getMessage() and "starting over" in r.getMessage() for r in caplog.records)
 
 
+def test_a_start_killed_before_its_shards_existed_starts_over(micro, tmp_path, monkeypatch, caplog):
+    """Killed between writing run.json and creating the shard files (seen as a study's merge killed mid-start):
+    the rerun starts over instead of failing on the missing shard, and its output is a clean merge's."""
+    cfg = {"method": "task_arithmetic", "base": str(micro.base), "experts": micro.expert_strs,
+           "tile_mb": 700 / 2**20}
+    out = tmp_path / "out"
+    crash_merge(cfg, out, monkeypatch, 10)
+    first = sorted(partial_dir(out).glob("*.safetensors"))[0]
+    first.unlink()
+    caplog.set_level(logging.WARNING)
+    manifest = run_merge(cfg, out, progress=False)
+    assert manifest["timing"]["units_resumed"] == 0
+    assert any(first.name in r.getMessage() and "starting over" in r.getMessage() for r in caplog.records)
+    run_merge(cfg, tmp_path / "clean", progress=False)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 2. Non-finite parameters are config errors; non-finite results follow on_nonfinite
 

@@ -310,3 +310,18 @@ def test_an_expert_replaced_in_place_changes_exactly_its_cells_keys(tmp_path):
         touched = c.base == "tiny-pt" and "sentiment" in c.categories
         assert (before[c] != after[c]) == touched, c.name
     assert len(set(before.values())) == len(plan.unique_merges())  # equal keys exactly where merges are shared
+
+
+def test_the_ray_job_entry_runs_study_commands(full_run, capsys):
+    """`ray job submit ... -- python -m mergescale.cluster.job study ...` runs the study CLI; plan and status need no
+    cluster, so they run here through the same entry point."""
+    from mergescale.cluster.job import main as job_main
+
+    run_dir, cfg, _ = full_run
+    assert job_main(["study", "status", str(run_dir)]) == 0
+    assert "16 cells: 16 done" in capsys.readouterr().out
+    cfg_path = run_dir.parent / "study.yaml"
+    assert job_main(["study", "plan", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "16 cells, 12 merges" in out
+    assert "N=2 seed=0: " + ", ".join(categories_for(0, 2, list(STUDY_CATEGORIES))) in out

@@ -101,7 +101,7 @@ class PartialOutput:
                                       "move it away")
             same = marker.is_file() and _read_json(marker).get("run_key") == self.run_key
             if resume and same:
-                done = self._read_journal()
+                done = self._read_journal() if self._shards_complete() else None
                 if done is not None:
                     self.done = done
                     for i in range(len(self.layout.shard_names)):
@@ -177,6 +177,17 @@ class PartialOutput:
             f.flush()
             os.fsync(f.fileno())
         self.done.update(entries)
+
+    def _shards_complete(self) -> bool:
+        """Whether every planned shard file exists at its planned size: a run killed between writing run.json and
+        creating its shards left a directory to start over in, not one to resume."""
+        for name, size in zip(self.layout.shard_names, self.layout.shard_sizes):
+            p = self.dir / name
+            if not p.is_file() or p.stat().st_size != size:
+                log.warning("%s: shard %s is missing or not its planned size (an interrupted start): starting over",
+                            self.dir, name)
+                return False
+        return True
 
     def _read_journal(self) -> dict[int, bytes] | None:
         """The journaled units; None (and a log line saying why) when a line other than a torn last one is not a

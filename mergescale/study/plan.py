@@ -157,7 +157,7 @@ def _hms(s: float) -> str:
 # -- rates for the estimate ------------------------------------------------------------------------------------------
 # Rough rates of one CPU core (the machine in docs/BENCHMARKS.md); `study plan` on a run directory with finished work
 # uses that run's measured rates instead. Evaluation and training cost scale with the parameter count.
-DEFAULT_RATES = {"merge_bytes_per_s": 1.0e9, "eval_param_examples_per_s": 5.0e7, "train_param_tokens_per_s": 1.0e9}
+DEFAULT_RATES = {"merge_bytes_per_s": 1.0e9, "eval_param_examples_per_s": 3.0e8, "train_param_tokens_per_s": 1.0e10}
 
 
 def default_rates() -> dict:
@@ -208,6 +208,8 @@ def make_plan(source, **overrides) -> StudyPlan:
     config = load_study_config(source, **overrides)
     from mergescale.eval.tasks import TaskError, register_tasks
 
+    if config.data_build is not None:
+        config = _build_data(config)
     for i, y in enumerate(config.eval.tasks_yaml):
         try:
             register_tasks(y, replace=True)
@@ -231,6 +233,24 @@ def make_plan(source, **overrides) -> StudyPlan:
     return StudyPlan(config, run, held_in, tasks_of, held_out, fps, models, cells(config, held_in),
                      multitask_cells(config, held_in), {b: n for b, (n, _) in sizes.items()},
                      {b: p for b, (_, p) in sizes.items()}, counts)
+
+
+def _build_data(config: StudyConfig) -> StudyConfig:
+    """The real datasets in config.data_build (built there once), their tasks.yaml first among eval.tasks_yaml."""
+    from mergescale.data.build import MANIFEST, build_data
+    from mergescale.data.packages import DataBuildError
+
+    d = Path(config.data_build)
+    if not (d / MANIFEST).exists():
+        print(f"building the real datasets into {d} (once; mergescale data build)", flush=True)
+        try:
+            build_data(d)
+        except DataBuildError as e:
+            raise ConfigError(f"data_build: {e}") from None
+    yaml_path = str(d / "tasks.yaml")
+    others = [y for y in config.eval.tasks_yaml if y != yaml_path]
+    ev = config.eval.model_copy(update={"tasks_yaml": [yaml_path, *others]})
+    return config.model_copy(update={"eval": ev})
 
 
 def _tasks(config: StudyConfig) -> tuple[list[str], dict[str, list[str]], list[str]]:

@@ -101,6 +101,9 @@ def _cleanup(plan: StudyPlan, done_keys: set[str]) -> None:
 
 # -- trainings and reference evaluations ------------------------------------------------------------------------------
 _NOT_COMPARED = ("cluster", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "out")
+# Trainings queue for the cluster's resources behind each other and behind evaluations: Ray Train's default is to
+# fail a worker group not started within 60 s (then retry, then give up), which a study's queue is not.
+TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(7 * 24 * 3600)}
 
 
 def _training_needed(m: ModelRef) -> bool | None:
@@ -151,7 +154,7 @@ def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tup
     def first(m: ModelRef):
         if m in to_train:  # the Ray Train workers hold the training's resources, not this task
             return Step(C.train_model, (m.recipe, m.train, overwrite[m], progress), 0.0, 0.0,
-                        name=f"train {m.base} {m.role}")
+                        name=f"train {m.base} {m.role}", env=TRAIN_ENV)
         return evaluation(m)
 
     def next_step(m: ModelRef, step, res):
