@@ -256,7 +256,7 @@ def test_dare_mask_large_offsets_stay_distinct():
 
 
 def test_streams_finished_early_drop_their_counts_and_stay_exact():
-    """finish_stream as soon as a stream's tiles are in (what the executor does per tensor) frees its counts."""
+    """finish_stream as soon as a stream's tiles are in (what the merge pass does per tensor) frees its counts."""
     g = torch.Generator().manual_seed(4)
     a, b = torch.rand(5000, generator=g), torch.rand(3000, generator=g) * 7
     sel = StreamingSelector([KthQuery("a", 4000), KthQuery("b", 17), KthQuery("b", 2999)])

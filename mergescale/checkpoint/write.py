@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 # No torch at import: a Ray driver plans the layout and commits with this module, and write_rows takes numpy
-# tiles too (merge/kernel_path.py); it loads torch only for a torch tile.
+# tiles too (the kernels' output in merge/pipeline.py); it loads torch only for a torch tile.
 
 log = logging.getLogger(__name__)
 _RUN_FILES = ("run.json", "done.journal", "stats.json", "stats.json.tmp")  # what a partial output holds to resume

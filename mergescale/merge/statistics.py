@@ -217,7 +217,7 @@ def gather(work: StatisticsWork, plan: MergePlan, n_experts: int, count_pass, ro
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Split tensors merged in one pass (per-tensor TIES without a selection pass; see executor.HeldTensor)
+# Split tensors merged in one pass (per-tensor TIES without a selection pass; see pipeline.HeldTensor)
 
 
 @dataclass

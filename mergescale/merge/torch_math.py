@@ -98,7 +98,7 @@ def ties(
     """TIES-Merging (Yadav et al. 2023): M = theta_b + lambda * disjoint_mean(trim(tau_i), elect_sign(...)).
 
     `thresholds[i]` is the magnitude threshold of expert i (entries with |tau_i| >= threshold survive); the
-    executor computes it over the whole model (trim_scope=global, the reference code) or per tensor (mergekit).
+    merge computes it over the whole model (trim_scope=global, the reference code) or per tensor (mergekit).
     """
     return base + lam * ties_update(task_vectors(base, experts), thresholds, sign_mode)
 
@@ -168,7 +168,7 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float =
           lerp_above: float = 0.9995) -> torch.Tensor:
     """Spherical interpolation: M = sin((1-t)W)/sin(W) v0 + sin(tW)/sin(W) v1, W = arccos(dot).
 
-    `dot` is the cosine between the whole tensors v0 and v1 (computed by the executor over all tiles). Falls
+    `dot` is the cosine between the whole tensors v0 and v1 (summed over all tiles by the statistics pass). Falls
     back to linear interpolation when |dot| > lerp_above, as mergekit does.
     """
     if abs(dot) > lerp_above:
