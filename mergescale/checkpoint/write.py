@@ -341,13 +341,7 @@ class PartialOutput:
 
     def abort(self) -> None:
         """Remove the partial directory this object opened (a deterministic input error: nothing worth resuming)."""
-        self._stop_hasher()
-        if self.hashes is not None:
-            self.hashes.stop()
-        self._end_stream(flush=False)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.close()
         if self._opened:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -367,21 +361,6 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def write_behind(tiles, write):
-    """For each (unit, tile) of `tiles` (a generator, pulled as this one is): `write(unit, tile)` on a thread while
-    the next tile is made, then yield the unit. One write in flight, so memory stays one output tile over and a
-    write's error surfaces at the next unit; when this finishes, every write has returned."""
-    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
-        in_flight = None
-        for unit, tile in tiles:
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = writer.submit(write, unit, tile)
-            yield unit
-        if in_flight is not None:
-            in_flight.result()
 
 
 def fsync_file(path: Path) -> None:
