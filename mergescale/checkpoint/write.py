@@ -61,7 +61,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -313,14 +314,14 @@ class PartialOutput:
                 _write_json(self.dir / fname, {**json.loads(src.read_text()), **config_updates})
             else:
                 shutil.copyfile(src, self.dir / fname)
-                fsync_file(self.dir / fname)
+                fsync_path(self.dir / fname)
         files = sorted({p.name for p in self.dir.iterdir()} - set(_RUN_FILES) | {MANIFEST})
         manifest = {**manifest, "outputs": self.shard_digests(), "files": files}
         _write_json(self.dir / MANIFEST, manifest)
         self._check_target(overwrite)  # again: seconds may have passed, and nothing has been removed yet
         for leftover in _RUN_FILES:
             (self.dir / leftover).unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.rename(self.out, old)
@@ -328,7 +329,7 @@ class PartialOutput:
             shutil.rmtree(old)
         else:
             os.rename(self.dir, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         return manifest
 
     def _check_target(self, overwrite: bool) -> None:
@@ -361,14 +362,6 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from mergescale.checkpoint.layout import OutputLayout
 from mergescale.checkpoint.read import Checkpoint, CheckpointError, safetensors_dtype
-from mergescale.checkpoint.write import PartialOutput, fsync_file
+from mergescale.checkpoint.write import PartialOutput, fsync_path
 
 METRICS = "metrics.jsonl"
 
@@ -43,7 +43,7 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
             partial.write_rows(name, 0, t)
         if metrics is not None and metrics.exists():
             shutil.copyfile(metrics, partial.dir / METRICS)
-            fsync_file(partial.dir / METRICS)
+            fsync_path(partial.dir / METRICS)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.meta-") as meta:
             # config.json as the base has it (training-only settings such as dropout stay out); the tokenizer as
             # the run used it (it may come from another directory than the base).
