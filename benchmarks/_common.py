@@ -89,7 +89,8 @@ def _save_model(out: Path, cfg: dict, tensors_fn, shard_bytes: int) -> None:
             weight_map[name] = fname
             total += shard[name].numel() * 2
         del shard
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16", "hidden_act": "silu",
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
@@ -312,7 +313,8 @@ def machine_line() -> str:
         mem = f"{psutil.virtual_memory().total / 2**30:.0f} GiB"
     except Exception:  # noqa: BLE001
         mem = "?"
-    return f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {mem} RAM, no GPU, Python {platform.python_version()}"
+    return (f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cores, {mem} RAM, no GPU, "
+            f"Python {platform.python_version()}")
 
 
 def cpu_model() -> str:
@@ -352,7 +354,7 @@ def replace_section(doc: Path, title: str, body: str, intro: str) -> None:
     text = doc.read_text() if doc.exists() else intro.rstrip() + "\n"
     head = f"## {title}"
     lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == head), None)
     new = [head, ""] + body.strip().splitlines() + ["", GENERATED_END, ""]
     if start is None:
         if lines and lines[-1].strip():

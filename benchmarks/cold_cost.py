@@ -81,8 +81,8 @@ def touch_pages(paths: list[Path]) -> tuple[float, float]:
 def child(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the kernel threads are told apart
 
+    import mergescale
     from mergescale.merge import kernels
-    from mergescale.merge.executor import run_merge
 
     before = set(_threads())
     kernels.warm_up(len(spec["experts"]))
@@ -90,7 +90,7 @@ def child(spec: dict) -> dict:
     out = spec.pop("out")
     t0_threads, r0, steal0 = _threads(), resource.getrusage(resource.RUSAGE_SELF), _steal_s()
     t0 = time.perf_counter()
-    run_merge(spec, out, overwrite=True, progress=False)
+    mergescale.merge(spec, out, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
     r1, steal1, t1_threads = resource.getrusage(resource.RUSAGE_SELF), _steal_s(), _threads()
     kernel_user = sum(t1_threads[t][0] - t0_threads[t][0] for t in workers if t in t0_threads and t in t1_threads)
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     spec = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]], "method": method,
             "parameters": params, "out": str(out / "merged")}
     env = {**os.environ, "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    print(f"{C.machine_line()}\n{args.method}, base + {args.experts} experts of {C.fmt_bytes(C.model_bytes(paths['base']))}; "
-          f"load average {C.load_average()}", flush=True)
+    print(f"{C.machine_line()}\n{args.method}, base + {args.experts} experts of "
+          f"{C.fmt_bytes(C.model_bytes(paths['base']))}; load average {C.load_average()}", flush=True)
     runs: dict[str, list[dict]] = {s: [] for s in STATES}
     try:
         for rnd in range(args.rounds):
@@ -153,10 +153,12 @@ def main(argv=None) -> int:
           f"({first[1]:.2f} CPU-s), again {again[0]:.2f} s ({again[1]:.2f} CPU-s)", flush=True)
     rows = []
     for state in STATES:
-        med = {k: statistics.median(r[k] for r in runs[state]) for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s")}
+        med = {k: statistics.median(r[k] for r in runs[state])
+               for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s")}
         rows.append([state, *(f"{med[k]:.2f}" for k in ("wall_s", "user_s", "sys_s", "kernel_user_s", "steal_s"))])
     print(f"\nmedians of {args.rounds} rounds; load average {C.load_average()}")
-    print(C.markdown_table(["inputs", "wall (s)", "user (s)", "system (s)", "kernel threads' user (s)", "steal (s)"], rows))
+    print(C.markdown_table(["inputs", "wall (s)", "user (s)", "system (s)", "kernel threads' user (s)", "steal (s)"],
+                           rows))
     return 0
 
 

@@ -48,7 +48,8 @@ def compile_times(checkout: Path, method: str, counts: list[int]) -> list[float]
 
 
 def label(checkout: Path) -> str:
-    got = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    got = subprocess.run(["git", "-C", str(checkout), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True)
     return got.stdout.strip() or str(checkout)
 
 

@@ -73,7 +73,8 @@ json.dump({"seconds": sec, "acc": r["acc,none"], "acc_norm": r["acc_norm,none"],
 
 def ensure_lmeval_venv() -> Path:
     py = VENV / "bin" / "python"
-    ok = py.exists() and subprocess.run([str(py), "-c", "import lm_eval.models.huggingface"], capture_output=True).returncode == 0
+    ok = py.exists() and subprocess.run([str(py), "-c", "import lm_eval.models.huggingface"],
+                                        capture_output=True).returncode == 0
     if not ok:
         import transformers
 
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     sec = time.perf_counter() - t
     (m,) = ours["metrics"]
     rows = sorted(pq.read_table(out / "examples" / "bench_mc.parquet").to_pylist(), key=lambda r: int(r["example_id"]))
-    diff = max(abs(a - b) for r, l in zip(rows, lm["ll"]) for a, b in zip(r["logprobs"], l))
+    diff = max(abs(a - b) for r, theirs in zip(rows, lm["ll"]) for a, b in zip(r["logprobs"], theirs))
     n = m["n"]
     assert n == lm["n"] == args.examples, (n, lm["n"])
     same_acc = abs(m["acc"] - lm["acc"]) < 1e-9 and abs(m["acc_norm"] - lm["acc_norm"]) < 1e-9
@@ -182,7 +183,8 @@ def main(argv=None) -> int:
           f"--batch-size {args.batch_size}"
     table = (
         "| harness | examples/s | seconds | acc | acc_norm |\n|---|---:|---:|---:|---:|\n"
-        f"| lm-eval 0.4.13 `hf` (batch {args.batch_size}) | {lm_rate:.2f} | {lm['seconds']:.1f} | {lm['acc']:.4f} | {lm['acc_norm']:.4f} |\n"
+        f"| lm-eval 0.4.13 `hf` (batch {args.batch_size}) | {lm_rate:.2f} | {lm['seconds']:.1f} | {lm['acc']:.4f} | "
+        f"{lm['acc_norm']:.4f} |\n"
         f"| mergescale `hf` | {ours_rate:.2f} | {sec:.1f} | {m['acc']:.4f} | {m['acc_norm']:.4f} |\n"
     )
     text = (

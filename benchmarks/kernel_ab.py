@@ -4,9 +4,10 @@
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --old /tmp/old              # ties
     PYTHONPATH=. .venv/bin/python benchmarks/kernel_ab.py --old /tmp/old --dare-p 0.9 # dare_ties
 
-Loads the other checkout's mergescale/merge/kernels.py as a second module beside this one's and calls both
-kernels in turn, round by round, on the same unit (an MLP matrix of the synthetic checkpoints of
-benchmarks/merge_single.py, base + 4 experts, bf16), so that a noisy shared machine's drift hits both alike. Cases:
+Loads the other checkout's kernels (mergescale/merge/kernels/, or the single kernels.py of commits before issue
+31) as a second copy beside this one's and calls both kernels in turn, round by round, on the same unit (an MLP
+matrix of the synthetic checkpoints of benchmarks/merge_single.py, base + 4 experts, bf16), so that a noisy shared
+machine's drift hits both alike. Cases:
 the TIES merge with its thresholds known (`_ties_kernel`), with one-value brackets (counts only) and with
 listed brackets (+-1%), for both sign rules; and the histogram pass of global TIES (`histograms`) over a sampled
 window and over the whole range. Every case's outputs (merged bytes, counts, listed indices, histograms) must be
@@ -16,6 +17,7 @@ identical between the two checkouts; the script says so per case.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import shutil
 import sys
@@ -28,19 +30,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 
-def experts_of(mod, e) -> tuple:
-    """The kernels' expert arguments in that checkout: a padded tuple and its count (since EXPERT_SLOTS), or the tuple."""
-    return mod._slots(e) if hasattr(mod, "_slots") else (e,)
+class Kernels:
+    """The internals the A/B calls, from a checkout's kernels in either layout: the package (primitives, merging,
+    selection) or the single module of older commits."""
+
+    def __init__(self, parts: dict):
+        self.parts = parts
+
+    def __getattr__(self, name):
+        for mod in self.parts.values():
+            if hasattr(mod, name):
+                return getattr(mod, name)
+        raise AttributeError(name)
+
+    def slots(self, e) -> tuple:
+        """The kernels' expert arguments: a padded tuple and its count (since EXPERT_SLOTS), or the tuple."""
+        for name in ("slots", "_slots"):
+            if hasattr(self, name):
+                return getattr(self, name)(e)
+        return (e,)
+
+    def dare(self, p, name, ne):
+        return (self.dare_args if "primitives" in self.parts else self._dare_args)(p, 0, name, ne, 0)
+
+    def items(self, n):
+        return (self.work_items if "primitives" in self.parts else self._work_items)(n)
+
+    def histograms(self, params, ctx, models, windows):
+        if "selection" in self.parts:
+            return self.parts["selection"].histograms(0.0, ctx, models, windows)
+        return self.parts["single"].histogram_arrays("ties", params, ctx, models, windows)
 
 
-def load_other(path: Path):
-    # From a copy: numba caches compiled kernels next to the source, under the module's name, and a cache of
-    # "kernels_other" in the checkout itself would break that checkout's own mergescale.merge.kernels.
-    copy = Path(tempfile.mkdtemp(prefix="kernels-ab-")) / "kernels.py"
-    shutil.copy(path / "mergescale/merge/kernels.py", copy)
-    spec = importlib.util.spec_from_file_location("kernels_other", copy)
+def load(path: Path, label: str) -> Kernels:
+    """A copy of a checkout's kernels under its own module names: numba caches compiled kernels by module name and
+    source path, and the copy's cache must not touch the checkout's own."""
+    tmp = Path(tempfile.mkdtemp(prefix="kernels-ab-"))
+    single = path / "mergescale/merge/kernels.py"
+    if single.exists():
+        shutil.copy(single, tmp / "kernels.py")
+        return Kernels({"single": _load_file(tmp / "kernels.py", f"kernels_{label}")})
+    pkg = f"kernels_{label}"
+    shutil.copytree(path / "mergescale/merge/kernels", tmp / pkg)
+    for f in (tmp / pkg).glob("*.py"):  # the package's own imports point at the copy
+        f.write_text(f.read_text().replace("mergescale.merge.kernels", pkg))
+    sys.path.insert(0, str(tmp))
+    return Kernels({m: importlib.import_module(f"{pkg}.{m}") for m in ("primitives", "merging", "selection")})
+
+
+def _load_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["kernels_other"] = mod  # numba's cache pickles the module name
+    sys.modules[name] = mod  # numba's cache pickles the module name
     spec.loader.exec_module(mod)
     return mod
 
@@ -48,6 +89,7 @@ def load_other(path: Path):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", type=Path, required=True, help="the other checkout (a git worktree)")
+    ap.add_argument("--new", type=Path, default=C.ROOT, help="this checkout (default: the one running this script)")
     ap.add_argument("--model-mb", type=float, default=1000)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--dare-p", type=float, default=0.0)
@@ -55,54 +97,57 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from mergescale.merge import kernels as new
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
     from mergescale.merge.methods import get_method
     from mergescale.merge.selection import RADIX, window_around
 
-    old = load_other(args.old.resolve())
+    old, new = load(args.old.resolve(), "old"), load(args.new.resolve(), "new")
     paths = C.make_checkpoints(args.model_mb, 4)
     models = [Checkpoint(p) for p in [paths["base"]] + paths["experts"]]
     name = "model.layers.0.mlp.up_proj.weight"  # 4096 x 1536 bf16: a typical MLP unit
     rows = models[0].tensors[name].rows
-    base, *experts = [m.map_rows(name, 0, rows).reshape(-1).clone() for m in models]
-    n, ne = base.numel(), len(experts)
-    new.warm_up(ne)
-    old.warm_up(ne)
-    raw = new._raw([base] + experts)
+    raw = tuple(m.read_bytes(name, 0, rows).view(np.uint16) for m in models)
     b, e = raw[0], raw[1:]
-    taus = [(x.float() - base.float()).abs() for x in experts]
+    n, ne = b.shape[0], len(e)
+
+    def f32(x):
+        return (x.astype(np.uint32) << 16).view(np.float32)
+
     k = n - int(0.2 * n)
-    thr = np.array([float(t.kthvalue(k).values) for t in taus], np.float32)
+    thr = np.array([np.partition(np.abs(f32(x) - f32(b)), k - 1)[k - 1] for x in e], np.float32)
     none = np.empty(0, np.float32)
-    T = new._work_items(n)
+    T = new.items(n)
     cases = {"known thresholds": (none, none, thr), "one-value brackets": (thr, thr, none),
              "brackets +-1%": ((thr * 0.99).astype(np.float32), (thr * 1.01).astype(np.float32), none)}
     params = get_method("ties").params.model_validate({"density": 0.2})
-    ctx = SimpleNamespace(name=name, seed=0, element_offset=0, thresholds=None)
+    ctx = SimpleNamespace(name=name, seed=0, element_offset=0, thresholds=None)  # what both layouts read of a unit
     windows = {"histogram, sampled window": [[window_around(float(t) * 0.99, float(t) * 1.01)] for t in thr],
                "histogram, whole range": [[RADIX] for _ in thr]}
     times: dict = {}
     outs: dict = {}
     print(f"unit {name} ({n} elements, base + {ne} experts, bf16); dare p {args.dare_p}; {C.load_average()}")
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds + 1):  # round 0 compiles every kernel (or loads it from numba's cache): not timed
         for mod, label in ((old, "old"), (new, "new")):
-            dare = mod._dare_args(args.dare_p, 0, name, ne, 0)
+            dare = mod.dare(args.dare_p, name, ne)
             for case, (lo, hi, th) in cases.items():
                 for count_sign in (False, True):
                     below, ndefer = np.zeros((T, 2 * ne), np.int64), np.zeros(T, np.int64)
-                    defer, bad, dst = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8), np.empty(n, np.uint16)
+                    defer, bad = np.empty((T, n // T + 4096), np.int64), np.zeros(1, np.uint8)
+                    dst = np.empty(n, np.uint16)
                     t0 = time.perf_counter()
-                    mod._ties_kernel(b, *experts_of(mod, e), th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer, ndefer, dst, bad)
+                    mod._ties_kernel(b, *mod.slots(e), th, np.float32(1.0), count_sign, *dare, lo, hi, below, defer,
+                                     ndefer, dst, bad)
                     key = (f"{case}, {'count' if count_sign else 'mass'}", label)
-                    times.setdefault(key, []).append(time.perf_counter() - t0)
+                    if rnd:
+                        times.setdefault(key, []).append(time.perf_counter() - t0)
                     outs[key] = (dst, below, ndefer, bad, [defer[t, :min(ndefer[t], defer.shape[1])] for t in range(T)])
             if args.dare_p == 0.0:  # the histogram cases do not depend on DARE: timed once
                 for case, ws in windows.items():
                     t0 = time.perf_counter()
-                    got = mod.histograms("ties", params, ctx, base, experts, ws)
-                    times.setdefault((case, label), []).append(time.perf_counter() - t0)
-                    outs[(case, label)] = [(x[0][0], x[0][1].numpy()) for x in got]
+                    got = mod.histograms(params, ctx, raw, ws)
+                    if rnd:
+                        times.setdefault((case, label), []).append(time.perf_counter() - t0)
+                    outs[(case, label)] = [(x[0][0], np.asarray(x[0][1])) for x in got]
 
     def same(a, c) -> bool:
         if isinstance(a, (list, tuple)):

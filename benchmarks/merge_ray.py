@@ -121,8 +121,8 @@ class RunningCluster:
         self._ps = psutil
         t0 = time.time()
         while True:  # up when a driver can connect
-            probe = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='127.0.0.1:{self.port}'); ray.shutdown()"],
-                                   env=self.env, capture_output=True, timeout=120)
+            connect = f"import ray; ray.init(address='127.0.0.1:{self.port}'); ray.shutdown()"
+            probe = subprocess.run([sys.executable, "-c", connect], env=self.env, capture_output=True, timeout=120)
             if probe.returncode == 0:
                 break
             if time.time() - t0 > 120 or self.proc.poll() is not None:
@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--rounds", type=int, default=1, help="timed runs per case; the median is reported")
     ap.add_argument("--rounds-max-s", type=float, default=120.0, help="a case whose timed run took longer runs once")
-    ap.add_argument("--write-doc", action="store_true", help="replace the 'Distributed merge (Ray) vs mergekit' section")
+    ap.add_argument("--write-doc", action="store_true",
+                    help="replace the 'Distributed merge (Ray) vs mergekit' section")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -231,9 +232,11 @@ def main(argv=None) -> int:
                                  args.rounds_max_s)
                     merge_s = r["result"]["timing"]["total_s"] if r["result"] else None
                     tool = f"mergescale K={k} ({mode})"
-                    results[(label, tool)] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"], "pss": r["peak_pss"],
-                                              "polled_wall_s": r["polled_wall_s"], "walls": r["walls"]}
-                    print(f"{label:18s} {tool}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s; polled run {r['polled_wall_s']:.1f} s), "
+                    results[(label, tool)] = {"wall_s": r["wall_s"], "merge_s": merge_s, "rss": r["peak_rss"],
+                                              "pss": r["peak_pss"], "polled_wall_s": r["polled_wall_s"],
+                                              "walls": r["walls"]}
+                    print(f"{label:18s} {tool}: wall {r['wall_s']:.1f} s (merge {merge_s:.1f} s; "
+                          f"polled run {r['polled_wall_s']:.1f} s), "
                           f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
                 if cluster is not None:
                     cluster.stop()
@@ -245,17 +248,18 @@ def main(argv=None) -> int:
                 cmd = [str(mk), str(cfg_path), str(out)] + MERGEKIT_FLAGS
                 r = run_case(cmd, {**os.environ, "TQDM_DISABLE": "1"}, out, args.timeout, None, args.rounds,
                              args.rounds_max_s)
-                results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"], "pss": r["peak_pss"],
-                                                     "polled_wall_s": r["polled_wall_s"], "walls": r["walls"]}
-                print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s (polled run {r['polled_wall_s']:.1f} s), peak RSS {C.fmt_bytes(r['peak_rss'])}, "
-                      f"PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
+                results[(label, "mergekit 0.1.5")] = {"wall_s": r["wall_s"], "merge_s": None, "rss": r["peak_rss"],
+                                                     "pss": r["peak_pss"], "polled_wall_s": r["polled_wall_s"],
+                                                     "walls": r["walls"]}
+                print(f"{label:18s} mergekit 0.1.5: wall {r['wall_s']:.1f} s (polled run {r['polled_wall_s']:.1f} s), "
+                      f"peak RSS {C.fmt_bytes(r['peak_rss'])}, PSS {C.fmt_bytes(r['peak_pss'])}", flush=True)
     finally:
         if cluster is not None:
             cluster.stop()
     load_end = C.load_average()
 
-    headers = ["method", "tool", "wall (s)", "timed runs (s)", "merge only (s)", "input GB/s (wall)", "vs mergekit (wall)",
-               "peak RSS, sum", "peak PSS, sum", "wall of the polled run (s)"]
+    headers = ["method", "tool", "wall (s)", "timed runs (s)", "merge only (s)", "input GB/s (wall)",
+               "vs mergekit (wall)", "peak RSS, sum", "peak PSS, sum", "wall of the polled run (s)"]
     rows = []
     for label in args.methods:
         ref = results.get((label, "mergekit 0.1.5"))
@@ -273,14 +277,18 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({f"{a} | {b}": v for (a, b), v in results.items()}, indent=2))
     if args.write_doc:
-        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_ray.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "") \
-            + (f" --rounds {args.rounds}" if args.rounds != 1 else "") + (f" --rounds-max-s {args.rounds_max_s:g}" if args.rounds_max_s != 120 else "")
+        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_ray.py"
+        cmd += f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else ""
+        cmd += f" --rounds {args.rounds}" if args.rounds != 1 else ""
+        cmd += f" --rounds-max-s {args.rounds_max_s:g}" if args.rounds_max_s != 120 else ""
         body = f"""Command: `{cmd} --write-doc`
 
-Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
+Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start,
+{load_end} at the end).
 
-Inputs: the synthetic checkpoints of the single-process benchmark, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16
-weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU only. mergescale: a fresh process calls
+Inputs: the synthetic checkpoints of the single-process benchmark, base + {args.experts} experts,
+{C.fmt_bytes(out_bytes)} of bf16 weights each, {C.fmt_bytes(in_bytes)} read, page cache warm; bf16 output, CPU
+only. mergescale: a fresh process calls
 `run_distributed_merge(config, out, workers=K)` with the machine's {cpus} cores split among K merge actors
 (`cluster.num_cpus` = {cpus} / K). "cold": no Ray is running, so the call starts an embedded local Ray (`ray.init`,
 ~5 s here, plus shutdown) and everything is in "wall". "running": a Ray head started before that method's runs
@@ -291,11 +299,12 @@ driver validates the inputs, to the last durable unit: statistics and merge pass
 mergekit 0.1.5 (own venv, torch 2.13.0 CPU): `mergekit-yaml config.yml out {' '.join(MERGEKIT_FLAGS)}`,
 same models, `dtype: bfloat16`, `out_dtype: bfloat16`. Parameters: linear = normalized average (mergescale `average`),
 task_arithmetic with lambda 1, TIES density 0.2 with per-tensor trim (mergekit's scope), dare_ties with drop p 0.9
-(mergekit density 0.1), unit weights. Every case runs twice or more, for both tools alike: {args.rounds} timed run(s) that
-nothing polls ("wall": the median, every run in "timed runs"; a run over {args.rounds_max_s:g} s is not repeated), then a run for memory: the largest sum over the whole process tree, polled every 50 ms (Ray's GCS,
+(mergekit density 0.1), unit weights. Every case runs twice or more, for both tools alike: {args.rounds} timed
+run(s) that nothing polls ("wall": the median, every run in "timed runs"; a run over {args.rounds_max_s:g} s is not
+repeated), then a run for memory: the largest sum over the whole process tree, polled every 50 ms (Ray's GCS,
 raylet, agents and workers included); PSS counts pages shared between processes once. The poller takes CPU from
-the run it watches (4.0-4.2 CPU-s over a ~9 s Ray merge on these 2 cores; benchmarks/poller_cost.py), so that run's wall is shown apart, in
-the last column. Input GB/s = bytes of all inputs / wall time.
+the run it watches (4.0-4.2 CPU-s over a ~9 s Ray merge on these 2 cores; benchmarks/poller_cost.py), so that
+run's wall is shown apart, in the last column. Input GB/s = bytes of all inputs / wall time.
 
 {table}
 """

@@ -8,14 +8,14 @@
     .venv/bin/python benchmarks/merge_single.py --checkouts OLD . --methods task_arithmetic   # A/B of two checkouts
 
 Checkpoints (Llama-like names and shapes, bf16, sharded safetensors + index + config.json) are generated once
-into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge.executor.run_merge` in a fresh
+into .bench/ckpt-<size>mb-v<N>/ and reused. Each method runs `mergescale.merge(config, out)` in a fresh
 subprocess; the I/O floor (read every input tensor once, write one output of the same size, fsync it) runs in a
 subprocess too. `--checkouts` instead times the merges only, alternating the mergescale of each checkout (a git
 worktree of another commit) round by round, so that the machine's drift hits both alike. Page cache is warmed
 first, so every run reads the same (cached) files; `--cache cold` instead evicts the inputs from the page cache
-before every run (floor and merge alike), as for models larger than RAM, where every byte comes from the disk. Peak RSS is the kernel's high-water mark of the child
-(VmHWM; the child is one process). It is not polled from outside, because polling takes CPU from the run
-being timed (see _common.run_measured).
+before every run (floor and merge alike), as for models larger than RAM, where every byte comes from the disk.
+Peak RSS is the kernel's high-water mark of the child (VmHWM; the child is one process). It is not polled from
+outside, because polling takes CPU from the run being timed (see _common.run_measured).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def _rss_now() -> int:
 def child_merge(spec: dict) -> dict:
     import torch  # noqa: F401 - imported before the baseline RSS is taken
 
+    import mergescale  # the public API: the same call in every checkout --checkouts compares
     from mergescale.merge import kernels
-    from mergescale.merge.executor import run_merge
 
     # Like the imports, loading the compiled kernels from numba's cache (~0.5 s) is paid once per process, not per
     # merge: timed apart, so the merge time is the method's, whatever the process did before.
@@ -76,11 +76,11 @@ def child_merge(spec: dict) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-        manifest = run_merge(spec, out, overwrite=True, progress=False)
+        manifest = mergescale.merge(spec, out, overwrite=True, progress=False)
         prof.disable()
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(40)
     else:
-        manifest = run_merge(spec, out, overwrite=True, progress=False)
+        manifest = mergescale.merge(spec, out, overwrite=True, progress=False)
     dt = time.perf_counter() - t0
     return {"time_s": dt, "cpu_s": _cpu_s() - cpu0, "kernel_load_s": load_s, "timing": manifest["timing"],
             "base_rss": base_rss, "maxrss": _peak_rss()}
@@ -110,7 +110,7 @@ def child_floor(spec: dict) -> dict:
     (with O_DIRECT through mergescale's DirectStream, or buffered: as the merge writes), fsync."""
     import torch  # noqa: F401 - same interpreter baseline as the merge children
 
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
 
     base_rss = _rss_now()
     chunk = int(spec.get("chunk_mb", 16) * 2**20)
@@ -139,7 +139,7 @@ def child_floor(spec: dict) -> dict:
     fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     stream = None
     if spec.get("write") == "direct":
-        from mergescale.merge.direct_io import open_stream
+        from mergescale.checkpoint.direct_io import open_stream
 
         stream = open_stream(out, fd)
     written, total = 0, spec["out_bytes"]
@@ -157,8 +157,8 @@ def child_floor(spec: dict) -> dict:
     dt = time.perf_counter() - t0
     cpu_s = _cpu_s() - cpu0
     out.unlink()
-    return {"time_s": dt, "cpu_s": cpu_s, "read_s": t_read, "read_bytes": read, "write_bytes": written, "base_rss": base_rss,
-            "maxrss": _peak_rss()}
+    return {"time_s": dt, "cpu_s": cpu_s, "read_s": t_read, "read_bytes": read, "write_bytes": written,
+            "base_rss": base_rss, "maxrss": _peak_rss()}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -183,21 +183,27 @@ def run_child(kind: str, spec: dict, timeout: float = 3600, root: Path = C.ROOT)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-mb", type=float, default=1000, help="size of each model in MB of bf16 weights (default 1000)")
+    ap.add_argument("--model-mb", type=float, default=1000,
+                    help="size of each model in MB of bf16 weights (default 1000)")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                     help="subset of: " + ", ".join(METHODS))
-    ap.add_argument("--tile-mb", type=float, default=None, help="override the config's tile_mb (default: mergescale's default)")
+    ap.add_argument("--tile-mb", type=float, default=None,
+                    help="override the config's tile_mb (default: mergescale's default)")
     ap.add_argument("--read", choices=["mmap", "pread"], default=None,
-                    help="override the config's read (default: mergescale's default); the I/O floor reads the same way")
+                    help="override the config's read (default: mergescale's default); "
+                         "the I/O floor reads the same way")
     ap.add_argument("--write", choices=["direct", "buffered"], default=None,
-                    help="override the config's write (default: mergescale's default); the I/O floor writes the same way")
+                    help="override the config's write (default: mergescale's default); "
+                         "the I/O floor writes the same way")
     ap.add_argument("--checkouts", nargs="+", type=Path, metavar="DIR",
-                    help="A/B: time each method's merge with mergescale from each of these checkouts in turn (no floor)")
+                    help="A/B: time each method's merge with mergescale from each of these checkouts in turn "
+                         "(no floor)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of --checkouts")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
     ap.add_argument("--profile", action="store_true", help="run each method under cProfile and print the top functions")
-    ap.add_argument("--write-doc", action="store_true", help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
+    ap.add_argument("--write-doc", action="store_true",
+                    help="replace the 'Single-process merge' section of docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--out-dir", type=Path, default=None,
                     help="where merges and the floor write (default .bench/out-single); e.g. a tmpfs such as /dev/shm "
@@ -229,7 +235,8 @@ def main(argv=None) -> int:
     write = args.write or MergeConfig.model_fields["write"].default
     cfg = paths["config"]
     print(f"models: base + {args.experts} experts, {C.fmt_bytes(out_bytes)} each ({cfg['num_hidden_layers']} layers, "
-          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; read {read}; write {write}")
+          f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}); tile_mb {tile_label(tile_mb, len(models))}; "
+          f"read {read}; write {write}")
     if args.cache == "warm":
         print(f"warming page cache: {C.warm_page_cache(models):.1f} s; load average {C.load_average()}")
     else:
@@ -279,8 +286,8 @@ def main(argv=None) -> int:
                      f"{r['timing']['statistics_s']:.2f}", f"{floor['time_s']:.2f}",
                      f"{ratio:.2f}x", ok, f"{in_bytes / r['time_s'] / 1e9:.2f}", C.fmt_bytes(peak),
                      C.fmt_bytes(r["base_rss"]), "yes" if peak < RSS_TARGET else "NO"])
-        print(f"{label:16s} {r['time_s']:7.2f} s  {ratio:5.2f}x floor ({floor['time_s']:.2f} s)  peak RSS {C.fmt_bytes(peak)}",
-              flush=True)
+        print(f"{label:16s} {r['time_s']:7.2f} s  {ratio:5.2f}x floor ({floor['time_s']:.2f} s)  "
+              f"peak RSS {C.fmt_bytes(peak)}", flush=True)
     raw["floors"] = floors
     load_end = C.load_average()
     headers = ["method", "time (s)", "CPU (s)", f"CPU / {cores} cores (s)", "of which stats (s)",
@@ -300,31 +307,38 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(raw, indent=2, default=str))
     if args.write_doc:
-        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_single.py" + (f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else "")
+        cmd = "PYTHONPATH=. .venv/bin/python benchmarks/merge_single.py"
+        cmd += f" --model-mb {args.model_mb:g}" if args.model_mb != 1000 else ""
         cmd += f" --experts {args.experts}" if args.experts != 4 else ""
-        cmd += (f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else "") + (f" --repeat {args.repeat}" if args.repeat != 1 else "")
+        cmd += f" --tile-mb {args.tile_mb:g}" if args.tile_mb is not None else ""
+        cmd += f" --repeat {args.repeat}" if args.repeat != 1 else ""
         cmd += f" --read {args.read}" if args.read else ""
         cmd += f" --write {args.write}" if args.write else ""
-        how = ("mapped from the page cache and every page faulted in, as the merge reads them (`read: mmap`)" if read == "mmap"
-               else "preadv, 16 MiB chunks")
+        how = ("mapped from the page cache and every page faulted in, as the merge reads them (`read: mmap`)"
+               if read == "mmap" else "preadv, 16 MiB chunks")
         loads = sorted(r["kernel_load_s"] for r in raw["methods"].values())
-        how_write = "O_DIRECT through the merge's own DirectStream, as the merge writes" if write == "direct" else "buffered pwrite"
+        how_write = ("O_DIRECT through the merge's own DirectStream, as the merge writes" if write == "direct"
+                     else "buffered pwrite")
         body = f"""Command: `{cmd} --write-doc`
 
-Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start, {load_end} at the end).
+Machine: {C.machine_line()}; shared with other engineers' jobs (load average {load_start} at the start,
+{load_end} at the end).
 
 Inputs: synthetic Llama-like checkpoints, base + {args.experts} experts, {C.fmt_bytes(out_bytes)} of bf16 weights each
-({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}; 3 shards),
-experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass, {C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm
-(all inputs fit in RAM), output fsynced. tile_mb {tile_label(tile_mb, len(models))}, read {read}, write {write}. Default method parameters (TIES density 0.2, DARE p 0.9,
-dare_ties without extra trim). Each run is a fresh process calling `run_merge`; time excludes interpreter start,
-imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s, once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same
-size ({how_write}), single thread; one floor run right before every merge run, and each method is compared with the floor run
-paired with its best run (the disk's write speed drifts). CPU: user + system seconds of the child over the same span, all
-its threads; CPU / {cores} cores is the least wall time that much work can take on this machine's {cores} cores, however
-well it overlaps. Peak RSS: the child's VmHWM, the kernel's high-water mark of its resident set, mapped file pages included
-(one process, so exact; not polled, since a 50 Hz poller took 1.05-1.33 CPU-s per run from these 2 cores, benchmarks/poller_cost.py; includes
-~{C.fmt_bytes(floor['base_rss'])} of interpreter + torch after imports), the highest of a method's runs. Input GB/s = bytes read per pass / time.
+({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']},
+vocab {cfg['vocab_size']}; 3 shards), experts = base + 0.002 N(0, 1). {C.fmt_bytes(in_bytes)} read per pass,
+{C.fmt_bytes(out_bytes)} written (bf16 out). Page cache warm (all inputs fit in RAM), output fsynced.
+tile_mb {tile_label(tile_mb, len(models))}, read {read}, write {write}. Default method parameters (TIES density 0.2,
+DARE p 0.9, dare_ties without extra trim). Each run is a fresh process calling `mergescale.merge`; time excludes
+interpreter start, imports and loading the compiled kernels from numba's cache ({loads[0]:.2f}-{loads[-1]:.2f} s,
+once per process). I/O floor: read every input tensor once ({how}) and write + fsync one output of the same size
+({how_write}), single thread; one floor run right before every merge run, and each method is compared with the
+floor run paired with its best run (the disk's write speed drifts). CPU: user + system seconds of the child over
+the same span, all its threads; CPU / {cores} cores is the least wall time that much work can take on this
+machine's {cores} cores, however well it overlaps. Peak RSS: the child's VmHWM, the kernel's high-water mark of its
+resident set, mapped file pages included (one process, so exact; not polled, since a 50 Hz poller took
+1.05-1.33 CPU-s per run from these 2 cores, benchmarks/poller_cost.py; includes ~{C.fmt_bytes(floor['base_rss'])}
+of interpreter + torch after imports), the highest of a method's runs. Input GB/s = bytes read per pass / time.
 
 {table}
 """

@@ -17,8 +17,8 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     finally:
         cluster.stop()
         shutil.rmtree(out.parent, ignore_errors=True)
-    print(f"{args.checkout.resolve()}: {args.method} {args.params}, K={args.workers}, running head: merge {result['timing']['total_s']:.1f} s "
-          f"(polled), peak RSS summed over the tree {C.fmt_bytes(total)}")
+    print(f"{args.checkout.resolve()}: {args.method} {args.params}, K={args.workers}, running head: "
+          f"merge {result['timing']['total_s']:.1f} s (polled), peak RSS summed over the tree {C.fmt_bytes(total)}")
     print(f"{'peak RSS':>10} {'anon':>9} {'file':>9}  process (role at its peak)")
     for pid, (rss, what, anon, file) in sorted(peak.items(), key=lambda kv: -kv[1][0]):
         print(f"{C.fmt_bytes(rss):>10} {C.fmt_bytes(anon):>9} {C.fmt_bytes(file):>9}  {what} (pid {pid})")

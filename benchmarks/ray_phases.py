@@ -57,7 +57,8 @@ def main(argv=None) -> int:
             try:
                 for k in args.workers:
                     config = {"base": str(paths["base"]), "experts": [str(p) for p in paths["experts"]],
-                              "method": args.method, "parameters": json.loads(args.params), "tile_mb": 64, "cluster": {"num_cpus": cpus / k}}
+                              "method": args.method, "parameters": json.loads(args.params), "tile_mb": 64,
+                              "cluster": {"num_cpus": cpus / k}}
                     spec = {"config": config, "out": str(out), "workers": k, "address": head.address}
                     t0 = time.perf_counter()
                     res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec)], env=head.env, cwd="/tmp",

@@ -43,7 +43,7 @@ def madvise_holding_the_gil(mapped, advice: int) -> int:
 
 def read_all(paths: list[Path], hold_gil: bool) -> tuple[int, float]:
     """Every tensor mapped and its pages faulted in, as the merge reads (`read: mmap`, Checkpoint.map_bytes)."""
-    from mergescale.merge import checkpoint
+    from mergescale.checkpoint import read as checkpoint
 
     own = checkpoint._madvise
     checkpoint._madvise = madvise_holding_the_gil if hold_gil else own
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     rows = []
     for r in range(args.rounds):
         deadline = time.perf_counter() + 3.0
-        rows.append([str(r + 1), "none", f"{loop_rate(lambda: time.perf_counter() > deadline):.2f}", "-", "-", "-", "-"])
+        rows.append([str(r + 1), "none", f"{loop_rate(lambda: time.perf_counter() > deadline):.2f}", "-", "-", "-",
+                     "-"])
         for mode in ("warm", "cold", "cold, mmap.madvise"):
             if mode.startswith("cold"):
                 C.drop_page_cache(paths)

@@ -80,7 +80,8 @@ def main() -> None:
             print(f"| {label} | {u:.1f} | {100 * u / wall:.0f}% | {len(spans[k])} | "
                   f"{sum(e - s for s, e in spans[k]):.1f} |")
         print(f"| any of the above (union) | {busy:.1f} | {100 * busy / wall:.0f}% | | |")
-        print(f"| **orchestration overhead** (run wall - union) | {wall - busy:.1f} | {100 * (wall - busy) / wall:.0f}% | | |")
+        print(f"| **orchestration overhead** (run wall - union) | {wall - busy:.1f} | "
+              f"{100 * (wall - busy) / wall:.0f}% | | |")
         print(f"| `study.run` wall | {wall:.1f} | 100% | | |")
         print(f"| process wall (Python start, imports, Ray start, run) | {process_wall:.1f} | | | |")
     finally:

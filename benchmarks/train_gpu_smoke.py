@@ -30,10 +30,11 @@ def main() -> None:
 
     hidden, layers = int(sys.argv[1]), int(sys.argv[2])
     root = Path(tempfile.mkdtemp(prefix="train-gpu-"))
-    base = build_tiny_llama(root / "base", seed=0, hidden=hidden, layers=layers, heads=hidden // 64, max_shard_size="2GB")
+    base = build_tiny_llama(root / "base", seed=0, hidden=hidden, layers=layers, heads=hidden // 64,
+                            max_shard_size="2GB")
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    ex = [(f"Repeat the word: {' '.join(words[(i * 7 + j) % 12] for j in range(40))} {words[i % 12]}", " " + words[i % 12])
-          for i in range(256)]
+    ex = [(f"Repeat the word: {' '.join(words[(i * 7 + j) % 12] for j in range(40))} {words[i % 12]}",
+           " " + words[i % 12]) for i in range(256)]
     dist.init_process_group("nccl", device_id=torch.device("cuda:0"))
     torch.cuda.set_device(0)
     res = {}

@@ -57,18 +57,22 @@ def child(mode: str, args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step(b):
-            loss = E.target_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            loss = E.target_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                     b["labels"])
             (loss / (b["labels"][:, 1:] != -100).sum()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        ds = E.build_ds_config(json.loads((Path(__file__).parents[1] / f"configs/deepspeed/{mode}.json").read_text()),
-                               batch_size=args.batch, micro_batch_size=args.batch, grad_accum=1, grad_clip=None, bf16=False)
+        ds_file = Path(__file__).parents[1] / f"configs/deepspeed/{mode}.json"
+        ds = E.build_ds_config(json.loads(ds_file.read_text()), batch_size=args.batch, micro_batch_size=args.batch,
+                               grad_accum=1, grad_clip=None, bf16=False)
         model = E.load_model(cfg.base, 0.0, False, ds, False)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), config=ds)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                          config=ds)
 
         def step(b):
-            loss = E.target_loss_sum(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            loss = E.target_loss_sum(engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                     b["labels"])
             engine.backward(loss / (b["labels"][:, 1:] != -100).sum())
             engine.step()
     for b in batches[:3]:
@@ -107,9 +111,9 @@ def main() -> None:
         write_fixture_data(Path(tmp) / "data", "held-in:sentiment", n=64)
         rows = []
         for mode in args.modes.split(","):
+            passed = ("steps", "batch", "hidden", "layers", "input_len", "output_len", "threads")
             cmd = [sys.executable, __file__, "--_child", mode, "--work", tmp] + [
-                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("steps", "batch", "hidden", "layers", "input_len",
-                                                                         "output_len", "threads")]
+                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in passed]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if not line:

@@ -1,4 +1,4 @@
-"""CPU and wall time of writing a new file through the page cache vs with O_DIRECT (merge/direct_io.py).
+"""CPU and wall time of writing a new file through the page cache vs with O_DIRECT (checkpoint/direct_io.py).
 
     PYTHONPATH=. .venv/bin/python benchmarks/write_cost.py              # 1 GB, 3 rounds, in .bench/
     PYTHONPATH=. .venv/bin/python benchmarks/write_cost.py --gb 4 --rounds 2
@@ -21,7 +21,7 @@ import _common as C  # noqa: E402
 
 
 def write_file(path: Path, buf: bytes, total: int, direct: bool) -> dict:
-    from mergescale.merge.direct_io import open_stream, pwrite_all
+    from mergescale.checkpoint.direct_io import open_stream, pwrite_all
 
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     stream = open_stream(path, fd) if direct else None

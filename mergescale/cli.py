@@ -12,24 +12,15 @@ from mergescale.config import ConfigError
 
 
 def _merge(args) -> int:
+    from mergescale import api
     from mergescale.config import load_config, with_cluster
 
     config = with_cluster(load_config(args.config), workers=args.workers)  # checked even for a dry run
     if args.dry_run:
-        from mergescale.merge.executor import run_merge
-
-        print(run_merge(config, args.out, overwrite=args.overwrite, dry_run=True)["description"])
+        print(api.merge(config, args.out, overwrite=args.overwrite, dry_run=True)["description"])
         return 0
-    if args.workers is not None or args.address is not None:
-        from mergescale.cluster.merge import run_distributed_merge  # no torch on the driver (cluster/merge.py)
-
-        manifest = run_distributed_merge(
-            config, args.out, address=args.address, overwrite=args.overwrite, progress=not args.quiet
-        )
-    else:
-        from mergescale.merge.executor import run_merge
-
-        manifest = run_merge(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    manifest = api.merge(config, args.out, workers=args.workers, address=args.address, overwrite=args.overwrite,
+                         progress=not args.quiet)
     out = manifest.get("out") or args.out or manifest["config"].get("out")
     total = sum(s["size"] for s in manifest["outputs"].values()) if "outputs" in manifest else 0
     print(f"wrote {out}: {len(manifest.get('outputs', {}))} shard(s), {total / 1e6:.1f} MB, "
@@ -74,10 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from mergescale.checkpoint.read import CheckpointError
     from mergescale.data.packages import DataBuildError
-    from mergescale.merge.checkpoint import CheckpointError
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
     from mergescale.models.gguf_import import ModelImportError
 
     try:

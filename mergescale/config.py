@@ -26,10 +26,11 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.merge.method_params import SIGNATURES, Factor
+from mergescale.merge.methods import METHODS, Factor
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
 
 
 class ConfigError(ValueError):
@@ -97,7 +98,7 @@ class MergeConfig(BaseModel):
     # mmap: map input rows from the page cache (much less CPU on cached or local files); pread: copy them into
     # reused buffers (for inputs that may be rewritten during a merge, or file systems where mmap is slow)
     read: Literal["mmap", "pread"] = "mmap"
-    # direct: the single-process merge writes its shards front to back with O_DIRECT (merge/direct_io.py; ~6x less
+    # direct: the single-process merge writes its shards front to back with O_DIRECT (checkpoint/direct_io.py; ~6x less
     # CPU than copying into the page cache, and output does not crowd out the inputs' cached pages), buffered
     # where the file system has no O_DIRECT; buffered: always through the page cache. Ray actors write buffered.
     write: Literal["direct", "buffered"] = "direct"
@@ -118,17 +119,18 @@ class MergeConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v):
-        if v not in SIGNATURES:
-            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(SIGNATURES))}")
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(sorted(METHODS))}")
         return v
 
     @model_validator(mode="after")
     def _method_constraints(self):
-        m = SIGNATURES[self.method]
+        m = METHODS[self.method]
         try:
             m.params.model_validate(self.parameters)
         except ValidationError as e:
-            raise ValueError(format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}", model=m.params)) from None
+            raise ValueError(format_errors(e, prefix="parameters", header=f"bad parameters for method {self.method!r}",
+                                           model=m.params)) from None
         if m.needs_base and not self.base:
             raise ValueError(f"method {self.method!r} needs a base model: set 'base'")
         n = len(self.experts)
@@ -150,7 +152,7 @@ class MergeConfig(BaseModel):
 
     @property
     def method_params(self):
-        return SIGNATURES[self.method].params.model_validate(self.parameters)
+        return METHODS[self.method].params.model_validate(self.parameters)
 
     @property
     def weights(self) -> list[float]:
@@ -182,7 +184,8 @@ def with_cluster(config: MergeConfig, **updates) -> MergeConfig:
     return config.model_copy(update={"cluster": cluster})
 
 
-def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config", model: type[BaseModel] | None = None) -> str:
+def format_errors(e: ValidationError, prefix: str = "", header: str = "invalid config",
+                  model: type[BaseModel] | None = None) -> str:
     lines = [header + ":"]
     for err in e.errors():
         loc = ".".join(str(x) for x in ((prefix,) if prefix else ()) + tuple(err["loc"]))
@@ -249,7 +252,9 @@ def load_config(source: MergeConfig | dict | str | Path) -> MergeConfig:
         if isinstance(source.get("experts"), list):
             source["experts"] = [
                 resolve_config_path(path.parent, e) if isinstance(e, str)
-                else ({**e, "path": resolve_config_path(path.parent, e["path"])} if isinstance(e, dict) and isinstance(e.get("path"), str) else e)
+                else {**e, "path": resolve_config_path(path.parent, e["path"])}
+                if isinstance(e, dict) and isinstance(e.get("path"), str)
+                else e
                 for e in source["experts"]
             ]
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from mergescale.merge.methods import REGISTRY
+from mergescale.merge.methods import METHODS
 
 DEMO_PARAMETERS = {
     "average": {},
@@ -22,7 +22,7 @@ DEMO_PARAMETERS = {
 
 
 def run_demo(out: str | Path = "mergescale-demo", progress: bool = True) -> list[dict]:
-    from mergescale.merge.executor import run_merge
+    from mergescale.merge.driver import run_merge
     from mergescale.tiny import build_family
 
     out = Path(out).resolve()
@@ -31,7 +31,7 @@ def run_demo(out: str | Path = "mergescale-demo", progress: bool = True) -> list
         print(f"building a tiny Llama base and 4 experts in {models} ...")
         build_family(models, n_experts=4)
     rows = []
-    for method in sorted(REGISTRY):
+    for method in sorted(METHODS):
         n = 2 if method == "slerp" else 4
         config = {
             "base": str(models / "base"),
@@ -84,7 +84,7 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'method':<16}{'experts':>8}{'shards':>8}{'MB':>8}{'seconds':>9}  {'shard-1 sha256':<14}"
           f"{'held-out/base':>14}  output")
     for r in rows:
-        print(f"{r['method']:<16}{r['experts']:>8}{r['shards']:>8}{r['MB']:>8.2f}{r['seconds']:>9.2f}  {r['sha256']:<14}"
-              f"{r.get('held_out_norm', float('nan')):>14.3f}  {r['out']}")
+        print(f"{r['method']:<16}{r['experts']:>8}{r['shards']:>8}{r['MB']:>8.2f}{r['seconds']:>9.2f}  "
+              f"{r['sha256']:<14}{r.get('held_out_norm', float('nan')):>14.3f}  {r['out']}")
     print("held-out/base: the merge's held-out rank-classification score over the base's (random tiny models on "
           "synthetic data, so about 1.0)")

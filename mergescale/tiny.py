@@ -7,7 +7,6 @@ so they look like fine-tunes (same names, shapes, dtypes; a small, dense-ish dif
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -135,10 +134,6 @@ def build_family(root: str | Path, n_experts: int = 4, seed: int = 0, **kw) -> t
     return base, experts
 
 
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
 STUDY_CATEGORIES = ("multiple_choice_qa", "paraphrase_identification", "sentiment", "topic_classification")
 
 
@@ -172,7 +167,8 @@ def build_study_fixture(root: str | Path, categories=STUDY_CATEGORIES, n_example
     return {
         "name": "tiny-study",
         "work_dir": str(root / "run"),
-        "bases": [{"name": n, "kind": k, "size": "0.4M", "path": str(root / "models" / n)} for n, (k, _) in bases.items()],
+        "bases": [{"name": n, "kind": k, "size": "0.4M", "path": str(root / "models" / n)}
+                  for n, (k, _) in bases.items()],
         "experts": experts,
         "multitask": {b: "train" for b in multitask},
         "training": {"max_steps": 2, "batch_size": 2, "lr": 1.0e-3, "optimizer": "adamw", "max_input_len": 64,

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.merge.executor import run_merge
+from mergescale.merge.driver import run_merge
 from mergescale.tiny import build_tiny_llama, make_expert
 
 METHODS = {
@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     args = ap.parse_args()
     root = Path(args.root)
-    print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+    print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0)
+          if torch.cuda.is_available() else "")
     base = root / "base"
     if not (root / "expert3" / "config.json").exists():
         build_tiny_llama(base, seed=0, hidden=args.hidden, heads=args.hidden // 64, layers=args.layers,

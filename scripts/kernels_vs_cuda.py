@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 scripts/kernels_vs_cuda.py          # on a GPU machine
 
-The CPU path of a merge runs mergescale.merge.kernels; GPU merge actors run methods.py's torch functions on CUDA.
+The CPU path of a merge runs mergescale.merge.kernels; GPU merge actors run the methods' torch definitions on CUDA.
 Both must give the same bytes, so a merge is the same whichever devices its actors had. Random bf16 tiles with
 the awkward cases (zero task vectors, sign cancellations) for every kernel method, bf16 and float32 output.
 """
@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, "tests")
-from test_kernels import CASES, context, models  # noqa: E402
+from test_kernels import CASES, context, merge_tile, models  # noqa: E402
 
 from mergescale.merge import kernels  # noqa: E402
 from mergescale.merge.methods import get_method  # noqa: E402
@@ -32,8 +32,9 @@ def main() -> int:
         ctx = context(n, len(experts), offset=2**32 - 1_000_000)  # crosses 2**32 in the DARE index
         for out_dtype in (torch.bfloat16, torch.float32):
             cpu = torch.empty(n, dtype=out_dtype)
-            assert kernels.merge_tile(method, p, [0.3, 1.0, 0.7, 2.0], ctx, base, experts, cpu)
-            gpu = m.merge(base.cuda().float(), [e.cuda().float() for e in experts], [0.3, 1.0, 0.7, 2.0], p, ctx).to(out_dtype).cpu()
+            assert merge_tile(method, p, [0.3, 1.0, 0.7, 2.0], ctx, base, experts, cpu)
+            gpu = m.merge(base.cuda().float(), [e.cuda().float() for e in experts], [0.3, 1.0, 0.7, 2.0], p,
+                          ctx).to(out_dtype).cpu()
             same = torch.equal(cpu.view(torch.uint8), gpu.view(torch.uint8))
             bad += not same
             diff = (cpu.float() - gpu.float()).abs().max().item()

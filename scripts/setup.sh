@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with everything mergescale needs on a CPU machine (see ../shared/docs/ENVIRONMENT.md).
+# Create .venv with everything mergescale needs on a CPU machine (README.md, "Set up").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

@@ -123,7 +123,7 @@ def no_output(out: str | Path) -> bool:
 def replace_weights(dst: Path, src: Path) -> None:
     """Put src's shards in place of dst's: other weights of exactly the same layout (file names, sizes, headers),
     so the run key's fingerprint of the inputs (sizes and header hashes) cannot tell."""
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
 
     before = Checkpoint(dst).fingerprint()
     for f in shard_files(dst):
@@ -135,9 +135,9 @@ def replace_weights(dst: Path, src: Path) -> None:
 def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
     """A single-process merge interrupted at its `at`-th merge_unit call (as a kill: the partial output stays),
     every unit before it journaled."""
-    from mergescale.merge import executor
+    from mergescale.merge import driver, local, pipeline
 
-    real, calls = executor.merge_unit, {"n": 0}
+    real, calls = pipeline.merge_unit, {"n": 0}
 
     def crashing(*a, **k):
         calls["n"] += 1
@@ -145,11 +145,11 @@ def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
-    monkeypatch.setattr(executor, "merge_unit", crashing)
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(pipeline, "merge_unit", crashing)
     with pytest.raises(KeyboardInterrupt):
-        executor.run_merge(cfg, out, progress=False)
-    monkeypatch.setattr(executor, "merge_unit", real)
+        driver.run_merge(cfg, out, progress=False)
+    monkeypatch.setattr(pipeline, "merge_unit", real)
 
 
 @pytest.fixture(scope="session")
@@ -230,8 +230,7 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
 # passed. Each module that starts its own Ray (its fixture's ray.init settings, a multi-node Cluster) therefore runs
 # its selected tests in a pytest process of its own; every other test must leave no Ray session behind.
 OWN_RAY_SESSION = ("test_cluster_faults.py", "test_cluster_merge.py", "test_cluster_multinode.py", "test_eval_ray.py",
-                   "test_ray_workers.py",
-                   "test_training_ray.py")
+                   "test_merge_bytes.py", "test_ray_workers.py", "test_training_ray.py")
 _CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
 
 

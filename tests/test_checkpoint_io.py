@@ -12,16 +12,16 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import header_dtypes, load_f32, load_sd, merge, shard_files
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import mergescale
-from conftest import header_dtypes, load_f32, load_sd, merge, shard_files
-from mergescale.merge import checkpoint as ckpt_mod
-from mergescale.merge.checkpoint import Checkpoint
-from mergescale.merge.writer import MANIFEST
+from mergescale.checkpoint import read as ckpt_mod
+from mergescale.checkpoint.output_dir import MANIFEST
+from mergescale.checkpoint.read import Checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading
@@ -174,7 +174,8 @@ def test_stored_float_dtype_is_a_cheap_hint(family, bf16, tmp_path):
     assert ckpt_mod.stored_float_dtype(str(bf16.base)) == "BF16"
     single = tmp_path / "single"
     single.mkdir()
-    save_file({"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, dtype=torch.bfloat16)}, str(single / "w.safetensors"))
+    save_file({"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, dtype=torch.bfloat16)},
+              str(single / "w.safetensors"))
     assert ckpt_mod.stored_float_dtype(single) == "BF16"  # skips the integer tensor
     (tmp_path / "empty").mkdir()
     (tmp_path / "corrupt").mkdir()
@@ -224,8 +225,8 @@ def test_writer_single_shard_without_index(family, tmp_path):
 
 def test_metadata_files_copied(merged, family):
     out, _ = merged
-    copied = [f for f in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-              if (family.base / f).exists()]
+    names = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    copied = [f for f in names if (family.base / f).exists()]
     assert "tokenizer.json" in copied and "generation_config.json" in copied
     for f in copied:
         assert (out / f).read_bytes() == (family.base / f).read_bytes(), f
@@ -296,14 +297,15 @@ def test_out_dtype_bfloat16(family, tmp_path):
 def test_default_dtype_follows_base(family, bf16, tmp_path):
     merge({"method": "average", "experts": bf16.expert_strs}, tmp_path / "b")
     assert set(header_dtypes(tmp_path / "b").values()) == {"BF16"}
-    assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads((bf16.base / "config.json").read_text())
+    assert json.loads((tmp_path / "b" / "config.json").read_text()) == json.loads(
+        (bf16.base / "config.json").read_text())
     merge({"method": "average", "experts": family.expert_strs}, tmp_path / "f")
     assert set(header_dtypes(tmp_path / "f").values()) == {"F32"}
 
 
 def test_dtype_table_agrees_with_torch():
     """Headers are read without torch, so the dtype table carries each code's size itself: it must be torch's."""
-    from mergescale.merge.checkpoint import SAFETENSORS_DTYPES, safetensors_dtype, torch_dtype
+    from mergescale.checkpoint.read import SAFETENSORS_DTYPES, safetensors_dtype, torch_dtype
 
     for code, (size, _) in SAFETENSORS_DTYPES.items():
         dt = torch_dtype(code)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from mergescale.config import load_config
-from mergescale.merge.executor import run_merge
+from mergescale.merge.driver import run_merge
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +62,9 @@ def test_cli_workers_with_embedded_ray(micro, tmp_path):
 @pytest.fixture
 def ray_head(tmp_path):
     """A real Ray head (`ray start --head --block`) in its own process group; only it is stopped afterwards
-    (never `ray stop`, which would kill every Ray on the machine). Token auth off for head and submit alike,
-    as ENVIRONMENT.md describes for Ray 2.60."""
+    (never `ray stop`, which would kill every Ray on the machine). Token auth off for head and submit alike:
+    Ray 2.60 turns token authentication on, and a plain `ray job submit` then fails with "Missing authentication
+    token"."""
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     # Short path: Ray's unix sockets live under the temp dir and must fit in 107 bytes.
@@ -78,7 +79,8 @@ def ray_head(tmp_path):
         t0 = time.time()
         while True:
             assert head.poll() is None, head.stdout.read().decode()[-3000:]
-            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True, timeout=60)
+            probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env, capture_output=True,
+                                   timeout=60)
             if probe.returncode == 0:
                 break
             assert time.time() - t0 < 180, probe.stderr.decode()[-2000:]
@@ -103,15 +105,18 @@ def test_ray_job_submit(micro, tmp_path, ray_head):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-    job_id = next(w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split() if w.startswith("raysubmit_"))
+    job_id = next(w for line in submit.stdout.splitlines() for w in line.replace("'", " ").split()
+                  if w.startswith("raysubmit_"))
     t0, status = time.time(), ""
     while time.time() - t0 < 600:
-        st = subprocess.run([str(BIN / "ray"), "job", "status", "--address", url, job_id], env=env, capture_output=True, text=True)
+        st = subprocess.run([str(BIN / "ray"), "job", "status", "--address", url, job_id], env=env, capture_output=True,
+                            text=True)
         status = st.stdout.upper()  # "Job '...' succeeded" / "... failed" / "... stopped"
         if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
             break
         time.sleep(3)
-    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, job_id], env=env, capture_output=True, text=True).stdout
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", url, job_id], env=env, capture_output=True,
+                          text=True).stdout
     assert "SUCCEEDED" in status, status + logs[-4000:]
     run_merge(cfg, tmp_path / "single", progress=False)
     assert shard_bytes(out) == shard_bytes(tmp_path / "single")
@@ -131,7 +136,8 @@ def test_kuberay_rayjob_manifest_is_complete():
     cluster = spec["rayClusterSpec"]
     assert cluster["headGroupSpec"]["template"]["spec"]["containers"]
     gpu_groups = [g for g in cluster["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+                  if any("nvidia.com/gpu" in c["resources"].get("limits", {})
+                         for c in g["template"]["spec"]["containers"])]
     assert gpu_groups, "a GPU worker group"
     # The entrypoint runs a module and a config that exist in this repo, and the config validates.
     argv = spec["entrypoint"].split()

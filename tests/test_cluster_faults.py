@@ -6,7 +6,6 @@ Actors sleep a little per unit (MERGESCALE_UNIT_DELAY_S, read by the merge actor
 from __future__ import annotations
 
 import hashlib
-
 import os
 import subprocess
 import sys
@@ -17,11 +16,12 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import crash_merge, replace_weights
 
+from mergescale.checkpoint.output_dir import partial_dir
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.cluster.pool import UNIT_DELAY_ENV
-from mergescale.merge.executor import run_merge
-from mergescale.merge.writer import partial_dir
+from mergescale.cluster.worker import UNIT_DELAY_ENV
+from mergescale.merge.driver import run_merge
 
 pytestmark = pytest.mark.ray
 
@@ -96,7 +96,8 @@ def test_actor_killed_mid_merge_is_replaced_and_output_identical(micro, expected
     th = threading.Thread(target=merge)
     th.start()
     wait_for(lambda: journaled(out) >= 3)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("mergescale-merge-")]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("mergescale-merge-")]
     assert len(names) == 2, names
     for name in names:
         ray.kill(ray.get_actor(name), no_restart=True)
@@ -140,25 +141,10 @@ def test_driver_killed_mid_merge_resumes_only_unfinished_units(micro, expected, 
 
 
 def test_single_process_resume_after_crash(micro, expected, tmp_path, monkeypatch):
-    """The single-process executor journals too: a crash keeps the partial output and a rerun finishes it."""
-    import mergescale.merge.executor as ex
-
+    """The single-process merge journals too: a crash keeps the partial output and a rerun finishes it."""
     out = tmp_path / "merged"
-    calls = {"n": 0}
-    real = ex.merge_unit
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise KeyboardInterrupt  # an interrupt mid-merge
-        return real(*a, **k)
-
-    monkeypatch.setattr(ex, "JOURNAL_EVERY_S", 0.0)
-    monkeypatch.setattr(ex, "merge_unit", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run_merge(ties_config(micro), out, progress=False)
+    crash_merge(ties_config(micro), out, monkeypatch, 25)  # an interrupt mid-merge
     assert not out.exists() and journaled(out) == 24  # every unit before the crash, none after
-    monkeypatch.setattr(ex, "merge_unit", real)
     manifest = run_merge(ties_config(micro), out, progress=False)
     assert manifest["timing"]["units_resumed"] == 24
     assert shard_bytes(out) == expected[0]
@@ -173,7 +159,6 @@ def test_resume_over_replaced_inputs_starts_over_on_ray(micro, tmp_path, monkeyp
     import logging
     import shutil
 
-    from tests.conftest import crash_merge, replace_weights
 
     root = tmp_path / "models"
     base = shutil.copytree(micro.base, root / "base")

@@ -1,10 +1,9 @@
-"""Distributed merge on Ray: byte-identical to the single-process executor, exact global thresholds, the
+"""Distributed merge on Ray: byte-identical to the single-process merge, exact global thresholds, the
 Python entry points. One local Ray (2 CPUs) is shared by the whole module."""
 
 from __future__ import annotations
 
 import hashlib
-
 import json
 import time
 from pathlib import Path
@@ -14,8 +13,8 @@ import ray
 
 from mergescale.cluster.merge import merge_async, run_distributed_merge
 from mergescale.cluster.pool import balanced_batches
-from mergescale.merge.executor import run_merge
-from mergescale.merge.methods import REGISTRY
+from mergescale.merge.driver import run_merge
+from mergescale.merge.methods import METHODS
 
 pytestmark = pytest.mark.ray
 
@@ -55,10 +54,10 @@ def manifest_digests(manifest: dict) -> dict[str, str]:
     return {name: entry["sha256"] for name, entry in manifest["outputs"].items()}
 
 
-@pytest.mark.parametrize("method", sorted(REGISTRY))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_byte_identical_for_any_worker_count_and_tile(method, micro, tmp_path):
     # Two tilings: one that splits every matrix into many row tiles with odd remainders, one that keeps most
-    # tensors whole; the single-process output is itself tile-invariant (tested in test_executor).
+    # tensors whole; the single-process output is itself tile-invariant (tested in test_methods).
     expected = {}
     for tile_mb in (0.003, 0.05):
         single = tmp_path / f"single-{tile_mb}"
@@ -82,8 +81,7 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
     assert dist["global_thresholds"] == single["global_thresholds"]
     # And both equal kthvalue over the concatenated task vectors of each expert (the TIES reference rule).
     import torch
-
-    from tests.conftest import load_f32
+    from conftest import load_f32
 
     base = load_f32(micro.base)
     for i, e in enumerate(micro.experts):
@@ -98,8 +96,7 @@ def test_global_thresholds_equal_single_process(micro, tmp_path):
 def test_non_finite_warnings_reach_the_manifest(micro, tmp_path, cpus):
     """on_nonfinite: warn in a distributed merge records the same warnings as the single-process merge."""
     import torch
-
-    from tests.conftest import load_sd, write_like
+    from conftest import load_sd, write_like
 
     name = "model.layers.0.mlp.down_proj.weight"
     sd = load_sd(micro.experts[1])
@@ -189,7 +186,7 @@ def test_driver_places_actors_before_loading_torch():
 
 def test_merge_without_statistics_never_loads_torch(micro, bf16, tmp_path):
     """A method without a statistics pass is validated, planned, handed out and committed by a driver that never
-    imports torch or numba, and merged by actors that never import torch (merge/kernel_path.py): a lighter head
+    imports torch or numba, and merged by actors that never import torch (the kernels alone): a lighter head
     node, actors that start ~1.4 s sooner. Run in a fresh interpreter, where the first call starts an embedded Ray
     that the next two reuse, for average on float32 inputs, dare_linear on bf16 ones (into float32) and dare_ties
     without an extra trim (density 1); the outputs are the single-process merges'."""
@@ -222,7 +219,7 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
     queries. Fresh interpreter with its own embedded Ray: TIES with whole-model and per-tensor trims (rows split
     into many units, so per-tensor TIES has a selection pass too), DARE-TIES with a per-tensor trim and
     breadcrumbs (two bounds per expert); the outputs and whole-model thresholds are the single-process merge's.
-    The TIES and DARE-TIES actors sample, count and merge with the kernels alone (merge/kernel_path.py) and never
+    The TIES and DARE-TIES actors sample, count and merge with the kernels alone and never
     import torch either; breadcrumbs, which has no fused kernels, does."""
     import subprocess
     import sys
@@ -230,7 +227,8 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
     code = ("import json, sys, ray\n"
             "from mergescale.cluster.merge import run_distributed_merge\n"
             "ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-            "ms = [run_distributed_merge(cfg, out, workers=2, progress=False) for cfg, out in json.loads(sys.argv[1])]\n"
+            "ms = [run_distributed_merge(cfg, out, workers=2, progress=False)\n"
+            "      for cfg, out in json.loads(sys.argv[1])]\n"
             "th = [m['global_thresholds'] for m in ms]\n"
             "actors = [[a['loaded_torch'] for a in m['distributed']['actors']] for m in ms]\n"
             "print(json.dumps([th, actors, sorted(m for m in ('torch', 'numba') if m in sys.modules)]))\n")
@@ -259,19 +257,19 @@ def test_threshold_merges_coordinated_without_torch(micro, bf16, tmp_path):
 
 
 def test_actor_samples_the_windows_the_single_process_merge_starts_from(micro, tmp_path):
-    """The first counting windows an actor samples for the coordinator are the ones the single-process executor
+    """The first counting windows an actor samples for the coordinator are the ones the single-process merge
     places (so both take the same passes); an actor that died before sampling leaves every query at the whole
     range (exact all the same, a pass more)."""
     from mergescale.cluster.pool import ActorPool
     from mergescale.merge.inputs import prepare
-    from mergescale.merge.methods import get_method
+    from mergescale.merge.pipeline import MergeJob, sample_windows
     from mergescale.merge.selection import RADIX
-    from mergescale.merge.statistics import sample_windows, statistics_work
+    from mergescale.merge.statistics import statistics_work
 
     config, out, inputs, plan = prepare(config_for(micro, "ties", 0.003), tmp_path / "out", False)
     try:
         work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
-        sample_windows(config, get_method(config.method), config.method_params, plan, inputs, work)
+        sample_windows(MergeJob(config, inputs, plan), work)
         want = {(q.stream, q.tag): q.window for q in work.selector.queries}
     finally:
         inputs.close()
@@ -291,7 +289,7 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
     driver raises that error itself, not Ray's wrapper around it."""
     from mergescale.cluster.pool import ActorPool
     from mergescale.config import load_config
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
 
     config = load_config(config_for(micro, "average", 0.05))
     pool = ActorPool(config, 1)
@@ -306,8 +304,9 @@ def test_actor_seeing_other_inputs_is_a_clear_error(micro, tmp_path):
 def test_merged_values_that_overflow_follow_on_nonfinite_on_actors(micro, tmp_path):
     """The actors check what they merge as the single-process merge does: 3e38 + 3e38 is inf in float32 (the
     RMSNorm weights are ~1), an error naming the tensor, or with on_nonfinite: warn, written and recorded."""
-    from mergescale.merge.inputs import MergeInputError
-    from tests.conftest import no_output
+    from conftest import no_output
+
+    from mergescale.errors import MergeInputError
 
     cfg = {"experts": [{"path": e, "weight": 3e38} for e in micro.expert_strs[:2]], "method": "average",
            "parameters": {"normalize": False}, "tile_mb": 0.05, "cluster": {"num_cpus": 0.25}}

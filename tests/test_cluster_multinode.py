@@ -12,10 +12,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from mergescale.checkpoint.output_dir import partial_dir
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.cluster.pool import UNIT_DELAY_ENV
-from mergescale.merge.executor import run_merge
-from mergescale.merge.writer import partial_dir
+from mergescale.cluster.worker import UNIT_DELAY_ENV
+from mergescale.merge.driver import run_merge
 
 pytestmark = pytest.mark.ray
 

@@ -15,7 +15,6 @@ import time
 import psutil
 import pytest
 import yaml
-
 from conftest import no_output
 
 pytestmark = pytest.mark.ray

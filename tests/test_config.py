@@ -84,7 +84,8 @@ def test_bad_parameter_values(method, params, fragments):
 
 
 def test_unknown_parameter_name_lists_allowed():
-    bad({"parameters": {"densty": 0.2}}, "parameters.densty", "unknown field", "density", "trim_scope", "sign", "lambda")
+    bad({"parameters": {"densty": 0.2}}, "parameters.densty", "unknown field", "density", "trim_scope", "sign",
+        "lambda")
     bad({"method": "model_stock", "parameters": {"t": 0.5}}, "parameters.t", "unknown field", "allowed: none")
 
 
@@ -96,7 +97,8 @@ def test_slerp_needs_exactly_two_experts():
 def test_weights_on_method_without_weights():
     bad({"experts": [{"path": "/a", "weight": 2.0}, "/b"]}, "'ties'", "weight", "does not use")
     # methods that use weights accept them
-    assert load_config({**BASE, "method": "task_arithmetic", "experts": [{"path": "/a", "weight": 2.0}]}).weights == [2.0]
+    one = load_config({**BASE, "method": "task_arithmetic", "experts": [{"path": "/a", "weight": 2.0}]})
+    assert one.weights == [2.0]
 
 
 @pytest.mark.parametrize("value, fragment", [("5 parsecs", "expected a size"), (0, "must be positive"),
@@ -191,7 +193,7 @@ def test_average_weights_summing_to_zero_cannot_normalize():
 
 
 def test_model_stock_undefined_ratio_is_a_clear_error():
-    from mergescale.merge.methods import model_stock_ratio
+    from mergescale.merge.torch_math import model_stock_ratio
 
     assert model_stock_ratio(0.5, 3) == pytest.approx(3 * 0.5 / 2.0)
     with pytest.raises(ValueError, match="model_stock: mean pairwise cosine"):

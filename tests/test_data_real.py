@@ -85,7 +85,8 @@ def test_same_seed_same_files_other_seed_other_split(built, tmp_path):
     again = build_data(tmp_path / "again", ["rotten_tomatoes", "winograd"], progress=False)
     for name in again["tasks"]:
         for split in again["tasks"][name]["rows"]:
-            assert (tmp_path / "again" / name / f"{split}.jsonl").read_bytes() == (d / name / f"{split}.jsonl").read_bytes()
+            rebuilt = (tmp_path / "again" / name / f"{split}.jsonl").read_bytes()
+            assert rebuilt == (d / name / f"{split}.jsonl").read_bytes()
     other = build_data(tmp_path / "seed1", ["rotten_tomatoes"], seed=1, progress=False)
     assert other["tasks"]["rotten_tomatoes"]["rows"] == again["tasks"]["rotten_tomatoes"]["rows"]
     assert _rows(tmp_path / "seed1", "rotten_tomatoes", "test") != _rows(d, "rotten_tomatoes", "test")

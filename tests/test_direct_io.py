@@ -1,4 +1,4 @@
-"""O_DIRECT shard writing (merge/direct_io.py): the file's bytes are exactly what buffered writes give, for any
+"""O_DIRECT shard writing (checkpoint/direct_io.py): the file's bytes are exactly what buffered writes give, for any
 run of consecutive writes, jumps, flushes and staging boundaries; merges write the same files either way."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import os
 import random
 
 import pytest
-
 from conftest import merge
-from mergescale.merge import direct_io
-from mergescale.merge.direct_io import ALIGN, DirectStream
+
+from mergescale.checkpoint import direct_io
+from mergescale.checkpoint.direct_io import ALIGN, DirectStream
 
 
 def direct_supported(path) -> bool:
@@ -101,7 +101,7 @@ def test_no_o_direct_falls_back_to_buffered(micro, tmp_path, monkeypatch, caplog
     monkeypatch.setattr(direct_io.os, "open", open_without_direct)
     cfg = {"method": "task_arithmetic", "base": str(micro.base), "experts": micro.expert_strs,
            "tile_mb": 700 / 2**20, "out_shard_size": "20KB"}
-    with caplog.at_level("INFO", logger="mergescale.merge.direct_io"):
+    with caplog.at_level("INFO", logger="mergescale.checkpoint.direct_io"):
         got = merge(cfg, tmp_path / "fallback")
     monkeypatch.undo()
     want = merge({**cfg, "write": "buffered"}, tmp_path / "buffered")

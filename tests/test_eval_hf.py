@@ -136,7 +136,8 @@ def test_accuracy_on_learnable_task(tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     (tmp_path / "t.yaml").write_text(
         "tasks:\n  - name: toy_sentiment\n    category: toy\n    data_files: {validation: test.jsonl}\n"
-        "    templates:\n      - name: t\n        jinja: 'review: {{ text }} sentiment: ||| {{ answer_choices[label] }}'\n"
+        "    templates:\n      - name: t\n"
+        "        jinja: 'review: {{ text }} sentiment: ||| {{ answer_choices[label] }}'\n"
         "        answer_choices: negative ||| positive\n")
     register_tasks(tmp_path / "t.yaml", replace=True)
     res = evaluate(mdir, tasks="toy_sentiment", out=tmp_path / "out", progress=False)
@@ -224,7 +225,8 @@ def test_chat_template_prompts_recorded_and_timed(model_dir, data_dir, tmp_path)
     from mergescale.eval.tasks import get_task
 
     first = next(get_task("rte").prompted(data_dir=data_dir))
-    want = tok.apply_chat_template([{"role": "user", "content": first.input}], tokenize=False, add_generation_prompt=True)
+    want = tok.apply_chat_template([{"role": "user", "content": first.input}], tokenize=False,
+                                   add_generation_prompt=True)
     assert want.startswith("<s>user: ") and want.endswith("<s>assistant:")
     backend = HFBackend(chat_dir)
     req = rank_request(tok, PromptedExample("0", want, first.target, first.choices, first.label, target_delimiter=""),

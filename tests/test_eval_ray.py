@@ -76,7 +76,7 @@ def test_ray_job_entry(cluster, tmp_path, capsys):
     from mergescale.cluster.job import main
 
     model, data = cluster
-    rc = main(["eval", str(model), "--tasks", "rte", "--data-dir", str(data), "--replicas", "2", "--out", str(tmp_path / "j"),
-               "--max-length", "256", "-q"])
+    rc = main(["eval", str(model), "--tasks", "rte", "--data-dir", str(data), "--replicas", "2",
+               "--out", str(tmp_path / "j"), "--max-length", "256", "-q"])
     assert rc == 0 and "rte" in capsys.readouterr().out
     assert (tmp_path / "j" / "metrics.parquet").exists()

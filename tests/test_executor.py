@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import load_f32, load_sd, merge, no_output
 
 import mergescale
-from conftest import load_f32, load_sd, merge, no_output
-from mergescale.merge import executor
-from mergescale.merge.methods import REGISTRY
-from mergescale.merge.writer import MANIFEST, partial_dir
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
+from mergescale.merge import driver, local
+from mergescale.merge.methods import METHODS
 
 
 def file_digests(out) -> dict[str, str]:
@@ -24,7 +24,7 @@ def file_digests(out) -> dict[str, str]:
 def counting(monkeypatch, method: str, fail_at: int | None = None) -> list:
     """Wrap a registered method's merge: count calls and raise RuntimeError on call number `fail_at` (1-based)."""
     calls = []
-    m = REGISTRY[method]
+    m = METHODS[method]
 
     def wrapped(*a, **k):
         calls.append(a[4].name)
@@ -32,7 +32,7 @@ def counting(monkeypatch, method: str, fail_at: int | None = None) -> list:
             raise RuntimeError("simulated crash")
         return m.merge(*a, **k)
 
-    monkeypatch.setitem(REGISTRY, method, dataclasses.replace(m, merge=wrapped, fused_merge=None))
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(m, merge=wrapped, kernel=None))
     return calls
 
 
@@ -45,7 +45,7 @@ def test_interrupted_merge_leaves_no_output_and_resumes_identically(micro, tmp_p
     n_units = expected["plan"]["units"]
     assert n_units > 40
 
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)  # journal every unit, so the rerun has something to skip
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)  # journal every unit, so the rerun has something to skip
     out = tmp_path / "out"
     calls = counting(monkeypatch, method, fail_at=25)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -69,7 +69,7 @@ def test_interrupted_merge_leaves_no_output_and_resumes_identically(micro, tmp_p
 def test_partial_output_of_another_config_is_not_reused(micro, tmp_path, monkeypatch):
     cfg = {"method": "task_arithmetic", "base": str(micro.base), "experts": micro.expert_strs,
            "tile_mb": 700 / 2**20, "parameters": {"lambda": 0.5}}
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
     counting(monkeypatch, "task_arithmetic", fail_at=20)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
@@ -131,7 +131,7 @@ def test_out_from_config_and_overwrite(family, tmp_path):
 
 def test_dry_run_writes_nothing(family, tmp_path):
     out = tmp_path / "out"
-    result = executor.run_merge({"method": "ties", "base": str(family.base), "experts": family.expert_strs}, out,
+    result = driver.run_merge({"method": "ties", "base": str(family.base), "experts": family.expert_strs}, out,
                                 dry_run=True, progress=False)
     assert "tensors" in result["description"]
     assert no_output(out) and list(tmp_path.iterdir()) == []
@@ -179,14 +179,15 @@ def test_merge_pass_scans_for_non_finite_only_without_a_kernel(bf16, tmp_path, m
     if not kernels.available():
         pytest.skip("numba kernels not available")
     scanned = []
-    real = reader.all_finite
-    monkeypatch.setattr(reader, "all_finite", lambda t: (scanned.append(t.numel()), real(t))[1])
+    real = reader.count_nonfinite_bytes
+    monkeypatch.setattr(reader, "count_nonfinite_bytes",
+                        lambda raw, code: (scanned.append(raw.size // 2), real(raw, code))[1])  # bf16: 2 bytes
     experts = bf16.expert_strs[:2]
     manifest = merge({"method": method, "base": str(bf16.base), "experts": experts,
                       **({"parameters": {"t": 0.3}} if method == "slerp" else {})}, tmp_path / "out")
     assert manifest["warnings"] == []
     assert bool(scanned) == scans
     if scans:  # every float input byte of every model, once
-        with mergescale.merge.checkpoint.Checkpoint(bf16.base) as c:
+        with mergescale.checkpoint.read.Checkpoint(bf16.base) as c:
             floats = sum(t.numel for t in c.tensors.values() if t.is_float)
         assert sum(scanned) == floats * (1 + len(experts))

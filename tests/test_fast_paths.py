@@ -2,7 +2,7 @@
 
 - the torch DARE hash (int32 wrap-around arithmetic, chunked) vs the numpy `uniform_bits_reference`;
 - the float-only TIES update vs trim / elect_sign / disjoint_mean, on vectors full of edge cases;
-- the executor's chunked math and radix-select thresholds vs whole-unit math (tiny chunks).
+- the pipeline's chunked math and radix-select thresholds vs whole-unit math (tiny chunks).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mergescale.merge import methods as M
+from mergescale.merge import torch_math as M
 from mergescale.merge.masks import dare_keep_mask, uniform_bits, uniform_bits_reference
 
 
@@ -72,17 +72,19 @@ def test_fast_ties_update_defers_on_non_finite():
                        _reference_update([t.clone(), -t], [0.0, 0.0], "count").isnan())
 
 
-@pytest.mark.parametrize("variant", ["ties_tensor_mass", "dare_ties_trim_tensor", "slerp", "model_stock", "dare_linear"])
+@pytest.mark.parametrize("variant", ["ties_tensor_mass", "dare_ties_trim_tensor", "slerp", "model_stock",
+                                     "dare_linear"])
 def test_tiny_chunks_and_radix_thresholds_change_nothing(micro, tmp_path, monkeypatch, variant):
     """Chunks of 5 elements and the radix-select path for every per-tensor threshold give the same bytes."""
     from conftest import merge
-    from mergescale.merge import executor
     from test_methods import variant_config
+
+    from mergescale.merge import pipeline
 
     cfg = variant_config(micro, variant)
     whole = merge(cfg, tmp_path / "whole")
-    monkeypatch.setattr(executor, "CHUNK_ELEMS", 5)
-    monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMS", 5)
+    monkeypatch.setattr(pipeline, "KTHVALUE_MAX", 1)
     chunked = merge(cfg, tmp_path / "chunked")
     assert chunked["outputs"] == whole["outputs"]
 
@@ -91,31 +93,30 @@ def test_tiny_chunks_and_radix_thresholds_change_nothing(micro, tmp_path, monkey
 def test_one_pass_select_and_merge_changes_nothing(micro, tmp_path, monkeypatch, variant):
     """Per-tensor TIES through the fused select-and-merge kernel (sampled brackets, listed elements redone) gives
     the bytes of selecting first (radix select) and merging after."""
-    import dataclasses
-
     from conftest import merge
-    from mergescale.merge import executor, kernels
-    from mergescale.merge.methods import REGISTRY
     from test_methods import variant_config
+
+    from mergescale.merge import kernels, pipeline
+    from mergescale.merge.kernels import selection as kernel_selection
 
     if not kernels.available():
         pytest.skip("numba not installed")
     cfg = variant_config(micro, variant)
-    monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
-    monkeypatch.setattr(executor, "fused_select_merge", lambda *a, **k: False)
+    monkeypatch.setattr(pipeline, "KTHVALUE_MAX", 1)
+    monkeypatch.setattr(kernels, "select_and_merge", lambda *a, **k: None)
     separate = merge(cfg, tmp_path / "separate")
     monkeypatch.undo()
-    monkeypatch.setattr(executor, "KTHVALUE_MAX", 1)
-    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 8)  # sample 8 x 16 values: the micro model's tensors qualify
-    monkeypatch.setattr(kernels, "SAMPLE_RUN", 16)
+    monkeypatch.setattr(pipeline, "KTHVALUE_MAX", 1)
+    monkeypatch.setattr(kernel_selection, "SAMPLE_RUNS", 8)  # sample 8 x 16 values: the micro model's tensors qualify
+    monkeypatch.setattr(kernel_selection, "SAMPLE_RUN", 16)
     calls = []
-    method = REGISTRY[cfg["method"]]
+    real = kernels.select_and_merge
 
     def counted(*a, **k):
-        calls.append(kernels.select_and_merge_ties(method.name, *a, **k))
+        calls.append(real(*a, **k))
         return calls[-1]
 
-    monkeypatch.setitem(REGISTRY, method.name, dataclasses.replace(method, fused_select_merge=counted))
+    monkeypatch.setattr(kernels, "select_and_merge", counted)
     fused = merge(cfg, tmp_path / "fused")
     assert sum(c is not None for c in calls) >= 2  # the fused path really ran (a miss may fall back)
     assert fused["outputs"] == separate["outputs"]

@@ -1,4 +1,4 @@
-"""Per-tensor TIES of split tensors in the merge pass alone (executor.HeldTensor): the bytes of selecting first.
+"""Per-tensor TIES of split tensors in the merge pass alone (pipeline.HeldTensor): the bytes of selecting first.
 
 The budget for held tensors is half a tile per model; the tiny models here are split at tiles far smaller than
 their tensors, so the tests raise it (`held_budget`) to make every split tensor held, and compare with runs
@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-
-from conftest import load_sd, merge, no_output, write_like, load_f32
+from conftest import load_f32, load_sd, merge, no_output, write_like
 from test_methods import VARIANTS, assert_matches, reference, variant_config
-from mergescale.merge import executor, statistics
+
 from mergescale.config import MergeConfig
-from mergescale.merge.inputs import MergeInputError
+from mergescale.errors import MergeInputError
+from mergescale.merge import local, pipeline, statistics
 
 
 def merge_config(cfg: dict) -> MergeConfig:
@@ -31,7 +31,7 @@ def spy(monkeypatch):
     """Held tensors allowed whatever their size; records which tensors were held and which fell back."""
     seen = {"held": set(), "fallback": set()}
     monkeypatch.setattr(statistics, "held_budget", lambda config, inputs: 2**40)
-    real_held, real_fallback = executor.held_brackets, executor.HeldTensor._fallback
+    real_held, real_fallback = pipeline.held_brackets, pipeline.HeldTensor._fallback
 
     def held_brackets(*a, **k):
         got = real_held(*a, **k)
@@ -42,14 +42,14 @@ def spy(monkeypatch):
         seen["fallback"].add(self.name)
         return real_fallback(self)
 
-    monkeypatch.setattr(executor, "held_brackets", held_brackets)
-    monkeypatch.setattr(executor.HeldTensor, "_fallback", fallback)
+    monkeypatch.setattr(local, "held_brackets", held_brackets)
+    monkeypatch.setattr(pipeline.HeldTensor, "_fallback", fallback)
     return seen
 
 
 def selecting_first(monkeypatch, cfg, out):
     with monkeypatch.context() as m:
-        m.setattr(executor, "held_brackets", lambda *a, **k: {})
+        m.setattr(local, "held_brackets", lambda *a, **k: {})
         return merge(cfg, out)
 
 
@@ -97,7 +97,7 @@ def test_held_bf16_into_float32_output(bf16, tmp_path, monkeypatch, spy):
 
 def test_missed_brackets_fall_back_to_selecting_first(micro, tmp_path, monkeypatch, spy):
     cfg = variant_config(micro, "ties_tensor_mass", tile_mb=TILE)
-    real = executor.held_brackets
+    real = local.held_brackets
 
     def wrong(*a, **k):  # brackets far below every threshold: the counts after the last unit disprove them
         got = real(*a, **k)
@@ -105,7 +105,7 @@ def test_missed_brackets_fall_back_to_selecting_first(micro, tmp_path, monkeypat
             b.lo, b.hi = [0.0] * len(b.lo), [1e-30] * len(b.hi)
         return got
 
-    monkeypatch.setattr(executor, "held_brackets", wrong)
+    monkeypatch.setattr(local, "held_brackets", wrong)
     merge(cfg, tmp_path / "held")
     assert spy["fallback"] == spy["held"] and spy["held"]
     selecting_first(monkeypatch, cfg, tmp_path / "first")
@@ -139,8 +139,8 @@ def test_resume_with_a_held_tensor_partly_written(micro, tmp_path, monkeypatch, 
     written units are kept) and holds the ones not started; same bytes as an uninterrupted merge."""
     cfg = variant_config(micro, "ties_tensor_mass", tile_mb=TILE, out_shard_size="20KB")
     clean = merge(cfg, tmp_path / "clean")
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
-    from mergescale.merge.writer import PartialOutput
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
+    from mergescale.checkpoint.write import PartialOutput
 
     real_write, writes = PartialOutput.write_rows, []
     target = sorted(spy["held"])[0] if spy["held"] else None
@@ -158,13 +158,13 @@ def test_resume_with_a_held_tensor_partly_written(micro, tmp_path, monkeypatch, 
             merge(cfg, tmp_path / "out")
     spy["held"].clear()
     selected = []
-    real_stats = executor.compute_statistics
+    real_stats = local.local_statistics
 
-    def stats(*a, **k):
-        selected.append(k.get("only"))
-        return real_stats(*a, **k)
+    def stats(job, reader, work, *a, **k):
+        selected.append({u.name for u in work.selection_units})
+        return real_stats(job, reader, work, *a, **k)
 
-    monkeypatch.setattr(executor, "compute_statistics", stats)
+    monkeypatch.setattr(local, "local_statistics", stats)
     manifest = merge(cfg, tmp_path / "out")
     assert 0 < manifest["timing"]["units_resumed"] < clean["timing"]["units_total"]
     assert {target} in selected and target not in spy["held"]
@@ -176,19 +176,18 @@ def test_a_tensor_is_held_only_within_the_budget(micro, tmp_path, monkeypatch):
     """Held: a split tensor whose output rows plus the elements its brackets list (the sample's share) fit the
     budget, which by default is half a tile per model, so held memory does not grow with the model."""
     from mergescale.merge.inputs import prepare
-    from mergescale.merge.methods import get_method
 
     cfg = variant_config(micro, "ties_tensor_mass", tile_mb=TILE)
     config, _, inputs, plan = prepare(merge_config(cfg), tmp_path / "x", False)
     try:
         assert statistics.held_budget(config, inputs) == 4 * config.tile_bytes // 2
-        method, todo = get_method(config.method), {u.id for u in plan.units}
+        job, todo = pipeline.MergeJob(config, inputs, plan), {u.id for u in plan.units}
         name = "model.embed_tokens.weight"  # 64 x 32 float32
         n = 64 * 32
 
         def held(budget):
             monkeypatch.setattr(statistics, "held_budget", lambda c, i: budget)
-            return statistics.held_brackets(config, method, config.method_params, plan, inputs, todo)
+            return pipeline.held_brackets(job, todo)
 
         b = held(2**40)[name]
         assert 0 < b.share <= 1 and len(set(b.ks)) == 1 and 0 < b.ks[0] <= n

@@ -1,5 +1,7 @@
-"""The fused CPU kernels against their definition: methods.py's torch functions, selection's histograms and
-torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only allowed to be faster."""
+"""The fused CPU kernels against their definition: the methods' torch functions, selection's histograms and
+torch.kthvalue. Every comparison is bitwise (torch.equal / ==): a kernel is only allowed to be faster.
+
+The kernels take flat numpy arrays of the stored bits; the helpers below hand them CPU tensors' bits."""
 
 from __future__ import annotations
 
@@ -12,11 +14,54 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergescale.merge import kernels
-from mergescale.merge.methods import TileContext, get_method
-from mergescale.merge.selection import RADIX, sample_bracket, window_around, window_histogram
+pytest.importorskip("numba")
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+from mergescale.merge import kernels  # noqa: E402
+from mergescale.merge.kernels import merging, primitives  # noqa: E402
+from mergescale.merge.kernels import selection as kernel_selection  # noqa: E402
+from mergescale.merge.methods import METHODS, UnitContext, get_method  # noqa: E402
+from mergescale.merge.selection import RADIX, sample_bracket, window_around, window_histogram  # noqa: E402
+
+SELECT_MERGE = [n for n, m in METHODS.items() if m.kernel is not None and m.kernel.merge == "ties"]
+COUNTED = [n for n, m in METHODS.items() if m.kernel is not None and m.kernel.magnitudes]
+
+
+def bits(t: torch.Tensor) -> np.ndarray | None:
+    """A CPU tensor's values as the kernels read and write them (flat; bf16 as its uint16 bits), or None."""
+    t = t.reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy() if t.dtype == torch.float32 else None
+
+
+def arrays(tiles: list[torch.Tensor]) -> tuple | None:
+    """bits() of tiles of one dtype the kernels read, else None."""
+    if len({t.dtype for t in tiles}) != 1 or bits(tiles[0]) is None:
+        return None
+    return tuple(bits(t) for t in tiles)
+
+
+def merge_tile(method: str, p, weights, ctx, base, experts, out: torch.Tensor) -> bool:
+    models, dst = arrays(([base] if base is not None else []) + list(experts)), bits(out)
+    return models is not None and dst is not None and kernels.merge(get_method(method), p, weights, ctx, models,
+                                                                     base is not None, dst)
+
+
+def select_and_merge(method: str, p, ctx, base, experts, out: torch.Tensor, ks):
+    models, dst = arrays([base] + list(experts)), bits(out)
+    if models is None or dst is None:
+        return None
+    return kernels.select_and_merge(get_method(method), p, ctx, models, dst, ks)
+
+
+def histograms(method: str, p, ctx, base, experts, windows):
+    models = arrays([base] + list(experts))
+    got = None if models is None else kernels.histograms(get_method(method), p, ctx, models, windows)
+    return None if got is None else [[(below, torch.from_numpy(hist)) for below, hist in per] for per in got]
+
+
+def dare_args(method: str, p, ctx, n_experts: int):
+    return primitives.dare_args(get_method(method).kernel.dare(p), ctx.seed, ctx.name, n_experts, ctx.element_offset)
 
 CASES = [
     ("average", {}), ("average", {"normalize": False}),
@@ -43,9 +88,10 @@ def models(n: int, dtype: torch.dtype, n_experts: int = 4, seed: int = 0):
     return base.to(dtype), [e.to(dtype) for e in experts]
 
 
-def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> TileContext:
+def context(n: int, n_experts: int, offset: int = 12345, with_thresholds: bool = True) -> UnitContext:
     thr = [{"min": x} for x in (0.005, 0.01, 0.0, 0.02, 0.007, 0.0)[:n_experts]] if with_thresholds else []
-    return TileContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7, thresholds=thr)
+    return UnitContext(name="model.layers.0.mlp.up_proj.weight", shape=(n,), element_offset=offset, seed=7,
+                       thresholds=thr)
 
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
@@ -59,7 +105,7 @@ def test_merge_kernel_equals_torch_definition(method, params, in_dtype, out_dtyp
     weights = [0.3, 1.0, 0.7, 2.0]
     ctx = context(n, len(experts))
     out = torch.empty(n, dtype=out_dtype)
-    assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+    assert merge_tile(method, p, weights, ctx, base, experts, out)
     want = m.merge(base.float(), [e.float() for e in experts], weights, p, ctx).to(out_dtype)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))  # bits, so -0.0 vs 0.0 counts too
 
@@ -75,7 +121,7 @@ def test_merge_kernel_equals_definition_any_shape(n, n_experts, offset, seed, ca
     weights = [0.5 + i for i in range(n_experts)]
     ctx = context(n, n_experts, offset)
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+    assert merge_tile(method, p, weights, ctx, base, experts, out)
     want = m.merge(base.float(), [e.float() for e in experts], weights, p, ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -88,17 +134,17 @@ def test_one_compiled_kernel_serves_every_expert_count():
     compiled = []
     for n_experts in (1, 2, 3, 5, 8, 9, 12):
         base, experts = models(700, torch.float32, n_experts, seed=n_experts)
-        ctx = TileContext(name="t", shape=(700,), element_offset=3, seed=7,
+        ctx = UnitContext(name="t", shape=(700,), element_offset=3, seed=7,
                           thresholds=[{"min": 0.004 * (i % 3)} for i in range(n_experts)])
         weights = [0.5 + i for i in range(n_experts)]
         for method, params in (("average", {}), ("dare_linear", {"p": 0.3}), ("ties", {"density": 0.2})):
             m = get_method(method)
             p = m.params.model_validate(params)
             out = torch.empty(700)
-            assert kernels.merge_tile(method, p, weights, ctx, base, experts, out)
+            assert merge_tile(method, p, weights, ctx, base, experts, out)
             want = m.merge(base, experts, weights, p, ctx)
             assert torch.equal(out.view(torch.int32), want.view(torch.int32)), (method, n_experts)
-        compiled.append({k: len(getattr(kernels, k).signatures) for k in names})
+        compiled.append({k: len(getattr(merging, k).signatures) for k in names})
     assert compiled[0] == compiled[4], compiled  # 1..8 experts: nothing compiled after the first
     assert compiled[5] == compiled[6], compiled  # 9 and 12: one more
 
@@ -106,13 +152,13 @@ def test_one_compiled_kernel_serves_every_expert_count():
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), n=st.integers(1, 3000), distinct=st.sampled_from([2, 7, 1 << 30]))
 def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinct):
-    """kernels._select (the quickselect behind the sampled brackets and the exact thresholds) against a sort, with
-    many equal values or none."""
+    """kernel_selection.select_kth (the quickselect behind the sampled brackets and the exact thresholds) against a
+    sort, with many equal values or none."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     a = (rng.integers(0, distinct, n) * 0.25).astype(np.float32)
     k = data.draw(st.integers(0, n - 1))
     got = a.copy()
-    v = kernels._select(got, k)
+    v = kernel_selection.select_kth(got, k)
     assert v == np.sort(a)[k]
     assert got[k] == v and (got[:k] <= v).all() and (got[k + 1:] >= v).all()
     assert np.array_equal(np.sort(got), np.sort(a))  # reordered, nothing lost
@@ -120,7 +166,7 @@ def test_select_finds_the_kth_smallest_and_partitions_around_it(data, n, distinc
 
 @pytest.mark.parametrize("values", ["repeating", "distinct", "one bin", "extremes", "small"])
 def test_order_stats_equal_a_sort(values):
-    """_order_stats (the sampled brackets' two order statistics per expert: counts per top 16 bits, then a select
+    """order_stats (the sampled brackets' two order statistics per expert: counts per top 16 bits, then a select
     within a bin) against np.sort: bf16-like magnitudes that repeat, all-distinct ones, values that all share
     their top 16 bits (the select does all the work), zeros next to the largest finite float, and a small sample.
     Positions in one bin and in two, at the ends, and -1 (left as is)."""
@@ -140,12 +186,12 @@ def test_order_stats_equal_a_sort(values):
     srt = np.sort(s, axis=1)
     lo, hi = np.full(4, -7.0, np.float32), np.full(4, -7.0, np.float32)
     sample = s.copy()
-    kernels._order_stats(sample, np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), lo, hi)
+    kernel_selection.order_stats(sample, np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), lo, hi)
     assert np.array_equal(sample, s)  # not reordered
     for j, (a, b) in enumerate(pairs):
         assert (lo[j], hi[j]) == (srt[j, a], srt[j, b]), (values, j)
     before = lo.copy(), hi.copy()
-    kernels._order_stats(s.copy(), np.array([-1, 5, -1, 7]), np.array([10, -1, -1, 9]), lo, hi)
+    kernel_selection.order_stats(s.copy(), np.array([-1, 5, -1, 7]), np.array([10, -1, -1, 9]), lo, hi)
     assert (lo[0], hi[0]) == (before[0][0], srt[0, 10])
     assert (lo[1], hi[1]) == (srt[1, 5], before[1][1])
     assert (lo[2], hi[2]) == (before[0][2], before[1][2])
@@ -168,7 +214,7 @@ def test_histogram_kernels_equal_selection_histograms(method, params):
                         [window_around(med, med * 1.001)]])
     for q in range(3):
         ws = [w[q] for w in windows]
-        got = kernels.histograms(method, p, ctx, base, experts, ws)
+        got = histograms(method, p, ctx, base, experts, ws)
         for j, x in enumerate(mags):
             for w, (below, hist) in zip(ws[j], got[j]):
                 want_below, want_hist = window_histogram(x, w)
@@ -187,7 +233,7 @@ def test_histogram_kernel_with_a_window_per_expert_and_one_without(n_experts):
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     ws = [[window_around(torch.quantile(x, 0.78).item(), torch.quantile(x, 0.82).item())] for x in mags]
     ws[1] = []
-    got = kernels.histograms("ties", p, ctx, base, experts, ws)
+    got = histograms("ties", p, ctx, base, experts, ws)
     assert got[1] == []
     for j, x in enumerate(mags):
         for w, (below, hist) in zip(ws[j], got[j]):
@@ -196,7 +242,7 @@ def test_histogram_kernel_with_a_window_per_expert_and_one_without(n_experts):
 
 
 def _select_merge_case(method, params, in_dtype, offset=12345):
-    n = 8 * kernels.SAMPLE_RUNS * kernels.SAMPLE_RUN + 999
+    n = 8 * kernel_selection.SAMPLE_RUNS * kernel_selection.SAMPLE_RUN + 999
     base, experts = models(n, in_dtype)
     experts[2][::7] += 0.5  # a second population of magnitudes the sample has to straddle
     m = get_method(method)
@@ -215,44 +261,41 @@ def test_select_and_merge_equals_kthvalue_then_merge(method, params, in_dtype, o
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     for k in (1, 2, n // 10, n // 2, n - n // 5, n - 3, n):
         out = torch.empty(n, dtype=out_dtype)
-        got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
+        got = select_and_merge(method, p, ctx, base, experts, out, [k] * 4)
         want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
         assert got == want_thr, k
-        ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=offset, seed=ctx.seed,
+        ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=offset, seed=ctx.seed,
                               thresholds=[{"min": v} for v in want_thr])
         want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(out_dtype)
         assert torch.equal(out.view(torch.uint8), want.view(torch.uint8)), k
-        # the numpy entry point (merge/kernel_path.py, no torch): same thresholds, same bytes
-        dst = np.zeros_like(kernels._raw_view(out))
-        assert kernels.select_and_merge_arrays(method, p, ctx, kernels._raw([base] + experts), dst, [k] * 4) == got, k
-        assert np.array_equal(dst, kernels._raw_view(out)), k
 
 
-@pytest.mark.parametrize("method, params, in_dtype", [("ties", {}, torch.bfloat16), ("dare_ties", {"p": 0.5}, torch.float32)])
-def test_magnitude_arrays_equal_the_methods_magnitudes(method, params, in_dtype):
-    """The torch-free sample of statistics.sample_windows: bitwise the magnitudes methods.py computes."""
+@pytest.mark.parametrize("method, params, in_dtype",
+                         [("ties", {}, torch.bfloat16), ("dare_ties", {"p": 0.5}, torch.float32)])
+def test_magnitudes_equal_the_methods_magnitudes(method, params, in_dtype):
+    """The torch-free magnitudes (samples, small tensors' thresholds): bitwise the torch definition's."""
     n = 5000
     base, experts = models(n, in_dtype)
     m = get_method(method)
     p = m.params.model_validate(params)
     ctx = context(n, len(experts), offset=777, with_thresholds=False)
-    got = kernels.magnitude_arrays(method, p, ctx, kernels._raw([base] + experts))
+    got = kernels.magnitudes(m, p, ctx, arrays([base] + experts))
     want = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     for j, x in enumerate(want):
         assert np.array_equal(got[j].view(np.int32), x.reshape(-1).numpy().view(np.int32)), j
     experts[1][3] = float("nan")
-    assert kernels.magnitude_arrays(method, p, ctx, kernels._raw([base] + experts)) is None
+    assert kernels.magnitudes(m, p, ctx, arrays([base] + experts)) is None
 
 
 @pytest.mark.parametrize("n", [3000, 20_000, 200_000])  # fewer runs than the cap, and capped at SAMPLE_MAX
 def test_sampled_bracket_equals_sample_bracket_on_the_sorted_sample(monkeypatch, n):
-    monkeypatch.setattr(kernels, "SAMPLE_RUNS", 4)
-    monkeypatch.setattr(kernels, "SAMPLE_RUN", 16)
-    monkeypatch.setattr(kernels, "SAMPLE_MAX", 2**12)
+    monkeypatch.setattr(kernel_selection, "SAMPLE_RUNS", 4)
+    monkeypatch.setattr(kernel_selection, "SAMPLE_RUN", 16)
+    monkeypatch.setattr(kernel_selection, "SAMPLE_MAX", 2**12)
     base, experts = models(n, torch.float32)
     ks = [1, n // 3, n - n // 5, n]
-    raw = kernels._raw([base] + experts)
-    lo, hi, share = kernels._sample_bracket(raw[0], raw[1:], kernels._dare_args(0.0, 0, "t", 4, 0), ks)
+    raw = arrays([base] + experts)
+    lo, hi, share = kernel_selection.sample_bracket(raw[0], raw[1:], primitives.dare_args(0.0, 0, "t", 4, 0), ks)
     runs = min(2**12 // 16, n // (8 * 16))
     step = (n - 16) // (runs - 1)
     pos = torch.cat([torch.arange(s * step, s * step + 16) for s in range(runs)])
@@ -286,18 +329,18 @@ def test_select_and_merge_with_brackets_of_one_value(method, params):
     base, experts = _quantized_case(n)
     m = get_method(method)
     p = m.params.model_validate(params)
-    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    ctx = UnitContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     k = n - int(p.density * n)
-    raw = kernels._raw([base] + experts)
-    dare = kernels._dare_args(kernels._dare_p(method, p), ctx.seed, ctx.name, 4, ctx.element_offset)
-    lo, hi, _ = kernels._sample_bracket(raw[0], raw[1:], dare, [k] * 4)
+    raw = arrays([base] + experts)
+    lo, hi, _ = kernel_selection.sample_bracket(raw[0], raw[1:], dare_args(method, p, ctx, 4), [k] * 4)
     assert (lo == hi).any() and (lo != hi).any()  # both kinds of bracket in this call
     out = torch.empty(n, dtype=torch.bfloat16)
-    got = kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, base, experts, out, [k] * 4)
+    got = select_and_merge(method, p, ctx, base, experts, out, [k] * 4)
     want_thr = [torch.kthvalue(x, k).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5,
+                          thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * 4, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -310,17 +353,19 @@ def test_select_and_merge_with_every_bracket_of_one_value(n_experts, sign):
     base, experts = _quantized_case(n, (0.002, 0.003, 0.004, 0.002)[:n_experts])
     m = get_method("ties")
     p = m.params.model_validate({"density": 0.35, "sign": sign})
-    ctx = TileContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
+    ctx = UnitContext(name="lm_head.weight", shape=(n,), element_offset=77, seed=5, thresholds=[])
     k = [n - int(p.density * n)] * n_experts
-    raw = kernels._raw([base] + experts)
-    lo, hi, _ = kernels._sample_bracket(raw[0], raw[1:], kernels._dare_args(0.0, 5, ctx.name, n_experts, 77), k)
+    raw = arrays([base] + experts)
+    no_dare = primitives.dare_args(0.0, 5, ctx.name, n_experts, 77)
+    lo, hi, _ = kernel_selection.sample_bracket(raw[0], raw[1:], no_dare, k)
     assert (lo == hi).all()
     out = torch.empty(n, dtype=torch.bfloat16)
-    got = kernels.select_and_merge_ties("ties", p, [1.0] * n_experts, ctx, base, experts, out, k)
+    got = select_and_merge("ties", p, ctx, base, experts, out, k)
     mags = m.magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     want_thr = [torch.kthvalue(x, k[0]).values.item() for x in mags]
     assert got == want_thr
-    ref_ctx = TileContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5, thresholds=[{"min": v} for v in want_thr])
+    ref_ctx = UnitContext(name=ctx.name, shape=ctx.shape, element_offset=77, seed=5,
+                          thresholds=[{"min": v} for v in want_thr])
     want = m.merge(base.float(), [e.float() for e in experts], [1.0] * n_experts, p, ref_ctx).to(torch.bfloat16)
     assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))
 
@@ -330,9 +375,9 @@ def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch, sprea
     n = 600_000
     base, experts = _quantized_case(n, spreads)
     p = get_method("ties").params.model_validate({"density": density})
-    ctx = TileContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
+    ctx = UnitContext(name="t", shape=(n,), element_offset=0, seed=0, thresholds=[])
     k = [n - int(density * n)] * len(experts)
-    real = kernels._sample_bracket
+    real = kernel_selection.sample_bracket
 
     def shifted(*a):  # one-value brackets at the next magnitude up: the right kind, the wrong value
         lo, hi, share = real(*a)
@@ -343,22 +388,25 @@ def test_a_wrong_bracket_of_one_value_is_caught_by_the_counts(monkeypatch, sprea
         return lo, hi, share
 
     out = torch.empty(n, dtype=torch.bfloat16)
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * len(k), ctx, base, experts, out, k) is not None
-    monkeypatch.setattr(kernels, "_sample_bracket", shifted)
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * len(k), ctx, base, experts, out, k) is None
+    assert select_and_merge("ties", p, ctx, base, experts, out, k) is not None
+    monkeypatch.setattr(kernel_selection, "sample_bracket", shifted)
+    assert select_and_merge("ties", p, ctx, base, experts, out, k) is None
 
 
 def test_select_and_merge_declines_when_the_bracket_misses_or_overflows(monkeypatch):
     n, base, experts, m, p, ctx = _select_merge_case("ties", {}, torch.bfloat16)
     out = torch.empty(n, dtype=torch.bfloat16)
     k = [n - n // 5] * 4
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is not None
-    monkeypatch.setattr(kernels, "REDO_SLACK", 0.0)  # list buffers too small for the elements to redo
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
+    assert select_and_merge("ties", p, ctx, base, experts, out, k) is not None
+    monkeypatch.setattr(merging, "REDO_SLACK", 0.0)  # list buffers too small for the elements to redo
+    assert select_and_merge("ties", p, ctx, base, experts, out, k) is None
     monkeypatch.undo()
     # a bracket entirely below the answer: the counts show it, nothing is guessed
-    monkeypatch.setattr(kernels, "_sample_bracket", lambda *a: (np.zeros(4, np.float32), np.full(4, 1e-6, np.float32), 0.1))
-    assert kernels.select_and_merge_ties("ties", p, [1.0] * 4, ctx, base, experts, out, k) is None
+    def bracket_below(*a):
+        return np.zeros(4, np.float32), np.full(4, 1e-6, np.float32), 0.1
+
+    monkeypatch.setattr(kernel_selection, "sample_bracket", bracket_below)
+    assert select_and_merge("ties", p, ctx, base, experts, out, k) is None
 
 
 def test_non_finite_task_vectors_are_left_to_the_definition():
@@ -367,10 +415,10 @@ def test_non_finite_task_vectors_are_left_to_the_definition():
     experts[1][123] = float("inf")
     p = get_method("ties").params.model_validate({})
     ctx = context(n, len(experts))
-    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))
-    assert kernels.histograms("ties", p, ctx, base, experts, [[RADIX]] * 4) is None
+    assert not merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))
+    assert histograms("ties", p, ctx, base, experts, [[RADIX]] * 4) is None
     experts[1][123] = float("nan")
-    assert not kernels.merge_tile("task_arithmetic", get_method("task_arithmetic").params.model_validate({}),
+    assert not merge_tile("task_arithmetic", get_method("task_arithmetic").params.model_validate({}),
                                   [1.0] * 4, ctx, base, experts, torch.empty(n))
 
 
@@ -378,7 +426,7 @@ def test_non_finite_task_vectors_are_left_to_the_definition():
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", ["base", "expert"])
 def test_every_kernel_declines_any_non_finite_input(dtype, value, where):
-    """The executor skips its own NaN/inf scan wherever a kernel succeeded, so a kernel must decline a unit with a
+    """The pipeline skips its own NaN/inf scan wherever a kernel succeeded, so a kernel must decline a unit with a
     single non-finite value anywhere, whether or not that element is trimmed, dropped or sampled."""
     n, base, experts, _, _, ctx = _select_merge_case("ties", {}, dtype)
     g = torch.Generator().manual_seed(zlib.crc32(f"{dtype} {value} {where}".encode()))  # same positions every run
@@ -392,11 +440,11 @@ def test_every_kernel_declines_any_non_finite_input(dtype, value, where):
         for method, params in CASES:
             p = get_method(method).params.model_validate(params)
             out = torch.empty(n, dtype=dtype)
-            assert not kernels.merge_tile(method, p, [1.0] * 4, ctx, b, es, out), (method, params, i)
-            if method in kernels.SELECT_MERGE_KERNELS:
-                assert kernels.select_and_merge_ties(method, p, [1.0] * 4, ctx, b, es, out, [n - n // 5] * 4) is None
-            if method in kernels.MAGNITUDE_KERNELS:
-                assert kernels.histograms(method, p, ctx, b, es, [[RADIX]] * 4) is None
+            assert not merge_tile(method, p, [1.0] * 4, ctx, b, es, out), (method, params, i)
+            if method in SELECT_MERGE:
+                assert select_and_merge(method, p, ctx, b, es, out, [n - n // 5] * 4) is None
+            if method in COUNTED:
+                assert histograms(method, p, ctx, b, es, [[RADIX]] * 4) is None
 
 
 def test_unsupported_inputs_are_declined():
@@ -404,18 +452,18 @@ def test_unsupported_inputs_are_declined():
     base, experts = models(n, torch.float16)
     p = get_method("ties").params.model_validate({})
     ctx = context(n, len(experts))
-    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # float16 tiles
+    assert not merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # float16 tiles
     base, experts = models(n, torch.float32)
-    assert not kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n, dtype=torch.float16))
-    assert not kernels.merge_tile("slerp", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # no kernel
+    assert not merge_tile("ties", p, [1.0] * 4, ctx, base, experts, torch.empty(n, dtype=torch.float16))
+    assert not merge_tile("slerp", p, [1.0] * 4, ctx, base, experts, torch.empty(n))  # no kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_count_nonfinite(dtype):
     t = torch.randn(10_000).to(dtype)
-    assert kernels.count_nonfinite(t) == 0
+    assert kernels.count_nonfinite(bits(t)) == 0
     t[[5, 77, 9000]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
-    assert kernels.count_nonfinite(t) == int((~torch.isfinite(t)).sum()) == 3
+    assert kernels.count_nonfinite(bits(t)) == int((~torch.isfinite(t)).sum()) == 3
 
 
 def test_histograms_with_fewer_private_copies_than_threads(monkeypatch):
@@ -426,8 +474,8 @@ def test_histograms_with_fewer_private_copies_than_threads(monkeypatch):
     ctx = context(n, len(experts), with_thresholds=False)
     mags = get_method("ties").magnitudes(base.float(), [e.float() for e in experts], p, ctx)
     ws = [[RADIX, window_around(torch.median(x).item(), 1.0)] for x in mags]
-    monkeypatch.setattr(kernels, "HIST_ITEMS", 1)
-    got = kernels.histograms("ties", p, ctx, base, experts, ws)
+    monkeypatch.setattr(kernel_selection, "HIST_ITEMS", 1)
+    got = histograms("ties", p, ctx, base, experts, ws)
     for j, x in enumerate(mags):
         for w, (below, hist) in zip(ws[j], got[j]):
             want_below, want_hist = window_histogram(x, w)
@@ -449,7 +497,7 @@ def test_kernels_from_several_threads_at_once():
 
     def one(_):
         out = torch.empty(n, dtype=torch.bfloat16)
-        assert kernels.merge_tile("ties", p, [1.0] * 4, ctx, base, experts, out)
+        assert merge_tile("ties", p, [1.0] * 4, ctx, base, experts, out)
         return out
 
     with ThreadPoolExecutor(4) as pool:

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import crash_merge, load_sd, no_output, replace_weights
+
+from mergescale.checkpoint.output_dir import MANIFEST, partial_dir
+from mergescale.checkpoint.read import Checkpoint
 from mergescale.cli import main
 from mergescale.config import load_config
-from mergescale.merge import executor
-from mergescale.merge.checkpoint import Checkpoint
-from mergescale.merge.executor import run_merge
-from mergescale.merge.writer import MANIFEST, partial_dir
+from mergescale.merge import driver, local
+from mergescale.merge.driver import run_merge
 
 
 def write_cfg(tmp_path: Path, **cfg) -> Path:
@@ -245,17 +245,17 @@ def test_output_appearing_during_the_merge_is_kept_and_so_is_the_work(family, tm
     kept too, and the same command finishes it once the path is free."""
     cfg = merge_cfg(tmp_path, family)
     out = tmp_path / "out"
-    real = executor.build_manifest
+    real = driver.build_manifest
 
     def and_a_user_writes(*a, **k):
         user_dir(tmp_path)
         return real(*a, **k)
 
-    monkeypatch.setattr(executor, "build_manifest", and_a_user_writes)
+    monkeypatch.setattr(driver, "build_manifest", and_a_user_writes)
     code, err = cli(capsys, cfg, "--out", out, "--overwrite", "-q")
     assert code == 2 and "cannot move the merged output into place" in err and str(partial_dir(out)) in err, err
     assert "results.csv" in err and (out / "notes" / "todo.txt").read_text() == "keep me"
-    monkeypatch.setattr(executor, "build_manifest", real)
+    monkeypatch.setattr(driver, "build_manifest", real)
     shutil.move(out, tmp_path / "moved")
     assert cli(capsys, cfg, "--out", out, "-q")[0] == 0
     clean = tmp_path / "clean"
@@ -266,7 +266,7 @@ def test_output_appearing_during_the_merge_is_kept_and_so_is_the_work(family, tm
 def test_training_output_writer_shares_the_overwrite_rule(family, tmp_path):
     from transformers import AutoTokenizer
 
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
     from mergescale.training.output import write_model
 
     out = user_dir(tmp_path)
@@ -288,7 +288,7 @@ def fake_free(monkeypatch, free: int) -> None:
 
 
 def test_not_enough_space_is_an_error_before_anything_is_written(family, tmp_path, capsys, monkeypatch):
-    from mergescale.merge import output_dir
+    from mergescale.checkpoint import output_dir
 
     cfg = merge_cfg(tmp_path, family)
     out = tmp_path / "out"
@@ -306,7 +306,7 @@ def test_not_enough_space_is_an_error_before_anything_is_written(family, tmp_pat
 
 
 def test_disk_full_mid_merge_is_an_error_and_a_rerun_resumes(family, tmp_path, capsys, monkeypatch):
-    from mergescale.merge import output_dir
+    from mergescale.checkpoint import output_dir
     from mergescale.merge.inputs import output_room, prepare
     from mergescale.merge.manifest import run_key
 
@@ -325,7 +325,7 @@ def test_disk_full_mid_merge_is_an_error_and_a_rerun_resumes(family, tmp_path, c
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(executor, "JOURNAL_EVERY_S", 0.0)
+    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
     monkeypatch.setattr(os, "pwrite", filling_pwrite)
     code, err = cli(capsys, cfg, "--out", out, "-q")
     monkeypatch.setattr(os, "pwrite", real_pwrite)
@@ -406,7 +406,7 @@ def test_index_naming_a_shard_outside_the_model_directory_exits_2(family, tmp_pa
 
 
 def test_header_with_negative_sizes_is_corrupt(tmp_path):
-    from mergescale.merge.checkpoint import CheckpointError, read_safetensors_header
+    from mergescale.checkpoint.read import CheckpointError, read_safetensors_header
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [-1, 4], "data_offsets": [16, 0]}}).encode()
     f = tmp_path / "model.safetensors"
@@ -457,11 +457,11 @@ def test_output_under_a_file_or_over_a_symlink_exits_2(family, tmp_path, capsys)
 
 
 def test_nonfinite_scan_of_merged_tiles_counts_like_numpy():
-    """kernels.count_nonfinite_raw (64-bit words first, then a count) against numpy's isfinite, for bf16 bits and
+    """kernels.count_nonfinite (64-bit words first, then a count) against numpy's isfinite, for bf16 bits and
     float32, any length and alignment, NaN/inf anywhere (the first, last, a word's every lane)."""
     import numpy as np
 
-    from mergescale.merge.kernels import count_nonfinite_raw
+    from mergescale.merge.kernels import count_nonfinite
 
     rng = np.random.default_rng(0)
     for trial in range(300):
@@ -474,5 +474,5 @@ def test_nonfinite_scan_of_merged_tiles_counts_like_numpy():
         x = x[trial % 2:]  # odd starts: not 8-byte aligned
         bf16 = torch.from_numpy(x.copy()).to(torch.bfloat16)
         bits = bf16.view(torch.int16).numpy().view(np.uint16)
-        assert count_nonfinite_raw(x) == int((~np.isfinite(x)).sum())
-        assert count_nonfinite_raw(bits[trial % 3:]) == int((~torch.isfinite(bf16[trial % 3:])).sum())
+        assert count_nonfinite(x) == int((~np.isfinite(x)).sum())
+        assert count_nonfinite(bits[trial % 3:]) == int((~torch.isfinite(bf16[trial % 3:])).sum())

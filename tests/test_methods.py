@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_f32, load_sd, merge, write_like
+
 from mergescale.merge.masks import dare_keep_mask
 
 ATOL = 1e-6
@@ -156,7 +156,8 @@ def ref_breadcrumbs(base, experts, weights, density=0.9, gamma=0.01, trim_scope=
                 k[n] = tau[n] * mask[pos : pos + m].reshape(tau[n].shape)
                 pos += m
         else:
-            k = {n: tau[n] * _magnitude_outliers_mask(tau[n].abs().reshape(-1), density, gamma).reshape(tau[n].shape) for n in names}
+            k = {n: tau[n] * _magnitude_outliers_mask(tau[n].abs().reshape(-1), density, gamma).reshape(tau[n].shape)
+                 for n in names}
         kept.append(k)
     return {n: base[n] + lam * sum(w * k[n] for w, k in zip(weights, kept)) for n in names}
 
@@ -192,19 +193,20 @@ VARIANTS = {
                           lambda b, e, w, s: ref_ties(b, e, 0.2, "global", "count")),
     "ties_tensor_mass": ("ties", {"density": 0.3, "trim_scope": "tensor"}, None, 3, True,
                          lambda b, e, w, s: ref_ties(b, e, 0.3, "tensor", "mass")),
-    "ties_tensor_count": ("ties", {"density": 0.5, "trim_scope": "tensor", "sign": "count", "lambda": 0.8}, None, 3, True,
-                          lambda b, e, w, s: ref_ties(b, e, 0.5, "tensor", "count", 0.8)),
+    "ties_tensor_count": ("ties", {"density": 0.5, "trim_scope": "tensor", "sign": "count", "lambda": 0.8}, None, 3,
+                          True, lambda b, e, w, s: ref_ties(b, e, 0.5, "tensor", "count", 0.8)),
     "dare_linear": ("dare_linear", {"p": 0.4, "lambda": 0.9}, [1.0, 0.5, 2.0], 3, True,
                     lambda b, e, w, s: ref_dare_linear(b, e, w, 0.4, s, 0.9)),
     "dare_ties": ("dare_ties", {"p": 0.5}, None, 3, True, lambda b, e, w, s: ref_dare_ties(b, e, 0.5, s)),
     "dare_ties_trim_global": ("dare_ties", {"p": 0.3, "density": 0.5, "lambda": 1.1}, None, 3, True,
                               lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.5, "global", "mass", 1.1)),
-    "dare_ties_trim_tensor": ("dare_ties", {"p": 0.3, "density": 0.4, "trim_scope": "tensor", "sign": "count"}, None, 3, True,
-                              lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.4, "tensor", "count")),
+    "dare_ties_trim_tensor": ("dare_ties", {"p": 0.3, "density": 0.4, "trim_scope": "tensor", "sign": "count"}, None,
+                              3, True, lambda b, e, w, s: ref_dare_ties(b, e, 0.3, s, 0.4, "tensor", "count")),
     "slerp": ("slerp", {"t": 0.3}, None, 2, False, lambda b, e, w, s: ref_slerp(e, 0.3)),
     "breadcrumbs_tensor": ("breadcrumbs", {"density": 0.8, "gamma": 0.05}, [1.0, 0.5, 2.0], 3, True,
                            lambda b, e, w, s: ref_breadcrumbs(b, e, w, 0.8, 0.05, "tensor")),
-    "breadcrumbs_global": ("breadcrumbs", {"density": 0.7, "gamma": 0.02, "trim_scope": "global", "lambda": 0.8}, None, 3, True,
+    "breadcrumbs_global": ("breadcrumbs", {"density": 0.7, "gamma": 0.02, "trim_scope": "global", "lambda": 0.8},
+                           None, 3, True,
                            lambda b, e, w, s: ref_breadcrumbs(b, e, [1.0] * 3, 0.7, 0.02, "global", 0.8)),
     "model_stock": ("model_stock", {}, None, 3, True, lambda b, e, w, s: ref_model_stock(b, e)),
 }
@@ -260,15 +262,15 @@ TILES = [64.0, 700 / 2**20, 100 / 2**20]
 def test_tile_size_invariance(micro, tmp_path, monkeypatch, variant):
     """Same bytes for every output tensor whatever the tiling, and each tiling matches the reference."""
     from mergescale.config import load_config
-    from mergescale.merge import executor
+    from mergescale.merge import pipeline
     from mergescale.merge.inputs import open_inputs, plan_merge
 
     ref = reference(micro, variant)
     outputs = []
-    # Last: whole-tensor units that the executor computes in 100-element row chunks (if it chunks units).
+    # Last: whole-tensor units that the torch path computes in 100-element row chunks.
     for i, (tile_mb, chunk) in enumerate([(t, None) for t in TILES] + [(64.0, 100)]):
-        if chunk is not None and hasattr(executor, "CHUNK_ELEMS"):
-            monkeypatch.setattr(executor, "CHUNK_ELEMS", chunk)
+        if chunk is not None:
+            monkeypatch.setattr(pipeline, "CHUNK_ELEMS", chunk)
         cfg = variant_config(micro, variant, tile_mb=tile_mb)
         if i == len(TILES) - 1:  # the tiling really splits every tensor, 1-D ones included, with a remainder
             inputs = open_inputs(load_config(cfg))
@@ -368,8 +370,8 @@ def test_dare_with_p_zero_equals_underlying_method(family, tmp_path, dare_params
     def cfg(spec):
         w = spec.get("weights")
         experts = [{"path": p, "weight": x} for p, x in zip(family.expert_strs, w)] if w else family.expert_strs
-        return {"method": spec["method"], "parameters": spec["parameters"], "base": str(family.base), "experts": experts,
-                "seed": 11}
+        return {"method": spec["method"], "parameters": spec["parameters"], "base": str(family.base),
+                "experts": experts, "seed": 11}
 
     a = merge(cfg(dare_params), tmp_path / "dare")
     b = merge(cfg(plain), tmp_path / "plain")
@@ -404,7 +406,8 @@ def test_global_and_tensor_trim_differ_on_scaled_model(scaled, tmp_path):
     base, g, t = load_f32(scaled.base), load_f32(tmp_path / "global"), load_f32(tmp_path / "tensor")
 
     def changed(sd, key):
-        return sum(int((sd[n] != base[n]).sum()) for n in base if key in n) / sum(base[n].numel() for n in base if key in n)
+        names = [n for n in base if key in n]
+        return sum(int((sd[n] != base[n]).sum()) for n in names) / sum(base[n].numel() for n in names)
 
     assert any(not torch.equal(g[n], t[n]) for n in base)
     # Global trim spends the budget on the large-scale MLP tensors and almost none on the small-scale embedding;
@@ -427,51 +430,36 @@ def test_global_thresholds_in_manifest_equal_kthvalue(family, tmp_path):
         assert recorded[i]["min"] == torch.kthvalue(flat, k).values.item()
 
 
-def test_every_registered_method_has_a_signature_and_back():
-    """The config validates against method_params.SIGNATURES (no torch); every name there must have math."""
-    from mergescale.merge.method_params import SIGNATURES
-    from mergescale.merge.methods import REGISTRY
+def test_declaring_the_methods_loads_neither_torch_nor_numba():
+    """The config schema, a Ray driver and kernel-only actors read the declarations (mergescale.merge.methods): the
+    math loads only when a method's torch function runs."""
+    import subprocess
+    import sys
 
-    assert sorted(REGISTRY) == sorted(SIGNATURES)
-
-
-def test_a_method_that_needs_statistics_must_say_so_in_its_signature():
-    """A Ray driver skips the statistics pass, and torch, for methods whose signature has statistics=False; so
-    registering one that has a selection or row sums under such a signature fails, and none of the registered
-    ones does."""
-    from mergescale.merge.method_params import Selection, ties_ranks
-    from mergescale.merge.methods import REGISTRY, MergeMethod, register
-
-    with pytest.raises(ValueError, match="needs statistics"):
-        register(MergeMethod(name="average", merge=REGISTRY["average"].merge,
-                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
-    with pytest.raises(ValueError, match="needs statistics"):
-        register(MergeMethod(name="task_arithmetic", merge=REGISTRY["task_arithmetic"].merge,
-                             row_stats=lambda base, experts, p: None))
-    quiet = [name for name, m in REGISTRY.items() if m.signature.statistics is False]
-    assert sorted(quiet) == ["average", "dare_linear", "task_arithmetic"]
-    for name in quiet:
-        assert REGISTRY[name].selection(REGISTRY[name].params()) is None and REGISTRY[name].row_stats is None
+    code = ("import sys, mergescale.config, mergescale.merge.methods as m; "
+            "assert len(m.METHODS) == 8 and not {'torch', 'numba'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_method_takes_its_selection_and_row_stats_from_its_signature():
-    """A Ray coordinator plans the statistics passes from method_params alone (no torch there), so register()
-    fills a method's selection from its signature and refuses one that says otherwise; the registered methods'
-    selections are their signatures' functions."""
-    from mergescale.merge.method_params import SIGNATURES, Selection, ties_ranks
-    from mergescale.merge.methods import REGISTRY, MergeMethod, register
+def test_register_refuses_a_method_declared_inconsistently():
+    """A method that selects thresholds of its magnitudes must declare them in torch (the definition its kernel is
+    checked against), and a name is declared once."""
+    import dataclasses
 
-    before = dict(REGISTRY)
-    with pytest.raises(ValueError, match="give its selection in method_params.SIGNATURES"):
-        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge,
-                             selection=lambda p: Selection("tensor", ties_ranks(0.5))))
-    with pytest.raises(ValueError, match="row_stats and its signature's row_stats=False disagree"):
-        register(MergeMethod(name="ties", merge=REGISTRY["ties"].merge, row_stats=lambda base, experts, p: None))
-    with pytest.raises(ValueError, match="row_stats=True disagree"):
-        register(MergeMethod(name="model_stock", merge=REGISTRY["model_stock"].merge))
-    assert REGISTRY == before
-    for name, m in REGISTRY.items():
-        assert m.selection is SIGNATURES[name].selection and (m.row_stats is not None) == SIGNATURES[name].row_stats
+    from mergescale.merge.methods import METHODS, Kernel, Selection, register, ties_ranks
+
+    before = dict(METHODS)
+    ties = METHODS["ties"]
+    with pytest.raises(ValueError, match="registered already"):
+        register(ties)
+    with pytest.raises(ValueError, match="declares no magnitudes"):
+        register(dataclasses.replace(ties, name="ties2", magnitudes=None))
+    with pytest.raises(ValueError, match="magnitudes kernel needs"):
+        register(dataclasses.replace(METHODS["average"], name="avg2", kernel=Kernel("average", magnitudes=True)))
+    with pytest.raises(ValueError, match="declares no magnitudes"):
+        register(dataclasses.replace(METHODS["average"], name="avg3",
+                                     selection=lambda p: Selection("tensor", ties_ranks(0.5))))
+    assert METHODS == before
 
 
 @pytest.mark.parametrize("method,params", [
@@ -481,17 +469,15 @@ def test_a_method_takes_its_selection_and_row_stats_from_its_signature():
     ("model_stock", {}),
 ])
 def test_needs_statistics_agrees_with_what_the_method_selects(method, params):
-    """method_params.needs_statistics (torch-free, what the Ray driver and actors decide on) is False only where
-    the registered method neither selects nor sums rows for these parameters; dare_ties without an extra trim
-    (density 1, the default) is such a case, and its units are then each one fused kernel call."""
-    from mergescale.merge.method_params import kernels_alone, needs_statistics
-    from mergescale.merge.methods import REGISTRY
+    """Method.needs_statistics (torch-free, what the Ray driver and actors decide on) is False only where the
+    method neither selects nor sums rows for these parameters; dare_ties without an extra trim (density 1, the
+    default) is such a case, and its units are then each one fused kernel call."""
+    from mergescale.merge.methods import METHODS
 
-    m = REGISTRY[method]
+    m = METHODS[method]
     p = m.params.model_validate(params)
-    if not needs_statistics(method, p):
-        assert m.selection(p) is None and m.row_stats is None
-    assert needs_statistics(method, p) == (method in ("ties", "slerp", "breadcrumbs", "model_stock")
-                                           or (method == "dare_ties" and p.density < 1.0))
-    assert kernels_alone(method, p) == (method in ("average", "task_arithmetic", "dare_linear")
-                                        or (method == "dare_ties" and p.density >= 1.0))
+    assert m.needs_statistics(p) == (method in ("ties", "slerp", "breadcrumbs", "model_stock")
+                                     or (method == "dare_ties" and p.density < 1.0))
+    assert m.kernels_alone(p) == (method in ("average", "task_arithmetic", "dare_linear")
+                                  or (method == "dare_ties" and p.density >= 1.0))
+    assert m.kernels_merge() == (method in ("average", "task_arithmetic", "dare_linear", "ties", "dare_ties"))

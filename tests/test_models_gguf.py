@@ -60,8 +60,9 @@ def write_gguf(model_dir, path, *, add_bos: bool, quant=None, arch: str = "llama
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     per_layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                 "mlp.down_proj": "ffn_down"}
     for i in range(cfg.num_hidden_layers):
         for hf, g in per_layer.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{g}.weight"
@@ -158,6 +159,6 @@ def test_cli_and_cached_resolve(tiny, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cache" / "models").exists() and json.loads((tmp_path / first / "mergescale_manifest.json")
                                                                     .read_text())["source"]["spec"] == f"gguf:{src}"
     assert resolve_model(str(tiny)) == str(tiny)  # a plain directory passes through
-    from mergescale.merge.checkpoint import resolve_model_dir
+    from mergescale.models.sources import resolve_model_dir
 
     assert resolve_model_dir(f"gguf:{src}") == Path(first)  # what merge, eval and train resolve their models with

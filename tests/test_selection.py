@@ -11,9 +11,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mergescale.merge.masks import dare_keep_mask
-from mergescale.merge.method_params import breadcrumbs_ranks, ties_ranks
+from mergescale.merge.methods import breadcrumbs_ranks, ties_ranks
 from mergescale.merge.selection import (
-    RADIX, KthQuery, SparseCounts, StreamingSelector, float_bits, kth_smallest, sample_bracket, window_around, window_histogram,
+    RADIX,
+    KthQuery,
+    SparseCounts,
+    StreamingSelector,
+    float_bits,
+    kth_smallest,
+    sample_bracket,
+    window_around,
+    window_histogram,
 )
 
 
@@ -159,7 +167,8 @@ def test_sparse_counts_add_as_dense_ones():
     dense = [np.where(rng.random(w.bins) < p, rng.integers(0, 50, w.bins), 0).astype(np.int64) for p in (0.01, 0.9)]
     want = dense[0] + dense[1]
     for first, second in ((SparseCounts.of(dense[0]), torch.from_numpy(dense[1])),
-                          (dense[1], SparseCounts.of(dense[0])), (SparseCounts.of(dense[1]), SparseCounts.of(dense[0]))):
+                          (dense[1], SparseCounts.of(dense[0])),
+                          (SparseCounts.of(dense[1]), SparseCounts.of(dense[0]))):
         sel = StreamingSelector([])
         sel.use_windows({"s": [w]})
         sel.merge_from({("s", w): (3, first)})
@@ -247,7 +256,7 @@ def test_dare_mask_large_offsets_stay_distinct():
 
 
 def test_streams_finished_early_drop_their_counts_and_stay_exact():
-    """finish_stream as soon as a stream's tiles are in (what the executor does per tensor) frees its counts."""
+    """finish_stream as soon as a stream's tiles are in (what the merge pass does per tensor) frees its counts."""
     g = torch.Generator().manual_seed(4)
     a, b = torch.rand(5000, generator=g), torch.rand(3000, generator=g) * 7
     sel = StreamingSelector([KthQuery("a", 4000), KthQuery("b", 17), KthQuery("b", 2999)])
@@ -258,8 +267,9 @@ def test_streams_finished_early_drop_their_counts_and_stay_exact():
         assert all(key[0] != "a" for key in sel.counts)
         sel.add_values("b", b)
         sel.finish_pass()
-    assert [q.value for q in sel.queries] == [torch.kthvalue(a, 4000).values.item(), torch.kthvalue(b, 17).values.item(),
-                                              torch.kthvalue(b, 2999).values.item()]
+    want = [torch.kthvalue(a, 4000).values.item(), torch.kthvalue(b, 17).values.item(),
+            torch.kthvalue(b, 2999).values.item()]
+    assert [q.value for q in sel.queries] == want
 
 
 def test_sample_bracket_holds_the_answer_and_opens_at_the_ends():

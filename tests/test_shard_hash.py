@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergescale.merge import shard_hash
-from mergescale.merge.shard_hash import ShardHashes
-from mergescale.merge.writer import OutputLayout, PartialOutput
+from mergescale.checkpoint import shard_hash
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.shard_hash import ShardHashes
+from mergescale.checkpoint.write import PartialOutput
 
 
 def make_shards(tmp_path, sizes, seed):
@@ -37,7 +38,8 @@ def cut(rng, start, end, pieces):
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), pieces=st.integers(0, 30), drop=st.floats(0, 0.5), chunk=st.sampled_from([7, 64, 4096]))
+@given(seed=st.integers(0, 2**32 - 1), pieces=st.integers(0, 30), drop=st.floats(0, 0.5),
+       chunk=st.sampled_from([7, 64, 4096]))
 def test_spans_in_any_order_with_gaps_give_file_sha256(tmp_path_factory, seed, pieces, drop, chunk):
     tmp_path = tmp_path_factory.mktemp("h")
     rng = random.Random(seed)
@@ -50,7 +52,8 @@ def test_spans_in_any_order_with_gaps_give_file_sha256(tmp_path_factory, seed, p
         spans = [(i, a, b) for i, hd in enumerate(headers) for a, b in cut(rng, len(hd), len(data[i]), pieces)]
         rng.shuffle(spans)
         reported = [s for s in spans if rng.random() >= drop]  # the rest: never reported (a resumed run's gaps)
-        threads = [threading.Thread(target=lambda part: [h.durable(*s) for s in part], args=(reported[j::3],)) for j in range(3)]
+        threads = [threading.Thread(target=lambda part: [h.durable(*s) for s in part], args=(reported[j::3],))
+                   for j in range(3)]
         for t in threads:
             t.start()
         for t in threads:

@@ -35,7 +35,8 @@ TIMING = ("merge_s", "eval_s")
 def study_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
     r = subprocess.run([*CLI, "study", *map(str, args)], capture_output=True, text=True, **kw)
     if check and r.returncode != 0:
-        raise AssertionError(f"study {' '.join(map(str, args))} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+        raise AssertionError(f"study {' '.join(map(str, args))} exited "
+                             f"{r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
 
 
@@ -51,7 +52,8 @@ def ledger(run_dir: Path) -> list[dict]:
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
-    return [e for e in (json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines()) if e["kind"] == kind]
+    return [e for e in (json.loads(x) for x in (run_dir / "timings.jsonl").read_text().splitlines())
+            if e["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,8 @@ def test_seed_rule_is_shared_by_every_base_and_method(full_run):
         assert set(categories_for(seed, 2, cats)) < set(categories_for(seed, 4, cats))
         assert categories_for(seed, 6, cats) == tuple(cats)
     assert len({categories_for(s, 2, cats) for s in range(20)}) > 5  # seeds do pick different subsets
-    assert seed_order(0, cats) == sorted(cats, key=lambda c: __import__("hashlib").sha256(f"0:{c}".encode()).hexdigest())
+    want = sorted(cats, key=lambda c: __import__("hashlib").sha256(f"0:{c}".encode()).hexdigest())
+    assert seed_order(0, cats) == want
     with pytest.raises(ValueError):
         categories_for(0, 7, cats)
 
@@ -149,8 +152,8 @@ def test_a_cell_equals_merge_and_eval_by_hand(full_run, tmp_path, capsys):
         ref.update(scores(experts[c], held_in[c], f"expert-{c}"))
     norm = {t: merged[t] / ref[t] for t in merged}
     want_in = fmean(fmean(norm[t] for t in held_in[c]) for c in cats)
-    want_out = fmean(fmean(norm[t] for t in ts) for ts in (["copa", "hellaswag"], ["anli", "rte"], ["wsc", "winogrande"],
-                                                           ["wic"]))
+    held_out = (["copa", "hellaswag"], ["anli", "rte"], ["wsc", "winogrande"], ["wic"])
+    want_out = fmean(fmean(norm[t] for t in ts) for ts in held_out)
     rows = [x for x in ledger(run_dir) if (x["base"], x["method"], x["n_experts"], x["seed"]) == (base, "TIES", 2, 1)]
     assert {x["task"]: x["normalized"] for x in rows} == pytest.approx(norm, abs=0, rel=1e-12)
     from mergescale.eval.aggregate import cell_scores
@@ -164,7 +167,8 @@ def test_killed_study_resumes_to_the_same_ledger(full_run, tmp_path):
     run_dir, cfg, _ = full_run
     # the trained models of the full run, given by path: the same content, so the same cell keys
     trained = Path(cfg["work_dir"]) / "models" / "tiny-it"
-    experts = {**cfg["experts"], "tiny-it": {**cfg["experts"]["tiny-it"], "sentiment": str(trained / "experts" / "sentiment")}}
+    experts = {**cfg["experts"], "tiny-it": {**cfg["experts"]["tiny-it"],
+                                             "sentiment": str(trained / "experts" / "sentiment")}}
     path = write_config(cfg, tmp_path / "study.yaml", work_dir=str(tmp_path / "run"), experts=experts,
                         multitask={"tiny-it": str(trained / "multitask")})
     killed = tmp_path / "run"
@@ -226,7 +230,8 @@ def test_a_failing_cell_is_recorded_and_the_study_goes_on(tiny, tmp_path):
             sd["model.embed_tokens.weight"][0, 0] = float("nan")
             save_file(sd, f, metadata={"format": "pt"})
     cats = ["sentiment", "topic_classification"]
-    experts = {"tiny-pt": {"sentiment": str(bad), "topic_classification": cfg["experts"]["tiny-pt"]["topic_classification"]}}
+    experts = {"tiny-pt": {"sentiment": str(bad),
+                           "topic_classification": cfg["experts"]["tiny-pt"]["topic_classification"]}}
     path = write_config(cfg, tmp_path / "s.yaml", name="nan-study", work_dir=str(tmp_path / "run"), held_in=cats,
                         bases=[cfg["bases"][0]], experts=experts, multitask={}, num_experts=[1, 2], seeds=[0],
                         methods=[cfg["methods"][0]])
@@ -318,4 +323,5 @@ def test_the_ray_job_entry_runs_study_commands(full_run, capsys):
     cfg_path = run_dir.parent / "study.yaml"
     assert job_main(["study", "plan", str(cfg_path)]) == 0
     out = capsys.readouterr().out
-    assert "16 cells, 12 merges" in out and "N=2 seed=0: " + ", ".join(categories_for(0, 2, list(STUDY_CATEGORIES))) in out
+    assert "16 cells, 12 merges" in out
+    assert "N=2 seed=0: " + ", ".join(categories_for(0, 2, list(STUDY_CATEGORIES))) in out

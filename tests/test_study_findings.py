@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from mergescale.study import findings as F
 from mergescale.study import figures as G
+from mergescale.study import findings as F
 from mergescale.study.config import MULTITASK_LABEL
 from mergescale.study.summary import build_summary
 from mergescale.study.synthetic import PAPER_METHODS, PAPER_NS, PAPER_SIZES, paper_table
@@ -70,7 +70,8 @@ def test_every_finding_holds_on_a_ledger_built_to_show_it():
     assert [f.verdict for f in found] == [F.HOLDS] * 5, F.findings_markdown(found)
     f1 = found[0].parts[0]
     assert len(f1.checks) == 2 * 2 * 2  # sizes x methods x N
-    assert f1.checks[0].cell == "1B, N=2, Average" and f1.checks[0].detail == "instruction-tuned 0.90 vs pretrained 0.70"
+    assert f1.checks[0].cell == "1B, N=2, Average"
+    assert f1.checks[0].detail == "instruction-tuned 0.90 vs pretrained 0.70"
 
 
 def test_each_finding_fails_where_the_ledger_contradicts_it():

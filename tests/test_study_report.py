@@ -19,8 +19,14 @@ from mergescale.study.config import MULTITASK_LABEL
 from mergescale.study.ledger import StudyError, read_ledger
 from mergescale.study.report import write_report
 from mergescale.study.summary import build_summary, load_summary
-from mergescale.study.synthetic import (PAPER_BASES, PAPER_METHODS, SynthTask, paper_table, paper_value,
-                                        write_synthetic_run)
+from mergescale.study.synthetic import (
+    PAPER_BASES,
+    PAPER_METHODS,
+    SynthTask,
+    paper_table,
+    paper_value,
+    write_synthetic_run,
+)
 from mergescale.study.tables import build_tables, table_csv, table_markdown
 
 # eight held-in categories (the paper's N goes to 8) with one or two datasets each, two held-out categories

@@ -101,7 +101,8 @@ def test_empty_and_truncated_training_files(base, data_dir, tmp_path, capsys, no
     assert main(["train", "expert", _config(tmp_path, base, data)]) == 2
     assert f"cannot read {path}: line 2 is not valid JSON" in _error(capsys)
     lines = tmp_path / "it.jsonl"
-    lines.write_text(json.dumps({"input": "q", "target": "a"}) + "\n" + json.dumps({"input": " ", "target": "a"}) + "\n")
+    lines.write_text(json.dumps({"input": "q", "target": "a"}) + "\n" + json.dumps({"input": " ", "target": "a"})
+                     + "\n")
     assert main(["train", "instruct", _config(tmp_path, base, data, tasks=[], data_files=[str(lines)])]) == 2
     assert f"data_files: {lines}:2: field 'input' is empty" in _error(capsys)
     assert _nothing_written(tmp_path)
@@ -109,7 +110,6 @@ def test_empty_and_truncated_training_files(base, data_dir, tmp_path, capsys, no
 
 def test_pickle_base_needs_allow_pickle(base, data_dir, tmp_path, capsys, no_training):
     import torch
-
     from conftest import load_sd
 
     pickled = tmp_path / "pickled"
@@ -180,7 +180,8 @@ def test_newest_checkpoint_without_a_seal_is_passed_over(tmp_path):
     with pytest.raises(C.CheckpointMismatch, match="was made with other training data"):
         C.verified_resume_tag(root, "other")
     (sealed / "states.pt").write_bytes(b"longer than before")
-    with pytest.raises(C.CheckpointMismatch, match=rf"states.pt: 18 bytes, but {len(sealed.name)} when mergescale saved it"):
+    with pytest.raises(C.CheckpointMismatch, match=rf"states.pt: 18 bytes, but {len(sealed.name)} when mergescale "
+                       rf"saved it"):
         C.verified_resume_tag(root, "fp")
     assert C.verified_resume_tag(tmp_path / "none", "fp") is None
 

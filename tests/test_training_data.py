@@ -13,8 +13,8 @@ from mergescale.config import ConfigError
 from mergescale.eval.fixtures import write_fixture_data
 from mergescale.eval.tasks import get_task
 from mergescale.tiny import build_tiny_llama
-from mergescale.training import train
 from mergescale.training import engine as E
+from mergescale.training import train
 from mergescale.training.config import TrainConfig, load_train_config
 from mergescale.training.data import IGNORE, MixtureSchedule, collate, encode
 from mergescale.training.recipes import prepare_data
@@ -41,7 +41,8 @@ def test_config_errors_name_fields(tmp_path):
         load_train_config({"base": "b", "learning_rate": 1e-4})
     with pytest.raises(ConfigError, match=r"optimizer: .*'adafactor' or 'adamw'"):
         load_train_config({"base": "b", "optimizer": "sgd"})
-    with pytest.raises(ConfigError, match=r"batch_size \(6\) must be a multiple of micro_batch_size \(2\) x cluster.workers \(2\)"):
+    with pytest.raises(ConfigError, match=r"batch_size \(6\) must be a multiple of micro_batch_size \(2\) x "
+                       r"cluster.workers \(2\)"):
         load_train_config({"base": "b", "batch_size": 6, "micro_batch_size": 2, "cluster": {"workers": 2}})
     p = tmp_path / "c.yaml"
     p.write_text("base: b\nmax_steps: -1\n")
@@ -53,7 +54,8 @@ def test_lr_schedule_matches_formula():
     # cosine from 1e-3 to 1e-4 over 100 steps after 10 warmup steps, checked against the closed form
     for step in (0, 5, 9, 10, 40, 99):
         got = E.lr_at(step, 1e-3, 110, 10, "cosine", 0.1)
-        want = 1e-3 * (step + 1) / 10 if step < 10 else 1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (step - 10) / 100))
+        cos = math.cos(math.pi * (step - 10) / 100)
+        want = 1e-3 * (step + 1) / 10 if step < 10 else 1e-4 + 0.9e-3 * 0.5 * (1 + cos)
         assert got == pytest.approx(want, rel=1e-12)
     assert E.lr_at(50, 3e-5, 100, 0, "constant", 0.0) == 3e-5
 
@@ -65,7 +67,8 @@ def test_schedule_is_a_function_of_seed_and_step():
     fresh = MixtureSchedule(sizes, cap, seed=3)  # a resumed run: asks for step 25 first
     assert fresh.batch(25, 8) == early[25]
     assert MixtureSchedule(sizes, cap, seed=4).batch(0, 8) != early[0]
-    # one mixture epoch holds min(n, cap) draws of each source, each example at most once (examples-proportional, capped)
+    # one mixture epoch holds min(n, cap) draws of each source, each example at most once
+    # (examples-proportional, capped)
     epoch = [p for s in range(a.epoch_len // 8) for p in a.batch(s, 8)]
     counts = Counter(s for s, _ in epoch[: a.epoch_len - a.epoch_len % 8])
     assert a.epoch_len == 40 + 7 + 40
@@ -89,7 +92,8 @@ def test_loss_is_on_target_tokens_only(base):
         assert labels[n_in:] == tok(inp + tgt)["input_ids"][n_in:] + [tok.eos_token_id]
     b = collate(enc, tok.pad_token_id)
     with torch.no_grad():
-        ours = E.target_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        ours = E.target_loss_sum(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                 b["labels"])
         # independent: transformers' own causal-LM loss (a token mean) per example, times its target tokens
         ref = 0.0
         for ids, labels in enc:
@@ -123,7 +127,8 @@ def test_task_files_replace_a_category_and_chat_prompts(base, data_dir, tmp_path
     (tmp_path / "tasks.yaml").write_text(
         "replace_categories: true\ntasks:\n  - name: my_reviews\n    category: sentiment\n    group: held_in\n"
         "    data_files: {train: my/train.jsonl}\n    templates:\n      - name: t\n"
-        "        jinja: '{{ text }} Good or bad? ||| {{ answer_choices[label] }}'\n        answer_choices: bad ||| good\n")
+        "        jinja: '{{ text }} Good or bad? ||| {{ answer_choices[label] }}'\n"
+        "        answer_choices: bad ||| good\n")
     args = dict(base=str(base), tasks=["held-in:sentiment"], data_dir=str(data_dir))
     cfg = load_train_config(args, task_files=[str(tmp_path / "tasks.yaml")])
     sources, _, info = prepare_data("expert", cfg)
@@ -154,7 +159,8 @@ def test_train_cli_passes_data_dir_and_task_files(monkeypatch):
         return {"final": {"val_loss": None, "train_loss": 1.0}, "config": {"out": "o"}, "recipe": recipe, "steps": 1}
 
     monkeypatch.setattr(api, "train", fake_train)
-    assert main(["train", "expert", "c.yaml", "--data-dir", "d", "--tasks-yaml", "a.yaml", "--tasks-yaml", "b.yaml"]) == 0
+    assert main(["train", "expert", "c.yaml", "--data-dir", "d", "--tasks-yaml", "a.yaml", "--tasks-yaml",
+                 "b.yaml"]) == 0
     assert seen["data_dir"] == "d" and seen["task_files"] == ["a.yaml", "b.yaml"]
 
 
@@ -167,7 +173,8 @@ def test_instruct_refuses_leaking_task(base, data_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"instruct mixture leaks evaluation task 'copa'"):
         train("instruct", _train_args(base, data_dir, out, tasks=["copa"]))
     labelled = tmp_path / "labelled.jsonl"
-    labelled.write_text(json.dumps({"input": "x", "target": "y"}) + "\n" + json.dumps({"input": "a", "target": "b", "task": "rte"}) + "\n")
+    labelled.write_text(json.dumps({"input": "x", "target": "y"}) + "\n"
+                        + json.dumps({"input": "a", "target": "b", "task": "rte"}) + "\n")
     with pytest.raises(ConfigError, match=rf"leaks evaluation task 'rte': data file {labelled} has rows labelled"):
         train("instruct", _train_args(base, data_dir, out, data_files=[str(labelled)]))
     # a prompt copied from an evaluation set, without any task label: found by content
@@ -175,13 +182,15 @@ def test_instruct_refuses_leaking_task(base, data_dir, tmp_path):
     row = next(iter(wic.load(wic.eval_split, data_dir)))
     p = wic.templates[0].render(row)
     copied = tmp_path / "copied.jsonl"
-    copied.write_text(json.dumps({"input": "unrelated", "target": "ok"}) + "\n" + json.dumps({"input": p.input, "target": p.target}) + "\n")
-    with pytest.raises(ConfigError, match=rf"leaks evaluation task 'wic': data file {copied} contains 1 of its prompts"):
+    copied.write_text(json.dumps({"input": "unrelated", "target": "ok"}) + "\n"
+                      + json.dumps({"input": p.input, "target": p.target}) + "\n")
+    with pytest.raises(ConfigError,
+                       match=rf"leaks evaluation task 'wic': data file {copied} contains 1 of its prompts"):
         train("instruct", _train_args(base, data_dir, out, data_files=[str(copied)]))
     assert not out.exists() and not (tmp_path / ".it.train").exists()
     # a clean mixture passes the check (eval tasks limited to held-out so held-in tasks may be trained on)
-    clean = TrainConfig(**_train_args(base, data_dir, out, tasks=["imdb"], data_files=[str(tmp_path / "labelled.jsonl")],
-                                      eval_selectors=["held-out"]))
+    clean = TrainConfig(**_train_args(base, data_dir, out, tasks=["imdb"],
+                                      data_files=[str(tmp_path / "labelled.jsonl")], eval_selectors=["held-out"]))
     (tmp_path / "labelled.jsonl").write_text(json.dumps({"input": "x", "target": "y"}) + "\n")
     srcs, _, _ = prepare_data("instruct", clean)
     assert [s.name for s in srcs] == ["imdb", str(tmp_path / "labelled.jsonl")]

@@ -16,16 +16,16 @@ import torch
 pytest.importorskip("deepspeed")
 ray = pytest.importorskip("ray")
 
+from conftest import load_f32  # noqa: E402
+
 from mergescale.eval.fixtures import write_fixture_data  # noqa: E402
 from mergescale.eval.tasks import register_tasks  # noqa: E402
-from mergescale.merge.executor import run_merge  # noqa: E402
+from mergescale.merge.driver import run_merge  # noqa: E402
 from mergescale.tiny import build_tiny_llama  # noqa: E402
 from mergescale.training import train  # noqa: E402
 from mergescale.training.data import collate, encode  # noqa: E402
 from mergescale.training.engine import target_loss_sum  # noqa: E402
 from mergescale.training.trainer import FAIL_ENV  # noqa: E402
-
-from conftest import load_f32  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 

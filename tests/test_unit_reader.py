@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-import torch
+from conftest import load_sd, write_like
 
 from mergescale.config import load_config
-from mergescale.merge.inputs import MergeInputError, open_inputs, plan_merge
-from mergescale.merge.reader import UnitReader, read_unit
-from tests.conftest import load_sd, write_like
+from mergescale.errors import MergeInputError
+from mergescale.merge.inputs import open_inputs, plan_merge
+from mergescale.merge.reader import UnitReader, read_rows
 
 BAD = "model.layers.0.mlp.down_proj.weight"
 
@@ -18,25 +19,20 @@ def setup(micro, tmp_path):
     sd = load_sd(micro.experts[1])
     sd[BAD][1, 2] = float("nan")
     bad = write_like(micro.experts[1], tmp_path / "bad", sd)
-    cfg = load_config({"method": "task_arithmetic", "base": str(micro.base), "experts": [micro.expert_strs[0], str(bad)],
-                       "tile_mb": 0.002})
+    cfg = load_config({"method": "task_arithmetic", "base": str(micro.base),
+                       "experts": [micro.expert_strs[0], str(bad)], "tile_mb": 0.002})
     inputs = open_inputs(cfg)
     yield inputs, plan_merge(cfg, inputs)
     inputs.close()
 
 
 def reference(inputs, unit):
-    base, experts = read_unit(inputs, unit, "ignore", convert=False)
-    return [t.clone() for t in [base, *experts]]
+    """The unit's stored bytes, read plainly (fresh buffers), base first."""
+    return [r.copy() for r in read_rows(inputs, unit, mapped=False)]
 
 
 def same(got, want):
-    """Bitwise (the bad unit holds a NaN, which torch.equal never calls equal)."""
-    def bits(t):
-        return t.reshape(-1).view(torch.uint8)
-
-    base, experts = got
-    return all(torch.equal(bits(a), bits(b)) for a, b in zip([base, *experts], want, strict=True))
+    return all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("read", ["pread", "mmap"])
@@ -44,9 +40,9 @@ def test_stream_equals_plain_reads_and_buffers_are_reused(setup, read):
     inputs, plan = setup
     reader = UnitReader(inputs, "ignore", read)
     ptrs = set()
-    for unit, base, experts in reader.stream(plan.units):
-        assert same((base, experts), reference(inputs, unit)), unit
-        ptrs.add(experts[0].untyped_storage().data_ptr())
+    for unit, raws in reader.stream(plan.units):
+        assert same(raws, reference(inputs, unit)), unit
+        ptrs.add(raws[1].ctypes.data)
     reader.close()
     assert len(plan.units) > 10
     if read == "pread":
@@ -58,9 +54,9 @@ def test_mapped_tiles_are_private(setup):
     inputs, plan = setup
     unit = plan.units[3]
     before = reference(inputs, unit)
-    base, experts = UnitReader(inputs, "ignore", "mmap").get(unit)
-    experts[0].view(torch.uint8).fill_(0x7F)
-    assert same(read_unit(inputs, unit, "ignore", convert=False), before)
+    raws = UnitReader(inputs, "ignore", "mmap").get(unit)
+    raws[1].fill(0x7F)
+    assert same(read_rows(inputs, unit, mapped=False), before)
 
 
 def test_wrong_hint_is_dropped_and_right_hint_is_used(setup):
@@ -71,7 +67,7 @@ def test_wrong_hint_is_dropped_and_right_hint_is_used(setup):
     plain_read = reader._read
     reader._read = lambda unit, slot, check=True: (reads.append(unit.id), plain_read(unit, slot, check))[1]
     first = list(reader.stream(units[:3], then=units[10]))  # hint: unit 10 comes next
-    assert [u.id for u, _, _ in first] == [0, 1, 2]
+    assert [u.id for u, _ in first] == [0, 1, 2]
     reader._pending[1].result()  # the hinted read runs on the reader's thread
     assert reads == [0, 1, 2, 10]  # each unit read once, the hinted one ahead of time
     assert same(reader.get(units[5]), reference(inputs, units[5]))  # another actor took unit 10's batch

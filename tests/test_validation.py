@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import load_sd, merge, no_output, weight_map, write_like
-from mergescale.merge.inputs import MergeInputError
+
+from mergescale.errors import MergeInputError
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 

@@ -1,1 +1,2 @@
-"""Everything Ray: merge actors and placement, evaluation replicas, job entry points (`python -m mergescale.cluster.job`)."""
+"""Everything Ray: merge actors and placement, evaluation replicas, job entry points
+(`python -m mergescale.cluster.job`)."""

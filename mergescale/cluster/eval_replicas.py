@@ -45,12 +45,11 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
                     address: str | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0, bar=None,
                     in_flight: int = 2) -> None:
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from mergescale.cluster.session import ensure_ray
     from mergescale.eval.backends import EvalError
-
-    from ray.util.placement_group import placement_group, remove_placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ensure_ray(address, log_to_driver=False)
     actors, pg = [], None
@@ -70,8 +69,9 @@ def run_on_replicas(chunks, on_done, backend: str, model_dir, backend_kw: dict, 
             have = ray.cluster_resources()
             short = {k: v * replicas for k, v in bundle.items() if v * replicas > have.get(k, 0)}
             if short:
-                raise EvalError(f"{replicas} evaluation replicas need {short}; the Ray cluster has "
-                                 f"{ {k: have.get(k, 0) for k in short} }: lower --replicas or the resources per replica")
+                free = {k: have.get(k, 0) for k in short}
+                raise EvalError(f"{replicas} evaluation replicas need {short}; the Ray cluster has {free}: "
+                                "lower --replicas or the resources per replica")
             pg = placement_group([bundle] * replicas, strategy="SPREAD")
             ray.get(pg.ready())  # queued behind other evaluations' replicas until the cluster has room
         for i in range(replicas):

@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m mergescale.cluster.job {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mergescale.checkpoint.read import CheckpointError
     from mergescale.config import ConfigError
-    from mergescale.merge.checkpoint import CheckpointError
-    from mergescale.merge.inputs import MergeInputError
+    from mergescale.errors import MergeInputError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -1,20 +1,23 @@
-"""Distributed merge on Ray: K actors each read, merge and write their own row slices.
+"""The merge on K Ray actors: the driver of mergescale.merge.driver with a runner whose units are read, merged and
+written by actors (cluster/pool.py places and replaces them, cluster/worker.py is what each runs), so the output is
+byte-identical to the single-process merge for any number of actors.
 
-The flow mirrors the single-process executor (mergescale.merge.executor) and calls the same functions for the
-math, so the output is byte-identical for any number of actors:
-
-    driver: place and start the actors (they load torch and the kernels meanwhile)
-    driver: validate + plan (headers only, no torch)  ->  create the partial output (shard files with headers)
-    actors: statistics passes on their units -> histograms / row sums  ->  driver adds them, sends thresholds
+    driver: place and start the actors (they load the kernels, and torch if needed, meanwhile)
+    driver: validate + plan (headers only, no torch)  ->  create the partial output  ->  hand the actors the plan
+    actors: statistics passes on their units -> counts / row sums  ->  driver adds them, sends the statistics
     actors: merge pass, pwrite rows into the shared shard files, fdatasync in the background  ->  the next call
             reports them durable  ->  driver journals them
     driver: commit (index, manifest, atomic rename)
 
 Work is handed out in small batches from per-actor queues balanced by bytes (an idle actor steals from the
-longest queue; cluster/pool.py). A batch whose actor dies is simply handed to another actor: units are
-idempotent (same bytes to the same place), so a lost actor, a lost node or a killed driver (rerun: the journal
-skips finished units) never changes the output. Inputs and the output directory must be on storage every node
-sees (NFS, Lustre, a PVC).
+longest queue). A batch whose actor dies is handed to another actor: units are idempotent (same bytes to the same
+place), so a lost actor, a lost node or a killed driver (rerun: the journal skips finished units) never changes
+the output. Inputs and the output directory must be on storage every node sees (NFS, Lustre, a PVC).
+
+Nothing here imports torch: the driver creates its actors first, and they load numba, the compiled kernels and,
+if needed, torch while the driver validates the inputs from their headers. Thresholds need none of it here
+either: an actor samples their first windows, the actors count, the driver adds their counts (numpy). The driver
+loads torch only to add up whole-tensor row sums (slerp, model_stock split into several units).
 """
 
 from __future__ import annotations
@@ -29,11 +32,6 @@ from mergescale.cluster.pool import ActorPool, balanced_batches
 from mergescale.cluster.session import ensure_ray
 from mergescale.config import MergeConfig, load_config, with_cluster
 
-# Nothing here imports torch: the driver creates its actors first, and they load torch, numba and the compiled
-# kernels (seconds) while the driver validates the inputs from their headers. Thresholds need none of it here
-# either: an actor samples their first windows, the actors count, the driver adds their counts (numpy). The driver
-# loads torch only to add up whole-tensor row sums (slerp, model_stock split into several units).
-
 log = logging.getLogger(__name__)
 
 
@@ -41,121 +39,134 @@ def run_distributed_merge(config: MergeConfig | dict | str | Path, out: str | Pa
                           workers: int | None = None, address: str | None = None, overwrite: bool = False,
                           progress: bool = True, resume: bool = True) -> dict:
     """Merge on `workers` Ray actors (default: config.cluster.workers). Blocks; returns the manifest."""
-    config = with_cluster(load_config(config), workers=workers)
-    ensure_ray(address or config.cluster.address, log_to_driver=True)
-    pool = inputs = None
-    t0 = time.time()
-    try:
-        pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates below
-        from mergescale.merge.errors import InputsChanged
-        from mergescale.merge.inputs import output_room, prepare
-        from mergescale.merge.manifest import run_key
-        from mergescale.merge.output_dir import space_error
+    from mergescale.merge.driver import run_merge
 
-        config, out, inputs, plan = prepare(config, out, overwrite)  # all validation before anything is written
-        key = run_key(config, inputs, plan)
-        needed, free = output_room(plan, inputs, out, key)
-        if needed > free:
-            raise space_error(out, needed, free)
-        pool.start(config, out, plan.layout.fingerprint(), key)  # output files only once every actor is placed
-        t_start = time.time() - t0
-        try:
-            return _merge(pool, config, out, inputs, plan, key, overwrite, progress, resume, t_start)
-        except InputsChanged as e:
-            if not resume:
-                raise
-            log.warning("%s: the inputs changed since the interrupted run (%s): its partial output cannot be used; "
-                        "starting over", out, e)
-            pool, old = None, pool
-            old.shutdown(wait=True)  # none of its actors may write into the new partial output
-            pool = ActorPool(config, config.cluster.workers)
-            pool.start(config, out, plan.layout.fingerprint(), key)
-            return _merge(pool, config, out, inputs, plan, key, overwrite, progress, False, t_start)
-    finally:
-        if inputs is not None:
-            inputs.close()
-        if pool is not None:
-            pool.shutdown()
+    return run_merge(config, out, runner=RayRunner(workers, address), overwrite=overwrite, progress=progress,
+                     resume=resume)
 
 
-def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: str, overwrite: bool, progress: bool,
-           resume: bool, t_start: float) -> dict:
-    """The merge on started actors, into a new or (resume) a resumed partial output, whose recorded input digests
-    the actors' reads prove: InputsChanged, the partial output removed, when they do not (merge/input_digests.py)."""
-    from mergescale.merge.errors import InputsChanged, MergeInputError
-    from mergescale.merge.input_digests import InputDigests
-    from mergescale.merge.inputs import human_bytes, output_room, progress_bar, unit_read_bytes
-    from mergescale.merge.manifest import build_manifest, config_updates
-    from mergescale.merge.method_params import needs_statistics
-    from mergescale.merge.output_dir import is_no_space, space_error
-    from mergescale.merge.writer import PartialOutput
+class RayRunner:
+    """mergescale.merge.driver.Runner on Ray actors (what differs from the local runner: driver.Runner)."""
 
-    t0 = time.time()
-    partial = PartialOutput(out, plan.layout, key)
-    digests = InputDigests(inputs)
-    try:
-        done = partial.open(resume=resume)
-        k = len(pool.slots)
-        unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
-        units_by_id = {u.id: u for u in plan.units}
+    writes_direct = False
 
-        def add_digests(found: dict):  # the actors' digests of what they read; InputsChanged where one differs
-            for u, d in found.items():
-                digests.add(units_by_id[u], d)
+    def __init__(self, workers: int | None = None, address: str | None = None):
+        self.workers, self.address = workers, address
+        self.pool: ActorPool | None = None
+
+    def begin(self, config) -> MergeConfig:
+        config = with_cluster(load_config(config), workers=self.workers)
+        ensure_ray(self.address or config.cluster.address, log_to_driver=True)
+        self.t0 = time.time()
+        self.pool = ActorPool(config, config.cluster.workers)  # the actors start while the driver validates
+        return config
+
+    def start(self, config: MergeConfig, out: Path, inputs, plan, key: str) -> None:
+        self.config, self.out, self.inputs, self.plan, self.key = config, out, inputs, plan, key
+        self.pool.start(config, out, plan.layout.fingerprint(), key)  # output files only once every actor is placed
+        self.t_start = time.time() - self.t0
+        from mergescale.merge.inputs import unit_read_bytes
+
+        self.unit_bytes = {u.id: unit_read_bytes(inputs, u) for u in plan.units}
+        self.units_by_id = {u.id: u for u in plan.units}
+
+    def restart(self) -> None:
+        old, self.pool = self.pool, None
+        old.shutdown(wait=True)  # none of its actors may write into the new partial output
+        self.pool = ActorPool(self.config, self.config.cluster.workers)
+        self.pool.start(self.config, self.out, self.plan.layout.fingerprint(), self.key)
+
+    def attach(self, job, digests) -> None:
+        self.digests, self.partial = digests, None
+        k = len(self.pool.slots)
+        self.max_failures = 2 * k + self.config.cluster.max_actor_restarts * k
+
+    def _queues(self, units):
+        return balanced_batches(units, self.unit_bytes, len(self.pool.slots))
+
+    def _add_digests(self, found: dict) -> None:
+        """The actors' digests of what they read; InputsChanged where one differs from a recorded one."""
+        for u, d in found.items():
+            self.digests.add(self.units_by_id[u], d)
+
+    def _bytes(self, unit_ids) -> int:
+        return sum(self.unit_bytes[u] for u in unit_ids)
+
+    def prove(self, units: list, out: Path, progress: bool) -> None:
+        from mergescale.merge.inputs import human_bytes, progress_bar
+
+        if units:
+            k = len(self.pool.slots)
+            nbytes = self._bytes(u.id for u in units)
+            log.info("resuming %s: %d of %d units already written; proving their inputs unchanged (reading %s on %d "
+                     "workers)", out, len(units), len(self.plan.units), human_bytes(nbytes), k)
+            bar = progress_bar(nbytes, f"prove inputs unchanged on {k} workers", progress)
+            self.pool.run("verify", self._queues(units), lambda b, upcoming: (b, upcoming),
+                          lambda slot, batch, found: (self._add_digests(found), bar.update(self._bytes(batch))),
+                          self.max_failures)
+            bar.close()
+        self.journaled = units  # their rows are durable: the output's sha256s take them in when `merge` starts
+
+    def held_tensors(self, todo: set[int]) -> dict:
+        return {}
+
+    def statistics(self, work, warnings: list[str], progress: bool):
+        """The statistics passes on the actors (statistics.gather): an actor samples the first windows, every actor
+        counts its batches, the driver adds their counts; whole-tensor sums in one pass."""
+        from mergescale.merge.inputs import progress_bar
+        from mergescale.merge.statistics import gather
+
+        k = len(self.pool.slots)
+        if work.selector is not None:
+            windows = self.pool.sample_windows()  # a few MB read by one actor: each query starts near its answer
+            for q in work.selector.queries:
+                q.window = windows.get((q.stream, q.tag), q.window)
+
+        def count_pass(pass_no, units, selector, done):
+            bar = progress_bar(self._bytes(u.id for u in units), f"thresholds pass {pass_no} on {k} workers", progress)
+
+            def add_counts(slot, batch, res):
+                self._add_digests(res["digests"])
+                selector.merge_from(res["counts"])  # and finish each stream as soon as all its units are counted
+                done([self.units_by_id[u] for u in batch])
+                bar.update(self._bytes(batch))
+
+            windows = selector.windows()
+            self.pool.run("selection", self._queues(units), lambda b, upcoming: (b, windows, upcoming), add_counts,
+                          self.max_failures)
+            bar.close()
+
+        def row_sums(units) -> dict:
+            parts: dict = {}  # unit id -> its rows' sums
+            self.pool.run("row_stats", self._queues(units), lambda b, upcoming: (b, upcoming),
+                          lambda slot, batch, res: (self._add_digests(res["digests"]), parts.update(res["sums"])),
+                          self.max_failures)
+            return parts
+
+        return gather(work, self.plan, len(self.inputs.experts), count_pass, row_sums)
+
+    def merge(self, units: list, stats_json: dict, held: dict, partial, warnings: list[str], progress: bool) -> None:
+        from mergescale.merge.inputs import progress_bar
+
+        pool, k = self.pool, len(self.pool.slots)
 
         def durable(unit_ids):  # the output's sha256s advance in the background as rows become final
             for u in unit_ids:
-                partial.rows_durable(units_by_id[u].name, units_by_id[u].row_start, units_by_id[u].row_end)
+                unit = self.units_by_id[u]
+                partial.rows_durable(unit.name, unit.row_start, unit.row_end)
 
-        max_failures = 2 * k + config.cluster.max_actor_restarts * k
-
-        def queues(units):
-            return balanced_batches(units, unit_bytes, k)
-
-        saved = partial.load_stats(lambda stats_json: stats_json)
-        digests.merge_recorded(done, units_by_id)
-        if saved is not None:
-            digests.merge_recorded(saved[1], units_by_id)
-        if done:  # prove the journaled units' inputs before trusting any of them
-            todo_bytes = sum(unit_bytes[u] for u in done)
-            log.info("resuming %s: %d of %d units already written; proving their inputs unchanged (reading %s on %d "
-                     "workers)", out, len(done), len(plan.units), human_bytes(todo_bytes), k)
-            bar = progress_bar(todo_bytes, f"prove inputs unchanged on {k} workers", progress)
-            pool.run("verify", queues([units_by_id[u] for u in sorted(done)]), lambda b, upcoming: (b, upcoming),
-                     lambda slot, batch, found: (add_digests(found), bar.update(sum(unit_bytes[u] for u in batch))),
-                     max_failures)
-            bar.close()
-        durable(sorted(done))
-
-        # -- statistics (only methods that can need them load the statistics code here) ------------------------
-        stats_json, global_thresholds = {"thresholds": {}, "sums": {}}, None
-        if needs_statistics(config.method, config.method_params):
-            from mergescale.merge.statistics import GLOBAL
-
-            stats_json = saved[0] if saved is not None else None
-            if stats_json is None:
-                stats = _statistics(pool, config, plan, inputs, queues, unit_bytes, units_by_id, max_failures, progress,
-                                    add_digests)
-                stats_json = stats.to_json()
-                partial.save_stats(stats_json, digests.recorded)
-            thresholds = stats_json["thresholds"]
-            global_thresholds = {GLOBAL: thresholds[GLOBAL]} if GLOBAL in thresholds else None
-        t_stats = time.time() - t0
+        durable(sorted(u.id for u in self.journaled))
         pool.set_stats(stats_json)
-
-        # -- merge pass ---------------------------------------------------------------------------------------
-        todo = [u for u in plan.units if u.id not in done]
-        bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"merge {config.method} on {k} workers", progress)
-        unit_nodes: dict[int, str] = {}
+        bar = progress_bar(self._bytes(u.id for u in units), f"merge {self.config.method} on {k} workers", progress)
+        self.unit_nodes: dict[int, str] = {}
         counted: set[int] = set()  # units already on the progress bar (a dead actor's unconfirmed ones are redone)
-        warnings: list[str] = []
 
         def on_durable(unit_ids):
-            partial.journal(digests.of(unit_ids))  # the actor has fdatasync'ed these rows
+            partial.journal(self.digests.of(unit_ids))  # the actor has fdatasync'ed these rows
             durable(unit_ids)
 
         def on_merged(slot, batch, res):
-            add_digests(res["digests"])
+            self._add_digests(res["digests"])
             warnings.extend(w for w in res["warnings"] if w not in warnings)  # redone units warn again
             on_durable(res["durable"])
             slot.unsynced = res["units"]
@@ -164,99 +175,48 @@ def _merge(pool: ActorPool, config: MergeConfig, out: Path, inputs, plan, key: s
             slot.units += len(res["units"])
             slot.node, slot.device, slot.torch = res["node"], res["device"], res["torch"]
             for u in res["units"]:
-                unit_nodes[u] = res["node"]
+                self.unit_nodes[u] = res["node"]
             fresh = [u for u in res["units"] if u not in counted]
             counted.update(fresh)
-            bar.update(sum(unit_bytes[u] for u in fresh))
-            bar.set_postfix_str(f"units {len(partial.done)}/{len(plan.units)}", refresh=False)
+            bar.update(self._bytes(fresh))
+            bar.set_postfix_str(f"units {len(partial.done)}/{len(self.plan.units)}", refresh=False)
 
         def merge_args(batch, upcoming):  # units hashed in this run's statistics pass are not hashed again
-            return batch, upcoming, [u for u in batch if u in digests.fresh]
+            return batch, upcoming, [u for u in batch if u in self.digests.fresh]
 
-        pool.run("merge", queues(todo), merge_args, on_merged, max_failures)
+        pool.run("merge", self._queues(units), merge_args, on_merged, self.max_failures)
         while True:
             on_durable(pool.flush())
             if not any(s.queue for s in pool.slots):
                 break
-            pool.run("merge", [s.queue for s in pool.slots], merge_args, on_merged, max_failures)
+            pool.run("merge", [s.queue for s in pool.slots], merge_args, on_merged, self.max_failures)
         bar.close()
-        if digests.unproven():  # every unit was read: a recorded digest no read confirmed would be a bug
-            raise InputsChanged(f"{len(digests.unproven())} recorded input digests were not checked")
 
-        # -- commit -------------------------------------------------------------------------------------------
-        total_s = time.time() - t0
-        per_actor = [
-            {"actor": s.index, "node": s.node, "device": s.device, "loaded_torch": s.torch, "units": s.units, "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
-             "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None}
-            for s in pool.slots
-        ]
-        timing = {"actor_start_s": round(t_start, 3), "statistics_s": round(t_stats, 3), "total_s": round(total_s + t_start, 3), "units_total": len(plan.units),
-                  "units_resumed": len(done), "actor_replacements": pool.replacements}
-        extra = {"distributed": {"workers": k, "placement": config.cluster.placement, "actors": per_actor,
-                                 "unit_nodes": {str(u): n for u, n in sorted(unit_nodes.items())}}}
-        manifest = build_manifest(config, inputs, plan, global_thresholds, timing, warnings, extra)
-        manifest = partial.commit(inputs.metadata_source, manifest, config_updates=config_updates(config), overwrite=overwrite)
+    def timing(self, statistics_s: float, total_s: float, units_total: int, units_resumed: int) -> dict:
+        return {"actor_start_s": round(self.t_start, 3), "statistics_s": round(statistics_s, 3),
+                "total_s": round(total_s + self.t_start, 3), "units_total": units_total, "units_resumed": units_resumed,
+                "actor_replacements": self.pool.replacements}
+
+    def _per_actor(self) -> list[dict]:
+        return [{"actor": s.index, "node": s.node, "device": s.device, "loaded_torch": s.torch, "units": s.units,
+                 "bytes_read": s.bytes, "busy_s": round(s.seconds, 3),
+                 "MB_per_s": round(s.bytes / 1e6 / s.seconds, 1) if s.seconds else None} for s in self.pool.slots]
+
+    def manifest_extra(self) -> dict:
+        return {"distributed": {"workers": len(self.pool.slots), "placement": self.config.cluster.placement,
+                                "actors": self._per_actor(),
+                                "unit_nodes": {str(u): n for u, n in sorted(self.unit_nodes.items())}}}
+
+    def report(self, progress: bool) -> None:
         if progress:
-            print_actor_summary(per_actor)
-        return manifest
-    except MergeInputError as e:
-        partial.close() if e.keep_partial else partial.abort()  # bad data: nothing worth keeping
-        raise
-    except OSError as e:
-        partial.close()  # keep for resume
-        if is_no_space(e):
-            needed, free = output_room(plan, inputs, out, key)
-            raise space_error(out, needed, free, during=f"writing {partial.dir}") from None
-        raise
-    except BaseException:
-        partial.close()  # keep for resume
-        raise
+            print_actor_summary(self._per_actor())
 
+    def detach(self) -> None:
+        pass
 
-def _statistics(pool: ActorPool, config: MergeConfig, plan, inputs, queues, unit_bytes: dict, units_by_id: dict,
-                max_failures: int, progress: bool, add_digests):
-    """The statistics passes on the actors (thresholds: 1-3 counting passes; whole-tensor sums: one pass). Returns
-    the MergeStats; `add_digests` gets the input digests of the units the actors read."""
-    from mergescale.merge.inputs import progress_bar
-    from mergescale.merge.statistics import (
-        MergeStats, finish_complete_streams, pending_units, statistics_work, sums_from, thresholds_from,
-        units_per_scope,
-    )
-
-    stats, k = MergeStats(), len(pool.slots)
-    work = statistics_work(config.method, config.method_params, plan, len(inputs.experts))
-    if work.selector is not None:
-        sel = work.selector
-        windows = pool.sample_windows()  # a few MB read by one actor: each query starts near its answer
-        for q in sel.queries:
-            q.window = windows.get((q.stream, q.tag), q.window)
-        pass_no = 0
-        while not sel.done:
-            pass_no += 1
-            todo = pending_units(sel, work.selection_units, work.global_selection)
-            bar = progress_bar(sum(unit_bytes[u.id] for u in todo), f"thresholds pass {pass_no} on {k} workers",
-                               progress)
-            left = units_per_scope(todo, work.global_selection)
-
-            def add_counts(slot, batch, res, bar=bar, left=left):
-                add_digests(res["digests"])
-                sel.merge_from(res["counts"])  # and finish each stream as soon as all its units are counted
-                finish_complete_streams(sel, left, [units_by_id[u] for u in batch], work.global_selection,
-                                        len(inputs.experts))
-                bar.update(sum(unit_bytes[u] for u in batch))
-
-            windows = sel.windows()
-            pool.run("selection", queues(todo), lambda b, upcoming, ws=windows: (b, ws, upcoming), add_counts,
-                     max_failures)
-            bar.close()
-            sel.finish_pass()
-        stats.thresholds = thresholds_from(sel.queries, len(inputs.experts))
-    if work.sum_units:
-        parts: dict = {}  # unit id -> its rows' sums
-        pool.run("row_stats", queues(work.sum_units), lambda b, upcoming: (b, upcoming),
-                 lambda slot, batch, res: (add_digests(res["digests"]), parts.update(res["sums"])), max_failures)
-        stats.sums = sums_from(plan, parts)
-    return stats
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def print_actor_summary(per_actor: list[dict]) -> None:
@@ -285,7 +245,8 @@ def merge_async(config: MergeConfig | dict | str | Path, out: str | Path | None 
     config = load_config(config)
     out = out or config.out
     if out is None:
-        from mergescale.merge.inputs import MergeInputError
+        from mergescale.errors import MergeInputError
 
         raise MergeInputError("no output directory: pass out= (or set 'out' in the config)")
-    return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers, overwrite)
+    return _merge_task.remote(config.model_dump(mode="json", by_alias=True), str(Path(out).absolute()), workers,
+                              overwrite)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import ray
 
+from mergescale.checkpoint.read import stored_float_dtype
 from mergescale.config import MergeConfig
-from mergescale.merge import checkpoint, method_params
+from mergescale.merge.methods import METHODS
 
 log = logging.getLogger(__name__)
 BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progress bar and cheap retries
@@ -25,8 +26,6 @@ BATCH_BYTES = 256 * 10**6  # input bytes per call: small enough for a live progr
 # includes the first merge of a fresh install, where every actor compiles the fused kernels before numba's cache
 # has them: ~70 s of CPU per process here, and two actors on 2 busy cores went past the 120 s this used to be.
 ACTOR_START_TIMEOUT_S = 600.0
-# Testing aid for fault-injection tests: seconds each actor sleeps per unit, so a test can kill mid-merge.
-UNIT_DELAY_ENV = "MERGESCALE_UNIT_DELAY_S"
 
 
 class MergeActor:
@@ -141,13 +140,15 @@ class ActorPool:
 
         spec = self.spec = config.cluster
         self.workers, self.use_gpu = workers, spec.num_gpus > 0
-        # whether the actors can merge with the fused kernels alone (merge/kernel_path.possible), and so skip torch;
-        # and whether they find thresholds (so load those kernels too)
-        kernels_merge = method_params.kernels_merge(config.method) and config.read == "mmap"
-        selection = not method_params.kernels_alone(config.method, config.method_params)
+        # whether the actors can merge with the fused kernels alone, and so skip torch; and whether they find
+        # thresholds (so load those kernels too)
+        method = METHODS[config.method]
+        kernels_merge = method.kernels_merge()
+        selection = not method.kernels_alone(config.method_params)
         # which compiled kernels the actors load: the stored dtype from one header (a hint, None if unknown yet)
-        stored = checkpoint.stored_float_dtype(config.base or config.experts[0].path)
-        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored, config.out_dtype)
+        stored = stored_float_dtype(config.base or config.experts[0].path)
+        self.init_args = (config.method, len(config.experts), self.use_gpu, kernels_merge, selection, stored,
+                          config.out_dtype)
         self.args = None  # setup's arguments, once the driver has validated the inputs
         self.bundle = {"CPU": spec.num_cpus, **({"GPU": spec.num_gpus} if spec.num_gpus else {})}
         have = ray.cluster_resources()
@@ -170,7 +171,7 @@ class ActorPool:
         self.stats_ref = None  # once set, every replacement actor gets the statistics before any merge work
 
     def start(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str) -> None:
-        from mergescale.merge.inputs import MergeInputError
+        from mergescale.errors import MergeInputError
 
         ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.placement_timeout_s)
         if not ready:
@@ -198,7 +199,8 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
         self.replacements += 1
-        slot.actor = self.remote_cls.options(**self.resources, name=f"{self.name_prefix}-{slot.index}-r{self.replacements}").remote(*self.init_args)
+        name = f"{self.name_prefix}-{slot.index}-r{self.replacements}"
+        slot.actor = self.remote_cls.options(**self.resources, name=name).remote(*self.init_args)
         slot.starting = slot.actor.setup.remote(*self.args, self.stats_ref)
         slot.node = None
 
@@ -209,7 +211,8 @@ class ActorPool:
         try:
             return ray.get(self.slots[0].actor.sample_windows.remote(), timeout=ACTOR_START_TIMEOUT_S)
         except _ACTOR_DIED as e:
-            log.warning("merge worker 0 died (%s) while sampling; thresholds start from the whole range", type(e).__name__)
+            log.warning("merge worker 0 died (%s) while sampling; thresholds start from the whole range",
+                        type(e).__name__)
             return {}
         except ray.exceptions.RayTaskError as e:
             raise _cause(e) from None

@@ -53,9 +53,10 @@ def run_jobs(jobs: list, first_step: Callable, next_step: Callable, on_failure: 
         if step.fn not in remotes:
             remotes[step.fn] = ray.remote(step.fn)
         # max_retries: a worker lost with its node is retried once; an exception in the step is not
+        runtime_env = {"runtime_env": {"env_vars": step.env}} if step.env else {}
         ref = remotes[step.fn].options(num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=1,
                                        retry_exceptions=False, name=step.name or step.fn.__name__,
-                                       **({"runtime_env": {"env_vars": step.env}} if step.env else {})).remote(*step.args)
+                                       **runtime_env).remote(*step.args)
         inflight[ref] = (job, step)
         if on_start is not None:
             on_start(job, step)

@@ -13,13 +13,10 @@ import os
 import time
 from pathlib import Path
 
-from mergescale.merge.writer import MANIFEST
+from mergescale.checkpoint.output_dir import MANIFEST
+from mergescale.training.api import TrainingFailed
 from mergescale.training.config import TrainConfig
 from mergescale.training.trainer import FAIL_ENV, STOPPED
-
-
-class TrainingFailed(RuntimeError):
-    """The worker group failed more often than cluster.max_failures allows; the checkpoints stay for a rerun."""
 
 
 def _train_loop_per_worker(loop_config: dict) -> None:
@@ -66,8 +63,9 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise TrainingFailed(f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
-                             f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
+        raise TrainingFailed(
+            f"training failed after {cfg.cluster.max_failures} restart(s): {str(e)[:2000]}\n"
+            f"Checkpoints are kept in {work / 'checkpoints'}; rerun the same command to resume.") from None
     if (work / STOPPED).exists():
         return None
     return json.loads((out / MANIFEST).read_text())

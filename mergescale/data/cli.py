@@ -28,7 +28,8 @@ def _list(args) -> int:
     cats = {t["name"]: (t["group"], t["category"]) for t in yaml.safe_load(TASKS_YAML.read_text())["tasks"]}
     for name, a in ADAPTERS.items():
         group, cat = cats[name]
-        print(f"{name:<20} {group:<9} {cat:<26} {a.package.name} {a.package.version} ({a.package.license.split(' (')[0]})")
+        print(f"{name:<20} {group:<9} {cat:<26} {a.package.name} {a.package.version} "
+              f"({a.package.license.split(' (')[0]})")
     return 0
 
 

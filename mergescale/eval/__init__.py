@@ -12,7 +12,8 @@ fixtures (synthetic data).
 
 
 def evaluate(model_dir, **kw):
-    """See mergescale.eval.runner.evaluate (imported lazily: the task registry must not pull in torch)."""
-    from mergescale.eval.runner import evaluate as _evaluate
+    """See mergescale.eval.runner.evaluate; in this process or on Ray replicas (mergescale.api.evaluate chooses).
+    Imported lazily: the task registry must not pull in torch."""
+    from mergescale.api import evaluate as _evaluate
 
     return _evaluate(model_dir, **kw)

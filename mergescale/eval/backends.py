@@ -224,8 +224,9 @@ class VLLMBackend:
                  tensor_parallel_size: int = 1, tokenizer_dir=None, kv_cache_gb: float | None = None, **engine_kw):
         try:
             from vllm import LLM
-        except Exception as e:  # noqa: BLE001 - not installed, or broken torchvision (see ENVIRONMENT)
-            raise EvalError(f"backend vllm: cannot import vllm ({e}); install mergescale[vllm] or use --backend hf") from None
+        except Exception as e:  # noqa: BLE001 - not installed, or torchvision wheels for another torch (setup.sh)
+            raise EvalError(f"backend vllm: cannot import vllm ({e}); install mergescale[vllm] "
+                            "or use --backend hf") from None
         self.tokenizer, cfg = load_tokenizer(model_dir, tokenizer_dir)
         self.max_length = model_max_length(cfg, max_length)  # below the positions: vLLM appends an output token
         kw = dict(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), dtype=dtype,
@@ -261,7 +262,8 @@ class VLLMBackend:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        flat = [(i, j, c, k) for i, r in enumerate(requests) for j, (c, k) in enumerate(zip(r.contexts, r.continuations))]
+        flat = [(i, j, c, k) for i, r in enumerate(requests)
+                for j, (c, k) in enumerate(zip(r.contexts, r.continuations))]
         # longest first; choices of one context adjacent so their prefix blocks are reused
         flat.sort(key=lambda x: (-len(x[2]), x[0], x[1]))
         prompts = [TokensPrompt(prompt_token_ids=list(c) + list(k)) for _, _, c, k in flat]

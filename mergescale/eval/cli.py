@@ -36,10 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.eval import evaluate
     from mergescale.eval.backends import EvalError
-    from mergescale.eval.runner import evaluate
     from mergescale.eval.tasks import TaskError, register_tasks
-    from mergescale.merge.checkpoint import CheckpointError
 
     try:
         for y in args.tasks_yaml:

@@ -33,15 +33,16 @@ def sha256(*parts) -> str:
 
 
 def model_fingerprint(model_dir: str | Path, extra: dict | None = None) -> str:
-    """Weights (file sizes + safetensors header hashes, via merge.checkpoint), config.json, the tokenizer
+    """Weights (file sizes + safetensors header hashes, via mergescale.checkpoint.read), config.json, the tokenizer
     files and the scoring settings (`extra`, e.g. max_length) hashed together."""
-    from mergescale.merge.checkpoint import Checkpoint
+    from mergescale.checkpoint.read import Checkpoint
 
     model_dir = Path(model_dir)
     with Checkpoint(model_dir) as ck:
         weights = ck.fingerprint()
     files = {}
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                 "special_tokens_map.json"):
         p = model_dir / name
         if p.exists():
             files[name] = hashlib.sha256(p.read_bytes()).hexdigest()

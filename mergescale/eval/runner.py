@@ -14,9 +14,23 @@ from pathlib import Path
 import pyarrow as pa
 
 from mergescale.eval.backends import (
-    BACKENDS, CPU_MAX_LENGTH, DTYPES, EvalError, check_device, load_tokenizer, make_backend, model_max_length,
+    BACKENDS,
+    CPU_MAX_LENGTH,
+    DTYPES,
+    EvalError,
+    check_device,
+    load_tokenizer,
+    make_backend,
+    model_max_length,
 )
-from mergescale.eval.results import GENERATE, ScoreCache, cache_key, model_fingerprint, write_json_atomic, write_parquet_atomic
+from mergescale.eval.results import (
+    GENERATE,
+    ScoreCache,
+    cache_key,
+    model_fingerprint,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from mergescale.eval.scoring import GEN_METRICS, chat_prompt, gen_request, rank_prediction, rank_request
 from mergescale.eval.tasks import PromptedExample, Task, TaskError, metric_column, tasks_for
 
@@ -139,7 +153,7 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
              backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0,
-             chat_template: bool = False) -> dict:
+             chat_template: bool = False, run_on_replicas=None) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
@@ -148,8 +162,10 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     out of range, no target, ...; 0: none). chat_template: prompt each input as the user's turn of the
     tokenizer's chat template (instruction-tuned bases); the default is the paper's raw prompts. Each task's
     metrics record which (`prompt_format`); "timing" (and out/timing.json) has each task's examples computed,
-    seconds and examples/s in this run. See mergescale/eval/cli.py for the other options."""
-    from mergescale.merge.checkpoint import resolve_model_dir
+    seconds and examples/s in this run. `run_on_replicas`: what runs the work on `replicas` actors
+    (mergescale.cluster.eval_replicas.run_on_replicas, which mergescale.api.evaluate hands down) when replicas > 1
+    or an address is given. See mergescale/eval/cli.py for the other options."""
+    from mergescale.models.sources import resolve_model_dir
 
     # -- validation: everything that can fail does so before any output is written --------------------------
     if backend not in BACKENDS:
@@ -164,6 +180,9 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     if dtype not in DTYPES:
         raise EvalError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     in_process = engine is not None or (replicas == 1 and address is None)
+    if not in_process and run_on_replicas is None:
+        raise EvalError(f"replicas={replicas}, address={address!r}: evaluating on Ray replicas takes "
+                        "mergescale.eval.evaluate (or mergescale.api.evaluate), which hands the replicas down")
     if in_process and engine is None and device is not None:
         check_device(device)  # replicas check theirs on their own nodes
     model_dir = resolve_model_dir(str(model_dir))
@@ -273,8 +292,6 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
                     # process after a complete run)
                     engine.close()
         else:
-            from mergescale.cluster.eval_replicas import run_on_replicas
-
             run_on_replicas(chunks, on_done, backend, model_dir, kw, replicas=replicas, address=address,
                             num_cpus=num_cpus_per_replica, num_gpus=num_gpus_per_replica, bar=bar)
         bar.close()

@@ -78,7 +78,8 @@ def rank_request(tokenizer, ex: PromptedExample, max_length: int) -> RankRequest
     pairs = [split_context_choice(tokenizer, ex.input, ex.target_delimiter + c) for c in ex.choices]
     longest = max(len(c) for _, c in pairs)
     if longest >= max_length:
-        raise ValueError(f"example {ex.example_id}: a choice is {longest} tokens, over the model's max length {max_length}")
+        raise ValueError(f"example {ex.example_id}: a choice is {longest} tokens, over the model's max length "
+                         f"{max_length}")
     keep = max_length - longest
     return RankRequest([c[-keep:] for c, _ in pairs], [k for _, k in pairs])
 

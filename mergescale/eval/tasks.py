@@ -78,7 +78,8 @@ class Task:
         for t in self.templates:
             if t.name == name:
                 return t
-        raise TaskError(f"task {self.name!r} has no template {name!r}; it has: {', '.join(t.name for t in self.templates)}")
+        raise TaskError(f"task {self.name!r} has no template {name!r}; it has: "
+                        f"{', '.join(t.name for t in self.templates)}")
 
     # -- data ---------------------------------------------------------------------------------------------
     def local_files(self, split: str, data_dir: str | Path | None) -> tuple[list[Path], list[Path]]:
@@ -237,7 +238,8 @@ class Task:
         ds = dataset if dataset is not None else self.load(split, data_dir)
         yield from self.render_rows(ds, template, limit, split, data_dir, sample_seed=sample_seed).examples
 
-    def training_pairs(self, data_dir=None, template: str | None = None, limit: int | None = None) -> list[tuple[str, str]]:
+    def training_pairs(self, data_dir=None, template: str | None = None,
+                       limit: int | None = None) -> list[tuple[str, str]]:
         if not self.train_split:
             raise TaskError(f"task {self.name!r} has no train_split")
         return [(e.input, e.target) for e in self.prompted(self.train_split, data_dir, template, limit)]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import xxhash
 
-from mergescale.merge.errors import InputsChanged
+from mergescale.errors import InputsChanged
 from mergescale.merge.inputs import MergeInputs, Unit
 
 DIGEST_BYTES = 16  # per model

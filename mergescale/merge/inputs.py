@@ -13,13 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.output_dir import METADATA_FILES, check_output, room
+from mergescale.checkpoint.read import Checkpoint, CheckpointError, TensorInfo, read_model_config, safetensors_dtype
 from mergescale.config import MergeConfig, load_config
-from mergescale.merge.checkpoint import (
-    Checkpoint, CheckpointError, TensorInfo, read_model_config, resolve_model_dir, safetensors_dtype,
-)
-from mergescale.merge.errors import MergeInputError
-from mergescale.merge.output_dir import METADATA_FILES, check_output, room
-from mergescale.merge.layout import OutputLayout
+from mergescale.errors import MergeInputError
+from mergescale.models.sources import resolve_model_dir
 
 SHOW = 5  # how many names of each kind an error lists
 # (MergeInputError and check_output moved to errors.py and output_dir.py; imported from here, they still work)
@@ -99,12 +98,15 @@ def check_same_tensors(inputs: MergeInputs) -> None:
             continue
         lines = [f"{c.path} differs from {ref.path}:"]
         if missing:
-            lines.append(f"  missing {len(missing)} tensors (in {_files_of(ref, missing)} of the reference): " + ", ".join(missing[:SHOW]) + (" ..." if len(missing) > SHOW else ""))
+            lines.append(f"  missing {len(missing)} tensors (in {_files_of(ref, missing)} of the reference): "
+                         + ", ".join(missing[:SHOW]) + (" ..." if len(missing) > SHOW else ""))
         if extra:
-            lines.append(f"  {len(extra)} extra tensors (in {_files_of(c, extra)}): " + ", ".join(extra[:SHOW]) + (" ..." if len(extra) > SHOW else ""))
+            lines.append(f"  {len(extra)} extra tensors (in {_files_of(c, extra)}): " + ", ".join(extra[:SHOW])
+                         + (" ..." if len(extra) > SHOW else ""))
         if shape:
             lines.append(f"  {len(shape)} tensors with other shapes: " + ", ".join(
-                f"{n} {list(c.tensors[n].shape)} in {c.tensors[n].file.name} vs {list(ref.tensors[n].shape)} in {ref.tensors[n].file.name}" for n in shape[:SHOW]))
+                f"{n} {list(c.tensors[n].shape)} in {c.tensors[n].file.name} "
+                f"vs {list(ref.tensors[n].shape)} in {ref.tensors[n].file.name}" for n in shape[:SHOW]))
         if kind:
             lines.append(f"  {len(kind)} tensors float in one model, integer in the other: " + ", ".join(
                 f"{n} ({c.tensors[n].dtype} vs {ref.tensors[n].dtype})" for n in kind[:SHOW]))
@@ -131,7 +133,8 @@ def check_architectures(inputs: MergeInputs, allow_mismatch: bool) -> None:
         if got != want:
             raise MergeInputError(
                 f"{c.path / 'config.json'}: model_type/architectures {got[0]!r}/{got[1]!r} differ from "
-                f"{ref.path / 'config.json'}: {want[0]!r}/{want[1]!r}; set allow_architecture_mismatch: true to merge anyway"
+                f"{ref.path / 'config.json'}: {want[0]!r}/{want[1]!r}; "
+                "set allow_architecture_mismatch: true to merge anyway"
             )
 
 
@@ -234,7 +237,8 @@ def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
 def progress_bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
+                dynamic_ncols=True)
 
 
 def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, overwrite: bool):

@@ -15,7 +15,8 @@ from mergescale.merge.inputs import MergeInputs, MergePlan
 def run_key(config: MergeConfig, inputs: MergeInputs, plan: MergePlan) -> str:
     """Identity of a run: a partial output is resumed only by a run with the same config, inputs and layout."""
     h = hashlib.sha256()
-    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster", "read", "write"}), sort_keys=True).encode())
+    h.update(json.dumps(config.model_dump(mode="json", exclude={"out", "cluster", "read", "write"}),
+                        sort_keys=True).encode())
     h.update(json.dumps([c.fingerprint() for c in inputs.all], sort_keys=True).encode())
     h.update(plan.layout.fingerprint().encode())
     return h.hexdigest()

@@ -8,7 +8,6 @@ slicing, in any order, on any number of actors gives identical bytes.
 from __future__ import annotations
 
 import hashlib
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -126,7 +125,8 @@ def uniform_bits(seed: int, expert: int, tensor_name: str, start: int, count: in
     return uniform_bits_torch(seed, expert, tensor_name, start, count).numpy()
 
 
-def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
+def dare_keep_mask(seed: int, expert: int, tensor_name: str, start: int, shape: tuple[int, ...],
+                   p: float) -> torch.Tensor:
     """Bool mask (True = keep) for a tile whose first element has flat index `start` in its tensor.
 
     An element is dropped with probability p: kept iff its hash >= p * 2**32 (exact integer threshold).

@@ -1,411 +1,335 @@
-"""Merge methods: pure functions (float32 tensors in, float32 tensor out, no I/O) and their registry.
+"""The merge methods, each declared once: what it accepts (parameters, base, weights, expert count), which
+statistics it needs (thresholds of its magnitudes, whole-tensor sums of rows), its definition in torch and, where
+one exists, the fused CPU kernel that computes the same bits (mergescale.merge.kernels).
 
-Notation: theta_b = base, theta_i = expert i (i = 1..N), tau_i = theta_i - theta_b (task vector).
-Every function here is elementwise given its per-tensor or per-model statistics (thresholds, norms), so a tile of
-rows merged alone gives exactly the bytes that the same rows get when the whole tensor is merged. The statistics
-that need the whole tensor or the whole model are computed by the executor before the merge pass (see
-`method_params.Selection` and `row_stats`), by the same code on one process or many Ray actors.
+Adding a method: its parameter model and a `register(Method(...))` below, and a test in tests/merge/test_methods.py
+against a plain reference. Nothing else names methods: the config schema validates against METHODS, the pipeline
+(mergescale.merge.pipeline) dispatches on each method's declaration, the statistics passes are planned from it.
 
-Where reference implementations disagree (PAPER.md, "How other implementations differ") an option selects.
+No torch (nor numba) at import: the config schema, a Ray driver that places its actors before it loads anything
+heavy, and actors that merge with the kernels alone all read these declarations. The torch definitions import
+the math (mergescale.merge.torch_math) when they are called.
+
+Notation: theta_b = base, theta_i = expert i, tau_i = theta_i - theta_b (task vector).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-import torch
-from mergescale.merge import kernels
-from mergescale.merge.masks import dare_keep_mask
-from mergescale.merge.method_params import SIGNATURES, MethodSignature, Selection, _Params, no_selection
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-# ----------------------------------------------------------------------------------------------------------
-# The math
+FLOAT32_MAX = 3.4028234663852886e38
 
 
-def task_vectors(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [e - base for e in experts]
+def _within_float32(x: float) -> float:
+    if abs(x) > FLOAT32_MAX:
+        raise ValueError(f"must be at most {FLOAT32_MAX:.4g} in magnitude: the merge computes in float32, where "
+                         f"{x:g} is inf")
+    return x
 
 
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_i w_i * t_i, accumulated left to right (a fixed order keeps results bitwise reproducible)."""
-    # Separate multiply and add (never add_(alpha=)): ATen fuses alpha into an FMA on its vector path but not on
-    # its scalar tail, which would make a tile's last elements round differently from the same elements mid-tile.
-    acc = tensors[0] * weights[0]
-    for t, w in zip(tensors[1:], weights[1:]):
-        acc += t * w
-    return acc
+# A factor of the merge's float32 arithmetic (lambda, an expert's weight): finite, and finite in float32 too
+Factor = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_within_float32)]
 
 
-def average(models: list[torch.Tensor], weights: list[float], normalize: bool = True) -> torch.Tensor:
-    """M = sum_i w_i theta_i / sum_i w_i (normalize) or sum_i w_i theta_i. Paper's Averaging: w_i = 1.
-
-    Accumulated in float64 (one model at a time) and rounded once, so the average of identical models is exactly
-    that model for any weights; in float32, (x + x + x) / 3 != x for about 1 value in 7. Normalized by multiplying
-    with 1 / sum w (rounded once, on the host): CUDA computes a division by a scalar that way, so CPUs and GPUs
-    agree bit for bit."""
-    out = models[0].to(torch.float64) * weights[0]
-    for m, w in zip(models[1:], weights[1:]):
-        out += m.to(torch.float64) * w
-    if normalize:
-        out.mul_(1.0 / sum(weights))
-    return out.to(models[0].dtype)
+class MethodParams(BaseModel):
+    # NaN or inf in a parameter makes every merged value NaN or inf: refused like any other bad value
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def task_arithmetic(base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], lam: float) -> torch.Tensor:
-    """M = theta_b + lambda * sum_i w_i tau_i  (Ilharco et al. 2023; paper's Task Arithmetic: w_i = 1)."""
-    return base + lam * weighted_sum(task_vectors(base, experts), weights)
-
-
-def trim(tau: torch.Tensor, low: float = 0.0, high: float = math.inf) -> torch.Tensor:
-    """Keep entries with low <= |tau| < high, zero the rest."""
-    mag = tau.abs()
-    keep = mag >= low
-    if high != math.inf:
-        keep &= mag < high
-    return tau * keep
-
-
-def elect_sign(taus: list[torch.Tensor], mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
-    """gamma = sgn(sum_i tau_i) ("mass", TIES paper and reference code) or sgn(sum_i sgn(tau_i)) ("count")."""
-    if mode == "mass":
-        return torch.sign(weighted_sum(taus, [1.0] * len(taus)))
-    return torch.sign(weighted_sum([torch.sign(t) for t in taus], [1.0] * len(taus)))
-
-
-def disjoint_mean(taus: list[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
-    """Mean over only the nonzero entries whose sign agrees with `sign` (divide by their count, min 1).
-
-    As the TIES reference code (`disjoint_merge`). mergekit instead divides by the sum of agreeing weights.
-    Where the elected sign is 0 (all trimmed entries zero, or an exact cancellation) the update is 0; the
-    reference code would resolve an exact cancellation with the whole model's majority sign.
-    """
-    total = torch.zeros_like(taus[0])
-    count = torch.zeros_like(taus[0])
-    for t in taus:
-        agree = (torch.sign(t) == sign) & (t != 0)
-        total.add_(t * agree)
-        count.add_(agree.to(total.dtype))
-    return total / count.clamp_(min=1.0)
-
-
-def ties(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    thresholds: list[float],
-    lam: float = 1.0,
-    sign_mode: Literal["mass", "count"] = "mass",
-) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023): M = theta_b + lambda * disjoint_mean(trim(tau_i), elect_sign(...)).
-
-    `thresholds[i]` is the magnitude threshold of expert i (entries with |tau_i| >= threshold survive); the
-    executor computes it over the whole model (trim_scope=global, the reference code) or per tensor (mergekit).
-    """
-    return base + lam * ties_update(task_vectors(base, experts), thresholds, sign_mode)
-
-
-def ties_update(taus: list[torch.Tensor], thresholds: list[float], sign_mode: Literal["mass", "count"] = "mass") -> torch.Tensor:
-    """The merged task vector of TIES: disjoint_mean(trim(tau_i), elect_sign(...)), trimming the given vectors."""
-    fast = _ties_update_fast(taus, thresholds, sign_mode)
-    if fast is not None:
-        return fast
-    trimmed = [trim(t, thr) for t, thr in zip(taus, thresholds)]
-    return disjoint_mean(trimmed, elect_sign(trimmed, sign_mode))
-
-
-def _ties_update_fast(taus: list[torch.Tensor], thresholds: list[float], sign_mode: str) -> torch.Tensor | None:
-    """`ties_update` bit for bit, in float-only passes (ATen's bool-producing and mixed float*bool kernels run
-    5-40x slower than its float ones). None when a task vector is not finite: NaN/inf propagate differently here,
-    so those tiles take the definition above.
-
-    Why the bits agree for finite vectors: (1) |t| - thr >= 0 exactly when |t| >= thr (two floats differ by 0 only
-    when equal), so min(sign(|t| - thr) + 1, 1) is the keep mask as 0/1, and t * mask is `trim`'s t * keep.
-    (2) t * 1.0 == t, so plain sums elect the same sign. (3) Entries that agree with gamma all have gamma's sign,
-    and rounding is symmetric, so sum(t) / c == (sum |t|) / c * gamma; x = max(t * gamma, 0) is |t| exactly
-    where t agrees (else 0), and sign(x) counts it. (4) gamma != 0 implies some entry agrees, so the +0 start and
-    the zeros of non-agreeing entries give the same +0 where nothing agrees."""
-    if any(not bool(torch.isfinite(t.sum())) for t in taus):
-        return None
-    scratch = torch.empty_like(taus[0])
-    trimmed = []
-    for t, thr in zip(taus, thresholds):
-        if thr > 0.0:  # thr 0 keeps every finite entry: t * 1
-            torch.abs(t, out=scratch)
-            scratch.sub_(thr).sign_().add_(1.0).clamp_(max=1.0)
-            t = t * scratch
-        trimmed.append(t)
-    if sign_mode == "mass":
-        gamma = trimmed[0].clone() if len(trimmed) == 1 else trimmed[0] + trimmed[1]
-        for t in trimmed[2:]:
-            gamma += t
-    else:
-        gamma = torch.sign(trimmed[0])
-        for t in trimmed[1:]:
-            gamma += torch.sign(t, out=scratch)
-    gamma.sign_()
-    total = torch.zeros_like(gamma)
-    count = torch.zeros_like(gamma)
-    for t in trimmed:
-        torch.mul(t, gamma, out=scratch).clamp_(min=0.0)
-        total += scratch
-        count += scratch.sign_()
-    return total.div_(count.clamp_(min=1.0)).mul_(gamma)
-
-
-def dare(tau: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """DARE (Yu et al. 2024): drop entries where keep is False (each with probability p), rescale by 1/(1-p).
-
-    Rescale as the paper, MergeLM, FusionBench and PEFT (mergekit matches L1 norms per tensor instead). The
-    factor 1/(1-p) is rounded once to float32 and multiplied in: CUDA turns a division by a scalar into such a
-    multiplication, so a division here would make GPU actors differ from CPUs in the last bit.
-    """
-    if p == 0.0:
-        return tau.clone()
-    return tau * keep * (1.0 / (1.0 - p))
-
-
-def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot: float, eps: float = 1e-8, lerp_above: float = 0.9995) -> torch.Tensor:
-    """Spherical interpolation: M = sin((1-t)W)/sin(W) v0 + sin(tW)/sin(W) v1, W = arccos(dot).
-
-    `dot` is the cosine between the whole tensors v0 and v1 (computed by the executor over all tiles). Falls
-    back to linear interpolation when |dot| > lerp_above, as mergekit does.
-    """
-    if abs(dot) > lerp_above:
-        return (1.0 - t) * v0 + t * v1
-    theta = math.acos(max(-1.0, min(1.0, dot)))
-    s = math.sin(theta)
-    return (math.sin((1.0 - t) * theta) / s) * v0 + (math.sin(t * theta) / s) * v1
-
-
-def model_stock_ratio(cos: float, n: int) -> float:
-    """Model Stock (Jang et al. 2024): t = N cos / (1 + (N - 1) cos), cos = mean pairwise task-vector cosine."""
-    denom = 1.0 + (n - 1) * cos
-    if denom == 0.0:  # task vectors exactly "anti-aligned" on average: the ratio is undefined
-        raise ValueError(f"model_stock: mean pairwise cosine {cos} = -1/(N-1) makes t = N cos / (1 + (N-1) cos) undefined")
-    return n * cos / denom
-
-
-def model_stock(base: torch.Tensor, experts: list[torch.Tensor], ratio: float) -> torch.Tensor:
-    """M = t * mean_i theta_i + (1 - t) * theta_b, t from `model_stock_ratio` for this tensor."""
-    return ratio * average(experts, [1.0] * len(experts)) + (1.0 - ratio) * base
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Whole-tensor / whole-model statistics the executor provides
+# ------------------------------------------------------------------------------------------------------------
+# What a method needs besides the rows it merges
 
 
 @dataclass(frozen=True)
-class TileContext:
-    """Where a tile sits: the tensor it belongs to and its first element's flat index in that tensor."""
+class Selection:
+    """Order statistics a method needs of each expert's magnitudes, over the whole model (scope "global") or each
+    tensor: ranks(n) gives 1-based k-th smallest ranks by bound name ("min": keep |x| >= value, "max": keep
+    |x| < value); a None rank means no bound."""
+
+    scope: Literal["global", "tensor"]
+    ranks: Callable[[int], dict[str, int | None]]
+
+
+def ties_ranks(density: float) -> Callable[[int], dict[str, int | None]]:
+    """The TIES reference code's `topk_values_mask`: threshold = (n - floor(d n))-th smallest |tau|, keep
+    |tau| >= threshold. Ties at the threshold are all kept, so at least floor(d n) + 1 entries survive
+    (floor(d n) + 1 exactly when magnitudes are distinct). density 1 keeps everything."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        kept = math.floor(density * n)
+        return {"min": None if kept >= n else n - kept}
+
+    return ranks
+
+
+def breadcrumbs_ranks(density: float, gamma: float) -> Callable[[int], dict[str, int | None]]:
+    """mergekit's `magnitude_outliers`: drop the n_top = floor(gamma n) largest and the n - floor(d n) - n_top
+    smallest magnitudes. As thresholds: keep (n_bot+1)-th smallest <= |tau| < (n - n_top + 1)-th smallest."""
+
+    def ranks(n: int) -> dict[str, int | None]:
+        target, n_top = math.floor(density * n), math.floor(gamma * n)
+        n_bot = n - target - n_top
+        if n_bot < 0:
+            n_bot, n_top = 0, n - target
+        return {"min": n_bot + 1 if n_bot > 0 else None, "max": n - n_top + 1 if n_top > 0 else None}
+
+    return ranks
+
+
+def no_selection(params: MethodParams) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class UnitContext:
+    """What a method's functions know about the rows they merge: the tensor they belong to, its shape, the flat
+    index of their first element in it (DARE's masks are a function of it), the seed, and the statistics the
+    merge found for them: per expert {"min": .., "max": ..} thresholds, and the tensor's row sums (float64)."""
 
     name: str
     shape: tuple[int, ...]
     element_offset: int
     seed: int = 0
-    thresholds: list[dict[str, float]] = field(default_factory=list)  # per expert: {"min": .., "max": ..}
-    stats: torch.Tensor | None = None  # per-tensor sums from row_stats (float64)
+    thresholds: list[dict[str, float]] = ()  # per expert; empty dicts where the method has no thresholds
+    sums: Any = None  # a torch float64 tensor [S]
+
+    def lower_bounds(self) -> list[float]:
+        return [bounds(t)[0] for t in self.thresholds]
 
 
 def bounds(th: dict[str, float]) -> tuple[float, float]:
     return th.get("min", 0.0), th.get("max", math.inf)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Parameters (validated by the config schema) and the registry
+@dataclass(frozen=True)
+class Kernel:
+    """The fused CPU kernel that computes a method bit for bit (mergescale.merge.kernels): `merge` names its
+    family ("average": sum_i w_i theta_i, "linear": theta_b + lambda sum_i w_i tau_i, "ties": theta_b + lambda
+    TIES(tau_i)), or None when only the magnitudes have a kernel; `dare` gives the drop probability applied to
+    the task vectors first (0: none); `magnitudes`: whether the kernels count the method's magnitudes, |tau| or
+    |DARE(tau)| (its `magnitudes` in torch)."""
+
+    merge: Literal["average", "linear", "ties"] | None
+    magnitudes: bool = False
+    dare: Callable[[MethodParams], float] = lambda params: 0.0
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """A registered method: how to merge one tile given its context, and the statistics it needs. What it accepts
-    (parameters, base, weights, expert count) is its entry in method_params.SIGNATURES."""
+class Method:
+    """One merge method. Its torch functions take float32 tensors (base None for a method without one) and a
+    UnitContext:
+      merge(base, experts, weights, params, ctx) -> the merged rows
+      magnitudes(base, experts, params, ctx) -> per expert, the values whose order statistics `selection` asks for
+      row_stats(base, experts, params) -> per-row float64 sums [rows, S]; the merge gets their totals (ctx.sums)
+    """
 
     name: str
-    merge: Callable[..., torch.Tensor]  # (base, experts, weights, params, ctx) -> tensor
-    # The thresholds it needs: its signature's (method_params), filled in by register().
-    selection: Callable[[_Params], Selection | None] = no_selection
-    # Per-expert values whose order statistics `selection` asks for (|tau|, or |DARE(tau)|).
-    magnitudes: Callable[..., list[torch.Tensor]] | None = None
-    # Per-row float64 sums [rows, S] whose column totals over the whole tensor the method needs.
-    row_stats: Callable[..., torch.Tensor] | None = None
-    # Compiled CPU forms of `merge` and of histogramming `magnitudes` (mergescale.merge.kernels), bit for bit the
-    # same; they return False / None for what they do not handle, and the torch functions above run instead.
-    fused_merge: Callable[..., bool] | None = None  # (params, weights, ctx, base, experts, out) -> bool
-    fused_histograms: Callable[..., list | None] | None = None  # (params, ctx, base, experts, buckets) -> list
-    # (params, weights, ctx, base, experts, out, ks) -> thresholds: select per-tensor thresholds and merge in one pass
-    fused_select_merge: Callable[..., list | None] | None = None
+    params: type[MethodParams]
+    merge: Callable[..., Any]
+    needs_base: bool = True
+    uses_weights: bool = False  # per-expert weights (experts[].weight); the others refuse weights != 1
+    min_experts: int = 1
+    max_experts: int | None = None
+    selection: Callable[[MethodParams], Selection | None] = no_selection
+    magnitudes: Callable[..., Any] | None = None
+    row_stats: Callable[..., Any] | None = None
+    kernel: Kernel | None = None
 
-    @property
-    def signature(self) -> MethodSignature:
-        return SIGNATURES[self.name]
+    def needs_statistics(self, params: MethodParams) -> bool:
+        """Whether a merge with these parameters may need a statistics pass (thresholds or row sums). Without one,
+        a Ray driver hands out the merge pass at once and never loads torch or the statistics code."""
+        return self.selection(params) is not None or self.row_stats is not None
 
-    @property
-    def params(self) -> type[_Params]:
-        return self.signature.params
+    def kernels_alone(self, params: MethodParams) -> bool:
+        """Whether every unit of such a merge is one fused kernel call on the CPU, with no statistics pass before it
+        (so no threshold-finding kernels to load)."""
+        return self.kernel is not None and self.kernel.merge is not None and not self.needs_statistics(params)
+
+    def kernels_merge(self) -> bool:
+        """Whether the fused CPU kernels do all of this method's math, thresholds included: a process merging it
+        on the CPU need not load torch (except for a unit the kernels decline)."""
+        k = self.kernel
+        return (k is not None and k.merge is not None and self.row_stats is None
+                and (self.selection is no_selection or k.magnitudes))
 
 
-REGISTRY: dict[str, MergeMethod] = {}
+METHODS: dict[str, Method] = {}
 
 
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name not in SIGNATURES:
-        raise KeyError(f"method {method.name!r} has no entry in method_params.SIGNATURES (its parameters and inputs)")
-    sig = SIGNATURES[method.name]
-    if sig.statistics is False and (method.selection is not no_selection or method.row_stats is not None):
-        # the Ray driver would skip the statistics pass it needs
-        raise ValueError(f"method {method.name!r} needs statistics but its signature says statistics=False")
-    # A Ray coordinator plans the statistics passes from the signature alone (no torch there), so it must say
-    # what the method needs.
-    if method.selection is no_selection:
-        method = dataclasses.replace(method, selection=sig.selection)
-    elif method.selection is not sig.selection:
-        raise ValueError(f"method {method.name!r}: give its selection in method_params.SIGNATURES, not here")
-    if (method.row_stats is not None) != sig.row_stats:
-        raise ValueError(f"method {method.name!r}: row_stats and its signature's row_stats={sig.row_stats} disagree")
-    if method.name in kernels.MERGE_KERNELS and method.fused_merge is None:
-        method = dataclasses.replace(method, fused_merge=functools.partial(kernels.merge_tile, method.name))
-    if method.name in kernels.MAGNITUDE_KERNELS and method.fused_histograms is None:
-        method = dataclasses.replace(method, fused_histograms=functools.partial(kernels.histograms, method.name))
-    if method.name in kernels.SELECT_MERGE_KERNELS and method.fused_select_merge is None:
-        method = dataclasses.replace(method, fused_select_merge=functools.partial(kernels.select_and_merge_ties, method.name))
-    REGISTRY[method.name] = method
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered already")
+    if method.selection is not no_selection and method.magnitudes is None:
+        raise ValueError(f"method {method.name!r} selects thresholds of its magnitudes but declares no magnitudes")
+    if method.kernel is not None and method.kernel.magnitudes and method.magnitudes is None:
+        raise ValueError(f"method {method.name!r}: a magnitudes kernel needs the magnitudes' torch definition")
+    METHODS[method.name] = method
     return method
 
 
-def get_method(name: str) -> MergeMethod:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown merge method {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _math():
+    """The torch math, loaded when a method's torch function first runs."""
+    from mergescale.merge import torch_math
+
+    return torch_math
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The methods
+
+
+class AverageParams(MethodParams):
+    normalize: bool = True
+
+
+register(Method(
+    name="average", params=AverageParams, needs_base=False, uses_weights=True,
+    merge=lambda base, experts, w, p, ctx: _math().average(experts, w, p.normalize),
+    kernel=Kernel("average"),
+))
+
+
+class TaskArithmeticParams(MethodParams):
+    lambda_: Factor = Field(1.0, alias="lambda")
+
+
+register(Method(
+    name="task_arithmetic", params=TaskArithmeticParams, uses_weights=True,
+    merge=lambda base, experts, w, p, ctx: _math().task_arithmetic(base, experts, w, p.lambda_),
+    kernel=Kernel("linear"),
+))
+
+
+class TiesParams(MethodParams):
+    density: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
+    trim_scope: Literal["global", "tensor"] = "global"
+    sign: Literal["mass", "count"] = "mass"
+    lambda_: Factor = Field(1.0, alias="lambda")
+
+
+def _abs_task_vectors(base, experts, p, ctx):
+    return [t.abs() for t in _math().task_vectors(base, experts)]
+
+
+register(Method(
+    name="ties", params=TiesParams,
+    merge=lambda base, experts, w, p, ctx: _math().ties(base, experts, ctx.lower_bounds(), p.lambda_, p.sign),
+    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)),
+    magnitudes=_abs_task_vectors,
+    kernel=Kernel("ties", magnitudes=True),
+))
+
+
+class DareLinearParams(MethodParams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 def _dared(base, experts, p, ctx):
-    masks = [dare_keep_mask(ctx.seed, i, ctx.name, ctx.element_offset, tuple(e.shape), p).to(e.device) for i, e in enumerate(experts)]
-    return [dare(tau, keep, p) for tau, keep in zip(task_vectors(base, experts), masks)]
+    return _math().dared_task_vectors(base, experts, p.p, ctx.seed, ctx.name, ctx.element_offset)
 
 
-def _abs(ts):
-    return [t.abs() for t in ts]
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """View a tile as [rows, cols] in float64 (a 1-D tensor's rows are its elements)."""
-    t = t.to(torch.float64)
-    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
-
-
-SUM_BLOCK = 1024
-
-
-def row_sums(x: torch.Tensor) -> torch.Tensor:
-    """Sum each row of a 2-D tensor in an order that depends only on that row, never on how many rows the tile
-    has or how many threads run: fixed 1024-wide blocks (each far below ATen's parallel grain, so reduced
-    serially), then a sequential scan over the blocks. Whole-tensor statistics summed from tiles are then
-    bitwise the same for any tiling and any number of actors."""
-    rows, cols = x.shape
-    if cols % SUM_BLOCK:
-        x = torch.nn.functional.pad(x, (0, SUM_BLOCK - cols % SUM_BLOCK))
-    return x.reshape(rows, -1, SUM_BLOCK).sum(-1).cumsum(-1)[:, -1]
-
-
-def column_totals(parts: torch.Tensor) -> torch.Tensor:
-    """Totals of per-row statistics [rows, S] -> [S], with the same tiling-independent order."""
-    return row_sums(parts.t().contiguous())
-
-
-register(MergeMethod(
-    name="average",
-    merge=lambda base, experts, w, p, ctx: average(experts, w, p.normalize),
-))
-
-register(MergeMethod(
-    name="task_arithmetic",
-    merge=lambda base, experts, w, p, ctx: task_arithmetic(base, experts, w, p.lambda_),
-))
-
-register(MergeMethod(
-    name="ties",
-    merge=lambda base, experts, w, p, ctx: ties(base, experts, [bounds(t)[0] for t in ctx.thresholds], p.lambda_, p.sign),
-    magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
+register(Method(
+    name="dare_linear", params=DareLinearParams, uses_weights=True,
+    merge=lambda base, experts, w, p, ctx: base + p.lambda_ * _math().weighted_sum(_dared(base, experts, p, ctx), w),
+    kernel=Kernel("linear", dare=lambda p: p.p),
 ))
 
 
-def _dare_linear(base, experts, w, p, ctx):
-    return base + p.lambda_ * weighted_sum(_dared(base, experts, p.p, ctx), w)
-
-
-register(MergeMethod(
-    name="dare_linear",
-    merge=_dare_linear,
-))
+class DareTiesParams(TiesParams):
+    p: float = Field(0.9, ge=0.0, lt=1.0, description="drop probability")
+    # DARE already sparsifies; density 1 = no further magnitude trim (mergekit's dare_ties); < 1 also trims
+    # the DARE'd vectors by magnitude (MergeLM's dare + ties_merging).
+    density: float = Field(1.0, gt=0.0, le=1.0, description="fraction of each DARE'd task vector kept")
 
 
 def _dare_ties(base, experts, w, p, ctx):
     # TIES on the DARE'd task vectors themselves: trimming (theta_b + DARE(tau_i)) - theta_b instead would round
     # them, and entries at the threshold (computed on |DARE(tau_i)|) could fall below it.
-    taus = _dared(base, experts, p.p, ctx)
-    return base + p.lambda_ * ties_update(taus, [bounds(t)[0] for t in ctx.thresholds], p.sign)
+    return base + p.lambda_ * _math().ties_update(_dared(base, experts, p, ctx), ctx.lower_bounds(), p.sign)
 
 
-register(MergeMethod(
-    name="dare_ties",
-    merge=_dare_ties,
-    magnitudes=lambda base, experts, p, ctx: _abs(_dared(base, experts, p.p, ctx)),
+register(Method(
+    name="dare_ties", params=DareTiesParams, merge=_dare_ties,
+    selection=lambda p: Selection(p.trim_scope, ties_ranks(p.density)) if p.density < 1.0 else None,
+    magnitudes=lambda base, experts, p, ctx: [t.abs() for t in _dared(base, experts, p, ctx)],
+    kernel=Kernel("ties", magnitudes=True, dare=lambda p: p.p),
 ))
 
 
-def _slerp_stats(base, experts, p):
-    a, b = _rows(experts[0]), _rows(experts[1])
-    return torch.stack([row_sums(a * a), row_sums(b * b), row_sums(a * b)], dim=1)
+class SlerpParams(MethodParams):
+    t: float = Field(0.5, ge=0.0, le=1.0)
 
 
 def _slerp(base, experts, w, p, ctx):
-    s00, s11, s01 = (float(x) for x in ctx.stats)
+    s00, s11, s01 = (float(x) for x in ctx.sums)
     n0, n1 = math.sqrt(s00), math.sqrt(s11)
     dot = 1.0 if n0 <= 1e-8 or n1 <= 1e-8 else s01 / (n0 * n1)  # degenerate: plain lerp
-    return slerp(experts[0], experts[1], p.t, dot)
+    return _math().slerp(experts[0], experts[1], p.t, dot)
 
 
-register(MergeMethod(
-    name="slerp",
-    merge=_slerp,
-    row_stats=lambda base, experts, p: _slerp_stats(base, experts, p),
+def _slerp_row_stats(base, experts, p):
+    m = _math()
+    a, b = m.as_rows(experts[0]), m.as_rows(experts[1])
+    return m.stack_columns([m.row_sums(a * a), m.row_sums(b * b), m.row_sums(a * b)])
+
+
+register(Method(
+    name="slerp", params=SlerpParams, needs_base=False, min_experts=2, max_experts=2,
+    merge=_slerp, row_stats=_slerp_row_stats,
 ))
+
+
+class BreadcrumbsParams(MethodParams):
+    density: float = Field(0.9, gt=0.0, le=1.0)
+    gamma: float = Field(0.01, ge=0.0, lt=1.0)
+    trim_scope: Literal["global", "tensor"] = "tensor"
+    lambda_: Factor = Field(1.0, alias="lambda")
 
 
 def _breadcrumbs(base, experts, w, p, ctx):
-    taus = [trim(t, *bounds(th)) for t, th in zip(task_vectors(base, experts), ctx.thresholds)]
-    return base + p.lambda_ * weighted_sum(taus, w)
+    m = _math()
+    taus = [m.trim(t, *bounds(th)) for t, th in zip(m.task_vectors(base, experts), ctx.thresholds)]
+    return base + p.lambda_ * m.weighted_sum(taus, w)
 
 
-register(MergeMethod(
-    name="breadcrumbs",
-    merge=_breadcrumbs,
-    magnitudes=lambda base, experts, p, ctx: _abs(task_vectors(base, experts)),
+register(Method(
+    name="breadcrumbs", params=BreadcrumbsParams, uses_weights=True, merge=_breadcrumbs,
+    selection=lambda p: Selection(p.trim_scope, breadcrumbs_ranks(p.density, p.gamma)),
+    magnitudes=_abs_task_vectors,
+    kernel=Kernel(None, magnitudes=True),
 ))
 
 
-def _model_stock_stats(base, experts, p):
-    taus = [_rows(t) for t in task_vectors(base, experts)]
-    cols = [row_sums(t * t) for t in taus]
-    cols += [row_sums(taus[i] * taus[j]) for i in range(len(taus)) for j in range(i + 1, len(taus))]
-    return torch.stack(cols, dim=1)
+class ModelStockParams(MethodParams):
+    pass
 
 
-def model_stock_cosine(stats: torch.Tensor, n: int, eps: float = 1e-8) -> float:
-    """Mean pairwise cosine of the task vectors from whole-tensor sums [|tau_1|^2..|tau_N|^2, tau_i.tau_j (i<j)]."""
-    norms = [math.sqrt(float(stats[i])) for i in range(n)]
-    cos, col = [], n
-    for i in range(n):
-        for j in range(i + 1, n):
-            cos.append(float(stats[col]) / max(norms[i] * norms[j], eps))
-            col += 1
-    return sum(cos) / len(cos)
+def _model_stock(base, experts, w, p, ctx):
+    m, n = _math(), len(experts)
+    return m.model_stock(base, experts, m.model_stock_ratio(m.model_stock_cosine(ctx.sums, n), n))
 
 
-register(MergeMethod(
-    name="model_stock",
-    merge=lambda base, experts, w, p, ctx: model_stock(base, experts, model_stock_ratio(model_stock_cosine(ctx.stats, len(experts)), len(experts))),
-    row_stats=_model_stock_stats,
+def _model_stock_row_stats(base, experts, p):
+    m = _math()
+    taus = [m.as_rows(t) for t in m.task_vectors(base, experts)]
+    cols = [m.row_sums(t * t) for t in taus]
+    cols += [m.row_sums(taus[i] * taus[j]) for i in range(len(taus)) for j in range(i + 1, len(taus))]
+    return m.stack_columns(cols)
+
+
+register(Method(
+    name="model_stock", params=ModelStockParams, min_experts=2, merge=_model_stock, row_stats=_model_stock_row_stats,
 ))
+

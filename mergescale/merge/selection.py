@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 HI_BINS = 1 << 15  # sign bit is 0 for |x|, so high halves lie in [0, 2**15)
 WINDOW_BINS = 1 << 18  # a window from a sample: 2 MB of int64 counts per stream, 1 MB of int32 in a kernel
-INF_BITS = 0x7F800000
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """What each tensor's merge needs beyond its own rows, and how it is planned and gathered.
 
 Whole-model TIES thresholds (scope GLOBAL) or per-tensor ones of tensors split into several units, and per-tensor
-sums (model_stock); which units a statistics pass reads; the sample of rows that places each threshold query's
-first counting window (mergescale.merge.selection); and counting down units so that each stream is finished as
-soon as all of it has been counted. Used by the single-process executor and by the Ray coordinator alike.
+sums (slerp, model_stock); which units a statistics pass reads; which rows a sample reads to place each threshold
+query's first counting window (mergescale.merge.selection); the passes themselves (`gather`), counting down units
+so that each stream is finished as soon as all of it has been counted; and which split tensors the merge pass
+can merge without a selection pass (held tensors). The reading and counting is the runner's (this process, or
+Ray actors), with the unit pipeline's functions (mergescale.merge.pipeline); the bookkeeping here is the same for
+both.
 """
 
 from __future__ import annotations
@@ -14,22 +17,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergescale.config import MergeConfig
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.checkpoint.read import SAFETENSORS_DTYPES
 from mergescale.merge.inputs import MergeInputs, MergePlan, Unit
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.methods import METHODS
 from mergescale.merge.selection import KthQuery, StreamingSelector, sample_bracket, window_around
 
 if TYPE_CHECKING:
     import torch
 
-    from mergescale.merge.methods import TileContext
-
 # No torch or numba at import: a Ray coordinator plans and runs the statistics passes with this module (the
 # actors count; it adds their counts), so it loads neither. What reads or sums tensor values imports torch itself.
 
 GLOBAL = "*"
-
 
 
 @dataclass
@@ -70,7 +69,7 @@ def statistics_work(method: str, params, plan: MergePlan, n_experts: int) -> Sta
     """Whole-model thresholds need every float unit; per-tensor statistics of tensors split into several units
     need those units. A tensor that is a single unit gets its statistics inline, from the rows read to merge it.
     `method` is the method's name: what it needs is in its signature (method_params), without torch."""
-    sig = SIGNATURES[method]
+    sig = METHODS[method]
     sel = sig.selection(params)
     tiled = [t for t in plan.tensors if t.is_float and len(plan.units_of[t.name]) > 1]
     queries, sel_units = [], []
@@ -83,7 +82,7 @@ def statistics_work(method: str, params, plan: MergePlan, n_experts: int) -> Sta
     return StatisticsWork(
         global_selection=sel is not None and sel.scope == "global",
         selection_units=sel_units,
-        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if sig.row_stats else [],
+        sum_units=[u for t in tiled for u in plan.units_of[t.name]] if sig.row_stats is not None else [],
         selector=StreamingSelector(queries) if queries else None,
     )
 
@@ -104,7 +103,7 @@ def restrict(work: StatisticsWork, skip=frozenset(), only: set[str] | None = Non
 
 
 def selection_queries(method: str, params, scope: str, n: int, n_experts: int) -> list[KthQuery]:
-    ranks = SIGNATURES[method].selection(params).ranks(n)
+    ranks = METHODS[method].selection(params).ranks(n)
     return [KthQuery((scope, i), k, tag) for i in range(n_experts) for tag, k in ranks.items() if k is not None]
 
 
@@ -118,19 +117,6 @@ def thresholds_from(queries: list[KthQuery], n_experts: int) -> dict[str, list[d
 
 def scope_of(name: str, global_selection: bool) -> str:
     return GLOBAL if global_selection else name
-
-
-def tile_context(config: MergeConfig, info, unit: Unit, stats: MergeStats, scope: str, n_experts: int) -> TileContext:
-    from mergescale.merge.methods import TileContext
-
-    return TileContext(
-        name=unit.name,
-        shape=info.shape,
-        element_offset=unit.row_start * info.row_numel,
-        seed=config.seed,
-        thresholds=stats.thresholds.get(scope, [dict() for _ in range(n_experts)]),
-        stats=stats.sums.get(unit.name),
-    )
 
 
 def pending_units(selector: StreamingSelector, units: list[Unit], global_sel: bool) -> list[Unit]:
@@ -165,44 +151,15 @@ SAMPLE_ROW_STRIDE = 8  # read this many times more rows, keep every 8th value: m
 SAMPLE_BLOCK_ROWS = 16
 
 
-def sample_windows(config, method, params, plan: MergePlan, inputs: MergeInputs, work: "StatisticsWork",
-                   raw: bool = False) -> None:
-    """Start every query at a window around its answer, bracketed from a sample of evenly spaced rows of the
-    tensors it covers (a few MB read), so that one counting pass usually finds it exactly. A bracket that
-    misses costs passes, never exactness (selection.StreamingSelector starts over).
-
-    raw=True: the magnitudes come from the fused kernels on mapped bytes (kernels.magnitude_arrays; `method` may
-    then be None), without torch; the same values, so the same windows. Where the kernels cannot (a non-finite
-    value), the sample is taken with torch after all."""
-    sel = work.selector
-    tensors = sorted({u.name for u in work.selection_units}, key=[t.name for t in plan.tensors].index)
-    samples, stream_numel = None, None
-    if raw:
-        samples, stream_numel = _samples(config, None, params, plan, inputs, tensors, work.global_selection, raw=True)
-    if samples is None:
-        if method is None:
-            from mergescale.merge.methods import get_method
-
-            method = get_method(config.method)
-        samples, stream_numel = _samples(config, method, params, plan, inputs, tensors, work.global_selection)
-    sorted_samples = {stream: np.sort(np.concatenate(parts)) for stream, parts in samples.items()}
-    for q in sel.queries:
-        sample = sorted_samples.get(q.stream)
-        if sample is None or not np.isfinite(sample).all():
-            continue
-        q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
-
-
-def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tensors: list[str], global_selection: bool,
-             raw: bool = False):
-    """({stream: [magnitudes (float32 numpy) of each sampled block]}, {scope: elements}) for the tensors' selection
-    streams: the same evenly spaced rows of every expert, so that the i-th sampled values of the experts are one
-    element. raw=True: from the kernels, or (None, None) where they cannot."""
+def sample_units(plan: MergePlan, tensors: list[str], global_selection: bool) -> tuple[list[tuple[str, Unit]], dict]:
+    """([(scope, rows to sample)], {scope: elements}): evenly spaced blocks of rows of the tensors, read alike from
+    every expert, so that the i-th sampled values of the experts are one element; about SAMPLE_VALUES magnitudes
+    per scope's stream once every SAMPLE_ROW_STRIDE-th is kept (`add_sample`)."""
     stream_numel: dict = {}
     for name in tensors:
         scope = scope_of(name, global_selection)
         stream_numel[scope] = stream_numel.get(scope, 0) + plan_tensor(plan, name).numel
-    samples: dict = {}
+    blocks = []
     for name in tensors:
         info, scope = plan_tensor(plan, name), scope_of(name, global_selection)
         if not info.shape:
@@ -212,40 +169,55 @@ def _samples(config, method, params, plan: MergePlan, inputs: MergeInputs, tenso
         n_blocks = math.ceil(n_rows / SAMPLE_BLOCK_ROWS)  # blocks of rows: one read per model, one kernel call
         size = math.ceil(n_rows / n_blocks)
         for r in sorted({min(info.rows - size, int((i + 0.5) * info.rows / n_blocks)) for i in range(n_blocks)}):
-            unit = Unit(-1, name, r, r + size)
-            if raw:
-                mags = _raw_magnitudes(config, unit, inputs)
-            else:
-                mags = _magnitudes(config, method, params, info, unit, inputs, scope)
-            if mags is None:
-                return None, None
-            for i, m in enumerate(mags):
-                samples.setdefault((scope, i), []).append(m[::SAMPLE_ROW_STRIDE])
-    return samples, stream_numel
+            blocks.append((scope, Unit(-1, name, r, r + size)))
+    return blocks, stream_numel
 
 
-def _magnitudes(config, method, params, info, unit: Unit, inputs: MergeInputs, scope: str):
-    from mergescale.merge.reader import read_unit
-
-    base, experts = read_unit(inputs, unit, "ignore", convert=True)  # the passes report non-finite values
-    ctx = tile_context(config, info, unit, MergeStats(), scope, len(experts))
-    return [m.reshape(-1).numpy() for m in method.magnitudes(base, experts, params, ctx)]
+def add_sample(samples: dict, scope: str, magnitudes: list[np.ndarray]) -> None:
+    """Keep every SAMPLE_ROW_STRIDE-th of each expert's magnitudes of a sampled block."""
+    for i, m in enumerate(magnitudes):
+        samples.setdefault((scope, i), []).append(m[::SAMPLE_ROW_STRIDE])
 
 
-def _raw_magnitudes(config, unit: Unit, inputs: MergeInputs):
-    from mergescale.merge import kernel_path, kernels
+def start_windows(work: StatisticsWork, samples: dict, stream_numel: dict) -> None:
+    """Start every query at a window around its answer, bracketed from the sample of the tensors it covers, so that
+    one counting pass usually finds it exactly. A bracket that misses costs passes, never exactness
+    (selection.StreamingSelector starts over); a stream whose sample holds NaN or inf starts from the whole range."""
+    sorted_samples = {stream: np.sort(np.concatenate(parts)) for stream, parts in samples.items()}
+    for q in work.selector.queries:
+        sample = sorted_samples.get(q.stream)
+        if sample is None or not np.isfinite(sample).all():
+            continue
+        q.window = window_around(*sample_bracket(sample, q.k, stream_numel[q.stream[0]]))
 
-    if inputs.base is None:
-        return None
-    base, *experts = (c.map_bytes(unit.name, unit.row_start, unit.row_end) for c in inputs.all)
-    models = kernel_path.stored_arrays(inputs, unit, base, experts)
-    if models is None:
-        return None
-    return kernels.magnitude_arrays(config.method, config.method_params, kernel_path.unit_context(config, inputs, unit), models)
+
+def gather(work: StatisticsWork, plan: MergePlan, n_experts: int, count_pass, row_sums) -> MergeStats:
+    """The statistics passes of `work`, whoever reads the units: thresholds in one to three counting passes (each
+    `count_pass(pass number, units, selector, done)` counts the units' magnitudes into the selector's windows and
+    calls done(units) as units are complete, which finishes each scope's streams as soon as all of it is in),
+    whole-tensor sums in one (`row_sums(units)` -> {unit id: per-row sums})."""
+    stats = MergeStats()
+    sel = work.selector
+    if sel is not None:
+        pass_no = 0
+        while not sel.done:
+            pass_no += 1
+            todo = pending_units(sel, work.selection_units, work.global_selection)
+            left = units_per_scope(todo, work.global_selection)
+
+            def done(units, left=left):
+                finish_complete_streams(sel, left, units, work.global_selection, n_experts)
+
+            count_pass(pass_no, todo, sel, done)
+            sel.finish_pass()
+        stats.thresholds = thresholds_from(sel.queries, n_experts)
+    if work.sum_units:
+        stats.sums = sums_from(plan, row_sums(work.sum_units))
+    return stats
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Split tensors merged in one pass (per-tensor TIES without a selection pass; see executor.HeldTensor)
+# Split tensors merged in one pass (per-tensor TIES without a selection pass; see pipeline.HeldTensor)
 
 
 @dataclass
@@ -265,32 +237,34 @@ def held_budget(config, inputs: MergeInputs) -> int:
     return len(inputs.all) * config.tile_bytes // 2
 
 
-def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, todo: set[int]) -> dict[str, Bracket]:
-    """The split tensors that the merge pass can merge without a selection pass first, with their brackets.
-
-    A tensor qualifies when the method trims per tensor with a fused select-and-merge kernel, its stored and
-    output dtypes are ones the kernels read and write, all of its units are still to do (a resumed run has no
-    rows of it written), and its merged rows plus the elements the brackets list fit `held_budget`, so that
-    peak memory still does not grow with the model."""
-    from mergescale.merge import kernels
-
-    sel = method.selection(params) if method.fused_select_merge is not None and method.row_stats is None else None
-    if sel is None or sel.scope == "global" or inputs.base is None or not kernels.available():
-        return {}
-    n_e, budget = len(inputs.experts), held_budget(config, inputs)
+def held_candidates(config, method, params, plan: MergePlan, inputs: MergeInputs, todo: set[int],
+                    kernel_codes) -> list[tuple]:
+    """The split tensors that the merge pass may merge without a selection pass first, with their threshold rank:
+    the method trims per tensor with the TIES kernel, the tensor's stored and output dtypes are ones the kernels
+    read and write (`kernel_codes`), all of its units are still to do (a resumed run has no rows of it written),
+    and its merged rows fit `held_budget`, so that peak memory still does not grow with the model."""
+    ties_kernel = method.kernel is not None and method.kernel.merge == "ties"
+    sel = method.selection(params) if ties_kernel and method.row_stats is None else None
+    if sel is None or sel.scope == "global" or inputs.base is None:
+        return []
+    budget = held_budget(config, inputs)
     candidates = []
     for t in plan.tensors:
         units = plan.units_of[t.name]
         ranks = sel.ranks(t.numel) if t.is_float else {}
         if (not t.is_float or len(units) < 2 or any(u.id not in todo for u in units) or len(ranks) != 1
-                or None in ranks.values() or plan.out_dtypes[t.name] not in kernels.RAW_CODES
-                or {c.tensors[t.name].dtype for c in inputs.all} != {t.dtype} or t.dtype not in kernels.RAW_CODES
+                or None in ranks.values() or plan.out_dtypes[t.name] not in kernel_codes
+                or {c.tensors[t.name].dtype for c in inputs.all} != {t.dtype} or t.dtype not in kernel_codes
                 or t.numel * SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] > budget):  # too big to sample for
             continue
         candidates.append((t, next(iter(ranks.values()))))
-    if not candidates:
-        return {}
-    samples, _ = _samples(config, method, params, plan, inputs, [t.name for t, _ in candidates], False)
+    return candidates
+
+
+def brackets_from_samples(config, plan: MergePlan, inputs: MergeInputs, candidates: list[tuple],
+                          samples: dict) -> dict[str, Bracket]:
+    """Each candidate's brackets from its sample, if the rows and the elements they list fit `held_budget`."""
+    n_e, budget = len(inputs.experts), held_budget(config, inputs)
     out: dict[str, Bracket] = {}
     for t, k in candidates:
         parts = [np.concatenate(samples[(t.name, i)]) for i in range(n_e)]
@@ -299,7 +273,7 @@ def held_brackets(config, method, params, plan: MergePlan, inputs: MergeInputs, 
         lo, hi = zip(*(sample_bracket(np.sort(p), k, t.numel) for p in parts))
         inside = np.zeros(parts[0].shape, dtype=bool)
         for p, a, b in zip(parts, lo, hi):
-            if a != b:  # a bracket of one value lists nothing (kernels._ties_kernel)
+            if a != b:  # a bracket of one value lists nothing (kernels.merging._ties_kernel)
                 inside |= (p >= a) & (p <= b)
         share = float(inside.mean())
         held = t.numel * (SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] + share * (4 * n_e + 12))
@@ -312,7 +286,7 @@ def sums_from(plan: MergePlan, parts: dict[int, torch.Tensor]) -> dict[str, torc
     """Whole-tensor sums from per-unit row statistics, concatenated in row order (any tiling, any actor count)."""
     import torch
 
-    from mergescale.merge.methods import column_totals
+    from mergescale.merge.torch_math import column_totals
 
     by_tensor: dict[str, list[Unit]] = {}
     for u in plan.units:

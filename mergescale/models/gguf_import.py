@@ -48,7 +48,8 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, int]]:
         raise ModelImportError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
             meta[key] = len(field.data)  # only their lengths: the tokenizer is rebuilt by transformers
             continue
         meta[key] = field.contents()
@@ -96,7 +97,8 @@ def check_supported(path: Path, meta: dict) -> None:
         if pre not in known:
             raise ModelImportError(
                 f"{path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer neither transformers nor mergescale "
-                f"rebuilds; importing would split text differently from the model's training. Known: {', '.join(sorted(known))}")
+                f"rebuilds; importing would split text differently from the model's training. "
+                f"Known: {', '.join(sorted(known))}")
 
 
 def _transformers_pre_splits() -> tuple[str, ...]:
@@ -156,10 +158,11 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "float32
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mergescale.checkpoint.layout import OutputLayout
+    from mergescale.checkpoint.output_dir import check_output
+    from mergescale.checkpoint.read import safetensors_dtype
+    from mergescale.checkpoint.write import PartialOutput
     from mergescale.config import parse_size
-    from mergescale.merge.checkpoint import safetensors_dtype
-    from mergescale.merge.inputs import check_output
-    from mergescale.merge.writer import OutputLayout, PartialOutput
 
     t0 = time.perf_counter()
     path, out = Path(gguf_file).resolve(), Path(out)

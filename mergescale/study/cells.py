@@ -35,7 +35,8 @@ class Digests:
 
     def model(self, model_dir: str | Path) -> str:
         d = Path(model_dir).resolve()
-        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_MODEL)
+        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name not in _NOT_MODEL)
         if not files:
             raise FileNotFoundError(f"{d}: no model files")
         keys = {p: self._key(p) for p in files}

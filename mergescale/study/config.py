@@ -35,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergescale.config import ConfigError, format_errors, read_yaml_mapping, resolve_config_path
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.methods import METHODS as SIGNATURES
 
 MULTITASK_LABEL = "Multitask"  # the method label of the multitask baseline's ledger rows
 TRAIN = "train"  # an expert or multitask entry that is trained with the study's `training` defaults alone

@@ -307,7 +307,8 @@ FIGURES = [
 def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
     with plt.rc_context(STYLE):
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)  # legends below the axes stay whole
+        # legends below the axes stay whole
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return buf.getvalue()
 

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from mergescale.config import ConfigError
-from mergescale.merge.method_params import SIGNATURES
+from mergescale.merge.methods import METHODS as SIGNATURES
 from mergescale.study.config import StudyConfig, TrainSpec, load_study_config, size_value
 from mergescale.study.grid import Cell, categories_for, cells, multitask_cells
 from mergescale.study.ledger import RunDir
@@ -121,17 +121,19 @@ class StudyPlan:
         t = estimate_seconds(self, rates)
         lines = [
             f"study             {c.name}  ->  {self.run.root}",
-            f"bases             " + ", ".join(f"{b.name} ({b.kind}, {b.size})" for b in c.bases),
-            f"methods           " + ", ".join(f"{m.label} ({m.method})" for m in c.methods),
+            "bases             " + ", ".join(f"{b.name} ({b.kind}, {b.size})" for b in c.bases),
+            "methods           " + ", ".join(f"{m.label} ({m.method})" for m in c.methods),
             f"held-in           {len(self.held_in)} categories, {sum(len(v) for v in self.tasks_of.values())} tasks; "
             f"held-out {len(self.held_out)} tasks ({', '.join(self.held_out)})",
             f"grid              N in {c.num_experts} x seeds {c.seeds}: {len(self.cells)} cells, {len(merges)} merges "
             f"({len(self.cells) - len(merges)} cells share another cell's merge)",
-            f"trainings         {len(trains)}" + (f" ({', '.join(f'{m.base}/{m.role}' for m in trains)})" if trains else ""),
+            f"trainings         {len(trains)}"
+            + (f" ({', '.join(f'{m.base}/{m.role}' for m in trains)})" if trains else ""),
             f"evaluations       {len(refs)} reference models ({n_ref_evals} model-task evaluations) + {len(merges)} "
             f"merged models ({n_cell_evals} model-task evaluations)",
             f"bytes to read     {human_bytes(read)} (merges)",
-            f"bytes to write    {human_bytes(write)} merged" + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
+            f"bytes to write    {human_bytes(write)} merged"
+            + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",
             f"estimated time    {_hms(t['training'] + (sum(t.values()) - t['training']) / c.max_merged_alive)} with "
@@ -246,7 +248,8 @@ def _build_data(config: StudyConfig) -> StudyConfig:
         except DataBuildError as e:
             raise ConfigError(f"data_build: {e}") from None
     yaml_path = str(d / "tasks.yaml")
-    ev = config.eval.model_copy(update={"tasks_yaml": [yaml_path, *[y for y in config.eval.tasks_yaml if y != yaml_path]]})
+    others = [y for y in config.eval.tasks_yaml if y != yaml_path]
+    ev = config.eval.model_copy(update={"tasks_yaml": [yaml_path, *others]})
     return config.model_copy(update={"eval": ev})
 
 
@@ -269,15 +272,17 @@ def _tasks(config: StudyConfig) -> tuple[list[str], dict[str, list[str]], list[s
         raise ConfigError(f"held_out: {e}") from None
     wrong = [t.name for t in out if t.group == "held_in"]
     if wrong:
-        raise ConfigError(f"held_out: {', '.join(wrong)} {'is a held-in task' if len(wrong) == 1 else 'are held-in tasks'}"
-                          "; held-out tasks are normalized by the base, held-in ones by their category's expert")
+        what = "is a held-in task" if len(wrong) == 1 else "are held-in tasks"
+        raise ConfigError(f"held_out: {', '.join(wrong)} {what}; held-out tasks are normalized by the base, "
+                          "held-in ones by their category's expert")
     return held_in, tasks_of, [t.name for t in out]
 
 
 def _model_dir(spec: str, field: str) -> Path:
-    """A given model as a local directory: package:/gguf: specs imported once, hub ids fetched (mergescale.merge
-    .checkpoint.resolve_model_dir); ConfigError naming the field otherwise."""
-    from mergescale.merge.checkpoint import CheckpointError, resolve_model_dir
+    """A given model as a local directory: package:/gguf: specs imported once, hub ids fetched
+    (mergescale.models.sources.resolve_model_dir); ConfigError naming the field otherwise."""
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.models.sources import resolve_model_dir
 
     try:
         return resolve_model_dir(spec).resolve()
@@ -331,7 +336,7 @@ def _models(config: StudyConfig, held_in: list[str], run: RunDir) -> dict[tuple[
 def _check_models(config: StudyConfig, base: str, models: dict) -> tuple[int, int]:
     """Every given model of a base opens and holds the base's tensors (the merge's own checks); returns the base's
     (weight bytes, parameters)."""
-    from mergescale.merge.checkpoint import Checkpoint, CheckpointError
+    from mergescale.checkpoint.read import Checkpoint, CheckpointError
     from mergescale.merge.inputs import MergeInputError, MergeInputs, check_architectures, check_same_tensors
 
     mine = [m for (b, _), m in models.items() if b == base and not m.trained_by_study]

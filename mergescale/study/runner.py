@@ -30,7 +30,7 @@ from mergescale.eval.aggregate import summarize
 from mergescale.eval.results import write_json_atomic
 from mergescale.study import cells as C
 from mergescale.study.config import MULTITASK_LABEL
-from mergescale.study.ledger import RunDir, StudyError, ledger_rows, write_ledger
+from mergescale.study.ledger import StudyError, ledger_rows, write_ledger
 from mergescale.study.plan import ModelRef, StudyPlan, make_plan
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,8 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
                         name=f"eval {cell.name}")
         state["evaluating"] -= 1
         m = merged.pop(key)
-        rd.log_timing("eval", key, res["start"], res["end"], param_examples=res["computed"] * plan.model_params[cell.base])
+        rd.log_timing("eval", key, res["start"], res["end"],
+                      param_examples=res["computed"] * plan.model_params[cell.base])
         rows = C.score_rows(rd.root, cell.name, key, res["metrics"], groups, m["fingerprint"], rd.path("evals", key),
                             m["end"] - m["start"], res["end"] - res["start"])
         rd.write_scores("results", key, rows)  # the cell is done from here on

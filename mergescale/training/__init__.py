@@ -6,7 +6,9 @@
 
 
 def train(recipe, config, **kwargs):
-    """Train `recipe` (expert | multitask | instruct) with `config` (TrainConfig, dict or YAML path); see api.train."""
-    from mergescale.training.api import train as _train  # keeps `import mergescale.training` light
+    """Train `recipe` (expert | multitask | instruct) with `config` (TrainConfig, dict or YAML path) on Ray Train; see
+    api.train (mergescale.api.train hands it the Ray launch; imported lazily to keep `import mergescale.training`
+    light)."""
+    from mergescale.api import train as _train
 
     return _train(recipe, config, **kwargs)

@@ -14,9 +14,9 @@ import logging
 import shutil
 from pathlib import Path
 
+from mergescale.checkpoint.output_dir import check_output
 from mergescale.config import ConfigError
-from mergescale.merge.checkpoint import resolve_model_dir
-from mergescale.merge.inputs import check_output
+from mergescale.models.sources import resolve_model_dir
 from mergescale.training.checkpoints import CheckpointMismatch, verified_resume_tag
 from mergescale.training.config import TrainConfig, check_recipe, deepspeed_json, load_train_config
 from mergescale.training.recipes import prepare_data
@@ -32,19 +32,25 @@ class TrainingStopped(ConfigError):
     """The workers ended the run without a model: its loss was not finite."""
 
 
+class TrainingFailed(RuntimeError):
+    """The worker group failed more often than cluster.max_failures allows; the checkpoints stay for a rerun."""
+
+
 def run_key(recipe: str, cfg: TrainConfig, fingerprint: str) -> str:
     d = cfg.model_dump(mode="json", exclude=_NOT_IN_RUN_KEY)
     return hashlib.sha256(json.dumps([recipe, d, fingerprint], sort_keys=True).encode()).hexdigest()
 
 
-def train(recipe: str, config: TrainConfig | dict | str | Path, *, out: str | Path | None = None, overwrite: bool = False,
-          resume: bool = True, progress: bool = True, workers: int | None = None, address: str | None = None,
-          keep_checkpoints: bool = False, data_dir: str | None = None, task_files: list[str] | None = None) -> dict:
+def train(recipe: str, config: TrainConfig | dict | str | Path, *, launch, out: str | Path | None = None,
+          overwrite: bool = False, resume: bool = True, progress: bool = True, workers: int | None = None,
+          address: str | None = None, keep_checkpoints: bool = False, data_dir: str | None = None,
+          task_files: list[str] | None = None) -> dict:
     """Train `recipe` (expert | multitask | instruct) as `config` says; returns the output manifest.
 
-    A run whose checkpoint directory holds checkpoints of the same run (same recipe, config and data) resumes
-    from the newest one; resume=False discards them. After success the checkpoints are deleted unless
-    keep_checkpoints."""
+    `launch`: what runs the validated training (mergescale.cluster.train.run_training on Ray Train, which
+    mergescale.api.train hands down). A run whose checkpoint directory holds checkpoints of the same run (same
+    recipe, config and data) resumes from the newest one; resume=False discards them. After success the
+    checkpoints are deleted unless keep_checkpoints."""
     cfg = load_train_config(config, out=str(out) if out is not None else None, workers=workers, address=address,
                             data_dir=data_dir, task_files=task_files or None)
     check_recipe(recipe, cfg)
@@ -92,9 +98,7 @@ def train(recipe: str, config: TrainConfig | dict | str | Path, *, out: str | Pa
     (work / STOPPED).unlink(missing_ok=True)
     marker.write_text(json.dumps({"run_key": key, "recipe": recipe, "out": str(out)}))
 
-    from mergescale.cluster.train import run_training  # Ray lives under mergescale/cluster only
-
-    manifest = run_training(recipe, cfg, sources, val, info, ds_base, out, work, progress=progress, overwrite=overwrite)
+    manifest = launch(recipe, cfg, sources, val, info, ds_base, out, work, progress=progress, overwrite=overwrite)
     if manifest is None:  # the workers stopped the run: a non-finite loss
         why = json.loads((work / STOPPED).read_text())["error"]
         raise TrainingStopped(f"{why} (recipe {recipe}, base {cfg.base}): the base model holds NaN/inf values, or "
@@ -115,7 +119,7 @@ def _run_key_of(marker: Path) -> str | None:
 def _check_base(cfg: TrainConfig) -> dict:
     """The base opens as a model directory (safetensors, or pickle only with allow_pickle, as merges do); its
     config.json."""
-    from mergescale.merge.checkpoint import Checkpoint, CheckpointError
+    from mergescale.checkpoint.read import Checkpoint, CheckpointError
 
     try:
         with Checkpoint(cfg.base, allow_pickle=cfg.allow_pickle) as ck:
@@ -131,7 +135,8 @@ def _check_tokenizer(cfg: TrainConfig, model_cfg: dict) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:  # noqa: BLE001 - missing files, bad JSON
-        raise ConfigError(f"{'tokenizer' if cfg.tokenizer else 'base'}: cannot load a tokenizer from {src}: {e}") from None
+        field = "tokenizer" if cfg.tokenizer else "base"
+        raise ConfigError(f"{field}: cannot load a tokenizer from {src}: {e}") from None
     if tok.pad_token_id is None and tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {src}: needs a pad or an EOS token to pad batches")
     rows = model_cfg.get("vocab_size")

@@ -73,7 +73,8 @@ def newest_sealed(root: Path) -> tuple[str, dict] | None:
             try:
                 return d.name, json.loads((d / SEAL).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise CheckpointMismatch(f"{d / SEAL}: unreadable seal ({e}); remove {d} or train with --no-resume") from None
+                raise CheckpointMismatch(f"{d / SEAL}: unreadable seal ({e}); remove {d} or train with "
+                                         "--no-resume") from None
     return None
 
 
@@ -102,10 +103,10 @@ def check_listing(directory: Path, recorded: dict, fingerprint: str) -> list[str
 def check_digests(directory: Path, recorded: dict, digests: dict[str, dict]) -> None:
     for name, d in sorted(digests.items()):
         if d["sha256"] != recorded["files"][name].get("sha256"):
-            raise CheckpointMismatch(f"{directory / name}: sha256 {d['sha256'][:16]}... differs from the one mergescale "
-                                     "recorded when it saved the checkpoint; the file was changed, so it is not "
-                                     "loaded (torch.load of it could run code). Remove the checkpoint directory or "
-                                     "train with --no-resume")
+            raise CheckpointMismatch(f"{directory / name}: sha256 {d['sha256'][:16]}... differs from the one "
+                                     "mergescale recorded when it saved the checkpoint; the file was changed, so it "
+                                     "is not loaded (torch.load of it could run code). Remove the checkpoint "
+                                     "directory or train with --no-resume")
 
 
 def verified_resume_tag(root: Path, fingerprint: str) -> str | None:

@@ -29,8 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from mergescale.cluster.train import TrainingFailed
-    from mergescale.training.api import train
+    from mergescale.training import train
+    from mergescale.training.api import TrainingFailed
 
     try:
         m = train(args.recipe, args.config, out=args.out, overwrite=args.overwrite, resume=not args.no_resume,
@@ -47,7 +47,8 @@ def run(args) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="fine-tune an expert, multitask or instruction-tuned model (DeepSpeed ZeRO on Ray)",
+    p = subparsers.add_parser("train",
+                              help="fine-tune an expert, multitask or instruction-tuned model (DeepSpeed ZeRO on Ray)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)

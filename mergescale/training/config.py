@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergescale.config import ConfigError, format_errors, resolve_config_path, parse_size, read_yaml_mapping
+from mergescale.config import ConfigError, format_errors, parse_size, read_yaml_mapping, resolve_config_path
 
 RECIPES = ("expert", "multitask", "instruct")
 DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -124,10 +124,11 @@ def check_recipe(recipe: str, config: TrainConfig) -> None:
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
     if recipe == "expert" and (len(config.tasks) != 1 or config.data_files):
-        raise ConfigError(f"recipe expert: 'tasks' must name exactly one task or category selector (got {config.tasks}), "
-                          "and 'data_files' must be empty")
+        raise ConfigError(f"recipe expert: 'tasks' must name exactly one task or category selector "
+                          f"(got {config.tasks}), and 'data_files' must be empty")
     if recipe == "multitask" and config.data_files:
-        raise ConfigError("recipe multitask: 'data_files' is for the instruct recipe; list tasks or selectors in 'tasks'")
+        raise ConfigError("recipe multitask: 'data_files' is for the instruct recipe; list tasks or selectors in "
+                          "'tasks'")
     if recipe == "instruct" and not (config.tasks or config.data_files):
         raise ConfigError("recipe instruct: give the instruction mixture in 'tasks' and/or 'data_files'")
 
@@ -178,9 +179,11 @@ def load_train_config(source: TrainConfig | dict | str | Path, **overrides) -> T
         if isinstance(source.get("deepspeed"), str) and source["deepspeed"] not in ("zero2", "zero3"):
             source["deepspeed"] = resolve_config_path(path.parent, source["deepspeed"])
         if isinstance(source.get("task_files"), list):
-            source["task_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f for f in source["task_files"]]
+            source["task_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f
+                                    for f in source["task_files"]]
         if isinstance(source.get("data_files"), list):
-            source["data_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f for f in source["data_files"]]
+            source["data_files"] = [resolve_config_path(path.parent, f) if isinstance(f, str) else f
+                                    for f in source["data_files"]]
     source = dict(source)
     for key, value in overrides.items():
         if value is None:

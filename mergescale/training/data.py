@@ -66,7 +66,8 @@ def task_source(task, data_dir: str | None, max_unscorable: float = 0.0, chat_to
         examples = sorted(((int(e.example_id), k), e) for k, r in enumerate(rendered) for e in r.examples)
         every = Rendered([e for _, e in examples], [u for r in rendered for u in r.unscorable],
                          sum(r.rows for r in rendered))
-        every.check(task.name, max_unscorable, lambda i: task.row_origin(task.train_split, data_dir, i), "max_unscorable")
+        every.check(task.name, max_unscorable, lambda i: task.row_origin(task.train_split, data_dir, i),
+                    "max_unscorable")
     except TaskError as e:
         raise ConfigError(f"tasks: {e}") from None
     if not every.examples:
@@ -89,7 +90,8 @@ def file_source(path: str | Path, chat_tokenizer=None) -> tuple[Source, list[str
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"data_files: {path}:{lineno}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("input"), str) or not isinstance(row.get("target"), str):
+            if not (isinstance(row, dict) and isinstance(row.get("input"), str)
+                    and isinstance(row.get("target"), str)):
                 raise ConfigError(f"data_files: {path}:{lineno}: each row needs string fields 'input' and 'target'")
             empty = [k for k in ("input", "target") if not row[k].strip()]
             if empty:  # an empty prompt or an empty answer trains on nothing the evaluator asks
@@ -176,11 +178,12 @@ def split_validation(sources: list[Source], n: int, seed: int) -> tuple[list[Sou
 
 
 # -- tokenization -----------------------------------------------------------------------------------------------
-def encode(tokenizer, inp: str, continuation: str, max_input_len: int, max_output_len: int) -> tuple[list[int], list[int]]:
+def encode(tokenizer, inp: str, continuation: str, max_input_len: int,
+           max_output_len: int) -> tuple[list[int], list[int]]:
     """input_ids and labels of input + continuation + EOS, labels IGNORE on the input. Tokenized exactly as the
     evaluator scores a choice (eval.scoring.split_context_choice: the input's own tokens, then the tokens of
-    input + continuation past them), so training and rank classification see the same tokens. The input is cut from the left
-    (the instruction cue just before the answer survives), the target from the right."""
+    input + continuation past them), so training and rank classification see the same tokens. The input is cut from
+    the left (the instruction cue just before the answer survives), the target from the right."""
     from mergescale.eval.scoring import split_context_choice
 
     ctx, tgt = split_context_choice(tokenizer, inp, continuation)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from mergescale.merge.checkpoint import Checkpoint, CheckpointError, safetensors_dtype
-from mergescale.merge.writer import OutputLayout, PartialOutput, fsync_file
+from mergescale.checkpoint.layout import OutputLayout
+from mergescale.checkpoint.read import Checkpoint, CheckpointError, safetensors_dtype
+from mergescale.checkpoint.write import PartialOutput, fsync_path
 
 METRICS = "metrics.jsonl"
 
@@ -33,7 +34,8 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
                 metrics: Path | None, shard_size: int, overwrite: bool) -> dict:
     """Write out/ atomically; returns the manifest as written (with shard digests)."""
     tensors = select_tensors(state_dict, base)
-    layout = OutputLayout.plan([(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()], shard_size)
+    layout = OutputLayout.plan([(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()],
+                               shard_size)
     partial = PartialOutput(out, layout, run_key=manifest["data"]["fingerprint"])
     partial.open(resume=False)
     try:
@@ -41,7 +43,7 @@ def write_model(state_dict: dict[str, torch.Tensor], out: Path, *, base: str, to
             partial.write_rows(name, 0, t)
         if metrics is not None and metrics.exists():
             shutil.copyfile(metrics, partial.dir / METRICS)
-            fsync_file(partial.dir / METRICS)
+            fsync_path(partial.dir / METRICS)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.meta-") as meta:
             # config.json as the base has it (training-only settings such as dropout stay out); the tokenizer as
             # the run used it (it may come from another directory than the base).

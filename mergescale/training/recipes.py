@@ -12,7 +12,14 @@ from __future__ import annotations
 from mergescale.config import ConfigError
 from mergescale.training.config import TrainConfig, check_recipe
 from mergescale.training.data import (
-    MixtureSchedule, Source, check_no_leak, file_source, fingerprint, resolve_tasks, split_validation, task_source,
+    MixtureSchedule,
+    Source,
+    check_no_leak,
+    file_source,
+    fingerprint,
+    resolve_tasks,
+    split_validation,
+    task_source,
 )
 
 

@@ -166,7 +166,8 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
         manifest = {
             "kind": "mergescale-train", "recipe": recipe, "config": cfg.model_dump(mode="json"), "data": data_info,
             "deepspeed": ds_config, "steps": state["step"], "stopped_early": state["step"] < cfg.max_steps,
-            "final": {"train_loss": state["last_loss"], "val_loss": state["last_val"], "target_tokens": state["tokens"]},
+            "final": {"train_loss": state["last_loss"], "val_loss": state["last_val"],
+                      "target_tokens": state["tokens"]},
             "world_size": world, "resumed_from_step": start or None,
             # this process's run (a resumed run: the steps since the resume); setup: process group to first step
             "timing": {"setup_s": round(t0 - t_setup, 3), "train_s": round(train_s, 3),

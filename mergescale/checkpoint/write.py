@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mergescale.merge.direct_io import DirectStream, open_stream, pwrite_all
-from mergescale.merge.errors import MergeInputError, OutputInTheWay
-from mergescale.merge.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
-from mergescale.merge.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
-from mergescale.merge.shard_hash import ShardHashes
+from mergescale.checkpoint.direct_io import DirectStream, open_stream, pwrite_all
+from mergescale.checkpoint.layout import OutputLayout  # noqa: F401 - imported from here by callers that write outputs
+from mergescale.checkpoint.output_dir import MANIFEST, METADATA_FILES, partial_dir, replace_refusal
+from mergescale.checkpoint.shard_hash import ShardHashes
+from mergescale.errors import MergeInputError, OutputInTheWay
 
 if TYPE_CHECKING:
     import torch
 
 # No torch at import: a Ray driver plans the layout and commits with this module, and write_rows takes numpy
-# tiles too (merge/kernel_path.py); it loads torch only for a torch tile.
+# tiles too (the kernels' output in merge/pipeline.py); it loads torch only for a torch tile.
 
 log = logging.getLogger(__name__)
 _RUN_FILES = ("run.json", "done.journal", "stats.json", "stats.json.tmp")  # what a partial output holds to resume
@@ -61,7 +61,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, nbytes, 2)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or a new file in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -79,7 +80,7 @@ class PartialOutput:
         self.run_key = run_key  # config + inputs + layout fingerprint: a partial dir is resumable only if it matches
         self._fds: dict[int, int] = {}
         # direct=True (one writer going front to back: the single-process merge): rows go through a DirectStream
-        # (merge/direct_io.py), one shard at a time, bypassing the page cache
+        # (checkpoint/direct_io.py), one shard at a time, bypassing the page cache
         self._direct = direct
         self._stream: tuple[int, DirectStream] | None = None
         self.hashes: ShardHashes | None = None  # the process that commits hashes the shards as they become final
@@ -118,7 +119,8 @@ class PartialOutput:
         self._opened = True
         # first, so that a directory without it is never one of ours (`open` and output_dir.check_output refuse it)
         _write_json(marker, {"run_key": self.run_key, "started": time.time()})
-        for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes, self.layout.headers)):
+        for i, (name, size, header) in enumerate(zip(self.layout.shard_names, self.layout.shard_sizes,
+                                                     self.layout.headers)):
             fd = os.open(self.dir / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds[i] = fd
             os.pwrite(fd, header, 0)
@@ -284,7 +286,8 @@ class PartialOutput:
         digests = hashes.digests(sizes)
         return {name: {"size": size, "sha256": d} for name, size, d in zip(self.layout.shard_names, sizes, digests)}
 
-    def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None, overwrite: bool = False) -> dict:
+    def commit(self, metadata_source: Path, manifest: dict, config_updates: dict | None = None,
+               overwrite: bool = False) -> dict:
         """fsync the shards, write index/config/tokenizer/manifest, then atomically rename into place.
 
         Returns the manifest as written (with each shard's size and sha256, and the files it holds). Something at
@@ -311,14 +314,14 @@ class PartialOutput:
                 _write_json(self.dir / fname, {**json.loads(src.read_text()), **config_updates})
             else:
                 shutil.copyfile(src, self.dir / fname)
-                fsync_file(self.dir / fname)
+                fsync_path(self.dir / fname)
         files = sorted({p.name for p in self.dir.iterdir()} - set(_RUN_FILES) | {MANIFEST})
         manifest = {**manifest, "outputs": self.shard_digests(), "files": files}
         _write_json(self.dir / MANIFEST, manifest)
         self._check_target(overwrite)  # again: seconds may have passed, and nothing has been removed yet
         for leftover in _RUN_FILES:
             (self.dir / leftover).unlink(missing_ok=True)
-        _fsync_dir(self.dir)
+        fsync_path(self.dir)
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             os.rename(self.out, old)
@@ -326,7 +329,7 @@ class PartialOutput:
             shutil.rmtree(old)
         else:
             os.rename(self.dir, self.out)
-        _fsync_dir(self.out.parent)
+        fsync_path(self.out.parent)
         return manifest
 
     def _check_target(self, overwrite: bool) -> None:
@@ -339,13 +342,7 @@ class PartialOutput:
 
     def abort(self) -> None:
         """Remove the partial directory this object opened (a deterministic input error: nothing worth resuming)."""
-        self._stop_hasher()
-        if self.hashes is not None:
-            self.hashes.stop()
-        self._end_stream(flush=False)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self.close()
         if self._opened:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -365,29 +362,6 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def write_behind(tiles, write):
-    """For each (unit, tile) of `tiles` (a generator, pulled as this one is): `write(unit, tile)` on a thread while
-    the next tile is made, then yield the unit. One write in flight, so memory stays one output tile over and a
-    write's error surfaces at the next unit; when this finishes, every write has returned."""
-    with ThreadPoolExecutor(1, thread_name_prefix="mergescale-write") as writer:
-        in_flight = None
-        for unit, tile in tiles:
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = writer.submit(write, unit, tile)
-            yield unit
-        if in_flight is not None:
-            in_flight.result()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_json(path: Path) -> dict:

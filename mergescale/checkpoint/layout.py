@@ -1,5 +1,5 @@
 """The layout of a merged model's output, planned before any math runs: which shard each tensor goes to, its byte
-offset, and every shard's safetensors header. No torch, no I/O (mergescale.merge.writer writes it)."""
+offset, and every shard's safetensors header. No torch, no I/O (mergescale.checkpoint.write writes it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from mergescale.merge.checkpoint import SAFETENSORS_DTYPES
+from mergescale.checkpoint.read import SAFETENSORS_DTYPES
 
 
 @dataclass

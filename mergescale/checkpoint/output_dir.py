@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from mergescale.merge.errors import MergeInputError, NoSpaceError
+from mergescale.errors import MergeInputError, NoSpaceError
 
 MANIFEST = "mergescale_manifest.json"
 INDEX = "model.safetensors.index.json"

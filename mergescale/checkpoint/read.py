@@ -139,7 +139,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file "
+                                      f"(header length {n}, file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
@@ -167,7 +168,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict, by
         itemsize = SAFETENSORS_DTYPES[dtype][0]
         if info.nbytes != info.numel * itemsize or begin < 0:
             raise CheckpointError(
-                f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape {list(shape)} {dtype}"
+                f"{path}: corrupt safetensors header: tensor {name!r} has {info.nbytes} bytes for shape "
+                f"{list(shape)} {dtype}"
             )
         if end > data_size:
             raise CheckpointError(
@@ -198,7 +200,8 @@ def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> None:
     while done < len(buf):
         n = os.preadv(fd, [buf[done:]], offset + done)
         if n <= 0:
-            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} (file truncated while reading?)")
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done} "
+                                  "(file truncated while reading?)")
         done += n
 
 
@@ -256,7 +259,8 @@ class Checkpoint:
             elif pickles:
                 return self._open_pickles(pickles, allow_pickle)
             else:
-                raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json or *.safetensors found")
+                raise CheckpointError(f"{self.path}: no model.safetensors, model.safetensors.index.json or "
+                                      "*.safetensors found")
         tensors: dict[str, TensorInfo] = {}
         headers: dict[str, bytes] = {}
         for f in files:
@@ -269,7 +273,8 @@ class Checkpoint:
         if weight_map is not None:
             for name, fname in weight_map.items():
                 if name not in tensors or tensors[name].file.name != fname:
-                    raise CheckpointError(f"{index}: maps tensor {name!r} to {fname}, but that shard does not contain it")
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {fname}, "
+                                          "but that shard does not contain it")
         order = sorted(tensors.values(), key=lambda t: (t.file.name, t.offset))
         return files, {t.name: t for t in order}, headers
 
@@ -298,7 +303,8 @@ class Checkpoint:
                     continue
                 t = t.contiguous()
                 self._pickled[name] = t
-                tensors[name] = TensorInfo(name, safetensors_dtype(t.dtype), tuple(t.shape), f, -1, t.numel() * t.element_size())
+                tensors[name] = TensorInfo(name, safetensors_dtype(t.dtype), tuple(t.shape), f, -1,
+                                           t.numel() * t.element_size())
         return files, tensors, headers
 
     # -- reads ----------------------------------------------------------------------------------------------
@@ -307,50 +313,55 @@ class Checkpoint:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def read_rows(self, name: str, start: int, end: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows [start, end) of dim 0 (a scalar: the whole value), in the stored dtype; reads only those bytes.
-
-        `out`: a reusable uint8 buffer of at least the rows' bytes to read into (the result is a view of it); a
-        fresh buffer is allocated otherwise. Reusing one avoids faulting in new pages for every tile."""
+    def _check_rows(self, name: str, start: int, end: int) -> TensorInfo:
         info = self.tensors[name]
         if not 0 <= start <= end <= info.rows:
             # Out-of-range rows would silently read the bytes of the next tensor in the file.
-            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
-        shape = (end - start,) + info.shape[1:] if info.shape else ()
-        if name in self._pickled:
-            t = self._pickled[name]
-            return (t[start:end] if info.shape else t).clone()
-        import torch
+            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} "
+                             f"with {info.rows} rows")
+        return info
 
-        row_bytes = info.rows_nbytes(0, 1)
+    def read_bytes(self, name: str, start: int, end: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored bytes of rows [start, end) of dim 0 (a scalar: all of it) as a flat uint8 array, read with
+        `preadv`: only those bytes. `out`: a reusable uint8 buffer of at least that size to read into (the result is
+        a view of it); a fresh one otherwise. Reusing one avoids faulting in new pages for every tile."""
+        info = self._check_rows(name, start, end)
+        if name in self._pickled:
+            import torch
+
+            t = self._pickled[name]
+            return (t[start:end] if info.shape else t).contiguous().reshape(-1).view(torch.uint8).numpy().copy()
         nbytes = info.rows_nbytes(start, end)
-        buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
+        buf = out[:nbytes] if out is not None and out.size >= nbytes else np.empty(nbytes, np.uint8)
         if nbytes:
-            _read_into(self._fd(info.file), memoryview(buf.numpy()), info.offset + start * row_bytes, info.file)
-        return buf.view(info.torch_dtype).reshape(shape)
+            _read_into(self._fd(info.file), memoryview(buf), info.offset + info.rows_nbytes(0, start), info.file)
+        return buf
+
+    def row_bytes(self, name: str, start: int, end: int, mapped: bool, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored bytes of rows [start, end): mapped from the page cache (`map_bytes`) or read (`read_bytes`,
+        into `out`). Pickled tensors, which live in memory, and empty ranges are read."""
+        if mapped and name not in self._pickled and self._check_rows(name, start, end).rows_nbytes(start, end):
+            return self.map_bytes(name, start, end)
+        return self.read_bytes(name, start, end, out)
+
+    def read_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of dim 0 as a tensor in the stored dtype (`read_bytes`)."""
+        return as_tensor(self.tensors[name], start, end, self.read_bytes(name, start, end))
 
     def map_rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """read_rows without the copy: the rows' bytes mapped from the page cache and faulted in here, on the calling
-        thread (so a reader thread pays for it, not the kernels that use them). Several times cheaper than `preadv` on
-        cached files: no copy, and no private memory to fault in. The mapping is private (copy on write), so writing
-        into the tensor never touches the file; it is unmapped when the last view of it goes.
-
-        A file truncated after this returns makes the next access to the lost pages a SIGBUS, not an exception:
-        `read_rows` is the safer choice for inputs that may change during a merge."""
-        info = self.tensors[name]
-        if not 0 <= start <= end <= info.rows or name in self._pickled or info.rows_nbytes(start, end) == 0:
-            return self.read_rows(name, start, end)  # its checks and errors; pickles live in memory already
-        import torch
-
-        shape = (end - start,) + info.shape[1:] if info.shape else ()
-        return torch.from_numpy(self.map_bytes(name, start, end)).view(info.torch_dtype).reshape(shape)
+        """`read_rows` without the copy (`row_bytes` mapped)."""
+        return as_tensor(self.tensors[name], start, end, self.row_bytes(name, start, end, mapped=True))
 
     def map_bytes(self, name: str, start: int, end: int) -> np.ndarray:
-        """The stored bytes of rows [start, end) as a flat, writable uint8 array mapped as in `map_rows` (which is
-        this plus a torch view); needs no torch. Safetensors data only: a pickled tensor has no bytes to map."""
-        info = self.tensors[name]
-        if not 0 <= start <= end <= info.rows:
-            raise IndexError(f"{info.file}: rows [{start}, {end}) out of range for tensor {name!r} with {info.rows} rows")
+        """The stored bytes of rows [start, end) as a flat, writable uint8 array, mapped from the page cache and
+        faulted in here, on the calling thread (so a reader thread pays for it, not the kernels that use them).
+        Several times cheaper than `preadv` on cached files: no copy, and no private memory to fault in. The mapping
+        is private (copy on write), so writing into the array never touches the file; it is unmapped when the last
+        view of it goes. Safetensors data only: a pickled tensor has no bytes to map.
+
+        A file truncated after this returns makes the next access to the lost pages a SIGBUS, not an exception:
+        `read_bytes` is the safer choice for inputs that may change during a merge."""
+        info = self._check_rows(name, start, end)
         if name in self._pickled:
             raise CheckpointError(f"{info.file}: tensor {name!r} comes from a pickle checkpoint and cannot be mapped")
         nbytes = info.rows_nbytes(start, end)
@@ -376,6 +387,7 @@ class Checkpoint:
         return whole[skip:skip + nbytes]
 
     def read(self, name: str) -> torch.Tensor:
+        """A whole tensor (`read_rows`)."""
         return self.read_rows(name, 0, self.tensors[name].rows)
 
     def fingerprint(self) -> dict:
@@ -403,6 +415,17 @@ class Checkpoint:
             pass
 
 
+def as_tensor(info: TensorInfo, start: int, end: int, raw: np.ndarray) -> torch.Tensor:
+    """Rows [start, end) of a tensor as a torch tensor of its stored dtype and shape, viewing their stored bytes
+    `raw` (no copy)."""
+    import torch
+
+    shape = (end - start,) + info.shape[1:] if info.shape else ()
+    if raw.size == 0:  # numpy gives an empty array stride 0, which torch cannot view as another dtype
+        return torch.empty(shape, dtype=info.torch_dtype)
+    return torch.from_numpy(raw).view(info.torch_dtype).reshape(shape)
+
+
 def stored_float_dtype(spec: str | Path) -> str | None:
     """The dtype code of the first floating tensor of a local model directory, from one shard's header; None when
     that is not cheap to know (a hub id, pickles, anything unreadable: validation reports those properly). A hint
@@ -418,28 +441,3 @@ def stored_float_dtype(spec: str | Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: also min() of nothing
         return None
     return next((t.dtype for t in tensors.values() if t.is_float), None)
-
-
-def resolve_model_dir(spec: str) -> Path:
-    """A local directory as is; `package:DIST[/FILE.gguf]` or `gguf:PATH` imported once into the cache
-    (mergescale.models.sources); otherwise a Hugging Face Hub id (org/name), fetched with huggingface_hub
-    (safetensors, configs and tokenizer files only). Fails with a clear message when offline."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return p
-    if spec.startswith(("package:", "gguf:")):
-        from mergescale.models.sources import ModelImportError, resolve_model
-
-        try:
-            return Path(resolve_model(spec))
-        except ModelImportError as e:
-            raise CheckpointError(str(e)) from None
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise CheckpointError(f"{spec}: model directory does not exist")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - network, auth, missing repo
-        raise CheckpointError(f"{spec}: not a local directory, and fetching it from the Hugging Face Hub failed: {e}") from None
