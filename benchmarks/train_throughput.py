@@ -25,6 +25,7 @@ runs each mode under each given source tree (PYTHONPATH), interleaved too: befor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -114,7 +115,7 @@ def _summary(args, marks, tokens, load_before, extra=None) -> dict:
     import torch
 
     marks = marks[args.warmup:]
-    walls, cpus, syss, faults = ([b[k] - a[k] for a, b in zip(marks, marks[1:])] for k in range(4))
+    walls, cpus, syss, faults = ([b[k] - a[k] for a, b in itertools.pairwise(marks)] for k in range(4))
     measured = marks[0][1] > 0  # ray mode: wall times only
     return {"mode": args.mode, "tree": args.tree_label, "tokens_per_s": sum(tokens) / sum(walls),
             "step_wall_s": statistics.median(walls), "step_cpu_s": statistics.median(cpus) if measured else None,
@@ -282,7 +283,8 @@ def main() -> None:
                     rows.append({"repeat": rep, **json.loads(line[0][7:])})
                     r = rows[-1]
                     print(f"# {rep} {mode} {label}: {r['tokens_per_s']:.1f} tokens/s, {r['step_wall_s']:.2f} s/step "
-                          f"wall, {r['step_cpu_s'] or 0:.2f} CPU, load {r['load_before']:.1f}", file=sys.stderr, flush=True)
+                          f"wall, {r['step_cpu_s'] or 0:.2f} CPU, load {r['load_before']:.1f}", file=sys.stderr,
+                          flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"{what}; batch {args.batch}, input <= {args.input_len}, output <= {args.output_len} tokens; dropout "
@@ -295,12 +297,14 @@ def main() -> None:
         keys = ("forward_cpu_s", "backward_cpu_s", "update_cpu_s")
         return " / ".join(f"{r[k]:.3f}" for k in keys) if all(k in r for k in keys) else "-"
 
+    def num(r, key, fmt):
+        return format(r[key], fmt) if r.get(key) is not None else "-"
+
     for r in rows:
-        def num(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
-        print(f"| {r['mode']} | {r['tree'] or '-'} | {r['repeat']} | {r['tokens_per_s']:.1f} | {r['step_wall_s']:.3f} | "
-              f"{num('step_cpu_s', '.3f')} | {phases(r)} | {num('sys_share', '.0%')} | {num('faults_per_step', ',.0f')} | "
-              f"{r['tokens_per_step']:.0f} | {r['threads']} | {num('peak_rss_mb', '.0f')} | "
+        print(f"| {r['mode']} | {r['tree'] or '-'} | {r['repeat']} | {r['tokens_per_s']:.1f} | "
+              f"{r['step_wall_s']:.3f} | {num(r, 'step_cpu_s', '.3f')} | {phases(r)} | {num(r, 'sys_share', '.0%')} | "
+              f"{num(r, 'faults_per_step', ',.0f')} | "
+              f"{r['tokens_per_step']:.0f} | {r['threads']} | {num(r, 'peak_rss_mb', '.0f')} | "
               f"{r['load_before']:.1f}-{r['load_after']:.1f} |")
 
 
