@@ -18,6 +18,7 @@ import torch
 pytest.importorskip("deepspeed")
 
 from conftest import load_sd
+
 from mergescale.eval.fixtures import write_fixture_data
 from mergescale.tiny import build_tiny_llama
 
