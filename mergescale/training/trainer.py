@@ -58,7 +58,7 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
     accum, micro = cfg.grad_accum, cfg.micro_batch_size
 
     if device.type == "cpu":
-        E.keep_freed_memory()  # a quarter of a CPU step went to page faults (docs/BENCHMARKS.md)
+        E.keep_freed_memory()  # else every step faults its large buffers in afresh (docs/BENCHMARKS.md)
 
     # -- model, optimizer, engine ------------------------------------------------------------------------------
     bf16 = E.use_bf16(cfg.precision, device)
