@@ -30,6 +30,22 @@ def cpu_comm_op_built() -> bool:
     return any(root.glob("**/deepspeed_shm_comm*/*.so"))
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc serve every allocation from the heap and keep what is freed there (no mmap, no trim): a CPU
+    training step frees and allocates its large buffers (activations, logits, gradients, DeepSpeed's flat buffers)
+    again every step, and by default each one is a fresh mmap whose pages the kernel faults in and zeroes anew.
+    Process-wide, so only the trainer's own process calls it; the arithmetic is untouched. False where the C
+    library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))  # -1: never trim
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 

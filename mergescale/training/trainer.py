@@ -57,6 +57,9 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
         raise RuntimeError(f"process group has {world} ranks but cluster.workers is {cfg.cluster.workers}")
     accum, micro = cfg.grad_accum, cfg.micro_batch_size
 
+    if device.type == "cpu":
+        E.keep_freed_memory()  # else every step faults its large buffers in afresh (docs/BENCHMARKS.md)
+
     # -- model, optimizer, engine ------------------------------------------------------------------------------
     bf16 = E.use_bf16(cfg.precision, device)
     ds_config = E.build_ds_config(ds_base, batch_size=cfg.batch_size, micro_batch_size=micro, grad_accum=accum,
@@ -172,7 +175,8 @@ def run_worker(recipe: str, cfg: TrainConfig, sources: list[Source], val: list[t
             # this process's run (a resumed run: the steps since the resume); setup: process group to first step
             "timing": {"setup_s": round(t0 - t_setup, 3), "train_s": round(train_s, 3),
                        "steps_run": state["step"] - start, "tokens_per_s": round(tokens_run / max(train_s, 1e-9), 2),
-                       "target_tokens_per_s": round(target_run / max(train_s, 1e-9), 2)},
+                       "target_tokens_per_s": round(target_run / max(train_s, 1e-9), 2),
+                       "torch_threads": torch.get_num_threads()},
         }
         manifest = write_model(sd, out, base=cfg.base, tokenizer=tokenizer, manifest=manifest, metrics=metrics_path,
                                shard_size=cfg.out_shard_size, overwrite=overwrite)
