@@ -163,8 +163,6 @@ def free_bytes(path: Path) -> int:
 
 
 def space_error(out: Path, needed: int, free: int, during: str | None = None) -> NoSpaceError:
-    from mergescale.merge.inputs import human_bytes
-
     where = f"the file system mounted at {mount_point(out)}"
     if during is None:
         return NoSpaceError(f"not enough space for {out} on {where}: the merge has {human_bytes(needed)} "
@@ -178,3 +176,12 @@ def space_error(out: Path, needed: int, free: int, during: str | None = None) ->
 
 def is_no_space(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in NO_SPACE
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for people: decimal units, one decimal."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

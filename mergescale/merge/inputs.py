@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergescale.checkpoint.layout import OutputLayout
-from mergescale.checkpoint.output_dir import METADATA_FILES, check_output, room
+from mergescale.checkpoint.output_dir import METADATA_FILES, check_output, human_bytes, room  # noqa: F401 (re-exported)
 from mergescale.checkpoint.read import Checkpoint, CheckpointError, TensorInfo, read_model_config, safetensors_dtype
 from mergescale.config import MergeConfig, load_config
 from mergescale.errors import MergeInputError
@@ -220,14 +220,6 @@ def output_room(plan: MergePlan, inputs: MergeInputs, out: Path, run_key: str) -
     metadata = sum(f.stat().st_size for f in (inputs.metadata_source / n for n in METADATA_FILES) if f.is_file())
     extra = metadata + len(plan.units) * (80 + 33 * plan.n_models) + 2**20
     return room(out, plan.layout.shard_names, plan.layout.shard_sizes, extra, run_key)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def unit_read_bytes(inputs: MergeInputs, unit: Unit) -> int:
