@@ -1,4 +1,5 @@
-"""The streaming executor end to end: atomic commit, resume after an interrupt, determinism, the Python API."""
+"""The single-process merge (merge.driver with merge.local.LocalRunner) end to end: atomic commit, resume after an
+interrupt, determinism, the Python API."""
 
 from __future__ import annotations
 

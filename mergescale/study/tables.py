@@ -19,7 +19,8 @@ MISSING = "—"  # planned, no seed done yet
 PARTIAL = "*"  # mean of fewer seeds than planned
 LEGEND = (f"{MISSING}: planned, no result yet. {PARTIAL}: mean of fewer seeds than planned. Blank: not in the study. "
           "Held-in: merged score / the category expert's score; held-out: merged score / the base model's score; "
-          "mean over a category's datasets, then over categories, then over seeds.")
+          "mean over a category's datasets, then over categories, then over seeds. An interval ending in ∞: some "
+          "resamples of the reference model's examples scored 0, so the ratio has no upper bound (too few examples).")
 
 
 @dataclass
