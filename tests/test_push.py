@@ -150,3 +150,33 @@ def test_plan_that_misses_a_resident_tensor_is_refused_before_any_row(family, mi
     after = res.backend.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert np.isfinite(res.backend.loglikelihood(requests(64, 2))[0]).all()
+
+
+def test_merge_eval_cli_scores_as_merge_then_eval(family, tmp_path, capsys):
+    """`mergescale merge-eval` writes no model, and its per-example log-probabilities are those of `mergescale
+    merge` + `mergescale eval` of the written checkpoint; its cache never serves the base's scores."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from mergescale.cli import main
+    from mergescale.eval.fixtures import write_fixture_data
+
+    data = write_fixture_data(tmp_path / "data", "copa,rte", n=4)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump(config(family, "ties_tensor", "bfloat16")))
+    common = ["--tasks", "copa,rte", "--data-dir", str(data), "--max-length", "256", "-q"]
+    assert main(["merge-eval", str(cfg), "--out", str(tmp_path / "pushed"), *common]) == 0
+    assert "nothing written but the results" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.safetensors"))
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "merged"), "-q"]) == 0
+    assert main(["eval", str(tmp_path / "merged"), "--out", str(tmp_path / "disk"), *common]) == 0
+    for task in ("copa", "rte"):
+        pushed = pq.read_table(tmp_path / "pushed" / "examples" / f"{task}.parquet").to_pylist()
+        disk = pq.read_table(tmp_path / "disk" / "examples" / f"{task}.parquet").to_pylist()
+        assert [r["logprobs"] for r in pushed] == [r["logprobs"] for r in disk]
+    # the base evaluated into the same results directory computes every example: no score of the merge is reused
+    base = {"tasks": "copa,rte", "data_dir": data, "max_length": 256, "progress": False}
+    from mergescale.eval import evaluate
+
+    assert evaluate(family.base, out=tmp_path / "pushed", **base)["cached"] == 0
+    assert main(["merge-eval", str(tmp_path / "missing.yaml"), *common]) == 2

@@ -102,7 +102,9 @@ class PushOutput:
                                    f"produced {want[:16]}...; the pushed model is not the merge and is not scored")
         fingerprint = weights_fingerprint(digests)
         self.target.commit(fingerprint)
-        return {**manifest, "pushed": {"fingerprint": fingerprint, "tensors": digests}}
+        # metadata_source: the config and tokenizer the merged model has (what the written checkpoint would copy)
+        return {**manifest, "pushed": {"fingerprint": fingerprint, "metadata_source": str(metadata_source),
+                                       "tensors": digests}}
 
     def close(self) -> None:
         self.target.fail()  # part of a merge was pushed: no model to score until the next complete push

@@ -205,6 +205,16 @@ def _eval_resources(ev) -> tuple[float, float]:
 
 
 # -- cells -----------------------------------------------------------------------------------------------------------
+def pushes(plan: StudyPlan) -> bool:
+    """Whether the cells are merged into a resident model of their base and scored there (nothing written): where
+    the evaluation backend takes pushed rows, one replica per evaluation, and no merged checkpoint is kept."""
+    from mergescale.eval.merge_eval import PUSH_BACKENDS
+
+    cfg = plan.config
+    return (cfg.merge.push == "auto" and cfg.eval.backend in PUSH_BACKENDS and cfg.eval.replicas == 1
+            and cfg.keep_merged == "none")
+
+
 def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress: bool) -> None:
     from mergescale.cluster.study import Step, run_jobs
 
@@ -217,13 +227,18 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     bar = _bar(len(keys), "study", "cell", progress, initial=sum(len(v) for k, v in cells_of.items() if k in results))
     state = {"merging": 0, "evaluating": 0, "failed": 0}
     merged: dict[str, dict] = {}
+    pool = None
+    if pushes(plan) and todo:
+        from mergescale.cluster.resident import ResidentPool
+
+        pool = ResidentPool(settings, *_eval_resources(cfg.eval))
 
     def show():
         bar.set_postfix_str(f"merging {state['merging']}, evaluating {state['evaluating']}, failed {state['failed']}",
                             refresh=True)
 
     def started(key, step):
-        stage = "merge" if step.fn is C.merge_model else "eval"
+        stage = "eval" if step.fn is C.evaluate_model else "merge"
         state["merging" if stage == "merge" else "evaluating"] += 1
         rd.mark_running(key, stage)
         show()
@@ -231,8 +246,14 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     def first(key):
         cell = cells_of[key][0]
         ms = cfg.merge
+        config = C.merge_config(plan, cell)
+        if pool is not None:  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
+            base = config["base"]
+            return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings),
+                        name=f"push {cell.name}", submit=lambda *a: pool.submit(base, *a),
+                        retry=lambda e: pool.retry_on_fresh(base, e), retries=2)
         cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
-        return Step(C.merge_model, (C.merge_config(plan, cell), str(rd.path("merged", key)), ms.workers), cpus, gpus,
+        return Step(C.merge_model, (config, str(rd.path("merged", key)), ms.workers), cpus, gpus,
                     name=f"merge {cell.name}")
 
     def next_step(key, step, res):
@@ -245,11 +266,22 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             return Step(C.evaluate_model, (str(rd.path("merged", key)), plan.cell_tasks(cell),
                                            str(rd.path("evals", key)), settings), *_eval_resources(cfg.eval),
                         name=f"eval {cell.name}")
-        state["evaluating"] -= 1
-        m = merged.pop(key)
-        rd.log_timing("eval", key, res["start"], res["end"], param_examples=res["computed"] * plan.model_params[cell.base])
+        if step.fn is C.push_model:
+            state["merging"] -= 1
+            _check_pushed(step.args[0], res["manifest"], cell.name)
+            write_json_atomic(res["manifest"], rd.path("manifests", f"{key}.json"))
+            rd.log_timing("merge", key, res["start"], res["merge_end"], bytes_read=plan.merge_read_bytes(cell),
+                          pushed=True)
+            m = {"fingerprint": res["fingerprint"], "start": res["start"], "end": res["merge_end"]}
+            eval_start = res["merge_end"]
+        else:
+            state["evaluating"] -= 1
+            m = merged.pop(key)
+            eval_start = res["start"]
+        rd.log_timing("eval", key, eval_start, res["end"],
+                      param_examples=res["computed"] * plan.model_params[cell.base])
         rows = C.score_rows(rd.root, cell.name, key, res["metrics"], groups, m["fingerprint"], rd.path("evals", key),
-                            m["end"] - m["start"], res["end"] - res["start"])
+                            m["end"] - m["start"], res["end"] - eval_start)
         rd.write_scores("results", key, rows)  # the cell is done from here on
         results[key] = rows
         rd.clear_running(key)
@@ -262,8 +294,8 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         return None
 
     def failed(key, step, err):
-        stage = "merge" if step.fn is C.merge_model else "evaluation"
-        state["merging" if stage == "merge" else "evaluating"] -= 1
+        stage = {C.merge_model: "merge", C.push_model: "merge and evaluation"}.get(step.fn, "evaluation")
+        state["evaluating" if step.fn is C.evaluate_model else "merging"] -= 1
         state["failed"] += 1
         merged.pop(key, None)
         rd.mark_failed(key, [c.name for c in cells_of[key]], stage, err)
@@ -273,9 +305,22 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         show()
 
     show()
-    run_jobs(todo, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
-             on_start=started)
+    try:
+        run_jobs(todo, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
+                 on_start=started)
+    finally:
+        if pool is not None:
+            rd.log_timing("residents", "cells", 0.0, 0.0, started=pool.started)
+            pool.close()
     bar.close()
+
+
+def _check_pushed(config: dict, manifest: dict, cell: str) -> None:
+    """The pushed model's manifest is the cell's merge (its inputs and method): its scores are the cell's."""
+    got = (manifest["config"]["method"], [Path(e["path"]).resolve() for e in manifest["inputs"]["experts"]])
+    want = (config["method"], [Path(e).resolve() for e in config["experts"]])
+    if got != want:
+        raise StudyError(f"cell {cell}: the resident replica scored a merge of {got}, not the cell's {want}")
 
 
 def _write_ledger(plan: StudyPlan, keys: dict, results: dict, refs: dict) -> list[dict]:
