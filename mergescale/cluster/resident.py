@@ -3,7 +3,7 @@ cell's merge runs inside that actor and is pushed into the model in place (merge
 (study.cells.push_model), so no merged byte crosses a process or touches a disk.
 
 A replica that dies, or whose push fails its checksum, is replaced by a fresh one (a fresh load of the base) and the
-cell runs again there (`retry_on_fresh`): a checksum mismatch means the replica's model cannot be trusted. Cells of
+cell runs again there (`ResidentCall.retry`): a checksum mismatch means the replica's model cannot be trusted. Cells of
 one base run one after another on its replica (an actor runs one call at a time); cells of different bases side by
 side.
 """
@@ -19,9 +19,8 @@ from mergescale.merge.push import PushMismatch
 log = logging.getLogger(__name__)
 
 
-@ray.remote(max_restarts=0)
 class ResidentReplica:
-    """A resident model of one base (loaded once) that merges cells into itself and scores them."""
+    """A resident model of one base (loaded once) that merges cells into itself and scores them (a Ray actor)."""
 
     def __init__(self, base_dir: str, settings: dict):
         from mergescale.eval.merge_eval import load_resident
@@ -40,32 +39,53 @@ class ResidentReplica:
 class ResidentPool:
     """The study's resident replicas, one per base directory, started on first use and kept until `close`."""
 
-    def __init__(self, settings: dict, num_cpus: float, num_gpus: float):
+    def __init__(self, settings: dict, num_cpus: float, num_gpus: float, replica: type | None = None):
         self.settings, self.num_cpus, self.num_gpus = settings, num_cpus, num_gpus
+        # a replica lost is replaced by the pool (a fresh load), never restarted by Ray under a running cell
+        self.replica = ray.remote(max_restarts=0)(replica or ResidentReplica)
         self.actors: dict[str, object] = {}
         self.started = 0  # replicas started, each a load of its base: the model loads a push study does
 
-    def submit(self, base_dir: str, config: dict, tasks: list[str], out: str, settings: dict):
-        """The cell's push_model on the replica of `base_dir` (an ObjectRef)."""
+    def call(self, base_dir: str) -> ResidentCall:
+        """A cell's calls on the replica of `base_dir` (a Step's submit and retry)."""
+        return ResidentCall(self, base_dir)
+
+    def actor(self, base_dir: str):
         if base_dir not in self.actors:
-            self.actors[base_dir] = ResidentReplica.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
+            self.actors[base_dir] = self.replica.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
                 base_dir, self.settings)
             self.started += 1
-        return self.actors[base_dir].push_model.remote(config, tasks, out, settings)
+        return self.actors[base_dir]
 
-    def retry_on_fresh(self, base_dir: str, error: BaseException) -> bool:
-        """After a failed cell: True (and the base's replica replaced) when the replica is what failed, its process
-        lost or its push's checksum wrong; False for an error of the cell itself (bad input, non-finite scores)."""
+    def replace(self, base_dir: str, actor, error: BaseException) -> bool:
+        """After a failed call on `actor`: True (and the actor replaced, unless another failed call did that
+        already) when the replica is what failed, its process lost or its push's checksum wrong; False for an error
+        of the cell itself (bad input, non-finite scores), which another replica would repeat."""
         lost = isinstance(error, (ray.exceptions.RayActorError, PushMismatch))
-        if lost:
-            log.warning("resident replica of %s %s; the cell runs again on a fresh one", base_dir,
+        if lost and self.actors.get(base_dir) is actor:
+            log.warning("resident replica of %s %s; its cells run again on a fresh one", base_dir,
                         "failed its checksum" if isinstance(error, PushMismatch) else "was lost")
-            actor = self.actors.pop(base_dir, None)
-            if actor is not None:
-                ray.kill(actor)
+            del self.actors[base_dir]
+            ray.kill(actor)
         return lost
 
     def close(self) -> None:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
+
+
+class ResidentCall:
+    """One cell's push on its base's replica: `submit` runs it on the current replica, `retry` (after a failure)
+    replaces that replica when it is what failed. Cells queued on one replica fail together when it dies; only the
+    first of them replaces it, the others run again on its successor."""
+
+    def __init__(self, pool: ResidentPool, base_dir: str):
+        self.pool, self.base_dir, self.on = pool, base_dir, None
+
+    def submit(self, config: dict, tasks: list[str], out: str, settings: dict):
+        self.on = self.pool.actor(self.base_dir)
+        return self.on.push_model.remote(config, tasks, out, settings)
+
+    def retry(self, error: BaseException) -> bool:
+        return self.pool.replace(self.base_dir, self.on, error)

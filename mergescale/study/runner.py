@@ -248,10 +248,9 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         ms = cfg.merge
         config = C.merge_config(plan, cell)
         if pool is not None:  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
-            base = config["base"]
+            call = pool.call(config["base"])
             return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings),
-                        name=f"push {cell.name}", submit=lambda *a: pool.submit(base, *a),
-                        retry=lambda e: pool.retry_on_fresh(base, e), retries=2)
+                        name=f"push {cell.name}", submit=call.submit, retry=call.retry, retries=2)
         cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
         return Step(C.merge_model, (config, str(rd.path("merged", key)), ms.workers), cpus, gpus,
                     name=f"merge {cell.name}")
