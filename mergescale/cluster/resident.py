@@ -24,9 +24,9 @@ class ResidentReplica:
 
     def __init__(self, base_dir: str, settings: dict):
         from mergescale.eval.merge_eval import load_resident
-        from mergescale.study.cells import _worker_setup
+        from mergescale.study.cells import worker_setup
 
-        _worker_setup(settings)
+        worker_setup(settings)
         self.resident = load_resident(base_dir, settings["backend"], dtype=settings["dtype"],
                                       max_length=settings["max_length"])
 

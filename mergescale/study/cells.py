@@ -130,7 +130,7 @@ def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -
     Returns evaluate()'s per-task metrics and timing."""
     from mergescale.eval import evaluate
 
-    _worker_setup(settings)
+    worker_setup(settings)
     t0 = time.time()
     result = evaluate(model_dir, tasks=tasks, backend=settings["backend"], replicas=settings["replicas"], out=out,
                       num_cpus_per_replica=settings["num_cpus"], num_gpus_per_replica=settings["num_gpus"],
@@ -145,7 +145,7 @@ def push_model(config: dict, tasks: list[str], out: str, settings: dict, residen
     digests, checked against what the model holds before scoring), the manifest, the metrics and the times."""
     from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
 
-    _worker_setup(settings)
+    worker_setup(settings)
     t0 = time.time()
     if resident is None:
         resident = load_resident(resident_source(config), settings["backend"], dtype=settings["dtype"],
@@ -157,7 +157,7 @@ def push_model(config: dict, tasks: list[str], out: str, settings: dict, residen
             "merge_end": t0 + manifest["timing"]["total_s"], "end": time.time(), "pushes": resident.pushes}
 
 
-def _worker_setup(settings: dict) -> None:
+def worker_setup(settings: dict) -> None:
     from transformers.utils import logging as hf_logging
 
     from mergescale.eval.tasks import register_tasks
