@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 
 def run_study(cfg: dict, root: Path, mode: str) -> dict:
     cfg = {**cfg, "name": f"push-bench-{mode}", "work_dir": str(root / mode),
@@ -80,6 +83,7 @@ def main() -> None:
         cfg = build_study_fixture(root / "fixture", n_examples=args.examples)
         modes = ["push"] if args.push else ["disk"] if args.disk else ["disk", "push"]
         runs = [run_study(cfg, root, m) for m in modes]
+        print(f"Machine: {_common.machine_line()}; load average {_common.load_average()}")
         print(f"tiny study, {runs[0]['cells']} cells ({runs[0]['merges']} distinct merges), {args.examples} "
               "examples per task\n")
         print("| cells | cells' wall time (s) | cells per hour | merged bytes written | model loads for the cells |")

@@ -102,7 +102,10 @@ def test_tiny_study_completes_with_the_paper_metric(full_run):
     assert json.loads((run_dir / "run.json").read_text())["mergescale_version"]
     keys = {x["cell_key"] for x in rows if x["method"] != "Multitask"}
     assert {p.stem for p in (run_dir / "manifests").glob("*.json")} == keys
-    assert not list((run_dir / "merged").iterdir())
+    assert not list(run_dir.glob("merged/*"))
+    # the hf backend takes pushed merges: every cell merged into its base's resident replica, nothing written
+    assert all(e.get("pushed") for e in events(run_dir, "merge"))
+    assert events(run_dir, "residents")[0]["started"] == 2
 
 
 def test_seed_rule_is_shared_by_every_base_and_method(full_run):
