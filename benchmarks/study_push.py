@@ -4,7 +4,7 @@ loaded by its evaluation) and once by push (each base loaded once by a resident 
 and scored there). Reports, for the cells' part of each run (from the first cell's merge to the last cell's score):
 cells per hour, merged bytes written, model loads; and checks the two ledgers hold the same scores.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/study_push.py [--root DIR] [--examples 8] [--push | --disk]
+    PYTHONPATH=. .venv/bin/python benchmarks/study_push.py [--root DIR] [--examples 16] [--push | --disk]
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def run_study(cfg: dict, root: Path, mode: str) -> dict:
             "bytes_written": sum(m["plan"]["bytes_written"] for m in manifests if "pushed" not in m),
             "model_loads": residents[0]["started"] if residents else sum(e["kind"] == "eval" and e["key"] not in refs
                                                                           for e in events),
-            "scores": {(r["model"], r["task"]): r["score"] for r in pq.read_table(run_dir / "ledger.parquet").to_pylist()
-                       if r["method"] != "Multitask"}}
+            "scores": {(r["base"], r["method"], r["n_experts"], r["seed"], r["task"]): r["score"]
+                       for r in pq.read_table(run_dir / "ledger.parquet").to_pylist()}}
 
 
 def paper_estimate(merges: int = 384, model_gb: float = 128.0, nodes: int = 8, read_gbs: float = 2.0,
@@ -71,7 +71,7 @@ def paper_estimate(merges: int = 384, model_gb: float = 128.0, nodes: int = 8, r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", help="work directory (default: a temporary one, removed afterwards)")
-    ap.add_argument("--examples", type=int, default=8, help="fixture examples per task")
+    ap.add_argument("--examples", type=int, default=16, help="fixture examples per task")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--push", action="store_true", help="only the push run")
     only.add_argument("--disk", action="store_true", help="only the disk run")

@@ -75,7 +75,8 @@ def test_push_cells_score_as_disk_cells_and_survive_replica_faults(tmp_path, mon
     calls.mkdir()
     monkeypatch.setattr(FlakyReplica, "calls_dir", str(calls))
     monkeypatch.setattr(resident, "ResidentReplica", FlakyReplica)
-    pushed = study.run(small_study(tmp_path, "push"), progress=False, report=False)
+    # one replica for the base (max_merged_alive 1), with both cells queued on it
+    pushed = study.run(small_study(tmp_path, "push", max_merged_alive=1), progress=False, report=False)
     assert pushed["done"] == 2 and pushed["failed"] == 0
     # two cells in flight on the base's replica: both fail when it dies and run again on a second one, whose
     # corrupted push fails its checksum (the other cell's call there fails with it, or is lost with the replica);

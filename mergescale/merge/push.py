@@ -22,22 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
-
+from mergescale.checkpoint.write import tile_bytes
 from mergescale.errors import MergeInputError
 
 
 class PushMismatch(RuntimeError):
     """A pushed tensor's checksum on the target differs from the merge's: the target holds something else."""
-
-
-def tile_bytes(tile) -> np.ndarray:
-    """A merged tile (a numpy array of its stored dtype, or a CPU tensor) as flat uint8 bytes, as written to disk."""
-    if isinstance(tile, np.ndarray):
-        return np.ascontiguousarray(tile).reshape(-1).view(np.uint8)
-    import torch
-
-    return tile.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def weights_fingerprint(digests: dict[str, str]) -> str:
@@ -53,8 +43,8 @@ class PushOutput:
     def __init__(self, target):
         self.target = target
         self.codes: dict[str, str] = {}
-        self.produced: dict[str, hashlib._Hash] = {}
-        self.checked: dict[str, hashlib._Hash] = {}  # what the target should hold, where it rounds the rows
+        self.produced: dict = {}  # tensor -> sha256 of the bytes merged, in unit order
+        self.checked: dict = {}  # what the target should hold, where it rounds the rows
 
     def start(self, config, plan) -> None:
         """Before any row: the target checks that it holds exactly the plan's tensors (names, shapes)."""

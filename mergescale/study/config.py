@@ -141,7 +141,8 @@ class StudyConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     keep_merged: Literal["none", "all"] = "none"
-    max_merged_alive: int = Field(2, ge=1, description="merged checkpoints on disk at once (merged, not yet scored)")
+    max_merged_alive: int = Field(2, ge=1, description="merged checkpoints on disk at once (merged, not yet scored); by "
+                                  "push: resident replicas, at least one per base")
     address: str | None = None  # Ray cluster; none: an embedded local Ray
 
     @field_validator("experts", "multitask", mode="before")

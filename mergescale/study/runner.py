@@ -15,6 +15,7 @@ cell is recorded (failed/<key>.json, with its error) and the study goes on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -227,11 +228,19 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     bar = _bar(len(keys), "study", "cell", progress, initial=sum(len(v) for k, v in cells_of.items() if k in results))
     state = {"merging": 0, "evaluating": 0, "failed": 0}
     merged: dict[str, dict] = {}
-    pool = None
+    pool, in_flight = None, cfg.max_merged_alive
     if pushes(plan) and todo:
         from mergescale.cluster.resident import ResidentPool
 
-        pool = ResidentPool(settings, *_eval_resources(cfg.eval))
+        # max_merged_alive models alive at once here too (resident replicas; at least one per base), each with a
+        # next cell queued so it never waits for the driver; the bases' cells interleaved so all of them start
+        by_base: dict[str, list] = {}
+        for k in todo:
+            by_base.setdefault(cells_of[k][0].base, []).append(k)
+        per_base = max(1, cfg.max_merged_alive // len(by_base))
+        todo = [k for group in itertools.zip_longest(*by_base.values()) for k in group if k is not None]
+        pool = ResidentPool(settings, *_eval_resources(cfg.eval), per_base=per_base)
+        in_flight = 2 * per_base * len(by_base)
 
     def show():
         bar.set_postfix_str(f"merging {state['merging']}, evaluating {state['evaluating']}, failed {state['failed']}",
@@ -305,8 +314,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
 
     show()
     try:
-        run_jobs(todo, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
-                 on_start=started)
+        run_jobs(todo, first, next_step, failed, max_in_flight=in_flight, address=cfg.address, on_start=started)
     finally:
         if pool is not None:
             rd.log_timing("residents", "cells", 0.0, 0.0, started=pool.started)
