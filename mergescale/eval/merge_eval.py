@@ -4,7 +4,6 @@ there. `mergescale merge-eval CONFIG --tasks ...` runs one; a study keeps one re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mergescale.eval.backends import EvalError, HFBackend
