@@ -3,13 +3,14 @@ and loaded by from_pretrained; a second push leaves nothing of the first; a corr
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_sd, merge
 
-from conftest import merge
 from mergescale.eval.backends import EvalError, HFBackend
 from mergescale.eval.resident import ResidentModel
 from mergescale.eval.scoring import RankRequest
@@ -69,11 +70,7 @@ def test_push_scores_bitwise_as_the_checkpoint_from_disk(family, resident, tmp_p
     assert resident.backend.loglikelihood(reqs) == disk.loglikelihood(reqs)
     resident.require(manifest["pushed"]["fingerprint"])
     # the merge's per-tensor digests are those of the bytes written to disk
-    from conftest import load_sd
-
     written = load_sd(tmp_path / "merged")
-    import hashlib
-
     for name, digest in manifest["pushed"]["tensors"].items():
         raw = written[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         assert hashlib.sha256(raw).hexdigest() == digest, name
