@@ -5,11 +5,14 @@ there. `mergescale merge-eval CONFIG --tasks ...` runs one; a study keeps one re
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mergescale.eval.backends import EvalError, HFBackend
-from mergescale.eval.resident import ResidentModel
+if TYPE_CHECKING:
+    from mergescale.eval.resident import ResidentModel
 
-PUSH_BACKENDS = ("hf",)  # backends whose models take pushed rows (vllm: written to disk and loaded)
+# backends whose models take pushed rows (vllm: written to disk and loaded). No torch at import: a study's plan
+# reads this.
+PUSH_BACKENDS = ("hf",)
 
 
 def resident_source(config) -> Path:
@@ -22,6 +25,9 @@ def resident_source(config) -> Path:
 
 
 def load_resident(model_dir, backend: str = "hf", **backend_kw) -> ResidentModel:
+    from mergescale.eval.backends import EvalError, HFBackend
+    from mergescale.eval.resident import ResidentModel
+
     if backend not in PUSH_BACKENDS:
         raise EvalError(f"backend {backend}: pushing a merge needs one of {', '.join(PUSH_BACKENDS)}; evaluate the "
                         "written checkpoint instead (mergescale merge, then mergescale eval)")

@@ -145,6 +145,15 @@ class StudyConfig(_Strict):
                                   "push: resident replicas, at least one per base")
     address: str | None = None  # Ray cluster; none: an embedded local Ray
 
+    @property
+    def pushes(self) -> bool:
+        """Whether the cells are merged into a resident model of their base and scored there, nothing written:
+        merge.push auto, a backend that takes pushed rows, one replica per evaluation, no merged checkpoint kept."""
+        from mergescale.eval.merge_eval import PUSH_BACKENDS
+
+        return (self.merge.push == "auto" and self.eval.backend in PUSH_BACKENDS and self.eval.replicas == 1
+                and self.keep_merged == "none")
+
     @field_validator("experts", "multitask", mode="before")
     @classmethod
     def _train_shorthand(cls, v):

@@ -206,16 +206,6 @@ def _eval_resources(ev) -> tuple[float, float]:
 
 
 # -- cells -----------------------------------------------------------------------------------------------------------
-def pushes(plan: StudyPlan) -> bool:
-    """Whether the cells are merged into a resident model of their base and scored there (nothing written): where
-    the evaluation backend takes pushed rows, one replica per evaluation, and no merged checkpoint is kept."""
-    from mergescale.eval.merge_eval import PUSH_BACKENDS
-
-    cfg = plan.config
-    return (cfg.merge.push == "auto" and cfg.eval.backend in PUSH_BACKENDS and cfg.eval.replicas == 1
-            and cfg.keep_merged == "none")
-
-
 def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress: bool) -> None:
     from mergescale.cluster.study import Step, run_jobs
 
@@ -229,7 +219,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     state = {"merging": 0, "evaluating": 0, "failed": 0}
     merged: dict[str, dict] = {}
     pool, in_flight = None, cfg.max_merged_alive
-    if pushes(plan) and todo:
+    if cfg.pushes and todo:
         from mergescale.cluster.resident import ResidentPool
 
         # max_merged_alive models alive at once here too (resident replicas; at least one per base), each with a
