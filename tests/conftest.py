@@ -230,7 +230,8 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
 # passed. Each module that starts its own Ray (its fixture's ray.init settings, a multi-node Cluster) therefore runs
 # its selected tests in a pytest process of its own; every other test must leave no Ray session behind.
 OWN_RAY_SESSION = ("test_cluster_faults.py", "test_cluster_merge.py", "test_cluster_multinode.py", "test_eval_ray.py",
-                   "test_merge_bytes.py", "test_ray_workers.py", "test_training_ray.py")
+                   "test_merge_bytes.py", "test_push_study.py", "test_ray_workers.py",
+                   "test_training_ray.py")
 _CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
 
 

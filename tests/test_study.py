@@ -104,7 +104,10 @@ def test_tiny_study_completes_with_the_paper_metric(full_run):
     assert json.loads((run_dir / "run.json").read_text())["mergescale_version"]
     keys = {x["cell_key"] for x in rows if x["method"] != "Multitask"}
     assert {p.stem for p in (run_dir / "manifests").glob("*.json")} == keys
-    assert not list((run_dir / "merged").iterdir())
+    assert not list(run_dir.glob("merged/*"))
+    # the hf backend takes pushed merges: every cell merged into its base's resident replica, nothing written
+    assert all(e.get("pushed") for e in events(run_dir, "merge"))
+    assert events(run_dir, "residents")[0]["started"] == 2
 
 
 def test_seed_rule_is_shared_by_every_base_and_method(full_run):
@@ -310,6 +313,18 @@ def test_an_expert_replaced_in_place_changes_exactly_its_cells_keys(tmp_path):
         touched = c.base == "tiny-pt" and "sentiment" in c.categories
         assert (before[c] != after[c]) == touched, c.name
     assert len(set(before.values())) == len(plan.unique_merges())  # equal keys exactly where merges are shared
+
+
+def test_the_python_api_plans_the_same_study_twice(tmp_path):
+    """`study.plan(config)` as the README shows it, twice in one fresh process: importing the submodule
+    mergescale.study.plan must not replace the function."""
+    cfg = build_study_fixture(tmp_path, n_examples=4)
+    path = write_config(cfg, tmp_path / "s.yaml")
+    code = ("import sys; from mergescale import study; a = study.plan(sys.argv[1]); b = study.plan(sys.argv[1]); "
+            "print(len(a.cells), len(b.cells))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["16", "16"]
 
 
 def test_the_ray_job_entry_runs_study_commands(full_run, capsys):

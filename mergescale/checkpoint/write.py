@@ -214,12 +214,7 @@ class PartialOutput:
         """Write a tile (already in the output dtype; a tensor, or a numpy array of its stored bytes' dtype) at rows
         [row_start, ...) of tensor `name`."""
         t = self.layout.tensors[name]
-        if isinstance(tile, np.ndarray):
-            data = np.ascontiguousarray(tile).reshape(-1).view(np.uint8)
-        else:
-            import torch
-
-            data = tile.contiguous().reshape(-1).view(torch.uint8).numpy()
+        data = tile_bytes(tile)
         offset = t.offset + row_start * t.row_bytes
         fd = self._fds[t.shard]
         view = memoryview(data)
@@ -362,6 +357,15 @@ class PartialOutput:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+def tile_bytes(tile) -> np.ndarray:
+    """A merged tile (a numpy array of its stored dtype, or a CPU tensor) as the flat uint8 bytes written."""
+    if isinstance(tile, np.ndarray):
+        return np.ascontiguousarray(tile).reshape(-1).view(np.uint8)
+    import torch
+
+    return tile.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _read_json(path: Path) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ class Step:
     num_gpus: float = 0.0
     name: str = ""
     env: dict | None = None  # environment variables of the task and of what it starts (runtime_env env_vars)
+    # run by submit(*args) (e.g. an actor's method; it returns the ObjectRef) instead of as a Ray task of fn
+    submit: Callable | None = None
+    # after a failure: retry(error) True runs the step again, at most `retries` times
+    retry: Callable[[BaseException], bool] | None = None
+    retries: int = 1
 
 
 def error_text(e: BaseException) -> str:
@@ -50,13 +55,16 @@ def run_jobs(jobs: list, first_step: Callable, next_step: Callable, on_failure: 
     remotes: dict = {}
 
     def submit(job, step: Step, inflight: dict):
-        if step.fn not in remotes:
-            remotes[step.fn] = ray.remote(step.fn)
-        # max_retries: a worker lost with its node is retried once; an exception in the step is not
-        runtime_env = {"runtime_env": {"env_vars": step.env}} if step.env else {}
-        ref = remotes[step.fn].options(num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=1,
-                                       retry_exceptions=False, name=step.name or step.fn.__name__,
-                                       **runtime_env).remote(*step.args)
+        if step.submit is not None:
+            ref = step.submit(*step.args)
+        else:
+            if step.fn not in remotes:
+                remotes[step.fn] = ray.remote(step.fn)
+            runtime_env = {"runtime_env": {"env_vars": step.env}} if step.env else {}
+            # max_retries: a worker lost with its node is retried once; an exception in the step is not
+            ref = remotes[step.fn].options(num_cpus=step.num_cpus, num_gpus=step.num_gpus, max_retries=1,
+                                           retry_exceptions=False, name=step.name or step.fn.__name__,
+                                           **runtime_env).remote(*step.args)
         inflight[ref] = (job, step)
         if on_start is not None:
             on_start(job, step)
@@ -76,6 +84,9 @@ def run_jobs(jobs: list, first_step: Callable, next_step: Callable, on_failure: 
             try:
                 result = ray.get(ref)
             except Exception as e:  # noqa: BLE001 - a failed step fails its job only
+                if step.retry is not None and step.retries > 0 and step.retry(e):
+                    submit(job, replace(step, retries=step.retries - 1), inflight)
+                    continue
                 on_failure(job, step, error_text(e))
                 continue
             try:

@@ -1,4 +1,5 @@
-"""`mergescale eval`: evaluate a model directory on registry tasks (registered by mergescale/cli.py)."""
+"""`mergescale eval`: evaluate a model directory on registry tasks; `mergescale merge-eval`: merge a config into
+the base loaded once and evaluate it there, nothing written but the results (registered by mergescale/cli.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,20 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", help="model directory (safetensors + config + tokenizer) or a Hub id")
-    p.add_argument("--tasks", default="held-out",
-                   help="comma-separated selectors: all, held-in, held-out, held-in:<category>, <category>, <task>")
     p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     p.add_argument("--replicas", type=int, default=1, help="K backend replicas as Ray actors (1: in process)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--address", help="Ray cluster address for replicas (default: an embedded local Ray)")
+    p.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (CPU default 2, "
+                   "VLLM_CPU_KVCACHE_SPACE; GPU default: vLLM's memory fraction)")
+    add_shared_arguments(p)
+
+
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `eval` that `merge-eval` shares."""
+    p.add_argument("--tasks", default="held-out",
+                   help="comma-separated selectors: all, held-in, held-out, held-in:<category>, <category>, <task>")
     p.add_argument("--out", help="output directory (cache, examples/<task>.parquet, metrics.parquet/json)")
     p.add_argument("--data-dir", help="offline data: DIR/<task>/<split>.parquet|jsonl|json|arrow (default: the Hub)")
     p.add_argument("--template", help="template name to use where a task has it (default: each task's first); a "
@@ -22,36 +33,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "of range, no target, ...); over it the evaluation fails (default 0: any such row fails)")
     p.add_argument("--max-length", type=int, help="token window (default: the model's max_position_embeddings - 1; "
                    "on CPU at most 2048)")
-    p.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (CPU default 2, "
-                   "VLLM_CPU_KVCACHE_SPACE; GPU default: vLLM's memory fraction)")
     p.add_argument("--chat-template", action="store_true", help="prompt in the tokenizer's chat template "
                    "(instruction-tuned bases); default: the paper's raw prompts. Recorded as prompt_format")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"))
     p.add_argument("--device", help="hf backend device (default: cuda if available, else cpu)")
-    p.add_argument("--num-gpus-per-replica", type=float, default=0.0)
-    p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
-    p.add_argument("--address", help="Ray cluster address for replicas (default: an embedded local Ray)")
     p.add_argument("--tasks-yaml", action="append", default=[], help="extra task YAML file(s) to register")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def shared_kwargs(args) -> dict:
+    return dict(tasks=args.tasks, out=args.out, data_dir=args.data_dir, template=args.template, limit=args.limit,
+                max_length=args.max_length, dtype=args.dtype, device=args.device,
+                max_unscorable=args.max_unscorable, chat_template=args.chat_template)
+
+
 def run(args) -> int:
-    from mergescale.checkpoint.read import CheckpointError
     from mergescale.eval import evaluate
+
+    def work():
+        return evaluate(args.model_dir, backend=args.backend, replicas=args.replicas, address=args.address,
+                        num_cpus_per_replica=args.num_cpus_per_replica,
+                        num_gpus_per_replica=args.num_gpus_per_replica, progress=not args.quiet,
+                        backend_kw={"kv_cache_gb": args.kv_cache_gb} if args.kv_cache_gb else None,
+                        **shared_kwargs(args))
+
+    return _report(args, work)
+
+
+def run_merge_eval(args) -> int:
+    from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
+
+    def work():
+        source = resident_source(args.config)
+        resident = load_resident(source, device=args.device, dtype=args.dtype, max_length=args.max_length)
+        result = evaluate_merge(args.config, resident, progress=not args.quiet, **shared_kwargs(args))
+        print(f"merged {args.config} into {source} loaded once; pushed model "
+              f"{result['manifest']['pushed']['fingerprint']}, nothing written but the results")
+        return result
+
+    return _report(args, work)
+
+
+def _report(args, work) -> int:
+    from mergescale.checkpoint.read import CheckpointError
+    from mergescale.errors import MergeInputError
     from mergescale.eval.backends import EvalError
     from mergescale.eval.tasks import TaskError, register_tasks
 
     try:
         for y in args.tasks_yaml:
             register_tasks(y, replace=True)
-        result = evaluate(args.model_dir, tasks=args.tasks, backend=args.backend, replicas=args.replicas,
-                          out=args.out, data_dir=args.data_dir, template=args.template, limit=args.limit,
-                          max_length=args.max_length, dtype=args.dtype, device=args.device, address=args.address,
-                          num_cpus_per_replica=args.num_cpus_per_replica,
-                          num_gpus_per_replica=args.num_gpus_per_replica, progress=not args.quiet,
-                          max_unscorable=args.max_unscorable, chat_template=args.chat_template,
-                          backend_kw={"kv_cache_gb": args.kv_cache_gb} if args.kv_cache_gb else None)
-    except (EvalError, TaskError, CheckpointError, ConnectionError) as e:  # ConnectionError: no Ray cluster
+        result = work()
+    except (EvalError, TaskError, CheckpointError, MergeInputError, ConnectionError) as e:  # ConnectionError: Ray
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{'task':<20} {'category':<26} {'metric':<13} {'score':>7} {'ex/s':>7} {'n':>6} {'unscorable':>10}")
@@ -70,4 +103,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__)
     add_arguments(p)
     p.set_defaults(func=run)
+    m = subparsers.add_parser("merge-eval", help="merge a config into its base loaded once and evaluate it there, "
+                              "without writing the merged model (hf backend)", description=__doc__)
+    m.add_argument("config", help="merge config (YAML), as for `mergescale merge`")
+    add_shared_arguments(m)
+    m.set_defaults(func=run_merge_eval)
     return p

@@ -32,14 +32,18 @@ def sha256(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def model_fingerprint(model_dir: str | Path, extra: dict | None = None) -> str:
-    """Weights (file sizes + safetensors header hashes, via mergescale.checkpoint.read), config.json, the tokenizer
-    files and the scoring settings (`extra`, e.g. max_length) hashed together."""
+def model_fingerprint(model_dir: str | Path, extra: dict | None = None, weights: str | None = None) -> str:
+    """Weights (file sizes + safetensors header hashes, via mergescale.checkpoint.read; or `weights`, a pushed
+    merge's fingerprint, for a model held in memory), config.json, the tokenizer files and the scoring settings
+    (`extra`, e.g. max_length) hashed together."""
     from mergescale.checkpoint.read import Checkpoint
 
     model_dir = Path(model_dir)
-    with Checkpoint(model_dir) as ck:
-        weights = ck.fingerprint()
+    if weights is not None:
+        weights = ["pushed", weights]
+    else:
+        with Checkpoint(model_dir) as ck:
+            weights = ck.fingerprint()
     files = {}
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                  "special_tokens_map.json"):

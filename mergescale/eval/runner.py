@@ -153,7 +153,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
              dtype: str = "float32", device: str | None = None, chunk_size: int = 64, address: str | None = None,
              num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0, progress: bool = True,
              backend_kw: dict | None = None, engine=None, max_unscorable: float = 0.0,
-             chat_template: bool = False, run_on_replicas=None) -> dict:
+             chat_template: bool = False, run_on_replicas=None, weights_fingerprint: str | None = None,
+             model_label: str | None = None) -> dict:
     """Evaluate one model on the selected tasks; returns {"metrics": [per-task dict], "computed": examples
     run, "cached": examples reused from out/cache, "out": out dir}. `engine`: an already built HFBackend /
     VLLMBackend for this model, reused in process (e.g. across many evaluations; vLLM start-up is slow).
@@ -164,7 +165,9 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     metrics record which (`prompt_format`); "timing" (and out/timing.json) has each task's examples computed,
     seconds and examples/s in this run. `run_on_replicas`: what runs the work on `replicas` actors
     (mergescale.cluster.eval_replicas.run_on_replicas, which mergescale.api.evaluate hands down) when replicas > 1
-    or an address is given. See mergescale/eval/cli.py for the other options."""
+    or an address is given. `weights_fingerprint`: `engine` holds a pushed merge (merge.push), not model_dir's
+    weights (model_dir gives the tokenizer and config); its scores are cached under that fingerprint and reported
+    as `model_label`. See mergescale/eval/cli.py for the other options."""
     from mergescale.models.sources import resolve_model_dir
 
     # -- validation: everything that can fail does so before any output is written --------------------------
@@ -179,6 +182,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         raise EvalError(f"max_unscorable is a fraction of a task's rows, from 0 to 1; got {max_unscorable}")
     if dtype not in DTYPES:
         raise EvalError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if weights_fingerprint is not None and engine is None:
+        raise EvalError("weights_fingerprint names a pushed model: pass the engine that holds it")
     in_process = engine is not None or (replicas == 1 and address is None)
     if not in_process and run_on_replicas is None:
         raise EvalError(f"replicas={replicas}, address={address!r}: evaluating on Ray replicas takes "
@@ -205,7 +210,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
         if t.scoring == "generate" and t.max_new_tokens >= max_len:
             raise EvalError(f"task {t.name!r} generates up to {t.max_new_tokens} tokens, which leaves no context in "
                             f"the {max_len}-token window (--max-length)")
-    model_fp = model_fingerprint(model_dir, {"max_length": max_len})
+    model_fp = model_fingerprint(model_dir, {"max_length": max_len}, weights=weights_fingerprint)
+    label = model_label or model_dir  # what the metrics and errors name
     out = Path(out) if out is not None else None
     cache = ScoreCache(out, model_fp)
 
@@ -240,8 +246,8 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
     prompt_format = "chat" if chat_template else "raw"
 
     def finish_task(t: Task):
-        rows = [example_row(t, i, cache, model_fp, model_dir) for i in items[t.name]]
-        metrics[t.name] = task_metrics(t, rows, model_fp, model_dir, unscorable[t.name], prompt_format)
+        rows = [example_row(t, i, cache, model_fp, label) for i in items[t.name]]
+        metrics[t.name] = task_metrics(t, rows, model_fp, label, unscorable[t.name], prompt_format)
         n, sec = len(todo[t.name]), seconds[t.name]
         timing[t.name] = {"computed": n, "cached": len(items[t.name]) - n, "seconds": round(sec, 3),
                           "examples_per_s": round(n / sec, 3) if n and sec > 0 else None}
@@ -261,7 +267,7 @@ def evaluate(model_dir, tasks="held-out", backend: str = "hf", replicas: int = 1
 
     def on_done(chunk: Chunk, results: list):
         for item, res in zip(chunk.items, results):  # before anything of the chunk is cached or written
-            check_finite(chunk.kind, item, res, model_dir)
+            check_finite(chunk.kind, item, res, label)
         now = time.perf_counter()
         seconds[chunk.items[0].task] += now - last[0]
         last[0] = now

@@ -8,6 +8,7 @@ process (merge.local.LocalRunner) or Ray actors (cluster.merge.RayRunner).
     statistics     thresholds and sums the method needs (runner.statistics), unless a resumed run saved them
     merge pass     every unit merged, written, made durable and journaled (runner.merge)
     commit         manifest, index, metadata files; atomic rename into place
+`merge_into` runs the same steps into a push sink (a resident model's parameters) in place of the output directory.
 An error in the inputs removes the partial output; a crash or an interrupt keeps it for a rerun to resume; inputs
 that changed since the partial output was made discard it and the merge starts over.
 
@@ -26,7 +27,7 @@ from mergescale.checkpoint.write import PartialOutput
 from mergescale.config import MergeConfig
 from mergescale.errors import InputsChanged, MergeInputError
 from mergescale.merge.input_digests import InputDigests
-from mergescale.merge.inputs import MergeInputs, MergePlan, Unit, human_bytes, output_room, prepare
+from mergescale.merge.inputs import MergeInputs, MergePlan, Unit, human_bytes, output_room, prepare, prepare_inputs
 from mergescale.merge.manifest import build_manifest, config_updates, run_key
 from mergescale.merge.methods import get_method
 from mergescale.merge.pipeline import MergeJob
@@ -90,7 +91,8 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             return {"dry_run": True, "description": description}
         runner.start(config, out, inputs, plan, key)
         try:
-            return _merge(runner, config, out, inputs, plan, key, overwrite, progress, resume)
+            return _merge(runner, config, out, inputs, plan, key, overwrite, progress, resume,
+                          _partial_output(runner, config, out, plan, key))
         except InputsChanged as e:
             if not resume:
                 raise
@@ -98,21 +100,45 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
             log.warning("%s: the inputs changed since the interrupted run (%s): its partial output cannot be used; "
                         "starting over", out, e)
             runner.restart()
-            return _merge(runner, config, out, inputs, plan, key, overwrite, progress, False)
+            return _merge(runner, config, out, inputs, plan, key, overwrite, progress, False,
+                          _partial_output(runner, config, out, plan, key))
     finally:
         if inputs is not None:
             inputs.close()
         runner.close()
 
 
-def _merge(runner: Runner, config: MergeConfig, out: Path, inputs: MergeInputs, plan: MergePlan, key: str,
-           overwrite: bool, progress: bool, resume: bool) -> dict:
+def merge_into(config: MergeConfig | dict | str | Path, sink, *, progress: bool = True) -> dict:
+    """Merge `config` on this process into `sink` (merge.push.PushOutput: a resident model's parameters) instead
+    of an output directory: the same validation, statistics and merge pass as run_merge; no resume (nothing is
+    durable), no disk space needed. Returns the manifest, with the pushed tensors' digests under "pushed"."""
+    from mergescale.merge.local import LocalRunner
+
+    runner, inputs = LocalRunner(), None
+    try:
+        config = runner.begin(config)
+        config, inputs, plan = prepare_inputs(config)
+        sink.start(config, plan)  # the target checks the plan's tensors against what it holds: nothing pushed yet
+        key = run_key(config, inputs, plan)
+        runner.start(config, None, inputs, plan, key)
+        return _merge(runner, config, None, inputs, plan, key, False, progress, False, sink)
+    finally:
+        if inputs is not None:
+            inputs.close()
+        runner.close()
+
+
+def _partial_output(runner: Runner, config: MergeConfig, out: Path, plan: MergePlan, key: str) -> PartialOutput:
+    return PartialOutput(out, plan.layout, key, direct=runner.writes_direct and config.write == "direct")
+
+
+def _merge(runner: Runner, config: MergeConfig, out: Path | None, inputs: MergeInputs, plan: MergePlan, key: str,
+           overwrite: bool, progress: bool, resume: bool, partial) -> dict:
     """One attempt: resume a partial output of this run (its recorded input digests proven, else InputsChanged with
-    the partial output removed), or start a new one."""
+    the partial output removed), or start a new one. `partial`: a PartialOutput, or a push sink with its methods."""
     t0 = time.time()
     method, params = get_method(config.method), config.method_params
     job = MergeJob(config, inputs, plan)
-    partial = PartialOutput(out, plan.layout, key, direct=runner.writes_direct and config.write == "direct")
     digests = InputDigests(inputs)
     warnings: list[str] = []
     runner.attach(job, digests)

@@ -233,6 +233,19 @@ def progress_bar(total: int, desc: str, progress: bool):
                 dynamic_ncols=True)
 
 
+def prepare_inputs(config: MergeConfig | dict | str | Path):
+    """Config, inputs and plan of a merge that writes no output directory (a push): all validation but the
+    output's."""
+    config = load_config(config)
+    inputs = open_inputs(config)
+    try:
+        plan = plan_merge(config, inputs)
+    except BaseException:
+        inputs.close()
+        raise
+    return config, inputs, plan
+
+
 def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, overwrite: bool):
     """Everything before the first byte is written: config, inputs, validation, plan."""
     config = load_config(config)
@@ -240,10 +253,9 @@ def prepare(config: MergeConfig | dict | str | Path, out: str | Path | None, ove
     if out is None:
         raise MergeInputError("no output directory: pass --out DIR (or set 'out' in the config)")
     out = Path(out).absolute()
-    inputs = open_inputs(config)
+    config, inputs, plan = prepare_inputs(config)
     try:
         check_output(out, overwrite, [c.path for c in inputs.all])
-        plan = plan_merge(config, inputs)
     except BaseException:
         inputs.close()
         raise

@@ -21,7 +21,13 @@ def plan(config, **overrides):
     """Validate a study config and return its StudyPlan (plan.describe() is what `study plan` prints)."""
     from mergescale.study.plan import make_plan
 
+    # the first import of the submodule mergescale.study.plan rebinds this package's name `plan` to the module;
+    # put the function back so a second call works
+    globals()["plan"] = _plan_function
     return make_plan(config, **overrides)
+
+
+_plan_function = plan
 
 
 def status(run_dir):

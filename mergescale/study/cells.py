@@ -129,23 +129,49 @@ def train_model(recipe: str, train_config: dict, overwrite: bool, progress: bool
 def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -> dict:
     """Evaluate one model on `tasks` (per-example rows and a score cache under `out`, so a rerun resumes).
     Returns evaluate()'s per-task metrics and timing."""
+    from mergescale.eval import evaluate
+
+    worker_setup(settings)
+    t0 = time.time()
+    result = evaluate(model_dir, tasks=tasks, backend=settings["backend"], replicas=settings["replicas"], out=out,
+                      num_cpus_per_replica=settings["num_cpus"], num_gpus_per_replica=settings["num_gpus"],
+                      **_eval_kwargs(settings))
+    return {"metrics": result["metrics"], "computed": result["computed"], "cached": result["cached"], "start": t0,
+            "end": time.time()}
+
+
+def push_model(config: dict, tasks: list[str], out: str, settings: dict, resident=None) -> dict:
+    """Merge one cell into `resident` (its base's model kept loaded, eval.resident; None: loaded here) without
+    writing it, and evaluate it there. Returns the pushed model's fingerprint (a hash of the merge's per-tensor
+    digests, checked against what the model holds before scoring), the manifest, the metrics and the times."""
+    from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
+
+    worker_setup(settings)
+    t0 = time.time()
+    if resident is None:
+        resident = load_resident(resident_source(config), settings["backend"], dtype=settings["dtype"],
+                                 max_length=settings["max_length"])
+    result = evaluate_merge(config, resident, tasks=tasks, out=out, **_eval_kwargs(settings))
+    manifest = result["manifest"]
+    return {"fingerprint": manifest["pushed"]["fingerprint"], "manifest": manifest, "metrics": result["metrics"],
+            "computed": result["computed"], "cached": result["cached"], "start": t0,
+            "merge_end": t0 + manifest["timing"]["total_s"], "end": time.time(), "pushes": resident.pushes}
+
+
+def worker_setup(settings: dict) -> None:
     from transformers.utils import logging as hf_logging
 
-    from mergescale.eval import evaluate
     from mergescale.eval.tasks import register_tasks
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per evaluation, from every worker, is noise
     for y in settings.get("tasks_yaml") or []:  # this process may be a fresh Ray worker: register custom tasks
         register_tasks(y, replace=True)
-    t0 = time.time()
-    result = evaluate(model_dir, tasks=tasks, backend=settings["backend"], replicas=settings["replicas"], out=out,
-                      data_dir=settings["data_dir"], template=settings["template"], limit=settings["limit"],
-                      sample_seed=settings["sample_seed"], max_length=settings["max_length"],
-                      dtype=settings["dtype"], num_cpus_per_replica=settings["num_cpus"],
-                      num_gpus_per_replica=settings["num_gpus"], max_unscorable=settings["max_unscorable"],
-                      chat_template=settings["chat_template"], progress=False)
-    return {"metrics": result["metrics"], "computed": result["computed"], "cached": result["cached"], "start": t0,
-            "end": time.time()}
+
+
+def _eval_kwargs(settings: dict) -> dict:
+    return dict(data_dir=settings["data_dir"], template=settings["template"], limit=settings["limit"],
+                sample_seed=settings["sample_seed"], max_length=settings["max_length"], dtype=settings["dtype"],
+                max_unscorable=settings["max_unscorable"], chat_template=settings["chat_template"], progress=False)
 
 
 def score_rows(run_root: Path, model: str, key: str, metrics: list[dict], groups: dict[str, str], fingerprint: str,

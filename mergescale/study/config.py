@@ -121,6 +121,10 @@ class MergeSettings(_Strict):
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # DARE masks: "cell" seeds them with the cell's seed (so seeds also vary the masks); an int fixes them
     dare_seed: Literal["cell"] | int = "cell"
+    # auto: each cell is merged into a resident model of its base (loaded once per study) and scored there, nothing
+    # written, where the evaluation allows it (hf backend, one replica, keep_merged none); never: written to disk
+    # and read back by the evaluation
+    push: Literal["auto", "never"] = "auto"
 
 
 class StudyConfig(_Strict):
@@ -141,8 +145,18 @@ class StudyConfig(_Strict):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
     keep_merged: Literal["none", "all"] = "none"
-    max_merged_alive: int = Field(2, ge=1, description="merged checkpoints on disk at once (merged, not yet scored)")
+    max_merged_alive: int = Field(2, ge=1, description="merged checkpoints on disk at once (merged, not yet "
+                                  "scored); by push: resident replicas, at least one per base")
     address: str | None = None  # Ray cluster; none: an embedded local Ray
+
+    @property
+    def pushes(self) -> bool:
+        """Whether the cells are merged into a resident model of their base and scored there, nothing written:
+        merge.push auto, a backend that takes pushed rows, one replica per evaluation, no merged checkpoint kept."""
+        from mergescale.eval.merge_eval import PUSH_BACKENDS
+
+        return (self.merge.push == "auto" and self.eval.backend in PUSH_BACKENDS and self.eval.replicas == 1
+                and self.keep_merged == "none")
 
     @field_validator("experts", "multitask", mode="before")
     @classmethod

@@ -113,10 +113,10 @@ class StudyPlan:
         n_ref_evals = sum(len(self.tasks_of_model(m.role)) for m in refs)
         n_cell_evals = sum(len(self.cell_tasks(x)) for x in merges)
         read = sum(self.merge_read_bytes(x) for x in merges)
-        write = sum(self.model_bytes[x.base] for x in merges)
+        write = 0 if c.pushes else sum(self.model_bytes[x.base] for x in merges)  # pushed: merged in memory
         trained_bytes = sum(self.model_bytes[m.base] for m in trains)
         biggest = max(self.model_bytes.values())
-        alive = c.max_merged_alive if c.keep_merged == "none" else len(merges)
+        alive = 0 if c.pushes else c.max_merged_alive if c.keep_merged == "none" else len(merges)
         peak = trained_bytes + min(alive, len(merges)) * biggest
         t = estimate_seconds(self, rates)
         lines = [
@@ -132,7 +132,7 @@ class StudyPlan:
             f"evaluations       {len(refs)} reference models ({n_ref_evals} model-task evaluations) + {len(merges)} "
             f"merged models ({n_cell_evals} model-task evaluations)",
             f"bytes to read     {human_bytes(read)} (merges)",
-            f"bytes to write    {human_bytes(write)} merged"
+            f"bytes to write    {human_bytes(write)} merged" + (" (cells by push)" if c.pushes else "")
             + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",

@@ -15,6 +15,7 @@ cell is recorded (failed/<key>.json, with its error) and the study goes on.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -220,13 +221,26 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     bar = _bar(len(keys), "study", "cell", progress, initial=sum(len(v) for k, v in cells_of.items() if k in results))
     state = {"merging": 0, "evaluating": 0, "failed": 0}
     merged: dict[str, dict] = {}
+    pool, in_flight = None, cfg.max_merged_alive
+    if cfg.pushes and todo:
+        from mergescale.cluster.resident import ResidentPool
+
+        # max_merged_alive models alive at once here too (resident replicas; at least one per base), each with a
+        # next cell queued so it never waits for the driver; the bases' cells interleaved so all of them start
+        by_base: dict[str, list] = {}
+        for k in todo:
+            by_base.setdefault(cells_of[k][0].base, []).append(k)
+        per_base = max(1, cfg.max_merged_alive // len(by_base))
+        todo = [k for group in itertools.zip_longest(*by_base.values()) for k in group if k is not None]
+        pool = ResidentPool(settings, *_eval_resources(cfg.eval), per_base=per_base)
+        in_flight = 2 * per_base * len(by_base)
 
     def show():
         bar.set_postfix_str(f"merging {state['merging']}, evaluating {state['evaluating']}, failed {state['failed']}",
                             refresh=True)
 
     def started(key, step):
-        stage = "merge" if step.fn is C.merge_model else "eval"
+        stage = "eval" if step.fn is C.evaluate_model else "merge"
         state["merging" if stage == "merge" else "evaluating"] += 1
         rd.mark_running(key, stage)
         show()
@@ -234,8 +248,13 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     def first(key):
         cell = cells_of[key][0]
         ms = cfg.merge
+        config = C.merge_config(plan, cell)
+        if pool is not None:  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
+            call = pool.call(config["base"])
+            return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings),
+                        name=f"push {cell.name}", submit=call.submit, retry=call.retry, retries=2)
         cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
-        return Step(C.merge_model, (C.merge_config(plan, cell), str(rd.path("merged", key)), ms.workers), cpus, gpus,
+        return Step(C.merge_model, (config, str(rd.path("merged", key)), ms.workers), cpus, gpus,
                     name=f"merge {cell.name}")
 
     def next_step(key, step, res):
@@ -248,12 +267,22 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             return Step(C.evaluate_model, (str(rd.path("merged", key)), plan.cell_tasks(cell),
                                            str(rd.path("evals", key)), settings), *_eval_resources(cfg.eval),
                         name=f"eval {cell.name}")
-        state["evaluating"] -= 1
-        m = merged.pop(key)
-        rd.log_timing("eval", key, res["start"], res["end"],
+        if step.fn is C.push_model:
+            state["merging"] -= 1
+            _check_pushed(step.args[0], res["manifest"], cell.name)
+            write_json_atomic(res["manifest"], rd.path("manifests", f"{key}.json"))
+            rd.log_timing("merge", key, res["start"], res["merge_end"], bytes_read=plan.merge_read_bytes(cell),
+                          pushed=True)
+            m = {"fingerprint": res["fingerprint"], "start": res["start"], "end": res["merge_end"]}
+            eval_start = res["merge_end"]
+        else:
+            state["evaluating"] -= 1
+            m = merged.pop(key)
+            eval_start = res["start"]
+        rd.log_timing("eval", key, eval_start, res["end"],
                       param_examples=res["computed"] * plan.model_params[cell.base])
         rows = C.score_rows(rd.root, cell.name, key, res["metrics"], groups, m["fingerprint"], rd.path("evals", key),
-                            m["end"] - m["start"], res["end"] - res["start"])
+                            m["end"] - m["start"], res["end"] - eval_start)
         rd.write_scores("results", key, rows)  # the cell is done from here on
         results[key] = rows
         rd.clear_running(key)
@@ -266,8 +295,8 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         return None
 
     def failed(key, step, err):
-        stage = "merge" if step.fn is C.merge_model else "evaluation"
-        state["merging" if stage == "merge" else "evaluating"] -= 1
+        stage = {C.merge_model: "merge", C.push_model: "merge and evaluation"}.get(step.fn, "evaluation")
+        state["evaluating" if step.fn is C.evaluate_model else "merging"] -= 1
         state["failed"] += 1
         merged.pop(key, None)
         rd.mark_failed(key, [c.name for c in cells_of[key]], stage, err)
@@ -277,9 +306,21 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         show()
 
     show()
-    run_jobs(todo, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
-             on_start=started)
+    try:
+        run_jobs(todo, first, next_step, failed, max_in_flight=in_flight, address=cfg.address, on_start=started)
+    finally:
+        if pool is not None:
+            rd.log_timing("residents", "cells", 0.0, 0.0, started=pool.started)
+            pool.close()
     bar.close()
+
+
+def _check_pushed(config: dict, manifest: dict, cell: str) -> None:
+    """The pushed model's manifest is the cell's merge (its inputs and method): its scores are the cell's."""
+    got = (manifest["config"]["method"], [Path(e["path"]).resolve() for e in manifest["inputs"]["experts"]])
+    want = (config["method"], [Path(e).resolve() for e in config["experts"]])
+    if got != want:
+        raise StudyError(f"cell {cell}: the resident replica scored a merge of {got}, not the cell's {want}")
 
 
 def _write_ledger(plan: StudyPlan, keys: dict, results: dict, refs: dict) -> list[dict]:
