@@ -1,6 +1,7 @@
 """Where a study's wall time goes: the tiny study (2 bases, 4 categories, 2 methods, N in {2, 4}, 2 seeds; one
 expert and one multitask model trained by the study) run from scratch by `mergescale study run`, its wall time split
-into training, reference evaluations, merges, cell evaluations and orchestration overhead.
+into training, reference evaluations, the resident replicas' loads of their base (cells by push), merges, cell
+evaluations and orchestration overhead.
 
 Overhead is the run's wall time (from `study.run`'s start to its end, as logged in RUN_DIR/timings.jsonl) during
 which no training, evaluation or merge was executing: planning, Ray start, content digests, scheduling gaps, Ray
@@ -59,7 +60,8 @@ def main() -> None:
         events = [json.loads(x) for x in (Path(cfg["work_dir"]) / "timings.jsonl").read_text().splitlines()]
         run = next(e for e in events if e["kind"] == "run")
         wall = run["end"] - run["start"]
-        kinds = {"train": "training", "ref": "reference evaluations", "merge": "merges", "cell": "cell evaluations"}
+        kinds = {"train": "training", "ref": "reference evaluations", "replica_load": "resident replicas' base loads",
+                 "merge": "merges", "cell": "cell evaluations"}
         ref_keys = {p.stem for p in (Path(cfg["work_dir"]) / "references").glob("*.parquet")}
         spans: dict[str, list] = {k: [] for k in kinds}
         for e in events:

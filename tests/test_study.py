@@ -108,6 +108,8 @@ def test_tiny_study_completes_with_the_paper_metric(full_run):
     # the hf backend takes pushed merges: every cell merged into its base's resident replica, nothing written
     assert all(e.get("pushed") for e in events(run_dir, "merge"))
     assert events(run_dir, "residents")[0]["started"] == 2
+    loads = events(run_dir, "replica_load")  # each replica's load of its base is timed, once
+    assert len(loads) == 2 and all(e["end"] > e["start"] for e in loads)
 
 
 def test_seed_rule_is_shared_by_every_base_and_method(full_run):

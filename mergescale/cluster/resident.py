@@ -10,6 +10,7 @@ actor runs one call at a time: cells of one base run side by side on up to `per_
 from __future__ import annotations
 
 import logging
+import time
 
 import ray
 
@@ -25,14 +26,19 @@ class ResidentReplica:
         from mergescale.eval.merge_eval import load_resident
         from mergescale.study.cells import worker_setup
 
+        start = time.time()
         worker_setup(settings)
         self.resident = load_resident(base_dir, settings["backend"], dtype=settings["dtype"],
                                       max_length=settings["max_length"])
+        self.load_span: tuple[float, float] | None = (start, time.time())
 
     def push_model(self, config: dict, tasks: list[str], out: str, settings: dict) -> dict:
         from mergescale.study.cells import push_model
 
-        return push_model(config, tasks, out, settings, self.resident)
+        result = push_model(config, tasks, out, settings, self.resident)
+        if self.load_span is not None:  # the first result of this replica says when it loaded its base (timings)
+            result["replica_load"], self.load_span = self.load_span, None
+        return result
 
 
 class ResidentPool:

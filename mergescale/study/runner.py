@@ -270,6 +270,8 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         if step.fn is C.push_model:
             state["merging"] -= 1
             _check_pushed(step.args[0], res["manifest"], cell.name)
+            if "replica_load" in res:  # this cell's replica was started for it: its load of the base
+                rd.log_timing("replica_load", cell.base, *res["replica_load"])
             write_json_atomic(res["manifest"], rd.path("manifests", f"{key}.json"))
             rd.log_timing("merge", key, res["start"], res["merge_end"], bytes_read=plan.merge_read_bytes(cell),
                           pushed=True)
