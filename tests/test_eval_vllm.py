@@ -106,6 +106,45 @@ def test_cli_run_exits_zero_after_shutting_the_engine_down(setup, tmp_path):
     assert m["task"] == "copa" and m["n"] == 6
 
 
+def test_a_killed_evaluation_leaves_no_engine_process_behind(setup):
+    """Before: vLLM's EngineCore process, waiting for its client, outlived an evaluation killed by a signal (the
+    OOM killer, ray.kill of a replica, a SIGTERM without Python's cleanup) and kept the model and its KV cache
+    (4.1 GB here, which then ran the machine out of memory). Now a reaper kills it once the evaluation is gone."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    model = setup[0]
+    script = ("import json, sys, time, psutil\n"
+              "from mergescale.eval.backends import VLLMBackend\n"
+              f"v = VLLMBackend({str(model)!r}, max_length={MAXLEN}, max_num_seqs=4, kv_cache_gb=1)\n"
+              "print('PIDS', json.dumps([c.pid for c in psutil.Process().children(recursive=True)]), flush=True)\n"
+              "time.sleep(3600)\n")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        line = next((x for x in p.stdout if x.startswith("PIDS ")), None)  # vLLM logs to stdout too
+        assert line, f"the evaluation process ended before its engine was up (status {p.wait()})"
+        started = [psutil.Process(pid) for pid in json.loads(line[5:])]
+        assert any("reaper" not in " ".join(q.cmdline()) for q in started), "no engine process to watch"
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    deadline = time.time() + 60  # the reaper acts within a second or two of the evaluation's end
+    alive = started
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = [q for q in alive if q.is_running() and q.status() != psutil.STATUS_ZOMBIE]
+    left = [(q.pid, " ".join(q.cmdline())[:80]) for q in alive]
+    for q in alive:  # do not leave them to the rest of the suite
+        q.kill()
+    assert not left, f"processes of the killed evaluation still running: {left}"
+
+
 def test_non_finite_log_probabilities_are_an_error(setup, tmp_path):
     """An all-NaN model: rank classification and generation both fail naming the model and task, nothing
     written (before: copa scored 0.5 from [nan, nan])."""

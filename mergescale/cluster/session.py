@@ -13,7 +13,7 @@ Two ways Ray itself fails a user here, handled below:
 - A driver killed without its exit hook (SIGKILL, the OOM killer) takes the embedded Ray's gcs_server and
   raylet with it (Ray starts them with a parent-death signal), but the raylet's DashboardAgent and
   RuntimeEnvAgent (~230 MB) first try to report the raylet's death to the dead GCS, with a 60 s timeout that
-  is not configurable, and linger that long. A small watcher process (cluster/reaper.py) started with the
+  is not configurable, and linger that long. A small watcher process (mergescale/reaper.py) started with the
   embedded session kills what is left of it as soon as the driver is gone.
 """
 
@@ -22,12 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import ray
 
+from mergescale import reaper
 from mergescale.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,9 +102,9 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def _start_reaper() -> None:
-    """Start cluster/reaper.py to watch this process and the embedded session's processes (see the module
-    docstring). It reads a pipe whose write end only this process holds (os.pipe's descriptors are not inherited
-    by the processes Ray starts), so it sees EOF when this process ends, however it ends."""
+    """Start mergescale/reaper.py on the embedded session's processes. It reads a pipe whose write end only this
+    process holds (os.pipe's descriptors are not inherited by the processes Ray starts), so it sees EOF when this
+    process ends, however it ends."""
     global _reaper_pipe
     try:
         node = ray._private.worker._global_node
@@ -114,10 +112,4 @@ def _start_reaper() -> None:
     except Exception:  # noqa: BLE001 - private API: without it there is nothing to watch
         log.debug("cannot list the embedded Ray's processes; no reaper started", exc_info=True)
         return
-    read_end, _reaper_pipe = os.pipe()
-    try:
-        subprocess.Popen([sys.executable, str(Path(__file__).with_name("reaper.py")), *map(str, roots)],
-                         stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # not in this process's group: a signal to the group spares it
-    finally:
-        os.close(read_end)
+    _reaper_pipe = reaper.watch(roots)

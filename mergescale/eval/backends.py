@@ -10,8 +10,10 @@ import math
 import os
 from pathlib import Path
 
+import psutil
 import torch
 
+from mergescale import reaper
 from mergescale.eval.scoring import GenRequest, RankRequest
 
 log = logging.getLogger(__name__)
@@ -249,6 +251,11 @@ class VLLMBackend:
         saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", "VLLM_CPU_KVCACHE_SPACE")}
         if not torch.cuda.is_available():
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = kv_env  # read while the engine starts
+        # vLLM runs the engine in a child process (EngineCore) that waits for its client forever: if this process
+        # is killed (SIGTERM, SIGKILL, the OOM killer, ray.kill of a replica) it would keep the model and its KV
+        # cache. A reaper watching this process kills the engine's processes as soon as it is gone.
+        me = psutil.Process()
+        before = {c.pid for c in me.children()}
         try:
             self.llm = LLM(**kw)
         finally:
@@ -257,6 +264,8 @@ class VLLMBackend:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+        engine = [c.pid for c in me.children() if c.pid not in before]
+        self._reaper = reaper.watch(engine) if engine else None
 
     def loglikelihood(self, requests: list[RankRequest]) -> list[list[float]]:
         from vllm import SamplingParams
