@@ -13,11 +13,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, "tests")
-from test_kernels import CASES, context, merge_tile, models  # noqa: E402
-
-from mergescale.merge import kernels  # noqa: E402
-from mergescale.merge.methods import get_method  # noqa: E402
+from mergescale.merge import kernels
+from mergescale.merge.methods import get_method
+from tests.merge.test_kernels import CASES, context, merge_tile, models
 
 
 def main() -> int:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny Llama checkpoints built locally once per session, and helpers to read and forge them.
+"""Shared fixtures: tiny Llama checkpoints built locally once per session (helpers to read and forge them are in
+tests/helpers.py), the task registry restored after each test, and one Ray session per process.
 
 Families (all float32 unless noted, random init from `mergescale.tiny`, >= 2 safetensors shards):
   family   hidden 64, 2 layers, BPE tokenizer; base + 3 experts (reference comparisons, I/O, CLI)
@@ -9,147 +10,23 @@ Families (all float32 unless noted, random init from `mergescale.tiny`, >= 2 saf
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from mergescale.tiny import build_tiny_llama, make_expert
+pytest.register_assert_rewrite("tests.helpers")  # its asserts report values, as in a test module
+
+from mergescale.tiny import build_tiny_llama, make_expert  # noqa: E402
+from tests.helpers import Family, load_f32  # noqa: E402
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 # The tensors here are tiny: intra-op threads only add OpenMP barrier waits (seconds per merge on a loaded machine).
 torch.set_num_threads(1)
-
-
-@dataclass(frozen=True)
-class Family:
-    base: Path
-    experts: list[Path]
-
-    @property
-    def expert_strs(self) -> list[str]:
-        return [str(e) for e in self.experts]
-
-
-def shard_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def load_sd(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model directory, as stored (dtype kept)."""
-    sd: dict[str, torch.Tensor] = {}
-    for f in shard_files(model_dir):
-        part = load_file(str(f))
-        assert not set(part) & set(sd), f"tensor stored twice in {model_dir}"
-        sd.update(part)
-    return sd
-
-
-def load_f32(model_dir: str | Path) -> dict[str, torch.Tensor]:
-    return {k: v.to(torch.float32) for k, v in load_sd(model_dir).items()}
-
-
-def header_dtypes(model_dir: str | Path) -> dict[str, str]:
-    out = {}
-    for f in shard_files(model_dir):
-        raw = f.read_bytes()
-        n = int.from_bytes(raw[:8], "little")
-        header = json.loads(raw[8 : 8 + n])
-        header.pop("__metadata__", None)
-        out.update({k: v["dtype"] for k, v in header.items()})
-    return out
-
-
-def weight_map(model_dir: str | Path) -> dict[str, str]:
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return json.loads(index.read_text())["weight_map"]
-    out = {}
-    for f in shard_files(model_dir):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: f.name for k in h.keys()})
-    return out
-
-
-def write_like(src: str | Path, dst: str | Path, sd: dict[str, torch.Tensor], *, index: bool = True) -> Path:
-    """Write `sd` as a checkpoint laid out like `src` (same shard of each tensor that src has; new tensors go to
-    the last shard) with src's config/tokenizer files. Used to forge experts with chosen values or defects."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            shutil.copyfile(f, dst / f.name)
-    wm = weight_map(src)
-    last = sorted(set(wm.values()))[-1]
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    new_map = {}
-    for name, t in sd.items():
-        fname = wm.get(name, last)
-        groups.setdefault(fname, {})[name] = t.contiguous()
-        new_map[name] = fname
-    for fname, part in groups.items():
-        save_file(part, str(dst / fname), metadata={"format": "pt"})
-    if index and len(groups) > 1:
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": new_map}))
-    return dst
-
-
-def merge(config: dict, out: str | Path, **kw) -> dict:
-    import mergescale
-
-    return mergescale.merge(mergescale.MergeConfig.model_validate(config), out, progress=False, **kw)
-
-
-def no_output(out: str | Path) -> bool:
-    """Neither the output directory nor its hidden partial directory exists."""
-    out = Path(out)
-    return not out.exists() and not (out.parent / f".{out.name}.partial").exists()
-
-
-def replace_weights(dst: Path, src: Path) -> None:
-    """Put src's shards in place of dst's: other weights of exactly the same layout (file names, sizes, headers),
-    so the run key's fingerprint of the inputs (sizes and header hashes) cannot tell."""
-    from mergescale.checkpoint.read import Checkpoint
-
-    before = Checkpoint(dst).fingerprint()
-    for f in shard_files(dst):
-        assert f.read_bytes() != (src / f.name).read_bytes()
-        shutil.copyfile(src / f.name, f)
-    assert Checkpoint(dst).fingerprint() == before
-
-
-def crash_merge(cfg: dict, out: Path, monkeypatch, at: int) -> None:
-    """A single-process merge interrupted at its `at`-th merge_unit call (as a kill: the partial output stays),
-    every unit before it journaled."""
-    from mergescale.merge import driver, local, pipeline
-
-    real, calls = pipeline.merge_unit, {"n": 0}
-
-    def crashing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == at:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(local, "JOURNAL_EVERY_S", 0.0)
-    monkeypatch.setattr(pipeline, "merge_unit", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        driver.run_merge(cfg, out, progress=False)
-    monkeypatch.setattr(pipeline, "merge_unit", real)
 
 
 @pytest.fixture(scope="session")
@@ -229,9 +106,12 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
 # ray-project/ray#31145): a pytest process that cycled these modules' sessions crashed at exit after every test had
 # passed. Each module that starts its own Ray (its fixture's ray.init settings, a multi-node Cluster) therefore runs
 # its selected tests in a pytest process of its own; every other test must leave no Ray session behind.
-OWN_RAY_SESSION = ("test_cluster_faults.py", "test_cluster_merge.py", "test_cluster_multinode.py", "test_eval_ray.py",
-                   "test_merge_bytes.py", "test_push_study.py", "test_ray_workers.py",
-                   "test_training_ray.py")
+TESTS = Path(__file__).resolve().parent
+OWN_RAY_SESSION = (  # paths under tests/
+    "cluster/test_cluster_faults.py", "cluster/test_cluster_merge.py", "cluster/test_cluster_multinode.py",
+    "cluster/test_eval_ray.py", "cluster/test_push_study.py", "cluster/test_ray_workers.py",
+    "merge/test_merge_bytes.py", "training/test_training_ray.py",
+)
 _CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
 
 
@@ -264,20 +144,33 @@ class OwnRaySessionRun(pytest.Item):
         return self.path, None, f"{self.name} ({len(self.nodeids)} test(s), own process)"
 
 
+def pytest_configure(config):
+    missing = [p for p in OWN_RAY_SESSION if not (TESTS / p).is_file()]
+    if missing:  # a moved or renamed module would otherwise silently share the parent's process again
+        raise pytest.UsageError(f"OWN_RAY_SESSION in tests/conftest.py lists {missing}: no such file under tests/")
+
+
+def _own_ray_module(item) -> str | None:
+    """The item's module as listed in OWN_RAY_SESSION, or None when it runs in the shared process."""
+    rel = item.path.relative_to(TESTS).as_posix() if item.path.is_relative_to(TESTS) else None
+    return rel if rel in OWN_RAY_SESSION else None
+
+
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: the child runs exactly what was selected
 def pytest_collection_modifyitems(session, config, items):
     if os.environ.get(_CHILD_ENV):
         return
     out, groups = [], {}
     for item in items:
-        if item.path.name in OWN_RAY_SESSION:
-            if item.path.name not in groups:
-                groups[item.path.name] = []
-                out.append(item.path.name)  # placeholder: keeps the module's place in the order
-            groups[item.path.name].append(item)
+        module = _own_ray_module(item)
+        if module is not None:
+            if module not in groups:
+                groups[module] = []
+                out.append(module)  # placeholder: keeps the module's place in the order
+            groups[module].append(item)
         else:
             out.append(item)
-    items[:] = [OwnRaySessionRun.from_parent(groups[x][0].getparent(pytest.Module), name=x,
+    items[:] = [OwnRaySessionRun.from_parent(groups[x][0].getparent(pytest.Module), name=Path(x).name,
                                              nodeids=[i.nodeid for i in groups[x]]) if isinstance(x, str) else x
                 for x in out]
 
@@ -288,8 +181,8 @@ def _no_ray_session_left_behind():
     ray = sys.modules.get("ray")
     if not os.environ.get(_CHILD_ENV) and ray is not None and ray.is_initialized():
         ray.shutdown()
-        pytest.fail("this test left a Ray session in the shared pytest process: move its module to "
-                    "OWN_RAY_SESSION in tests/conftest.py")
+        pytest.fail("this test left a Ray session in the shared pytest process: list its module (its path under "
+                    "tests/) in OWN_RAY_SESSION in tests/conftest.py")
 
 
 def pytest_terminal_summary(terminalreporter):

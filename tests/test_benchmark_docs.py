@@ -2,13 +2,12 @@
 and keeps what was written by hand below it, and every other section."""
 
 import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _common():
-    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "_common.py")
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "_common.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import load_sd, no_output, shard_files
 
 from mergescale.cli import main
 from mergescale.merge.inputs import human_bytes
+from tests.helpers import load_sd, no_output, shard_files
 
 
 def write_cfg(tmp_path, family, **fields) -> Path:

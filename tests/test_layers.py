@@ -16,15 +16,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PKG = ROOT / "mergescale"
+from tests.helpers import REPO
+
+PKG = REPO / "mergescale"
 
 
 def imported_modules(path: Path, package: str | None = None) -> set[str]:
     """Every module an `import` or `from ... import` anywhere in the file names (relative imports resolved)."""
     names = set()
     if package is None:
-        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
@@ -43,7 +44,7 @@ def sources(under: str) -> list[Path]:
 
 
 def offenders(under: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{p.relative_to(ROOT)} imports {m}" for p in sources(under) for m in sorted(imported_modules(p))
+    return [f"{p.relative_to(REPO)} imports {m}" for p in sources(under) for m in sorted(imported_modules(p))
             if any(m == f or m.startswith(f + ".") for f in forbidden)]
 
 
@@ -77,5 +78,5 @@ def test_checkpoint_io_imports_no_layer_above_it():
                     reason="ruff is installed by scripts/setup.sh (the dev extra)")
 def test_ruff_is_clean():
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
-    done = subprocess.run([ruff, "check", "--no-cache", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([ruff, "check", "--no-cache", str(REPO)], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:]

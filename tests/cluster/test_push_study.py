@@ -1,0 +1,90 @@
+"""A study's cells by push (cluster.resident): one resident replica per base, the same ledger as the cells written
+to disk and read back, and a replica that dies or fails its checksum replaced by a fresh one, the cell run again
+there. In-process studies (their own Ray): listed in OWN_RAY_SESSION in tests/conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray.cloudpickle
+
+from mergescale import study
+from mergescale.cluster import resident
+from mergescale.tiny import build_study_fixture
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FlakyReplica runs in Ray workers
+
+
+class FlakyReplica(resident.ResidentReplica):
+    """A replica that fails the study's first two pushes, counted in a directory all replicas share: the first by
+    dying (its process exits), the second by a row corrupted after the merge hashed it (the checksum's case)."""
+
+    calls_dir: str = ""
+
+    def push_model(self, config, tasks, out, settings):
+        calls = Path(self.calls_dir)
+        n = len(list(calls.iterdir()))
+        (calls / f"{n}-{os.getpid()}").touch()
+        if n == 0:
+            os._exit(1)
+        if n == 1:
+            real = self.resident.load_rows
+
+            def corrupting(name, row_start, data, code):
+                if row_start == 0 and name.endswith("mlp.up_proj.weight"):
+                    data = data.copy()
+                    data[1] ^= 4
+                return real(name, row_start, data, code)
+
+            self.resident.load_rows = corrupting
+        return super().push_model(config, tasks, out, settings)
+
+
+def small_study(root: Path, name: str, **changes) -> dict:
+    cfg = build_study_fixture(root / "fixture", n_examples=6)
+    cats = ["sentiment", "topic_classification"]
+    base = cfg["bases"][0]
+    cfg.update(name=name, work_dir=str(root / name), bases=[base], held_in=cats, held_out=["copa", "rte"],
+               experts={base["name"]: {c: cfg["experts"][base["name"]][c] for c in cats}}, multitask={},
+               num_experts=[1, 2], seeds=[0], methods=[cfg["methods"][1]])
+    for k, v in changes.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def scores(run_dir: str) -> dict:
+    rows = pq.read_table(Path(run_dir) / "ledger.parquet").to_pylist()
+    return {(r["n_experts"], r["task"]): r["score"] for r in rows}
+
+
+def timings(run_dir: str, kind: str) -> list[dict]:
+    lines = (Path(run_dir) / "timings.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["kind"] == kind]
+
+
+def test_push_cells_score_as_disk_cells_and_survive_replica_faults(tmp_path, monkeypatch):
+    disk = study.run(small_study(tmp_path, "disk", merge={"push": "never"}), progress=False, report=False)
+    assert disk["done"] == 2 and not any(e.get("pushed") for e in timings(disk["run_dir"], "merge"))
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    monkeypatch.setattr(FlakyReplica, "calls_dir", str(calls))
+    monkeypatch.setattr(resident, "ResidentReplica", FlakyReplica)
+    # one replica for the base (max_merged_alive 1), with both cells queued on it
+    pushed = study.run(small_study(tmp_path, "push", max_merged_alive=1), progress=False, report=False)
+    assert pushed["done"] == 2 and pushed["failed"] == 0
+    # two cells in flight on the base's replica: both fail when it dies and run again on a second one, whose
+    # corrupted push fails its checksum (the other cell's call there fails with it, or is lost with the replica);
+    # both run again on a third replica, where both are scored
+    made = sorted(calls.iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    pids = [p.name.split("-")[1] for p in made]
+    assert len(set(pids)) == 3 and pids[-1] == pids[-2] != pids[-3]
+    assert timings(pushed["run_dir"], "residents")[0]["started"] == 3
+    assert all(e["pushed"] for e in timings(pushed["run_dir"], "merge"))
+    assert not list((Path(pushed["run_dir"]) / "merged").glob("*/*.safetensors"))
+    assert scores(pushed["run_dir"]) == scores(disk["run_dir"])  # every score of the cell's own merge, exactly
