@@ -9,14 +9,20 @@ from the newest DeepSpeed checkpoint in the run's checkpoint directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from mergescale.checkpoint.output_dir import MANIFEST
+from mergescale.eval.results import write_json_atomic
 from mergescale.training.api import TrainingFailed
 from mergescale.training.config import TrainConfig
 from mergescale.training.trainer import FAIL_ENV, STOPPED
+
+log = logging.getLogger(__name__)
+# In the run's work directory: the placement group of the attempt running now, written by its rank-0 worker.
+PLACEMENT_GROUP = "placement_group.json"
 
 
 def _train_loop_per_worker(loop_config: dict) -> None:
@@ -27,9 +33,34 @@ def _train_loop_per_worker(loop_config: dict) -> None:
 
     sources, val = ray.get(loop_config["data"])
     cfg = TrainConfig.model_validate(loop_config["config"])
+    pg = ray.util.get_current_placement_group()
+    if pg is not None and ray.train.get_context().get_world_rank() == 0:
+        write_json_atomic({"id": pg.id.hex()}, Path(loop_config["work"]) / PLACEMENT_GROUP)
     run_worker(loop_config["recipe"], cfg, sources, val, loop_config["info"], loop_config["deepspeed"],
                Path(loop_config["out"]), Path(loop_config["work"]), ray.train.torch.get_device(),
                loop_config["progress"], loop_config["overwrite"], fail_at=loop_config["fail_at"])
+
+
+def remove_left_placement_group(work: Path) -> None:
+    """Remove the placement group an earlier attempt of this training recorded, if it still holds its resources.
+
+    Ray Train removes a run's group when the run ends, and a detached cleaner actor does when the Train controller
+    dies. But Ray's OOM killer can take the driver, the controller and the cleaner at once (it did here, with other
+    work on the machine): the group then holds its CPUs until the job ends, and the retried training waits for
+    them forever. The same training cannot be running beside its own retry, so its old group is free to remove."""
+    import ray
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    record = work / PLACEMENT_GROUP
+    if not record.exists():
+        return
+    pg_id = json.loads(record.read_text())["id"]
+    state = placement_group_table().get(pg_id, {}).get("state")
+    if state not in (None, "REMOVED"):
+        log.warning("removing placement group %s (%s) left by an earlier attempt of this training", pg_id, state)
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    record.unlink()
 
 
 def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_base: dict, out: Path, work: Path, *,
@@ -43,6 +74,7 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
     from mergescale.cluster.session import ensure_ray
 
     ensure_ray(cfg.cluster.address)
+    remove_left_placement_group(work)
     use_gpu = cfg.cluster.use_gpu
     resources = {"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     loop_config = {

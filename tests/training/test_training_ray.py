@@ -180,6 +180,48 @@ def test_resume_after_worker_killed(setup, dropout_run, monkeypatch):
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
 
 
+def test_a_retry_removes_the_placement_group_its_killed_attempt_left(setup, tmp_path, monkeypatch):
+    """Ray's OOM killer took a study's training driver, its Train controller and Train's placement-group cleaner
+    at once: the group kept both CPUs reserved and the retried training waited for them forever (`ray status`: 0 of
+    2 CPUs used, 2 reserved in placement groups, 2 groups pending). The workers now record their group in the run's
+    work directory, and a retry removes it if it still holds resources."""
+    import threading
+
+    from ray.util import placement_group, placement_group_table
+
+    from mergescale.cluster.train import PLACEMENT_GROUP
+    from mergescale.training.api import TrainingFailed
+    from mergescale.training.config import TrainConfig
+
+    root, base, data = setup
+    out = tmp_path / "out"
+    cfg = _cfg(base, data, deepspeed="zero2", cluster={"max_failures": 0})
+    monkeypatch.setenv(FAIL_ENV, "5")  # the first attempt dies after its step-6 checkpoint
+    with pytest.raises(TrainingFailed):
+        train("expert", cfg, out=out, progress=False)
+    monkeypatch.delenv(FAIL_ENV)
+    record = TrainConfig.model_validate(cfg).work_dir(out) / PLACEMENT_GROUP
+    first = json.loads(record.read_text())["id"]
+    assert first in placement_group_table()  # what the workers recorded is the group they ran in
+    # as the OOM killer leaves it: the attempt's group alive, holding every CPU of this Ray
+    left = placement_group([{"CPU": 2.0}])
+    ray.get(left.ready(), timeout=120)
+    record.write_text(json.dumps({"id": left.id.hex()}))
+    result = {}
+    retry = threading.Thread(target=lambda: result.update(m=train("expert", cfg, out=out, progress=False)),
+                             daemon=True)
+    retry.start()
+    retry.join(timeout=600)
+    if retry.is_alive():
+        from ray.util import remove_placement_group
+
+        remove_placement_group(left)  # let the stuck retry finish, so the module's other tests can run
+        retry.join(timeout=600)
+        pytest.fail("the retry waited for the CPUs its killed attempt's placement group held")
+    assert result["m"]["resumed_from_step"] == 6 and result["m"]["steps"] == 8
+    assert placement_group_table(left)["state"] == "REMOVED"
+
+
 def test_non_finite_loss_stops_the_run_without_a_model(setup, tmp_path, capsys):
     """A base whose weights are NaN: the loss of step 1 is NaN, every worker stops there and the command exits 2
     naming the step (before: 8 steps of NaN loss, a NaN model written, exit 0)."""
