@@ -132,3 +132,29 @@ def test_plan_of_another_architecture_is_refused_before_any_row(family, micro, e
         merge_into(cfg, PushOutput(resident), progress=False)
     assert resident.fingerprint == before_fp
     assert resident.backend.loglikelihood(reqs) == before
+
+
+def test_study_cell_by_push_on_vllm_scores_as_the_disk_path(family, engines, tmp_path):
+    """What a study's resident replica runs for a cell (study.cells.push_model) with backend vllm: its per-example
+    log-probabilities are those the disk path's evaluation of the written merge gives."""
+    import pyarrow.parquet as pq
+
+    from mergescale.eval import evaluate
+    from mergescale.eval.fixtures import write_fixture_data
+    from mergescale.study.cells import push_model
+    from mergescale.study.config import EvalSettings
+
+    resident, disk = engines
+    data = write_fixture_data(tmp_path / "data", "copa,rte", n=4)
+    settings = EvalSettings(backend="vllm", data_dir=str(data), max_length=MAXLEN).model_dump(mode="json")
+    cfg = config(family, "ties_tensor")
+    res = push_model(cfg, ["copa", "rte"], str(tmp_path / "pushed"), settings, resident)
+    assert res["fingerprint"] == resident.fingerprint
+    merge(cfg, tmp_path / "merged")
+    disk_scores(disk, tmp_path / "merged", requests(VOCAB, 1))  # the disk engine now holds the written merge
+    evaluate(tmp_path / "merged", tasks="copa,rte", backend="vllm", data_dir=data, out=tmp_path / "disk",
+             max_length=MAXLEN, engine=disk["engine"], progress=False)
+    for task in ("copa", "rte"):
+        pushed = pq.read_table(tmp_path / "pushed" / "examples" / f"{task}.parquet").to_pylist()
+        written = pq.read_table(tmp_path / "disk" / "examples" / f"{task}.parquet").to_pylist()
+        assert max_diff([r["logprobs"] for r in pushed], [r["logprobs"] for r in written]) <= 1e-4
