@@ -5,21 +5,10 @@ of written checkpoints for the module: engine start-up on CPU is slow."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import merge
-from test_push import METHODS, config, requests
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-try:
-    import vllm  # noqa: F401
-except Exception as e:  # noqa: BLE001 - ImportError, or a broken torchvision (see docs)
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI is set but vllm does not import: {e}") from e
-    pytest.skip(f"vllm not importable ({e}); set CI=1 to make this an error", allow_module_level=True)
+from conftest import import_vllm_or_skip, merge
+from test_push import METHODS, config, corrupting, requests
 
 from mergescale.eval.backends import EvalError, HFBackend, VLLMBackend
 from mergescale.eval.merge_eval import load_resident
@@ -27,6 +16,7 @@ from mergescale.eval.vllm_resident import VLLMResident
 from mergescale.merge.driver import merge_into
 from mergescale.merge.push import PushMismatch, PushOutput
 
+import_vllm_or_skip()  # before any test: vllm itself is imported lazily
 pytestmark = pytest.mark.vllm
 MAXLEN = 64
 VOCAB = 384  # mergescale.tiny's default vocabulary: the family's models
@@ -99,14 +89,7 @@ def test_corrupted_push_is_refused_naming_the_tensor(family, engines, monkeypatc
     resident, disk = engines
     name = "model.layers.1.self_attn.k_proj.weight"  # stacked inside vLLM's fused qkv_proj
     real = VLLMResident.load_rows
-
-    def corrupting(self, tensor, row_start, data, code):
-        if tensor == name and row_start == 0:
-            data = data.copy()
-            data[5] ^= 1
-        return real(self, tensor, row_start, data, code)
-
-    monkeypatch.setattr(VLLMResident, "load_rows", corrupting)
+    monkeypatch.setattr(VLLMResident, "load_rows", corrupting(real, name))
     with pytest.raises(PushMismatch, match=name.replace(".", r"\.")):
         merge_into(config(family, "task_arithmetic"), PushOutput(resident), progress=False)
     with pytest.raises(EvalError, match="did not complete"):
