@@ -63,15 +63,24 @@ def run(args) -> int:
 def run_merge_eval(args) -> int:
     from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
 
+    engines = []  # the resident's backend, stopped when the command ends
+
     def work():
         source = resident_source(args.config)
-        resident = load_resident(source, device=args.device, dtype=args.dtype, max_length=args.max_length)
+        kw = {"kv_cache_gb": args.kv_cache_gb} if args.backend == "vllm" and args.kv_cache_gb else {}
+        resident = load_resident(source, args.backend, device=args.device, dtype=args.dtype,
+                                 max_length=args.max_length, **kw)
+        engines.append(resident.backend)
         result = evaluate_merge(args.config, resident, progress=not args.quiet, **shared_kwargs(args))
         print(f"merged {args.config} into {source} loaded once; pushed model "
               f"{result['manifest']['pushed']['fingerprint']}, nothing written but the results")
         return result
 
-    return _report(args, work)
+    try:
+        return _report(args, work)
+    finally:
+        for engine in engines:  # a vLLM engine stops now, not at interpreter exit (backends.VLLMBackend.close)
+            getattr(engine, "close", lambda: None)()
 
 
 def _report(args, work) -> int:
@@ -104,8 +113,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=run)
     m = subparsers.add_parser("merge-eval", help="merge a config into its base loaded once and evaluate it there, "
-                              "without writing the merged model (hf backend)", description=__doc__)
+                              "without writing the merged model", description=__doc__)
     m.add_argument("config", help="merge config (YAML), as for `mergescale merge`")
+    m.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    m.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (as for eval)")
     add_shared_arguments(m)
     m.set_defaults(func=run_merge_eval)
     return p

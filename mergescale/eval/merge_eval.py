@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from mergescale.eval.resident import ResidentModel
+    from mergescale.eval.resident import Resident
 
-# backends whose models take pushed rows (vllm: written to disk and loaded). No torch at import: a study's plan
-# reads this.
-PUSH_BACKENDS = ("hf",)
+# backends whose models take pushed rows (hf: eval.resident; vllm: eval.vllm_resident). No torch at import: a
+# study's plan reads this.
+PUSH_BACKENDS = ("hf", "vllm")
 
 
 def resident_source(config) -> Path:
@@ -24,17 +24,31 @@ def resident_source(config) -> Path:
     return Path(resolve_model_dir(str(config.base if config.base is not None else config.experts[0].path)))
 
 
-def load_resident(model_dir, backend: str = "hf", **backend_kw) -> ResidentModel:
-    from mergescale.eval.backends import EvalError, HFBackend
-    from mergescale.eval.resident import ResidentModel
+def load_resident(model_dir, backend: str = "hf", **backend_kw) -> Resident:
+    """A push target loaded once from `model_dir`: the backend's model (hf: its module; vllm: its engine, started
+    with the push worker extension)."""
+    from mergescale.eval.backends import EvalError
 
-    if backend not in PUSH_BACKENDS:
-        raise EvalError(f"backend {backend}: pushing a merge needs one of {', '.join(PUSH_BACKENDS)}; evaluate the "
-                        "written checkpoint instead (mergescale merge, then mergescale eval)")
-    return ResidentModel(HFBackend(model_dir, **backend_kw))
+    if backend == "hf":
+        from mergescale.eval.backends import HFBackend
+        from mergescale.eval.resident import ResidentModel
+
+        return ResidentModel(HFBackend(model_dir, **backend_kw))
+    if backend == "vllm":
+        from mergescale.eval.backends import VLLMBackend
+        from mergescale.eval.vllm_resident import EXTENSION, VLLMResident
+
+        engine = VLLMBackend(model_dir, worker_extension_cls=EXTENSION, **backend_kw)
+        try:
+            return VLLMResident(engine, model_dir)
+        except BaseException:
+            engine.close()
+            raise
+    raise EvalError(f"backend {backend}: pushing a merge needs one of {', '.join(PUSH_BACKENDS)}; evaluate the "
+                    "written checkpoint instead (mergescale merge, then mergescale eval)")
 
 
-def evaluate_merge(config, resident: ResidentModel, *, progress: bool = True, **eval_kw) -> dict:
+def evaluate_merge(config, resident: Resident, *, progress: bool = True, **eval_kw) -> dict:
     """Merge `config` into `resident` and evaluate it there (mergescale.eval.evaluate's arguments but the model's
     and the engine's). Returns evaluate()'s result with the merge's "manifest"; its scores are cached under the
     pushed model's fingerprint (the per-tensor digests of the merge's bytes)."""

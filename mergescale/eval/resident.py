@@ -22,16 +22,36 @@ from mergescale.eval.backends import EvalError
 _HOLDS = {torch.float32: {torch.float32, torch.bfloat16, torch.float16}}
 
 
-class ResidentModel:
-    """The push target over an HFBackend's module (`backend.model`). `fingerprint`: the pushed merge's
-    (merge.push.weights_fingerprint) once a push is complete and checked; "base" before any; None after a failed
-    push."""
+class Resident:
+    """What every push target shares: `fingerprint`, the pushed merge's (merge.push.weights_fingerprint) once a push
+    is complete and checked; "base" before any; None from a push's first row until it is checked, and after a failed
+    push. `require` guards every scoring."""
 
     def __init__(self, backend, base_label: str = "base"):
         self.backend = backend
-        self.tensors = dict(backend.model.state_dict(keep_vars=True))
         self.fingerprint: str | None = base_label
         self.pushes = 0
+
+    def commit(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.pushes += 1
+
+    def fail(self) -> None:
+        self.fingerprint = None
+
+    def require(self, fingerprint: str) -> None:
+        """EvalError unless this model is the checked push `fingerprint`: nothing else is scored under its name."""
+        if self.fingerprint != fingerprint:
+            state = "a push that did not complete" if self.fingerprint is None else f"model {self.fingerprint}"
+            raise EvalError(f"the resident model holds {state}, not the merge {fingerprint}; nothing is scored")
+
+
+class ResidentModel(Resident):
+    """The push target over an HFBackend's module (`backend.model`)."""
+
+    def __init__(self, backend, base_label: str = "base"):
+        super().__init__(backend, base_label)
+        self.tensors = dict(backend.model.state_dict(keep_vars=True))
 
     # -- the push target (merge.push) --------------------------------------------------------------------------
     def begin(self, plan_tensors: list[tuple[str, tuple]]) -> None:
@@ -58,7 +78,7 @@ class ResidentModel:
 
     def load_rows(self, name: str, row_start: int, data: np.ndarray, code: str) -> None:
         target = self.tensors[name].detach()  # the parameter's storage
-        src = _as_tensor(data, code)
+        src = as_tensor(data, code)
         with torch.no_grad():
             if target.dim() == 0:
                 target.copy_(src.reshape(()))
@@ -67,32 +87,18 @@ class ResidentModel:
             target[row_start:row_start + rows].copy_(src.reshape(rows, *target.shape[1:]))
 
     def as_held(self, name: str, data: np.ndarray, code: str) -> memoryview:
-        return _bytes(_as_tensor(data, code).to(self.tensors[name].dtype))
+        return tensor_bytes(as_tensor(data, code).to(self.tensors[name].dtype))
 
     def digest(self, name: str, code: str | None) -> str:
         held = self.tensors[name].detach()
         if code is not None:
             held = held.to(torch_dtype(code))
-        return hashlib.sha256(_bytes(held)).hexdigest()
-
-    def commit(self, fingerprint: str) -> None:
-        self.fingerprint = fingerprint
-        self.pushes += 1
-
-    def fail(self) -> None:
-        self.fingerprint = None
-
-    # -- scoring ---------------------------------------------------------------------------------------------
-    def require(self, fingerprint: str) -> None:
-        """EvalError unless this model is the checked push `fingerprint`: nothing else is scored under its name."""
-        if self.fingerprint != fingerprint:
-            state = "a push that did not complete" if self.fingerprint is None else f"model {self.fingerprint}"
-            raise EvalError(f"the resident model holds {state}, not the merge {fingerprint}; nothing is scored")
+        return hashlib.sha256(tensor_bytes(held)).hexdigest()
 
 
-def _as_tensor(data: np.ndarray, code: str) -> torch.Tensor:
+def as_tensor(data: np.ndarray, code: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).view(torch_dtype(code))
 
 
-def _bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -122,8 +122,8 @@ class MergeSettings(_Strict):
     # DARE masks: "cell" seeds them with the cell's seed (so seeds also vary the masks); an int fixes them
     dare_seed: Literal["cell"] | int = "cell"
     # auto: each cell is merged into a resident model of its base (loaded once per study) and scored there, nothing
-    # written, where the evaluation allows it (hf backend, one replica, keep_merged none); never: written to disk
-    # and read back by the evaluation
+    # written, where the evaluation allows it (hf or vllm backend, one replica, keep_merged none); never: written to
+    # disk and read back by the evaluation
     push: Literal["auto", "never"] = "auto"
 
 

@@ -9,22 +9,15 @@ import re
 import pytest
 import torch
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-try:
-    import vllm  # noqa: F401
-except Exception as e:  # noqa: BLE001 - ImportError, or a broken torchvision (see docs)
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI is set but vllm does not import: {e}") from e
-    pytest.skip(f"vllm not importable ({e}); set CI=1 to make this an error", allow_module_level=True)
-
 from mergescale.eval import evaluate
 from mergescale.eval.backends import HFBackend, VLLMBackend
 from mergescale.eval.fixtures import write_fixture_data
 from mergescale.eval.scoring import gen_request, rank_request
 from mergescale.eval.tasks import get_task
 from mergescale.tiny import build_tiny_llama
+from tests.helpers import import_vllm_or_skip
 
+import_vllm_or_skip()  # before any test: vllm itself is imported lazily
 pytestmark = pytest.mark.vllm
 MAXLEN = 128
 TASKS = "copa,rte,imdb,xsum"

@@ -44,6 +44,18 @@ def requests(vocab: int, n: int = 6) -> list[RankRequest]:
                         [[rng.randrange(4, vocab) for _ in range(1 + j)] for j in range(3)]) for i in range(n)]
 
 
+def corrupting(load_rows, name: str):
+    """`load_rows` flipping one bit of tensor `name`'s first rows after the merge hashed them (in transit)."""
+
+    def load(self, tensor, row_start, data, code):
+        if tensor == name and row_start == 0:
+            data = data.copy()
+            data[5] ^= 1
+        return load_rows(self, tensor, row_start, data, code)
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def resident(family):
     return ResidentModel(HFBackend(family.base, max_length=64))
@@ -93,15 +105,7 @@ def test_second_push_leaves_nothing_of_the_first(family, tmp_path):
 def test_corrupted_row_is_caught_naming_the_tensor(family, monkeypatch):
     res = ResidentModel(HFBackend(family.base, max_length=64))
     name = "model.layers.1.mlp.down_proj.weight"
-    real = ResidentModel.load_rows
-
-    def corrupting(self, tensor, row_start, data, code):
-        if tensor == name and row_start == 0:  # one bit flipped after the merge hashed the rows (in transit)
-            data = data.copy()
-            data[5] ^= 1
-        return real(self, tensor, row_start, data, code)
-
-    monkeypatch.setattr(ResidentModel, "load_rows", corrupting)
+    monkeypatch.setattr(ResidentModel, "load_rows", corrupting(ResidentModel.load_rows, name))
     with pytest.raises(PushMismatch, match=name.replace(".", r"\.")):
         merge_into(config(family, "task_arithmetic"), PushOutput(res), progress=False)
     with pytest.raises(EvalError, match="did not complete"):
