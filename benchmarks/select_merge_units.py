@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from mergescale.checkpoint.read import Checkpoint
     from mergescale.merge import kernels
-    from mergescale.merge.kernels import merging, primitives
+    from mergescale.merge.kernels import primitives, ties
     from mergescale.merge.kernels import selection as kernel_selection
     from mergescale.merge.methods import UnitContext, get_method
 
@@ -41,13 +41,13 @@ def main(argv=None) -> int:
     method = get_method("ties")
     params = method.params.model_validate({"trim_scope": "tensor", "density": 0.2})
     listed = {}
-    gather = merging._ties_gather_kernel
+    gather = ties._ties_gather_kernel
 
     def counting(*a):  # count the listed elements: idx is the first int64 array after the base
         listed["n"] = next(x for x in a[1:] if getattr(x, "dtype", None) == "int64").shape[0]
         return gather(*a)
 
-    merging._ties_gather_kernel = counting
+    ties._ties_gather_kernel = counting
     for name in (f"model.layers.{args.layer}.self_attn.q_proj.weight", f"model.layers.{args.layer}.mlp.up_proj.weight"):
         info = models[0].tensors[name]
         raw = tuple(m.read_bytes(name, 0, info.rows).view(kernels.RAW_CODES[info.dtype]) for m in models)

@@ -273,7 +273,7 @@ def brackets_from_samples(config, plan: MergePlan, inputs: MergeInputs, candidat
         lo, hi = zip(*(sample_bracket(np.sort(p), k, t.numel) for p in parts))
         inside = np.zeros(parts[0].shape, dtype=bool)
         for p, a, b in zip(parts, lo, hi):
-            if a != b:  # a bracket of one value lists nothing (kernels.merging._ties_kernel)
+            if a != b:  # a bracket of one value lists nothing (kernels.ties._ties_kernel)
                 inside |= (p >= a) & (p <= b)
         share = float(inside.mean())
         held = t.numel * (SAFETENSORS_DTYPES[plan.out_dtypes[t.name]][0] + share * (4 * n_e + 12))

@@ -25,11 +25,11 @@ NUMBA = importlib.util.find_spec("numba") is not None  # a dependency, but e.g. 
 
 @functools.cache
 def _kernels():
-    """(merging, primitives, selection): the numba modules, imported (and their kernels loaded or compiled) on
-    first use, so that importing this package costs neither numba nor LLVM."""
-    from mergescale.merge.kernels import merging, primitives, selection
+    """(merging, primitives, selection, ties): the numba modules, imported (and their kernels loaded or compiled)
+    on first use, so that importing this package costs neither numba nor LLVM."""
+    from mergescale.merge.kernels import merging, primitives, selection, ties
 
-    return merging, primitives, selection
+    return merging, primitives, selection, ties
 
 
 def available() -> bool:
@@ -95,21 +95,21 @@ def merge(method, params, weights: list[float], ctx, models: tuple, has_base: bo
 @_launches_kernels
 def select_and_merge(method, params, ctx, models: tuple, dst: np.ndarray, ks: list[int]) -> list[float] | None:
     """TIES of a unit whose thresholds (the ks[j]-th smallest magnitude of expert j) are not known yet, in one pass
-    (kernels.merging.select_and_merge): the thresholds, or None (not here, or the sample's brackets missed)."""
+    (kernels.ties.select_and_merge): the thresholds, or None (not here, or the sample's brackets missed)."""
     k = _kernel(method, merge=True)
     if k is None or k.merge != "ties":
         return None
-    return _kernels()[0].select_and_merge(float(k.dare(params)), params, ctx, models, dst, ks)
+    return _kernels()[3].select_and_merge(float(k.dare(params)), params, ctx, models, dst, ks)
 
 
 @_launches_kernels
 def bracketed_tile(method, params, ctx, models: tuple, dst: np.ndarray, lo, hi, share: float):
-    """One unit of a tensor split into several, merged against its brackets (kernels.merging.bracketed_tile; the
+    """One unit of a tensor split into several, merged against its brackets (kernels.ties.bracketed_tile; the
     listed elements' indices are the tensor's); None: not here."""
     k = _kernel(method, merge=True)
     if k is None or k.merge != "ties":
         return None
-    return _kernels()[0].bracketed_tile(float(k.dare(params)), params, ctx, models, dst, lo, hi, share,
+    return _kernels()[3].bracketed_tile(float(k.dare(params)), params, ctx, models, dst, lo, hi, share,
                                         ctx.element_offset)
 
 
@@ -117,7 +117,7 @@ def bracketed_tile(method, params, ctx, models: tuple, dst: np.ndarray, lo, hi, 
 def finish_bracketed(params, name: str, lo, hi, ks: list[int], parts: list, dst: np.ndarray) -> list[float] | None:
     """The exact thresholds of a tensor merged by `bracketed_tile`, and the redo of its listed elements in `dst`
     (all its rows); None: a bracket missed."""
-    return _kernels()[0].finish_bracketed(params, name, lo, hi, ks, parts, dst)
+    return _kernels()[3].finish_bracketed(params, name, lo, hi, ks, parts, dst)
 
 
 @_launches_kernels

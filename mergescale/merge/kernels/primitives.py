@@ -1,7 +1,7 @@
 """The shared building blocks of the fused kernels: loading bf16/float32 values from raw tiles and storing them
-in the output dtype, torch.sign, DARE's hash on 32-bit lanes, the task-vector rows of a sub-block, the
-finiteness check, and the scan for NaN/inf in stored bytes. numba inlines them into each kernel
-(mergescale.merge.kernels.merging and .selection), so they cost nothing at run time.
+in the output dtype, torch.sign, DARE's hash on 32-bit lanes, the task-vector rows of a sub-block, the mask of
+flagged elements in a group of 64, the finiteness check, and the scan for NaN/inf in stored bytes. numba inlines
+them into each kernel (mergescale.merge.kernels.merging, .ties and .selection), so they cost nothing at run time.
 
 The kernels work on sub-blocks of SUB elements laid out as [expert, element] scratch rows, and every inner loop
 runs over arrays sliced to the sub-block and indexed from 0: LLVM then vectorizes them (offset indices into whole
@@ -38,7 +38,7 @@ def _cache_dir() -> str:
     files of the functions it inlines, so a change to this file alone would leave merging.py's cached kernels
     compiled from the old primitives. The directory is named by a digest of all the kernels' sources instead
     (under NUMBA_CACHE_DIR if set, else $MERGESCALE_CACHE/numba)."""
-    sources = [Path(__file__).with_name(f"{m}.py") for m in ("primitives", "merging", "selection")]
+    sources = [Path(__file__).with_name(f"{m}.py") for m in ("primitives", "merging", "selection", "ties")]
     digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sources)).hexdigest()[:16]
     root = numba.config.CACHE_DIR or os.path.join(
         os.environ.get("MERGESCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mergescale"), "numba")
@@ -177,6 +177,22 @@ def task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk):
                  first + np.uint64(s0), scale)
         for i in range(m):
             c[i] += row[i] * np.float32(0.0)
+
+@njit(inline="always")
+def group_mask(flag, g0, m):
+    """The 64-bit mask of which of flag[g0:min(m, g0 + 64)] are nonzero (bit i: element g0 + i). The callers walk
+    its set bits (trailing_zeros, then mask &= mask - 1): the flagged elements are a few percent, and a branch per
+    element costs ~2x the kernel. Most groups flag nothing, and an OR finds that cheaper than building the mask."""
+    gf = flag[g0:min(m, g0 + 64)]
+    any_ = gf[0]
+    for i in range(1, gf.shape[0]):
+        any_ |= gf[i]  # integer flags: nonzero iff some element is
+    mask = np.uint64(0)
+    if any_ != 0:
+        for i in range(gf.shape[0]):
+            mask |= np.uint64(gf[i] != 0) << np.uint64(i)
+    return mask
+
 
 @njit(inline="always")
 def finite(chk):

@@ -20,6 +20,7 @@ from mergescale.merge.kernels.primitives import (
     SUB,
     dare_args,
     finite,
+    group_mask,
     jit_parallel,
     jit_serial,
     load,
@@ -73,11 +74,8 @@ def _hist4(bs, a0, a1, a2, a3, st4, end4, sh4, m, rows, hist, cnt):
     cnt[1] += l1
     cnt[2] += l2
     cnt[3] += l3
-    for g0 in range(0, m, 64):  # a 64-bit mask of the elements some window holds, then its set bits
-        gc = code[g0:min(m, g0 + 64)]
-        mask = np.uint64(0)
-        for i in range(gc.shape[0]):
-            mask |= np.uint64(gc[i] != 0) << np.uint64(i)
+    for g0 in range(0, m, 64):  # the elements some window holds
+        mask = group_mask(code, g0, m)
         while mask:
             i = g0 + trailing_zeros(mask)
             c = code[i]
@@ -155,20 +153,12 @@ def _hist_kernel(b, e, ne, dare, dare_thr, k1, k2, first, scale, starts, shifts,
                             hq[bits[i] >> sh] += 1
                         continue
                     # A sampled window holds a few percent of the values: which are inside (vectorized), then
-                    # per 64 elements a mask of them and its set bits (a branch per element costs ~2x this kernel).
+                    # per 64 elements a mask of them and its set bits.
                     end32 = np.int32(min(st + width, 0x7FFFFFFF))
                     for i in range(m):
                         flag[i] = (bits[i] >= st32) & (bits[i] < end32)
                     for g0 in range(0, m, 64):
-                        gf = flag[g0:min(m, g0 + 64)]
-                        any_ = np.int32(0)
-                        for i in range(gf.shape[0]):
-                            any_ |= gf[i]
-                        if any_ == 0:
-                            continue
-                        mask = np.uint64(0)
-                        for i in range(gf.shape[0]):
-                            mask |= np.uint64(gf[i]) << np.uint64(i)
+                        mask = group_mask(flag, g0, m)
                         while mask:
                             i = g0 + trailing_zeros(mask)
                             hq[(np.int64(bits[i]) - st) >> sh] += 1
@@ -404,6 +394,6 @@ def sample_bracket(b, e, dare, ks: list[int]) -> tuple[np.ndarray, np.ndarray, f
     # e.g. bf16 experts often have tau exactly 0 for a third of the elements: a bracket at 0 holds all of them
     inside = np.zeros(size, bool)
     for j in range(n_e):
-        if lo[j] != hi[j]:  # a bracket of one value lists nothing (merging._ties_kernel)
+        if lo[j] != hi[j]:  # a bracket of one value lists nothing (ties._ties_kernel)
             inside |= (sample[j] >= lo[j]) & (sample[j] <= hi[j])
     return lo, hi, float(inside.mean())
