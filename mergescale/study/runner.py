@@ -317,12 +317,27 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     bar.close()
 
 
+def merge_identity(config: dict) -> dict:
+    """What decides a merge's weights, from its MergeConfig dict, normalized (defaults filled in, paths resolved):
+    the base, the experts and their weights in order, the method, its parameters, the DARE seed, the output dtype."""
+    from mergescale.config import MergeConfig
+    from mergescale.merge.methods import METHODS
+
+    c = MergeConfig.model_validate({k: v for k, v in config.items() if k in MergeConfig.model_fields})
+    return {"base": str(Path(c.base).resolve()) if c.base else None,
+            "experts": [[str(Path(e.path).resolve()), e.weight] for e in c.experts], "method": c.method,
+            "parameters": METHODS[c.method].params.model_validate(c.parameters).model_dump(mode="json"),
+            "seed": c.seed, "out_dtype": c.out_dtype}
+
+
 def _check_pushed(config: dict, manifest: dict, cell: str) -> None:
-    """The pushed model's manifest is the cell's merge (its inputs and method): its scores are the cell's."""
-    got = (manifest["config"]["method"], [Path(e["path"]).resolve() for e in manifest["inputs"]["experts"]])
-    want = (config["method"], [Path(e).resolve() for e in config["experts"]])
-    if got != want:
-        raise StudyError(f"cell {cell}: the resident replica scored a merge of {got}, not the cell's {want}")
+    """The pushed model's manifest is the cell's merge (inputs, weights, method, parameters, seed): its scores are
+    the cell's."""
+    got, want = merge_identity(manifest["config"]), merge_identity(config)
+    diff = sorted(k for k in want if got[k] != want[k])
+    if diff:
+        raise StudyError(f"cell {cell}: the resident replica scored another merge than the cell's ("
+                         + "; ".join(f"{k}: {got[k]} instead of {want[k]}" for k in diff) + ")")
 
 
 def _write_ledger(plan: StudyPlan, keys: dict, results: dict, refs: dict) -> list[dict]:

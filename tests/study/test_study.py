@@ -342,3 +342,26 @@ def test_the_ray_job_entry_runs_study_commands(full_run, capsys):
     out = capsys.readouterr().out
     assert "16 cells, 12 merges" in out
     assert "N=2 seed=0: " + ", ".join(categories_for(0, 2, list(STUDY_CATEGORIES))) in out
+
+
+def test_a_pushed_merge_is_checked_against_the_cells_parameters_and_seed():
+    """A resident replica's result counts for a cell only if its manifest is the cell's merge. Before, only the method
+    and the experts' paths were compared: a push of the same experts with another density, lambda or DARE seed
+    would have been recorded as the cell's scores."""
+    from mergescale.config import MergeConfig
+    from mergescale.study.ledger import StudyError
+    from mergescale.study.runner import _check_pushed
+
+    cell = {"base": "/m/base", "experts": ["/m/a", "/m/b"], "method": "ties", "parameters": {"density": 0.2},
+            "seed": 0, "cluster": {"workers": 1}}
+
+    def manifest(**change):
+        return {"config": MergeConfig.model_validate({**cell, **change}).model_dump(mode="json")}
+
+    _check_pushed(cell, manifest(), "c")  # the same merge, its defaults filled in on one side only
+    _check_pushed(cell, manifest(parameters={"density": 0.2, "lambda": 1.0}), "c")  # lambda's default, spelled out
+    for change, field in (({"parameters": {"density": 0.5}}, "parameters"), ({"seed": 1}, "seed"),
+                          ({"experts": ["/m/b", "/m/a"]}, "experts"), ({"method": "dare_ties"}, "method"),
+                          ({"base": "/m/other"}, "base")):
+        with pytest.raises(StudyError, match=f"cell c: .*{field}: "):
+            _check_pushed(cell, manifest(**change), "c")
