@@ -179,18 +179,22 @@ def task_rows(b, e, s0, m, dare, dare_thr, k1, k2, first, scale, brow, tr, chk):
             c[i] += row[i] * np.float32(0.0)
 
 @njit(inline="always")
-def group_mask(flag, g0, m):
+def group_mask(flag, g0, m, sparse):
     """The 64-bit mask of which of flag[g0:min(m, g0 + 64)] are nonzero (bit i: element g0 + i). The callers walk
     its set bits (trailing_zeros, then mask &= mask - 1): the flagged elements are a few percent, and a branch per
-    element costs ~2x the kernel. Most groups flag nothing, and an OR finds that cheaper than building the mask."""
+    element costs ~2x the kernel. sparse (a constant at each call, so the branch folds away): most groups flag
+    nothing, and an OR finds that cheaper than building the mask; where most groups flag something, the OR is a
+    wasted pass."""
     gf = flag[g0:min(m, g0 + 64)]
-    any_ = gf[0]
-    for i in range(1, gf.shape[0]):
-        any_ |= gf[i]  # integer flags: nonzero iff some element is
+    if sparse:
+        any_ = gf[0]
+        for i in range(1, gf.shape[0]):
+            any_ |= gf[i]  # integer flags: nonzero iff some element is
+        if any_ == 0:
+            return np.uint64(0)
     mask = np.uint64(0)
-    if any_ != 0:
-        for i in range(gf.shape[0]):
-            mask |= np.uint64(gf[i] != 0) << np.uint64(i)
+    for i in range(gf.shape[0]):
+        mask |= np.uint64(gf[i] != 0) << np.uint64(i)
     return mask
 
 

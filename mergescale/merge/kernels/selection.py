@@ -75,7 +75,7 @@ def _hist4(bs, a0, a1, a2, a3, st4, end4, sh4, m, rows, hist, cnt):
     cnt[2] += l2
     cnt[3] += l3
     for g0 in range(0, m, 64):  # the elements some window holds
-        mask = group_mask(code, g0, m)
+        mask = group_mask(code, g0, m, False)
         while mask:
             i = g0 + trailing_zeros(mask)
             c = code[i]
@@ -158,7 +158,7 @@ def _hist_kernel(b, e, ne, dare, dare_thr, k1, k2, first, scale, starts, shifts,
                     for i in range(m):
                         flag[i] = (bits[i] >= st32) & (bits[i] < end32)
                     for g0 in range(0, m, 64):
-                        mask = group_mask(flag, g0, m)
+                        mask = group_mask(flag, g0, m, True)
                         while mask:
                             i = g0 + trailing_zeros(mask)
                             hq[(np.int64(bits[i]) - st) >> sh] += 1

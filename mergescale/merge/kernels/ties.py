@@ -243,7 +243,7 @@ def _ties_kernel(b, e, ne, thr, lam, count_sign, dare, dare_thr, k1, k2, first, 
             if listing:
                 c, dst = ndefer[t], defer[t]
                 for g0 in range(0, m, 64):
-                    mask = group_mask(flag, g0, m)
+                    mask = group_mask(flag, g0, m, True)
                     while mask:
                         if c < cap:  # past the buffer's end: counted only, the caller falls back
                             dst[c] = s0 + g0 + trailing_zeros(mask)
