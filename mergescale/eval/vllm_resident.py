@@ -101,10 +101,13 @@ class VLLMResident(Resident):
             self._rpc("mergescale_push_tensor", name, code, list(shape), entry[0])
 
     def digest(self, name: str, code: str | None) -> str:
-        if self.held is None:  # the first check: the push is complete, close it and read everything back
-            self.held = self._rpc("mergescale_push_end") if not self.pending else {}
-            self.open = False
-            self.backend.llm.reset_prefix_cache()
+        if self.held is None:  # the first check: close the push and read everything back
+            if self.pending:  # a tensor never completed: nothing matches, and fail() aborts the open reload
+                self.held = {}
+            else:
+                self.held = self._rpc("mergescale_push_end")
+                self.open = False
+                self.backend.llm.reset_prefix_cache()
         return self.held.get(name, "nothing (the engine never received the whole tensor)")
 
     def fail(self) -> None:
