@@ -1,10 +1,11 @@
 """A study's cells by push vs via disk: the same tiny study (2 bases, 4 categories, 2 methods, N in {2, 4}, 2 seeds,
 no training) run twice by `mergescale study run`, once with `merge.push: never` (each cell's merge written, then
 loaded by its evaluation) and once by push (each base loaded once by a resident replica; every cell merged into it
-and scored there). Reports, for the cells' part of each run (from the first cell's merge to the last cell's score):
+and scored there); with --actors K a third run pushes from K Ray merge actors (merge.workers) into the replicas.
+Reports, for the cells' part of each run (from the first cell's merge to the last cell's score):
 cells per hour, merged bytes written, model loads; and checks the two ledgers hold the same scores.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/study_push.py [--root DIR] [--examples 16] [--push | --disk]
+    PYTHONPATH=. .venv/bin/python benchmarks/study_push.py [--root DIR] [--examples 16] [--push | --disk] [--actors K]
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+LABELS = {"disk": "via disk", "push": "by push (merged in the replica)", "actors": "by push from {k} merge actors"}
 
-def run_study(cfg: dict, root: Path, mode: str) -> dict:
-    cfg = {**cfg, "name": f"push-bench-{mode}", "work_dir": str(root / mode),
-           "merge": {**cfg.get("merge", {}), "push": "auto" if mode == "push" else "never"}}
+
+def run_study(cfg: dict, root: Path, mode: str, actors: int = 2) -> dict:
+    merge = {**cfg.get("merge", {}), "push": "never" if mode == "disk" else "auto"}
+    cfg = {**cfg, "name": f"push-bench-{mode}", "work_dir": str(root / mode), "merge": merge}
+    if mode == "actors":  # the cell's merge on Ray actors that send their rows to the replica; half a CPU each for
+        # them and the two replicas, so that both replicas and one merge's actors fit on a 2-core machine's Ray
+        merge.update(workers=actors, num_cpus=0.5)
+        cfg["eval"] = {**cfg.get("eval", {}), "num_cpus": 0.5}
     path = root / f"{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.time()
@@ -75,6 +82,7 @@ def main() -> None:
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--push", action="store_true", help="only the push run")
     only.add_argument("--disk", action="store_true", help="only the disk run")
+    ap.add_argument("--actors", type=int, default=0, help="also a push run whose merges run on K Ray merge actors")
     args = ap.parse_args()
     from mergescale.tiny import build_study_fixture
 
@@ -82,16 +90,21 @@ def main() -> None:
     try:
         cfg = build_study_fixture(root / "fixture", n_examples=args.examples)
         modes = ["push"] if args.push else ["disk"] if args.disk else ["disk", "push"]
-        runs = [run_study(cfg, root, m) for m in modes]
+        modes += ["actors"] if args.actors else []
+        runs = [run_study(cfg, root, m, args.actors) for m in modes]
         print(f"Machine: {_common.machine_line()}; load average {_common.load_average()}")
         print(f"tiny study, {runs[0]['cells']} cells ({runs[0]['merges']} distinct merges), {args.examples} "
               "examples per task\n")
         print("| cells | cells' wall time (s) | cells per hour | merged bytes written | model loads for the cells |")
         print("|---|---:|---:|---:|---:|")
         for r in runs:
-            print(f"| {'by push' if r['mode'] == 'push' else 'via disk'} | {r['cells_s']:.1f} | "
+            print(f"| {LABELS[r['mode']].format(k=args.actors)} | {r['cells_s']:.1f} | "
                   f"{3600 * r['cells'] / r['cells_s']:.0f} | {r['bytes_written'] / 1e6:.1f} MB | {r['model_loads']} |")
-        if len(runs) == 2:
+        for r in runs[2:]:  # the actors' ledger against the disk run's
+            if r["scores"] != runs[0]["scores"]:
+                sys.exit(f"the {r['mode']} and disk ledgers differ")
+            print(f"\n{LABELS[r['mode']].format(k=args.actors)}: ledger's scores equal the disk run's: True")
+        if len(runs) >= 2:
             same = runs[0]["scores"] == runs[1]["scores"]
             print(f"\nmodel loads avoided: {runs[0]['model_loads'] - runs[1]['model_loads']}; speed-up of the cells: "
                   f"{runs[0]['cells_s'] / runs[1]['cells_s']:.2f}x; ledgers' scores equal: {same}")

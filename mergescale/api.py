@@ -42,6 +42,20 @@ def evaluate(model_dir, *, replicas: int = 1, address: str | None = None, engine
     return run(model_dir, replicas=replicas, address=address, engine=engine, run_on_replicas=on_replicas, **kwargs)
 
 
+def merge_eval(config, resident, *, workers: int | None = None, address: str | None = None, **kwargs) -> dict:
+    """Merge `config` into `resident` (a model loaded once: mergescale.eval.merge_eval.load_resident) and evaluate
+    it there, nothing written but the results (see mergescale.eval.merge_eval.evaluate_merge). With `workers=K` (or
+    an `address`) K Ray merge actors merge it and send their rows to this process; else this process merges."""
+    from mergescale.eval.merge_eval import evaluate_merge
+
+    runner = None
+    if workers is not None or address is not None:
+        from mergescale.cluster.merge import RayPushRunner
+
+        runner = RayPushRunner(workers, address)
+    return evaluate_merge(config, resident, runner=runner, **kwargs)
+
+
 def train(recipe: str, config, **kwargs) -> dict:
     """Train `recipe` (expert | multitask | instruct) with `config` on Ray Train (see mergescale.training.api.train
     for the arguments)."""

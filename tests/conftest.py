@@ -109,8 +109,8 @@ def _restore_task_registry_per_test(_restore_task_registry_per_module):
 TESTS = Path(__file__).resolve().parent
 OWN_RAY_SESSION = (  # paths under tests/
     "cluster/test_cluster_faults.py", "cluster/test_cluster_merge.py", "cluster/test_cluster_multinode.py",
-    "cluster/test_eval_ray.py", "cluster/test_push_study.py", "cluster/test_ray_workers.py",
-    "merge/test_merge_bytes.py", "training/test_training_ray.py",
+    "cluster/test_eval_ray.py", "cluster/test_push_actors.py", "cluster/test_push_study.py",
+    "cluster/test_ray_workers.py", "merge/test_merge_bytes.py", "training/test_training_ray.py",
 )
 _CHILD_ENV = "MERGESCALE_TEST_OWN_RAY"  # set in such a child: its module runs in-process there
 

@@ -179,3 +179,19 @@ def import_vllm_or_skip() -> None:
         if os.environ.get("CI"):
             raise RuntimeError(f"CI is set but vllm does not import: {e}") from e
         pytest.skip(f"vllm not importable ({e}); set CI=1 to make this an error", allow_module_level=True)
+
+
+def slow_local_ray(unit_delay_s: float):
+    """A generator for a module fixture: a local 2-CPU Ray whose merge actors sleep `unit_delay_s` per unit
+    (MERGESCALE_UNIT_DELAY_S, inherited by this Ray's worker processes only), so a test's kill lands mid-merge."""
+    import ray
+
+    from mergescale.cluster.worker import UNIT_DELAY_ENV
+
+    os.environ[UNIT_DELAY_ENV] = str(unit_delay_s)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        del os.environ[UNIT_DELAY_ENV]
+    yield
+    ray.shutdown()

@@ -219,6 +219,42 @@ class RayRunner:
             self.pool.shutdown()
 
 
+class RayPushRunner(RayRunner):
+    """The Ray runner of a push (driver.merge_into): the actors merge their batches and return the rows, with each
+    unit's sha256 taken where it was merged, and this process (the resident replica that holds the model) loads them
+    into the push sink as they come, in any order (merge.push). Nothing is durable: no journal, no fdatasync; a
+    batch whose actor dies is merged again by another, and its rows reach the sink once, from the call that
+    returned them."""
+
+    def merge(self, units: list, stats_json: dict, held: dict, sink, warnings: list[str], progress: bool) -> None:
+        from mergescale.merge.inputs import progress_bar
+
+        pool, k = self.pool, len(self.pool.slots)
+        pool.set_stats(stats_json)
+        bar = progress_bar(self._bytes(u.id for u in units), f"merge {self.config.method} on {k} workers (push)",
+                           progress)
+        self.unit_nodes: dict[int, str] = {}
+
+        def on_merged(slot, batch, res):
+            self._add_digests(res["digests"])
+            warnings.extend(w for w in res["warnings"] if w not in warnings)
+            for uid, rows, digest in res["rows"]:
+                unit = self.units_by_id[uid]
+                sink.write_rows(unit.name, unit.row_start, rows, digest)
+                self.unit_nodes[uid] = res["node"]
+            slot.bytes += res["bytes"]
+            slot.seconds += res["seconds"]
+            slot.units += len(res["units"])
+            slot.node, slot.device, slot.torch = res["node"], res["device"], res["torch"]
+            bar.update(self._bytes(res["units"]))
+
+        def merge_args(batch, upcoming):  # units hashed in this run's statistics pass are not hashed again
+            return batch, upcoming, [u for u in batch if u in self.digests.fresh]
+
+        pool.run("merge_rows", self._queues(units), merge_args, on_merged, self.max_failures)
+        bar.close()
+
+
 def print_actor_summary(per_actor: list[dict]) -> None:
     from mergescale.merge.inputs import human_bytes
 

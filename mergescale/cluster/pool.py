@@ -63,6 +63,9 @@ class MergeActor:
     def merge(self, unit_ids, next_unit=None, hashed=()) -> dict:
         return self.worker.merge(unit_ids, next_unit, hashed)
 
+    def merge_rows(self, unit_ids, next_unit=None, hashed=()) -> dict:
+        return self.worker.merge_rows(unit_ids, next_unit, hashed)
+
     def verify(self, unit_ids, next_unit=None) -> dict:
         return self.worker.verify(unit_ids, next_unit)
 
@@ -170,7 +173,8 @@ class ActorPool:
         self.replacements = 0
         self.stats_ref = None  # once set, every replacement actor gets the statistics before any merge work
 
-    def start(self, config: MergeConfig, out: Path, layout_fingerprint: str, key: str) -> None:
+    def start(self, config: MergeConfig, out: Path | None, layout_fingerprint: str, key: str) -> None:
+        """Wait for the actors and set them up; `out` None: they return merged rows (merge_rows), writing none."""
         from mergescale.errors import MergeInputError
 
         ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.placement_timeout_s)
@@ -179,7 +183,8 @@ class ActorPool:
                 f"cannot place {self.workers} merge workers of {self.bundle} ({self.spec.placement}) on this cluster "
                 f"(resources: {ray.cluster_resources()}); lower cluster.workers, num_cpus or num_gpus"
             )
-        self.args = (config.model_dump(mode="json", by_alias=True), str(out), layout_fingerprint, key, self.use_gpu)
+        self.args = (config.model_dump(mode="json", by_alias=True), None if out is None else str(out),
+                     layout_fingerprint, key, self.use_gpu)
         try:
             infos = ray.get([s.actor.setup.remote(*self.args) for s in self.slots], timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.RayTaskError as e:  # e.g. an actor's node sees other input files: that error, as is

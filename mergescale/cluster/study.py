@@ -97,5 +97,6 @@ def run_jobs(jobs: list, first_step: Callable, next_step: Callable, on_failure: 
             if nxt is not None:
                 submit(job, nxt, inflight)
     finally:
-        for ref in inflight:  # interrupted (Ctrl-C, an error in a callback): stop what is still running
-            ray.cancel(ref, force=True)
+        for ref, (_, step) in inflight.items():  # interrupted (Ctrl-C, an error in a callback): stop what still runs
+            # an actor's call cannot be force-cancelled (Ray refuses); it stops with its actor, which its owner kills
+            ray.cancel(ref, force=step.submit is None)

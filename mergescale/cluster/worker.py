@@ -9,6 +9,7 @@ imports it: about half of its start, and a good part of its memory (docs/BENCHMA
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import ray
 
 from mergescale.checkpoint.read import safetensors_dtype
-from mergescale.checkpoint.write import PartialOutput
+from mergescale.checkpoint.write import PartialOutput, tile_bytes
 from mergescale.config import MergeConfig
 from mergescale.errors import MergeInputError
 from mergescale.merge import kernels
@@ -75,7 +76,8 @@ class MergeWorker:
         device = "cuda" if use_gpu and _torch().cuda.is_available() else "cpu"
         self.job = MergeJob(config, inputs, plan, device=device)
         self.units = {u.id: u for u in plan.units}
-        self.partial = PartialOutput(Path(out), plan.layout, key)  # shard files opened on first write
+        # shard files opened on first write; none when the rows go back to the driver (merge_rows: a push)
+        self.partial = PartialOutput(Path(out), plan.layout, key) if out is not None else None
         self.node = ray.get_runtime_context().get_node_id()
         self.delay = float(os.environ.get(UNIT_DELAY_ENV, "0") or 0)
         # the digests of the units this actor reads: the driver journals them and proves a resumed run's
@@ -160,6 +162,27 @@ class MergeWorker:
         self._syncing = (self._syncer.submit(self.partial.sync), unit_ids)
         return {"units": unit_ids, "durable": durable, "bytes": nbytes, "seconds": time.time() - t0,
                 "node": self.node, "device": self.job.device, "torch": "torch" in sys.modules, "warnings": warnings,
+                "digests": self.digests_of(unit_ids)}
+
+    def merge_rows(self, unit_ids: list[int], next_unit: int | None = None, hashed: list[int] = ()) -> dict:
+        """Merge the units and return their rows instead of writing them (a push: the driver loads them into a
+        resident model), each with the sha256 of its bytes taken here, so that the target's check covers the
+        transfer too: {"rows": [(unit id, flat uint8 rows, sha256 digest)], and what `merge` returns but
+        "durable"}. A batch's rows are this actor's only output memory, until the driver has them."""
+        t0, nbytes, warnings, rows = time.time(), 0, [], []
+        self.digests.fresh.update(hashed)
+        units = [self.units[uid] for uid in unit_ids]
+
+        def keep(unit, tile):
+            data = tile_bytes(tile)  # a fresh array per unit (merge_unit never returns a reused buffer)
+            rows.append((unit.id, data, hashlib.sha256(data).digest()))
+
+        for unit in merge_stream(self.job, self.reader, units, warnings, keep, then=self.units.get(next_unit)):
+            nbytes += unit_read_bytes(self.job.inputs, unit)
+            if self.delay:
+                time.sleep(self.delay)
+        return {"units": unit_ids, "rows": rows, "bytes": nbytes, "seconds": time.time() - t0, "node": self.node,
+                "device": self.job.device, "torch": "torch" in sys.modules, "warnings": warnings,
                 "digests": self.digests_of(unit_ids)}
 
     def flush(self) -> list[int]:

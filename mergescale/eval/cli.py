@@ -61,7 +61,8 @@ def run(args) -> int:
 
 
 def run_merge_eval(args) -> int:
-    from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
+    from mergescale.api import merge_eval
+    from mergescale.eval.merge_eval import load_resident, resident_source
 
     engines = []  # the resident's backend, stopped when the command ends
 
@@ -71,8 +72,10 @@ def run_merge_eval(args) -> int:
         resident = load_resident(source, args.backend, device=args.device, dtype=args.dtype,
                                  max_length=args.max_length, **kw)
         engines.append(resident.backend)
-        result = evaluate_merge(args.config, resident, progress=not args.quiet, **shared_kwargs(args))
-        print(f"merged {args.config} into {source} loaded once; pushed model "
+        result = merge_eval(args.config, resident, workers=args.workers, address=args.address,
+                            progress=not args.quiet, **shared_kwargs(args))
+        by = f" on {args.workers or 'cluster.workers'} Ray merge actors" if args.workers or args.address else ""
+        print(f"merged {args.config}{by} into {source} loaded once; pushed model "
               f"{result['manifest']['pushed']['fingerprint']}, nothing written but the results")
         return result
 
@@ -117,6 +120,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("config", help="merge config (YAML), as for `mergescale merge`")
     m.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     m.add_argument("--kv-cache-gb", type=float, help="vllm backend: KV cache size in GiB (as for eval)")
+    m.add_argument("--workers", type=int, help="merge on K Ray actors that send their rows to this process "
+                   "(default: this process merges)")
+    m.add_argument("--address", help="Ray cluster address for the merge actors (default: an embedded local Ray)")
     add_shared_arguments(m)
     m.set_defaults(func=run_merge_eval)
     return p

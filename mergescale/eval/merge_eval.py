@@ -48,15 +48,16 @@ def load_resident(model_dir, backend: str = "hf", **backend_kw) -> Resident:
                     "written checkpoint instead (mergescale merge, then mergescale eval)")
 
 
-def evaluate_merge(config, resident: Resident, *, progress: bool = True, **eval_kw) -> dict:
+def evaluate_merge(config, resident: Resident, *, runner=None, progress: bool = True, **eval_kw) -> dict:
     """Merge `config` into `resident` and evaluate it there (mergescale.eval.evaluate's arguments but the model's
-    and the engine's). Returns evaluate()'s result with the merge's "manifest"; its scores are cached under the
-    pushed model's fingerprint (the per-tensor digests of the merge's bytes)."""
+    and the engine's). `runner`: who merges (merge.driver.merge_into; default this process, or Ray actors that send
+    the rows here). Returns evaluate()'s result with the merge's "manifest"; its scores are cached under the pushed
+    model's fingerprint (the per-tensor digests of the merge's bytes)."""
     from mergescale.eval.runner import evaluate
     from mergescale.merge.driver import merge_into
     from mergescale.merge.push import PushOutput
 
-    manifest = merge_into(config, PushOutput(resident), progress=progress)
+    manifest = merge_into(config, PushOutput(resident), runner=runner, progress=progress)
     pushed = manifest["pushed"]
     resident.require(pushed["fingerprint"])  # checked against the merge's digests, and nothing pushed since
     result = evaluate(pushed["metadata_source"], engine=resident.backend, weights_fingerprint=pushed["fingerprint"],

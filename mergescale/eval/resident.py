@@ -11,6 +11,7 @@ A push that fails part way leaves no model to score (`require` raises) until the
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -89,15 +90,23 @@ class ResidentModel(Resident):
     def as_held(self, name: str, data: np.ndarray, code: str) -> memoryview:
         return tensor_bytes(as_tensor(data, code).to(self.tensors[name].dtype))
 
-    def digest(self, name: str, code: str | None) -> str:
-        held = self.tensors[name].detach()
-        if code is not None:
-            held = held.to(torch_dtype(code))
-        return hashlib.sha256(tensor_bytes(held)).hexdigest()
+    def held_digests(self, ranges: dict[str, list[tuple[int, int]]], codes: dict[str, str | None]) -> dict:
+        out = {}
+        for name, rows in ranges.items():
+            held = self.tensors[name].detach()
+            if codes.get(name) is not None:
+                held = held.to(torch_dtype(codes[name]))
+            out[name] = [hashlib.sha256(tensor_bytes(held if held.dim() == 0 else held[r0:r1])).hexdigest()
+                         for r0, r1 in rows]
+        return out
 
 
 def as_tensor(data: np.ndarray, code: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).view(torch_dtype(code))
+    """`data`'s bytes as a flat tensor of dtype `code`, no copy. Rows a Ray actor sent are read-only (the object
+    store's memory): only ever a source here, so torch's warning about writing to them does not apply."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(data).reshape(-1).view(np.uint8)).view(torch_dtype(code))
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -100,15 +100,14 @@ class VLLMResident(Resident):
             del self.pending[name]
             self._rpc("mergescale_push_tensor", name, code, list(shape), entry[0])
 
-    def digest(self, name: str, code: str | None) -> str:
-        if self.held is None:  # the first check: close the push and read everything back
-            if self.pending:  # a tensor never completed: nothing matches, and fail() aborts the open reload
-                self.held = {}
-            else:
-                self.held = self._rpc("mergescale_push_end")
-                self.open = False
-                self.backend.llm.reset_prefix_cache()
-        return self.held.get(name, "nothing (the engine never received the whole tensor)")
+    def held_digests(self, ranges: dict[str, list[tuple[int, int]]], codes: dict) -> dict:
+        """Close the push and read everything back (as held: `codes` are all None here, `exact` being False)."""
+        if self.pending:  # a tensor never completed: nothing matches, and fail() aborts the open reload
+            return {}
+        held = self._rpc("mergescale_push_end", {n: [list(r) for r in rows] for n, rows in ranges.items()})
+        self.open = False
+        self.backend.llm.reset_prefix_cache()
+        return held
 
     def fail(self) -> None:
         super().fail()
@@ -146,8 +145,9 @@ class PushWorker:
         with set_current_vllm_config(self.vllm_config):
             self.model_runner.get_model().load_weights([(name, tensor)])
 
-    def mergescale_push_end(self) -> dict[str, str]:
-        """Close the reload (vLLM processes any layer left); sha256 of each HF tensor as the engine holds it."""
+    def mergescale_push_end(self, ranges: dict[str, list]) -> dict[str, list[str]]:
+        """Close the reload (vLLM processes any layer left); per HF tensor, the sha256 of each of its row ranges as
+        the engine holds them."""
         self._mergescale_finalize()
         model = self.model_runner.get_model()
         dtype = self.vllm_config.model_config.dtype
@@ -156,8 +156,9 @@ class PushWorker:
         with torch.inference_mode():
             for name, (module_name, param, offset, shape) in self.mergescale_layout.items():
                 views = _held(model.get_submodule(module_name), module_name, param, shape, dtype, gemm)
-                digests = {_digest(v, offset, shape, dtype) for v in views}
-                out[name] = digests.pop() if len(digests) == 1 else f"copies that differ ({sorted(digests)})"
+                copies = [_digests(v, offset, shape, dtype, ranges.get(name, [])) for v in views]
+                out[name] = [d[0] if len(set(d)) == 1 else f"copies that differ ({sorted(set(d))})"
+                             for d in zip(*copies)]
         return out
 
     def mergescale_push_abort(self) -> None:
@@ -219,9 +220,11 @@ def _held(module, module_name: str, param: str, shape: tuple, dtype, gemm: dict)
     return views
 
 
-def _digest(held: torch.Tensor, offset: int, shape: tuple, dtype) -> str:
+def _digests(held: torch.Tensor, offset: int, shape: tuple, dtype, ranges: list) -> list[str]:
+    """sha256 of rows [r0, r1) of the HF tensor stacked at `offset` in `held`, per range."""
     rows = shape[0] if shape else 1
     part = held.reshape(-1)[:1] if not shape else held[offset:offset + rows]
     if tuple(part.shape) != (tuple(shape) or (1,)):
-        return f"a slice of shape {list(part.shape)}, not {list(shape)}"
-    return hashlib.sha256(tensor_bytes(canonical(part.to(dtype)))).hexdigest()
+        return [f"a slice of shape {list(part.shape)}, not {list(shape)}"] * len(ranges)
+    part = canonical(part.to(dtype))
+    return [hashlib.sha256(tensor_bytes(part if not shape else part[r0:r1])).hexdigest() for r0, r1 in ranges]

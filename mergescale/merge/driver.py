@@ -108,13 +108,17 @@ def run_merge(config: MergeConfig | dict | str | Path, out: str | Path | None = 
         runner.close()
 
 
-def merge_into(config: MergeConfig | dict | str | Path, sink, *, progress: bool = True) -> dict:
-    """Merge `config` on this process into `sink` (merge.push.PushOutput: a resident model's parameters) instead
-    of an output directory: the same validation, statistics and merge pass as run_merge; no resume (nothing is
-    durable), no disk space needed. Returns the manifest, with the pushed tensors' digests under "pushed"."""
-    from mergescale.merge.local import LocalRunner
+def merge_into(config: MergeConfig | dict | str | Path, sink, *, runner: Runner | None = None,
+               progress: bool = True) -> dict:
+    """Merge `config` into `sink` (merge.push.PushOutput: a resident model's parameters) instead of an output
+    directory, on this process or with `runner` (cluster.merge.RayPushRunner: Ray actors send the rows here): the
+    same validation, statistics and merge pass as run_merge; no resume (nothing is durable), no disk space needed.
+    Returns the manifest, with the pushed tensors' digests under "pushed"."""
+    if runner is None:
+        from mergescale.merge.local import LocalRunner
 
-    runner, inputs = LocalRunner(), None
+        runner = LocalRunner()
+    inputs = None
     try:
         config = runner.begin(config)
         config, inputs, plan = prepare_inputs(config)

@@ -140,10 +140,12 @@ def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -
             "end": time.time()}
 
 
-def push_model(config: dict, tasks: list[str], out: str, settings: dict, resident=None) -> dict:
+def push_model(config: dict, tasks: list[str], out: str, settings: dict, resident=None, runner=None) -> dict:
     """Merge one cell into `resident` (its base's model kept loaded, eval.resident; None: loaded here) without
-    writing it, and evaluate it there. Returns the pushed model's fingerprint (a hash of the merge's per-tensor
-    digests, checked against what the model holds before scoring), the manifest, the metrics and the times."""
+    writing it, and evaluate it there; `runner` merges it (None: this process; cluster.merge.RayPushRunner: the
+    study's merge actors, which send the rows to this process). Returns the pushed model's fingerprint (a hash of
+    the merge's per-tensor digests, checked against what the model holds before scoring), the manifest, the
+    metrics and the times."""
     from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
 
     worker_setup(settings)
@@ -151,7 +153,7 @@ def push_model(config: dict, tasks: list[str], out: str, settings: dict, residen
     if resident is None:
         resident = load_resident(resident_source(config), settings["backend"], dtype=settings["dtype"],
                                  max_length=settings["max_length"])
-    result = evaluate_merge(config, resident, tasks=tasks, out=out, **_eval_kwargs(settings))
+    result = evaluate_merge(config, resident, runner=runner, tasks=tasks, out=out, **_eval_kwargs(settings))
     manifest = result["manifest"]
     return {"fingerprint": manifest["pushed"]["fingerprint"], "manifest": manifest, "metrics": result["metrics"],
             "computed": result["computed"], "cached": result["cached"], "start": t0,

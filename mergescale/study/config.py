@@ -114,7 +114,8 @@ class EvalSettings(_Strict):
 
 
 class MergeSettings(_Strict):
-    workers: int | None = Field(None, ge=1, description="Ray merge actors per merge; none: one process per merge")
+    workers: int | None = Field(None, ge=1, description="Ray merge actors per merge (by push: they send their rows "
+                                "to the replica); none: one process per merge (by push: the replica itself)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of one merge process (or of each actor)")
     num_gpus: float = Field(0.0, ge=0)
     tile_mb: float | None = Field(None, gt=0)

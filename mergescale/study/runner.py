@@ -223,7 +223,10 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     merged: dict[str, dict] = {}
     pool, in_flight = None, cfg.max_merged_alive
     if cfg.pushes and todo:
-        from mergescale.cluster.resident import ResidentPool
+        from mergescale.cluster.resident import ResidentPool, ResidentRoomError
+        from mergescale.cluster.session import ensure_ray
+
+        ensure_ray(cfg.address)
 
         # max_merged_alive models alive at once here too (resident replicas; at least one per base), each with a
         # next cell queued so it never waits for the driver; the bases' cells interleaved so all of them start
@@ -232,7 +235,13 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             by_base.setdefault(cells_of[k][0].base, []).append(k)
         per_base = max(1, cfg.max_merged_alive // len(by_base))
         todo = [k for group in itertools.zip_longest(*by_base.values()) for k in group if k is not None]
-        pool = ResidentPool(settings, *_eval_resources(cfg.eval), per_base=per_base)
+        ms = cfg.merge
+        merge_resources = (0.0, 0.0) if ms.workers is None else (ms.workers * ms.num_cpus, ms.workers * ms.num_gpus)
+        pool = ResidentPool(settings, *_eval_resources(cfg.eval), per_base=per_base, merge_resources=merge_resources)
+        try:
+            pool.require_room(len(by_base))  # before any cell: replicas that never fit would wait forever
+        except ResidentRoomError as e:
+            raise StudyError(str(e)) from None
         in_flight = 2 * per_base * len(by_base)
 
     def show():
@@ -251,7 +260,8 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         config = C.merge_config(plan, cell)
         if pool is not None:  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
             call = pool.call(config["base"])
-            return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings),
+            return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings,
+                                       ms.workers),
                         name=f"push {cell.name}", submit=call.submit, retry=call.retry, retries=2)
         cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
         return Step(C.merge_model, (config, str(rd.path("merged", key)), ms.workers), cpus, gpus,

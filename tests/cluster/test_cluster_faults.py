@@ -6,7 +6,6 @@ Actors sleep a little per unit (MERGESCALE_UNIT_DELAY_S, read by the merge actor
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import threading
@@ -19,22 +18,15 @@ import yaml
 
 from mergescale.checkpoint.output_dir import partial_dir
 from mergescale.cluster.merge import run_distributed_merge
-from mergescale.cluster.worker import UNIT_DELAY_ENV
 from mergescale.merge.driver import run_merge
-from tests.helpers import crash_merge, manifest_digests, replace_weights, shard_bytes
+from tests.helpers import crash_merge, manifest_digests, replace_weights, shard_bytes, slow_local_ray
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module", autouse=True)
-def slow_local_ray():
-    os.environ[UNIT_DELAY_ENV] = "0.08"  # inherited by this Ray's worker processes only
-    try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    finally:
-        del os.environ[UNIT_DELAY_ENV]
-    yield
-    ray.shutdown()
+def local_ray():
+    yield from slow_local_ray(0.08)
 
 
 def ties_config(fam) -> dict:

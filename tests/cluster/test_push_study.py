@@ -27,7 +27,7 @@ class FlakyReplica(resident.ResidentReplica):
 
     calls_dir: str = ""
 
-    def push_model(self, config, tasks, out, settings):
+    def push_model(self, config, tasks, out, settings, workers=None):
         calls = Path(self.calls_dir)
         n = len(list(calls.iterdir()))
         (calls / f"{n}-{os.getpid()}").touch()
@@ -43,7 +43,7 @@ class FlakyReplica(resident.ResidentReplica):
                 return real(name, row_start, data, code)
 
             self.resident.load_rows = corrupting
-        return super().push_model(config, tasks, out, settings)
+        return super().push_model(config, tasks, out, settings, workers)
 
 
 def small_study(root: Path, name: str, **changes) -> dict:
@@ -68,9 +68,16 @@ def timings(run_dir: str, kind: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if e["kind"] == kind]
 
 
-def test_push_cells_score_as_disk_cells_and_survive_replica_faults(tmp_path, monkeypatch):
-    disk = study.run(small_study(tmp_path, "disk", merge={"push": "never"}), progress=False, report=False)
-    assert disk["done"] == 2 and not any(e.get("pushed") for e in timings(disk["run_dir"], "merge"))
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> dict:
+    """The small study with its cells written to disk and read back: the scores a push must give."""
+    run = study.run(small_study(tmp_path_factory.mktemp("disk"), "disk", merge={"push": "never"}), progress=False,
+                    report=False)
+    assert run["done"] == 2 and not any(e.get("pushed") for e in timings(run["run_dir"], "merge"))
+    return run
+
+
+def test_push_cells_score_as_disk_cells_and_survive_replica_faults(tmp_path, monkeypatch, disk):
     calls = tmp_path / "calls"
     calls.mkdir()
     monkeypatch.setattr(FlakyReplica, "calls_dir", str(calls))
@@ -88,3 +95,31 @@ def test_push_cells_score_as_disk_cells_and_survive_replica_faults(tmp_path, mon
     assert all(e["pushed"] for e in timings(pushed["run_dir"], "merge"))
     assert not list((Path(pushed["run_dir"]) / "merged").glob("*/*.safetensors"))
     assert scores(pushed["run_dir"]) == scores(disk["run_dir"])  # every score of the cell's own merge, exactly
+
+
+def test_cells_merged_by_actors_push_into_the_replica_and_score_as_disk_cells(tmp_path, disk):
+    """merge.workers 2: each cell's merge runs on two Ray merge actors that send their rows to the base's replica.
+    The pool starts no second replica that would leave the actors no room on this 2-CPU Ray."""
+    pushed = study.run(small_study(tmp_path, "actors", merge={"workers": 2, "num_cpus": 0.5}), progress=False,
+                       report=False)
+    assert pushed["done"] == 2 and pushed["failed"] == 0
+    for m in (Path(pushed["run_dir"]) / "manifests").glob("*.json"):
+        manifest = json.loads(m.read_text())
+        assert "pushed" in manifest and manifest["distributed"]["workers"] == 2
+        assert sum(a["units"] for a in manifest["distributed"]["actors"]) == manifest["plan"]["units"]
+    assert timings(pushed["run_dir"], "residents")[0]["started"] == 1
+    assert not list((Path(pushed["run_dir"]) / "merged").glob("*/*.safetensors"))
+    assert scores(pushed["run_dir"]) == scores(disk["run_dir"])
+
+
+def test_merge_actors_that_cannot_fit_beside_the_replicas_fail_before_any_cell(tmp_path, disk):
+    """Replicas hold their CPUs for the whole study: a merge whose actors cannot be placed beside them would wait
+    forever. The study says so, naming the fields, before any cell is started."""
+    from mergescale.study.ledger import StudyError
+
+    cfg = small_study(tmp_path, "too-big", merge={"workers": 2, "num_cpus": 1000.0})
+    with pytest.raises(StudyError, match=r"merge\.workers x merge\.num_cpus = 2000 CPUs"):
+        study.run(cfg, progress=False, report=False)
+    assert timings(cfg["work_dir"], "merge") == []  # no cell's merge started
+    assert list((Path(cfg["work_dir"]) / "references").glob("*.parquet"))  # the references ran first, as always
+    assert not list(Path(cfg["work_dir"]).glob("results/*.parquet"))

@@ -81,11 +81,25 @@ def test_push_scores_bitwise_as_the_checkpoint_from_disk(family, resident, tmp_p
     reqs = requests(resident.backend.model.config.vocab_size)
     assert resident.backend.loglikelihood(reqs) == disk.loglikelihood(reqs)
     resident.require(manifest["pushed"]["fingerprint"])
-    # the merge's per-tensor digests are those of the bytes written to disk
+    # the merge's per-tensor digests are those of the bytes written to disk: sha256 of the sha256 of each unit's rows
     written = load_sd(tmp_path / "merged")
-    for name, digest in manifest["pushed"]["tensors"].items():
-        raw = written[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        assert hashlib.sha256(raw).hexdigest() == digest, name
+    assert manifest["pushed"]["tensors"] == disk_digests(cfg, written)
+
+
+def disk_digests(cfg: dict, written: dict) -> dict[str, str]:
+    """Each tensor's push digest computed from a written checkpoint's tensors and the plan's units."""
+    from mergescale.merge.inputs import prepare_inputs
+
+    _, inputs, plan = prepare_inputs(cfg)
+    inputs.close()
+    out = {}
+    for name, units in plan.units_of.items():
+        t = written[name].contiguous()
+        parts = [t if t.dim() == 0 else t[u.row_start:u.row_end] for u in units]
+        assert sum(p.numel() for p in parts) == t.numel(), name  # the units cover the tensor once
+        out[name] = hashlib.sha256(b"".join(
+            hashlib.sha256(p.reshape(-1).view(torch.uint8).numpy().tobytes()).digest() for p in parts)).hexdigest()
+    return out
 
 
 def test_second_push_leaves_nothing_of_the_first(family, tmp_path):
