@@ -86,6 +86,16 @@ def main() -> None:
               f"{100 * (wall - busy) / wall:.0f}% | | |")
         print(f"| `study.run` wall | {wall:.1f} | 100% | | |")
         print(f"| process wall (Python start, imports, Ray start, run) | {process_wall:.1f} | | | |")
+        marks = {e["kind"]: e["end"] - run["start"] for e in events if e["kind"] in ("plan", "ray_ready")}
+        first = min(s for v in spans.values() for s, _ in v) - run["start"]
+        busy_until, gaps = 0.0, []  # stretches of the run with nothing executing, longer than a second
+        for s, e in sorted(iv for v in spans.values() for iv in v):
+            if s - run["start"] > busy_until + 1.0:
+                gaps.append(f"{busy_until:.1f}-{s - run['start']:.1f} s")
+            busy_until = max(busy_until, e - run["start"])
+        print(f"\nstart: plan checked at {marks.get('plan', float('nan')):.1f} s, Ray ready at "
+              f"{marks.get('ray_ready', float('nan')):.1f} s (started beside the plan), first task at {first:.1f} s; "
+              f"idle stretches over 1 s: {', '.join(gaps) or 'none'}")
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)

@@ -29,21 +29,16 @@ from mergescale import reaper
 from mergescale.config import ConfigError
 
 log = logging.getLogger(__name__)
-# Ray Train's detached placement-group cleaner warns once a second while the State API is slow, which it is on a
-# loaded machine: ~1,200 lines in one training run here, and nothing for the user to do about it.
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 CONNECT_TIMEOUT_S = 10.0
+# Set in the environment of an embedded Ray (its raylet and so every worker inherit it): a Ray without the
+# dashboard, so without the State API (cluster/train.py leaves out what needs it).
+NO_STATE_API_ENV = "MERGESCALE_RAY_NO_STATE_API"
 _reaper_pipe: int | None = None  # the write end the reaper watches: it reads EOF when this process ends
 
 
 class RayUnreachable(ConfigError):
     """An address where no Ray cluster answers."""
 
-
-def quiet_worker_logs() -> None:
-    """Worker process setup hook of the embedded Ray: silence QUIET_LOGGERS below errors."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def ensure_ray(address: str | None = None, **init_kw) -> bool:
@@ -61,9 +56,10 @@ def ensure_ray(address: str | None = None, **init_kw) -> bool:
         # Ray runs its workers at nice 15 by default, so on a shared machine a training run yields to everything
         # else (3.3 s steps became 20 s here). Run them at the driver's priority unless RAY_worker_niceness asks.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        env = dict(init_kw.pop("runtime_env", None) or {})
-        env.setdefault("worker_process_setup_hook", "mergescale.cluster.session.quiet_worker_logs")
-        ray.init(address="local", include_dashboard=False, runtime_env=env, **init_kw)
+        # No job-wide runtime_env: with one, every worker is set up by Ray's runtime-env agent instead of taken
+        # from the workers Ray starts with the session, which delays the first tasks (docs/BENCHMARKS.md).
+        os.environ[NO_STATE_API_ENV] = "1"
+        ray.init(address="local", include_dashboard=False, **init_kw)
         _start_reaper()
     return True
 

@@ -63,6 +63,29 @@ def remove_left_placement_group(work: Path) -> None:
     record.unlink()
 
 
+def _trainer_class(torch_trainer: type) -> type:
+    """TorchTrainer, without Ray Train's placement-group cleaner on a Ray without the State API (the embedded one,
+    cluster/session.py). The cleaner is a detached actor that asks the State API whether the training's controller
+    is still alive: without it every question fails, with a warning each second (~1,200 lines in one training run
+    here) and no cleanup ever. A placement group left by a killed training is removed by the next attempt instead
+    (remove_left_placement_group)."""
+    from mergescale.cluster.session import NO_STATE_API_ENV
+
+    if not os.environ.get(NO_STATE_API_ENV):
+        return torch_trainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray Train: its own defaults
+        return torch_trainer
+
+    class Trainer(torch_trainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
+
+
 def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_base: dict, out: Path, work: Path, *,
                  progress: bool = True, overwrite: bool = False) -> dict | None:
     """Run the trainer on Ray (connecting to cluster.address, or an embedded local Ray) and return the manifest."""
@@ -82,7 +105,7 @@ def run_training(recipe: str, cfg: TrainConfig, sources, val, info: dict, ds_bas
         "deepspeed": ds_base, "out": str(out), "work": str(work), "progress": progress, "overwrite": overwrite,
         "fail_at": int(os.environ.get(FAIL_ENV, "0") or 0),  # the driver's env does not reach the workers
     }
-    trainer = TorchTrainer(
+    trainer = _trainer_class(TorchTrainer)(
         _train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=use_gpu, resources_per_worker=resources),

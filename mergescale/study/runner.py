@@ -41,12 +41,15 @@ def run(config, *, address: str | None = None, progress: bool = True, report: bo
     """Run (or resume, or grow) a study; returns {"run_dir", "cells", "done", "failed", "ledger", "report"}."""
     t_start = time.time()
     plan = make_plan(config, address=address)
+    t_plan = time.time()
     rd = plan.run
     _open_run_dir(plan)
     digests = C.Digests(rd.path("digests.json"))
     from mergescale.cluster.session import ensure_ray
 
-    ensure_ray(plan.config.address)
+    ensure_ray(plan.config.address)  # only once the plan holds: a bad config starts nothing
+    rd.log_timing("plan", "study", t_start, t_plan)  # where a run's first seconds go (docs/BENCHMARKS.md)
+    rd.log_timing("ray_ready", "study", t_start, time.time())
 
     # -- 1, 2. trainings and reference evaluations, each model once -------------------------------------------------
     refs = _references(plan, digests, progress)

@@ -46,7 +46,9 @@ tasks:
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    from mergescale.cluster.session import ensure_ray
+
+    assert ensure_ray(num_cpus=2) is True  # the embedded Ray, as the command line starts it
     yield
     ray.shutdown()
 
@@ -122,6 +124,16 @@ def test_loss_falls_and_checkpoint_is_complete(setup, zero2_run):
     before, after = _target_loss(base, examples), _target_loss(out, examples)
     assert after < 0.75 * before, (before, after)  # 8 steps of 4 examples from a random init: ~5.5 -> ~3.5
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_no_placement_group_cleaner_on_a_ray_without_the_state_api(zero2_run):
+    """Ray Train's cleaner actor asks the State API (the dashboard, which the embedded Ray does not run) whether the
+    controller lives: there it could only warn each second and never clean. The trainings here start none."""
+    from ray._private.state import actors
+
+    classes = {a.get("ActorClassName") for a in actors().values()}
+    assert "TrainController" in classes  # the listing sees Ray Train's actors
+    assert "PlacementGroupCleaner" not in classes
 
 
 def test_zero3_two_workers_matches_zero2_one_worker(setup, zero2_run):
