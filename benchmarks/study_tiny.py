@@ -8,7 +8,7 @@ which no training, evaluation or merge was executing: planning, Ray start, conte
 worker start-up and imports, ledger writes. Busy times overlap (a merge and an evaluation run side by side), so the
 phases are reported as wall-clock spans of each kind plus the union of all of them.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/study_tiny.py [--root DIR] [--examples 16]
+    PYTHONPATH=. .venv/bin/python benchmarks/study_tiny.py [--root DIR] [--examples 16] [--address ADDR]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", help="work directory (default: a temporary one, removed afterwards)")
     ap.add_argument("--examples", type=int, default=16, help="fixture examples per task")
+    ap.add_argument("--address", help="a running Ray to use (default: the study's embedded local Ray)")
     args = ap.parse_args()
     from mergescale.study.plan import make_plan
     from mergescale.tiny import build_study_fixture
@@ -52,8 +53,9 @@ def main() -> None:
         plan = make_plan(path)
         planned_evals = len(plan.references()) + len(plan.unique_merges())
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "mergescale.cli", "study", "run", str(path), "--no-report", "-q"],
-                           capture_output=True, text=True)
+        address = ["--address", args.address] if args.address else []
+        r = subprocess.run([sys.executable, "-m", "mergescale.cli", "study", "run", str(path), "--no-report", "-q",
+                            *address], capture_output=True, text=True)
         process_wall = time.time() - t0
         if r.returncode != 0:
             sys.exit(f"study failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -94,7 +96,8 @@ def main() -> None:
                 gaps.append(f"{busy_until:.1f}-{s - run['start']:.1f} s")
             busy_until = max(busy_until, e - run["start"])
         print(f"\nstart: plan checked at {marks.get('plan', float('nan')):.1f} s, Ray ready at "
-              f"{marks.get('ray_ready', float('nan')):.1f} s (started beside the plan), first task at {first:.1f} s; "
+              f"{marks.get('ray_ready', float('nan')):.1f} s (started once the plan holds), first task at "
+              f"{first:.1f} s; "
               f"idle stretches over 1 s: {', '.join(gaps) or 'none'}")
     finally:
         if not args.root:

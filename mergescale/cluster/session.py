@@ -33,6 +33,7 @@ CONNECT_TIMEOUT_S = 10.0
 # Set in the environment of an embedded Ray (its raylet and so every worker inherit it): a Ray without the
 # dashboard, so without the State API (cluster/train.py leaves out what needs it).
 NO_STATE_API_ENV = "MERGESCALE_RAY_NO_STATE_API"
+IDLE_WORKERS_OVER_CPUS = 4  # idle Ray workers the embedded Ray keeps beyond one per CPU (see ensure_ray)
 _reaper_pipe: int | None = None  # the write end the reaper watches: it reads EOF when this process ends
 
 
@@ -59,6 +60,11 @@ def ensure_ray(address: str | None = None, **init_kw) -> bool:
         # No job-wide runtime_env: with one, every worker is set up by Ray's runtime-env agent instead of taken
         # from the workers Ray starts with the session, which delays the first tasks (docs/BENCHMARKS.md).
         os.environ[NO_STATE_API_ENV] = "1"
+        # Ray keeps as many idle workers as CPUs, counting the zero-CPU processes a study runs beside its
+        # evaluations (a training's launcher and controller, a merge's coordinator): those push the warm workers
+        # out, and each next evaluation pays a fresh process and its torch import. A few more are kept.
+        cpus = init_kw.get("num_cpus") or os.cpu_count() or 1
+        os.environ.setdefault("RAY_num_workers_soft_limit", str(int(cpus) + IDLE_WORKERS_OVER_CPUS))
         ray.init(address="local", include_dashboard=False, **init_kw)
         _start_reaper()
     return True
