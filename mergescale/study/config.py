@@ -21,7 +21,7 @@ the CLI (`mergescale study ...`), the Python API (`mergescale.study.run`) and Ra
     data_build: null                     # or a directory: build the real datasets there (once) and use them
     eval: {backend: hf, limit: 100, data_dir: data/}
     merge: {workers: null}
-    keep_merged: none
+    keep_merged: none                    # all, or the cells to keep: [{method: TIES, n_experts: 4}, ...]
 
 Relative paths are taken from the config file's directory. Every error names its field (`ConfigError`).
 """
@@ -123,9 +123,29 @@ class MergeSettings(_Strict):
     # DARE masks: "cell" seeds them with the cell's seed (so seeds also vary the masks); an int fixes them
     dare_seed: Literal["cell"] | int = "cell"
     # auto: each cell is merged into a resident model of its base (loaded once per study) and scored there, nothing
-    # written, where the evaluation allows it (hf or vllm backend, one replica, keep_merged none); never: written to
-    # disk and read back by the evaluation
+    # written, where the evaluation allows it (hf or vllm backend, one replica) and keep_merged does not keep the
+    # merge; never: written to disk and read back by the evaluation
     push: Literal["auto", "never"] = "auto"
+
+
+class KeepSelector(_Strict):
+    """Cells whose merged checkpoint is kept on disk (keep_merged: [...]): a cell matches when every field given
+    equals its own."""
+
+    base: str | None = None  # a base's name
+    method: str | None = None  # a method's label
+    n_experts: int | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if all(getattr(self, f) is None for f in type(self).model_fields):
+            raise ValueError("an entry needs at least one of base, method, n_experts, seed (keep_merged: all keeps "
+                             "every merge)")
+        return self
+
+    def matches(self, cell) -> bool:
+        return all(v is None or getattr(cell, f) == v for f, v in self)
 
 
 class StudyConfig(_Strict):
@@ -145,19 +165,28 @@ class StudyConfig(_Strict):
     data_build: str | None = None
     eval: EvalSettings = Field(default_factory=EvalSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
-    keep_merged: Literal["none", "all"] = "none"
+    # merged checkpoints kept on disk once scored: none, all, or the cells matching any of these selectors (those
+    # cells are written and read back; by push, the others are merged into the resident replicas)
+    keep_merged: Literal["none", "all"] | list[KeepSelector] = "none"
     max_merged_alive: int = Field(2, ge=1, description="merged checkpoints on disk at once (merged, not yet "
                                   "scored); by push: resident replicas, at least one per base")
     address: str | None = None  # Ray cluster; none: an embedded local Ray
 
     @property
     def pushes(self) -> bool:
-        """Whether the cells are merged into a resident model of their base and scored there, nothing written:
-        merge.push auto, a backend that takes pushed rows, one replica per evaluation, no merged checkpoint kept."""
+        """Whether cells may be merged into a resident model of their base and scored there, nothing written:
+        merge.push auto, a backend that takes pushed rows, one replica per evaluation, not every merge kept.
+        A merge that is kept goes by disk all the same (StudyPlan.pushes)."""
         from mergescale.eval.merge_eval import PUSH_BACKENDS
 
         return (self.merge.push == "auto" and self.eval.backend in PUSH_BACKENDS and self.eval.replicas == 1
-                and self.keep_merged == "none")
+                and self.keep_merged != "all")
+
+    def keeps(self, cell) -> bool:
+        """Whether keep_merged selects `cell` (StudyPlan.keeps: whether its merge is kept)."""
+        if isinstance(self.keep_merged, str):
+            return self.keep_merged == "all"
+        return any(k.matches(cell) for k in self.keep_merged)
 
     @field_validator("experts", "multitask", mode="before")
     @classmethod
@@ -169,6 +198,25 @@ class StudyConfig(_Strict):
             return {k: ({c: one(x) for c, x in x.items()} if isinstance(x, dict) and "train" not in x else one(x))
                     for k, x in v.items()}
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep(cls, data):
+        """keep_merged's errors, one per bad entry, instead of pydantic's for each member of its union."""
+        v = data.get("keep_merged", "none") if isinstance(data, dict) else "none"
+        if isinstance(v, list):
+            out = []
+            for i, x in enumerate(v):
+                try:
+                    out.append(KeepSelector.model_validate(x))
+                except ValidationError as e:
+                    raise ValueError("; ".join(line.strip() for line in format_errors(
+                        e, prefix=f"keep_merged.{i}", model=KeepSelector).splitlines()[1:])) from None
+            return {**data, "keep_merged": out}
+        if v not in ("none", "all"):
+            raise ValueError(f"keep_merged: expected none, all, or a list of the cells to keep such as [{{method: "
+                             f"TIES, n_experts: 4}}] (got {v!r})")
+        return data
 
     @field_validator("num_experts", "seeds")
     @classmethod
@@ -195,6 +243,14 @@ class StudyConfig(_Strict):
             unknown = sorted(set(getattr(self, field)) - set(names))
             if unknown:
                 raise ValueError(f"{field}: {', '.join(unknown)} is not a base name; bases: {', '.join(names)}")
+        if not isinstance(self.keep_merged, str):
+            for i, k in enumerate(self.keep_merged):
+                for field, value, allowed in (("base", k.base, names), ("method", k.method, labels),
+                                              ("n_experts", k.n_experts, self.num_experts),
+                                              ("seed", k.seed, self.seeds)):
+                    if value is not None and value not in allowed:
+                        raise ValueError(f"keep_merged.{i}.{field}: {value!r} selects no cell; the study's "
+                                         f"{field}: {', '.join(map(str, allowed))}")
         for m in self.methods:
             sig = SIGNATURES[m.method]
             for n in self.num_experts:

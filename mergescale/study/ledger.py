@@ -11,7 +11,7 @@
       failed/<key>.json        the error of a failed cell (removed when it succeeds on a rerun)
       running/<key>.json       a cell in flight (its merge or evaluation started, not finished)
       manifests/<key>.json     each merge's manifest (inputs, parameters, shard sha256s: provenance)
-      merged/<key>/            merged checkpoints, deleted once scored unless keep_merged: all
+      merged/<key>/            merged checkpoints, deleted once scored unless keep_merged selects them
       evals/<key>/             evaluate() output of each model: score cache, per-example rows, metrics
       timings.jsonl            one line per training, evaluation and merge (start, end): the benchmark's split
       ledger.parquet           derived: one row per (cell, task), LEDGER_SCHEMA

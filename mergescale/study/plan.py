@@ -54,6 +54,7 @@ class StudyPlan:
     model_bytes: dict[str, int]  # base name -> bytes of its weights
     model_params: dict[str, int]  # base name -> its number of parameters
     eval_examples: dict[str, int] = field(default_factory=dict)  # task -> examples evaluated
+    _kept: set | None = field(default=None, repr=False)  # merge identities that keep_merged selects
 
     # -- what each model and cell is evaluated on ---------------------------------------------------------------
     def held_in_tasks(self, categories) -> list[str]:
@@ -79,6 +80,19 @@ class StudyPlan:
             return None
         s = self.config.merge.dare_seed
         return cell.seed if s == "cell" else s
+
+    def keeps(self, cell: Cell) -> bool:
+        """Whether the merge of `cell` stays on disk once scored (keep_merged): a merge that several cells share
+        is kept when any of them is selected."""
+        if isinstance(self.config.keep_merged, str):
+            return self.config.keep_merged == "all"
+        if self._kept is None:
+            self._kept = {self.merge_identity(c) for c in self.cells if self.config.keeps(c)}
+        return self.merge_identity(cell) in self._kept
+
+    def pushes(self, cell: Cell) -> bool:
+        """Whether the merge of `cell` goes by push (merged into its base's resident replica, nothing written)."""
+        return self.config.pushes and not self.keeps(cell)
 
     def unique_merges(self) -> list[Cell]:
         seen, out = set(), []
@@ -113,10 +127,12 @@ class StudyPlan:
         n_ref_evals = sum(len(self.tasks_of_model(m.role)) for m in refs)
         n_cell_evals = sum(len(self.cell_tasks(x)) for x in merges)
         read = sum(self.merge_read_bytes(x) for x in merges)
-        write = 0 if c.pushes else sum(self.model_bytes[x.base] for x in merges)  # pushed: merged in memory
+        written = [x for x in merges if not self.pushes(x)]  # pushed: merged in memory, nothing written
+        write = sum(self.model_bytes[x.base] for x in written)
         trained_bytes = sum(self.model_bytes[m.base] for m in trains)
         biggest = max(self.model_bytes.values())
-        alive = 0 if c.pushes else c.max_merged_alive if c.keep_merged == "none" else len(merges)
+        kept = sum(self.keeps(x) for x in written)
+        alive = kept + min(c.max_merged_alive, len(written) - kept)
         peak = trained_bytes + min(alive, len(merges)) * biggest
         t = estimate_seconds(self, rates)
         lines = [
@@ -132,7 +148,8 @@ class StudyPlan:
             f"evaluations       {len(refs)} reference models ({n_ref_evals} model-task evaluations) + {len(merges)} "
             f"merged models ({n_cell_evals} model-task evaluations)",
             f"bytes to read     {human_bytes(read)} (merges)",
-            f"bytes to write    {human_bytes(write)} merged" + (" (cells by push)" if c.pushes else "")
+            f"bytes to write    {human_bytes(write)} merged"
+            + (f" ({len(merges) - len(written)} of {len(merges)} merges by push)" if c.pushes else "")
             + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",

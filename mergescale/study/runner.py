@@ -58,7 +58,7 @@ def run(config, *, address: str | None = None, progress: bool = True, report: bo
     keys = {c: C.cell_key(plan, c, digests) for c in plan.cells}
     write_json_atomic({"cells": [{"cell": c.name, "key": k} for c, k in keys.items()]}, rd.path("plan.json"))
     results = {k: rd.read_scores("results", k) for k in set(keys.values()) if k in rd.done_keys("results")}
-    _cleanup(plan, set(results))
+    _cleanup(plan, set(results) - {k for c, k in keys.items() if plan.keeps(c)})
     _run_cells(plan, keys, results, refs, progress)
 
     # -- 4. ledger, summary, report -------------------------------------------------------------------------------
@@ -92,14 +92,15 @@ def _open_run_dir(plan: StudyPlan) -> None:
                        "host": socket.gethostname(), "pid": os.getpid()}, rd.path("run.json"))
 
 
-def _cleanup(plan: StudyPlan, done_keys: set[str]) -> None:
-    """Merged checkpoints of cells already scored (a crash between scoring and deleting), and stale markers."""
+def _cleanup(plan: StudyPlan, unkept_done: set[str]) -> None:
+    """Merged checkpoints of cells already scored and not kept (a crash between scoring and deleting), and stale
+    markers."""
     rd = plan.run
     for key in rd.running():
         rd.clear_running(key)
-    if plan.config.keep_merged == "none" and rd.path("merged").exists():
+    if rd.path("merged").exists():
         for d in rd.path("merged").iterdir():
-            if d.name in done_keys:
+            if d.name in unkept_done:
                 shutil.rmtree(d, ignore_errors=True)
 
 
@@ -224,8 +225,12 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     bar = _bar(len(keys), "study", "cell", progress, initial=sum(len(v) for k, v in cells_of.items() if k in results))
     state = {"merging": 0, "evaluating": 0, "failed": 0}
     merged: dict[str, dict] = {}
-    pool, in_flight = None, cfg.max_merged_alive
-    if cfg.pushes and todo:
+    # by push (plan.pushes): merged into a resident replica of the base and scored there; the others (merges kept
+    # on disk, or every cell where the evaluation takes no push) written and read back
+    pushed = [k for k in todo if plan.pushes(cells_of[k][0])]
+    written = [k for k in todo if k not in set(pushed)]
+    pool = None
+    if pushed:
         from mergescale.cluster.resident import ResidentPool, ResidentRoomError
         from mergescale.cluster.session import ensure_ray
 
@@ -234,10 +239,10 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         # max_merged_alive models alive at once here too (resident replicas; at least one per base), each with a
         # next cell queued so it never waits for the driver; the bases' cells interleaved so all of them start
         by_base: dict[str, list] = {}
-        for k in todo:
+        for k in pushed:
             by_base.setdefault(cells_of[k][0].base, []).append(k)
         per_base = max(1, cfg.max_merged_alive // len(by_base))
-        todo = [k for group in itertools.zip_longest(*by_base.values()) for k in group if k is not None]
+        pushed = [k for group in itertools.zip_longest(*by_base.values()) for k in group if k is not None]
         ms = cfg.merge
         merge_resources = (0.0, 0.0) if ms.workers is None else (ms.workers * ms.num_cpus, ms.workers * ms.num_gpus)
         pool = ResidentPool(settings, *_eval_resources(cfg.eval), per_base=per_base, merge_resources=merge_resources)
@@ -245,7 +250,6 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             pool.require_room(len(by_base))  # before any cell: replicas that never fit would wait forever
         except ResidentRoomError as e:
             raise StudyError(str(e)) from None
-        in_flight = 2 * per_base * len(by_base)
 
     def show():
         bar.set_postfix_str(f"merging {state['merging']}, evaluating {state['evaluating']}, failed {state['failed']}",
@@ -261,7 +265,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         cell = cells_of[key][0]
         ms = cfg.merge
         config = C.merge_config(plan, cell)
-        if pool is not None:  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
+        if plan.pushes(cell):  # merge and evaluation in one call on the base's resident replica, retried on a fresh one
             call = pool.call(config["base"])
             return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings,
                                        ms.workers),
@@ -302,7 +306,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         results[key] = rows
         rd.clear_running(key)
         rd.clear_failed(key)
-        if cfg.keep_merged == "none":
+        if not plan.keeps(cell):
             shutil.rmtree(rd.path("merged", key), ignore_errors=True)
         _write_ledger(plan, keys, results, refs)
         bar.update(len(cells_of[key]))
@@ -321,12 +325,16 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         show()
 
     show()
-    try:
-        run_jobs(todo, first, next_step, failed, max_in_flight=in_flight, address=cfg.address, on_start=started)
-    finally:
-        if pool is not None:
+    if pushed:
+        try:
+            run_jobs(pushed, first, next_step, failed, max_in_flight=2 * per_base * len(by_base), address=cfg.address,
+                     on_start=started)
+        finally:
             rd.log_timing("residents", "cells", 0.0, 0.0, started=pool.started)
             pool.close()
+    if written:  # after the replicas are gone: their resources are the merges' and evaluations' now
+        run_jobs(written, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
+                 on_start=started)
     bar.close()
 
 

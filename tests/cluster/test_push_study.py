@@ -4,6 +4,7 @@ there. In-process studies (their own Ray): listed in OWN_RAY_SESSION in tests/co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import pytest
 import ray.cloudpickle
 
 from mergescale import study
+from mergescale.checkpoint.output_dir import MANIFEST
 from mergescale.cluster import resident
 from mergescale.tiny import build_study_fixture
 
@@ -123,3 +125,26 @@ def test_merge_actors_that_cannot_fit_beside_the_replicas_fail_before_any_cell(t
     assert timings(cfg["work_dir"], "merge") == []  # no cell's merge started
     assert list((Path(cfg["work_dir"]) / "references").glob("*.parquet"))  # the references ran first, as always
     assert not list(Path(cfg["work_dir"]).glob("results/*.parquet"))
+
+
+def test_a_kept_merge_is_written_and_the_others_pushed(tmp_path, disk):
+    """keep_merged: [{n_experts: 2}] in a push study: that cell's merge is written by the normal path and stays,
+    a complete checkpoint (every shard's sha256 as its manifest says, and the fingerprint the ledger records), the
+    other cell is pushed; both score as the disk run."""
+    run = study.run(small_study(tmp_path, "keep", keep_merged=[{"n_experts": 2}]), progress=False, report=False)
+    assert run["done"] == 2 and run["failed"] == 0
+    root = Path(run["run_dir"])
+    key = {c["cell"].split("/")[2]: c["key"] for c in json.loads((root / "plan.json").read_text())["cells"]}
+    merges = {e["key"]: e for e in timings(run["run_dir"], "merge")}
+    assert merges[key["N=1"]]["pushed"] and not merges[key["N=2"]].get("pushed")
+    assert [p.name for p in (root / "merged").iterdir()] == [key["N=2"]]
+    kept = root / "merged" / key["N=2"]
+    manifest = json.loads((kept / MANIFEST).read_text())
+    digests = {}
+    for name, shard in sorted(manifest["outputs"].items()):
+        digests[name] = hashlib.sha256((kept / name).read_bytes()).hexdigest()
+        assert digests[name] == shard["sha256"], name
+    fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:32]
+    rows = pq.read_table(root / "ledger.parquet").to_pylist()
+    assert {r["model_fingerprint"] for r in rows if r["n_experts"] == 2} == {fingerprint}
+    assert scores(run["run_dir"]) == scores(disk["run_dir"])

@@ -272,6 +272,8 @@ BAD = {
                    "experts.tiny-pt.sentiment (train spec"),
     "slerp with 4": (lambda c: c["methods"].append({"label": "SLERP", "method": "slerp"}),
                      "methods.SLERP: 'slerp' cannot merge 4 experts"),
+    "keep selector": (lambda c: c.update(keep_merged=[{"n_experts": 2}, {"method": "TIESS"}]),
+                      "keep_merged.1.method: 'TIESS' selects no cell"),
 }
 
 
@@ -365,3 +367,31 @@ def test_a_pushed_merge_is_checked_against_the_cells_parameters_and_seed():
                           ({"base": "/m/other"}, "base")):
         with pytest.raises(StudyError, match=f"cell c: .*{field}: "):
             _check_pushed(cell, manifest(**change), "c")
+
+
+def test_kept_merges_are_the_selected_cells_and_every_cell_sharing_their_merge(tmp_path):
+    """keep_merged: [selectors]: a merge is kept (and so written, not pushed) when any cell sharing it matches;
+    `study plan` counts the bytes of those merges only."""
+    from mergescale.study.plan import make_plan
+
+    cfg = build_study_fixture(tmp_path, n_examples=4)
+    cfg["keep_merged"] = [{"method": "TIES", "seed": 1}, {"base": "tiny-pt", "n_experts": 2, "seed": 0}]
+    plan = make_plan(cfg)
+    assert plan.config.pushes  # hf, one replica: the other cells go by push
+
+    def selected(c):  # the selectors, written out
+        return (c.method == "TIES" and c.seed == 1) or (c.base == "tiny-pt" and c.n_experts == 2 and c.seed == 0)
+
+    for c in plan.cells:
+        shared = [x for x in plan.cells if plan.merge_identity(x) == plan.merge_identity(c)]
+        assert plan.keeps(c) == any(selected(x) for x in shared), c.name
+        assert plan.pushes(c) == (not plan.keeps(c)), c.name
+    # TIES at N = 4 merges all 4 categories for both seeds: one merge, kept for seed 0 through seed 1's selector
+    n4 = [c for c in plan.cells if c.method == "TIES" and c.n_experts == 4 and c.seed == 0]
+    assert n4 and all(plan.keeps(c) and not selected(c) for c in n4)
+    kept = [c for c in plan.unique_merges() if plan.keeps(c)]
+    assert 0 < len(kept) < len(plan.unique_merges())
+    from mergescale.merge.inputs import human_bytes
+
+    want = human_bytes(sum(plan.model_bytes[c.base] for c in kept))
+    assert f"bytes to write    {want} merged ({len(plan.unique_merges()) - len(kept)} of " in plan.describe()
