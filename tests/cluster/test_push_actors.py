@@ -64,10 +64,12 @@ def test_actors_push_what_one_process_writes(family, resident, tmp_path, variant
     assert len(actors) == 2 and all(a["units"] > 0 for a in actors)  # both actors merged and sent rows
 
 
-def test_a_row_changed_after_the_actor_hashed_it_is_caught(family, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_row_changed_after_the_actor_hashed_it_is_caught(family, monkeypatch, dtype):
     """The rows change as they reach this process (before the push output sees them): only the digest taken by
-    the actor that merged them can tell."""
-    res = ResidentModel(HFBackend(family.base, max_length=64))
+    the actor that merged them can tell. bfloat16: a resident that rounds the float32 rows as it loads them, where
+    what it holds is checked against the rounding of what arrived, so the arrival itself must be checked."""
+    res = ResidentModel(HFBackend(family.base, max_length=64, dtype=dtype))
     name = "model.layers.0.self_attn.o_proj.weight"
     real = PushOutput.write_rows
 
