@@ -6,11 +6,14 @@
     ->  every cell not done yet: merge -> evaluate (its N categories' held-in tasks + every held-out task)
         -> record its scores -> delete the merged checkpoint (unless keep_merged)
     ->  ledger (scores normalized as the paper does) -> summary -> report
+    ->  merges that keep_merged selects but whose cells were scored without keeping them: merged again to disk
 
 Merges and evaluations are Ray tasks (mergescale.cluster.study): different cells merge and evaluate side by side,
 with at most `max_merged_alive` cells in flight. A cell's result is written only once it is complete
 (results/<key>.parquet), so a killed study rerun with the same command redoes only unfinished cells; a failed
 cell is recorded (failed/<key>.json, with its error) and the study goes on.
+
+Over 400 lines on purpose: the whole flow reads here, top to bottom, with the work itself in study/cells.py.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ def run(config, *, address: str | None = None, progress: bool = True, report: bo
            "ledger": str(rd.path("ledger.parquet")), "report": None}
     if report:
         out["report"] = _report(rd.root, progress)
+    errors = _keep_scored_merges(plan, keys, results, progress)
+    if errors:
+        raise StudyError("merges that keep_merged selects could not be kept (the cells' scores stand):\n  "
+                         + "\n  ".join(errors))
     return out
 
 
@@ -336,6 +343,46 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
         run_jobs(written, first, next_step, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address,
                  on_start=started)
     bar.close()
+
+
+def _keep_scored_merges(plan: StudyPlan, keys: dict, results: dict, progress: bool) -> list[str]:
+    """Merges that keep_merged selects (a selection added once their cells were scored, say) and that are not on
+    disk: merged again, nothing evaluated. The cell's key hashes the inputs' content and the merge's settings, so
+    the merge is the one scored; where that was written and read back, its fingerprint must also equal the one the
+    ledger records (a pushed merge's fingerprint hashes other digests). Returns the errors, one per merge."""
+    from mergescale.cluster.study import Step, run_jobs
+
+    rd, cfg = plan.run, plan.config
+    todo = {k: c for c, k in keys.items()
+            if k in results and plan.keeps(c) and not (rd.path("merged", k) / C.MANIFEST).exists()}
+    errors: list[str] = []
+    if not todo:
+        return errors
+    bar = _bar(len(todo), "merges to keep", "merge", progress)
+    ms = cfg.merge
+
+    def first(key):
+        cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)
+        return Step(C.merge_model, (C.merge_config(plan, todo[key]), str(rd.path("merged", key)), ms.workers), cpus,
+                    gpus, name=f"merge {todo[key].name} (to keep)")
+
+    def done(key, step, res):
+        bar.update(1)
+        scored = json.loads(rd.path("manifests", f"{key}.json").read_text())
+        recorded = {r["model_fingerprint"] for r in results[key]}
+        if "pushed" not in scored and recorded != {res["fingerprint"]}:
+            shutil.rmtree(rd.path("merged", key), ignore_errors=True)
+            errors.append(f"{todo[key].name}: merged again, its checkpoint has fingerprint {res['fingerprint']}, "
+                          f"not the {', '.join(sorted(recorded))} that was scored; removed")
+        return None
+
+    def failed(key, step, err):
+        bar.update(1)
+        errors.append(f"{todo[key].name}: {err.splitlines()[0][:300]}")
+
+    run_jobs(list(todo), first, done, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address)
+    bar.close()
+    return errors
 
 
 def merge_identity(config: dict) -> dict:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray.cloudpickle
@@ -17,6 +19,7 @@ import ray.cloudpickle
 from mergescale import study
 from mergescale.checkpoint.output_dir import MANIFEST
 from mergescale.cluster import resident
+from mergescale.study.ledger import StudyError
 from mergescale.tiny import build_study_fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -148,3 +151,40 @@ def test_a_kept_merge_is_written_and_the_others_pushed(tmp_path, disk):
     rows = pq.read_table(root / "ledger.parquet").to_pylist()
     assert {r["model_fingerprint"] for r in rows if r["n_experts"] == 2} == {fingerprint}
     assert scores(run["run_dir"]) == scores(disk["run_dir"])
+
+
+def test_a_merge_kept_after_its_cell_was_scored_is_merged_again(tmp_path, disk):
+    """keep_merged added to a finished study: the rerun merges the selected cells again to disk and evaluates
+    nothing. Their merge is the one scored: a cell written and read back the first time must have the fingerprint
+    the ledger records (else an error, and the checkpoint removed); a pushed cell's checkpoint is the disk run's."""
+    def evals(run):
+        return len(timings(run["run_dir"], "eval"))
+
+    for name, merge in (("disk", {"push": "never"}), ("push", {})):
+        cfg = small_study(tmp_path, name, merge=merge)
+        first = study.run(cfg, progress=False, report=False)
+        root = Path(first["run_dir"])
+        assert first["done"] == 2 and not list((root / "merged").glob("*"))
+        again = study.run({**cfg, "keep_merged": [{"n_experts": 2}]}, progress=False, report=False)
+        assert again["done"] == 2 and evals(again) == evals(first)  # nothing evaluated again
+        key = {c["cell"].split("/")[2]: c["key"] for c in json.loads((root / "plan.json").read_text())["cells"]}
+        assert [p.name for p in (root / "merged").glob("*")] == [key["N=2"]]
+        assert scores(again["run_dir"]) == scores(disk["run_dir"])
+        # the checkpoint is the disk run's merge of that cell, byte for byte
+        kept = json.loads((root / "merged" / key["N=2"] / MANIFEST).read_text())["outputs"]
+        disk_rows = pq.read_table(Path(disk["run_dir"]) / "ledger.parquet").to_pylist()
+        shards = {n: s["sha256"] for n, s in sorted(kept.items())}
+        assert {r["model_fingerprint"] for r in disk_rows if r["n_experts"] == 2} == {
+            hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()[:32]}
+
+    # a written cell whose recorded fingerprint is not the merge's: refused, nothing kept
+    root = tmp_path / "disk"
+    shutil.rmtree(root / "merged" / key["N=2"])
+    results = root / "results" / f"{key['N=2']}.parquet"
+    table = pq.read_table(results)
+    fp = table.column_names.index("model_fingerprint")
+    pq.write_table(table.set_column(fp, "model_fingerprint", pa.array(["0" * 32] * table.num_rows)), results)
+    with pytest.raises(StudyError, match="not the 0{32} that was scored"):
+        study.run({**small_study(tmp_path, "disk", merge={"push": "never"}), "keep_merged": [{"n_experts": 2}]},
+                  progress=False, report=False)
+    assert not list((root / "merged").glob("*"))
