@@ -94,12 +94,13 @@ class PushOutput:
         self.produced[(name, row_start)] = digest if digest is not None else hashlib.sha256(data).digest()
         # A target that rounds a tensor is checked against the rounding of the rows as they arrive, which cannot
         # tell rows changed in transit: check those against the merge's digest here.
-        if name in self.rounds and digest is not None and hashlib.sha256(data).digest() != digest:
+        arrived = hashlib.sha256(data).digest() if name in self.rounds and digest is not None else digest
+        if arrived != digest:
             self.target.fail()
             end = next(r1 for r0, r1 in self.ranges[name] if r0 == row_start)
             raise PushMismatch(f"pushed tensor {name} rows {row_start}-{end}: the rows that arrived have sha256 "
-                               f"{hashlib.sha256(data).hexdigest()[:16]}..., the merge produced {digest.hex()[:16]}...;"
-                               " the pushed model is not the merge and is not scored")
+                               f"{arrived.hex()[:16]}..., the merge produced {digest.hex()[:16]}...; the pushed "
+                               "model is not the merge and is not scored")
         if name in self.rounds:
             self.checked[(name, row_start)] = hashlib.sha256(self.target.as_held(name, data, code)).digest()
         self.target.load_rows(name, row_start, data, code)

@@ -182,7 +182,7 @@ class StudyConfig(_Strict):
         return (self.merge.push == "auto" and self.eval.backend in PUSH_BACKENDS and self.eval.replicas == 1
                 and self.keep_merged != "all")
 
-    def keeps(self, cell) -> bool:
+    def keep_selects(self, cell) -> bool:
         """Whether keep_merged selects `cell` (StudyPlan.keeps: whether its merge is kept)."""
         if isinstance(self.keep_merged, str):
             return self.keep_merged == "all"

@@ -87,7 +87,7 @@ class StudyPlan:
         if isinstance(self.config.keep_merged, str):
             return self.config.keep_merged == "all"
         if self._kept is None:
-            self._kept = {self.merge_identity(c) for c in self.cells if self.config.keeps(c)}
+            self._kept = {self.merge_identity(c) for c in self.cells if self.config.keep_selects(c)}
         return self.merge_identity(cell) in self._kept
 
     def pushes(self, cell: Cell) -> bool:
@@ -132,6 +132,8 @@ class StudyPlan:
         trained_bytes = sum(self.model_bytes[m.base] for m in trains)
         biggest = max(self.model_bytes.values())
         kept = sum(self.keeps(x) for x in written)
+        how = ([f"{len(merges) - len(written)} of {len(merges)} merges by push"] if c.pushes else []) \
+            + ([f"{kept} kept by keep_merged"] if kept else [])
         alive = kept + min(c.max_merged_alive, len(written) - kept)
         peak = trained_bytes + min(alive, len(merges)) * biggest
         t = estimate_seconds(self, rates)
@@ -148,8 +150,7 @@ class StudyPlan:
             f"evaluations       {len(refs)} reference models ({n_ref_evals} model-task evaluations) + {len(merges)} "
             f"merged models ({n_cell_evals} model-task evaluations)",
             f"bytes to read     {human_bytes(read)} (merges)",
-            f"bytes to write    {human_bytes(write)} merged"
-            + (f" ({len(merges) - len(written)} of {len(merges)} merges by push)" if c.pushes else "")
+            f"bytes to write    {human_bytes(write)} merged" + (f" ({', '.join(how)})" if how else "")
             + (f" + {human_bytes(trained_bytes)} trained" if trains else ""),
             f"peak disk         {human_bytes(peak)} (trained models + {min(alive, len(merges))} merged "
             f"checkpoint(s) alive at once)",

@@ -235,7 +235,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
     # by push (plan.pushes): merged into a resident replica of the base and scored there; the others (merges kept
     # on disk, or every cell where the evaluation takes no push) written and read back
     pushed = [k for k in todo if plan.pushes(cells_of[k][0])]
-    written = [k for k in todo if k not in set(pushed)]
+    written = [k for k in todo if not plan.pushes(cells_of[k][0])]
     pool = None
     if pushed:
         from mergescale.cluster.resident import ResidentPool, ResidentRoomError
@@ -277,9 +277,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             return Step(C.push_model, (config, plan.cell_tasks(cell), str(rd.path("evals", key)), settings,
                                        ms.workers),
                         name=f"push {cell.name}", submit=call.submit, retry=call.retry, retries=2)
-        cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)  # actors hold the resources
-        return Step(C.merge_model, (config, str(rd.path("merged", key)), ms.workers), cpus, gpus,
-                    name=f"merge {cell.name}")
+        return _merge_step(plan, cell, key)
 
     def next_step(key, step, res):
         cell = cells_of[key][0]
@@ -350,7 +348,7 @@ def _keep_scored_merges(plan: StudyPlan, keys: dict, results: dict, progress: bo
     disk: merged again, nothing evaluated. The cell's key hashes the inputs' content and the merge's settings, so
     the merge is the one scored; where that was written and read back, its fingerprint must also equal the one the
     ledger records (a pushed merge's fingerprint hashes other digests). Returns the errors, one per merge."""
-    from mergescale.cluster.study import Step, run_jobs
+    from mergescale.cluster.study import run_jobs
 
     rd, cfg = plan.run, plan.config
     todo = {k: c for c, k in keys.items()
@@ -359,12 +357,6 @@ def _keep_scored_merges(plan: StudyPlan, keys: dict, results: dict, progress: bo
     if not todo:
         return errors
     bar = _bar(len(todo), "merges to keep", "merge", progress)
-    ms = cfg.merge
-
-    def first(key):
-        cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)
-        return Step(C.merge_model, (C.merge_config(plan, todo[key]), str(rd.path("merged", key)), ms.workers), cpus,
-                    gpus, name=f"merge {todo[key].name} (to keep)")
 
     def done(key, step, res):
         bar.update(1)
@@ -380,9 +372,20 @@ def _keep_scored_merges(plan: StudyPlan, keys: dict, results: dict, progress: bo
         bar.update(1)
         errors.append(f"{todo[key].name}: {err.splitlines()[0][:300]}")
 
-    run_jobs(list(todo), first, done, failed, max_in_flight=cfg.max_merged_alive, address=cfg.address)
+    run_jobs(list(todo), lambda key: _merge_step(plan, todo[key], key), done, failed,
+             max_in_flight=cfg.max_merged_alive, address=cfg.address)
     bar.close()
     return errors
+
+
+def _merge_step(plan: StudyPlan, cell, key: str):
+    """A cell's merge written to merged/<key>/ (a Ray task; with merge.workers its actors hold the resources)."""
+    from mergescale.cluster.study import Step
+
+    ms = plan.config.merge
+    cpus, gpus = (ms.num_cpus, ms.num_gpus) if ms.workers is None else (0.0, 0.0)
+    return Step(C.merge_model, (C.merge_config(plan, cell), str(plan.run.path("merged", key)), ms.workers), cpus,
+                gpus, name=f"merge {cell.name}")
 
 
 def merge_identity(config: dict) -> dict:
