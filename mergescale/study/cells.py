@@ -131,13 +131,14 @@ def evaluate_model(model_dir: str, tasks: list[str], out: str, settings: dict) -
     Returns evaluate()'s per-task metrics and timing."""
     from mergescale.eval import evaluate
 
+    t0 = time.time()  # the evaluation's setup (a fresh worker's transformers import) is its time, as a replica's is
     worker_setup(settings)
-    t0 = time.time()
+    setup_s = time.time() - t0
     result = evaluate(model_dir, tasks=tasks, backend=settings["backend"], replicas=settings["replicas"], out=out,
                       num_cpus_per_replica=settings["num_cpus"], num_gpus_per_replica=settings["num_gpus"],
                       **_eval_kwargs(settings))
     return {"metrics": result["metrics"], "computed": result["computed"], "cached": result["cached"], "start": t0,
-            "end": time.time()}
+            "setup_s": setup_s, "end": time.time()}
 
 
 def push_model(config: dict, tasks: list[str], out: str, settings: dict, resident=None, runner=None) -> dict:
@@ -148,8 +149,8 @@ def push_model(config: dict, tasks: list[str], out: str, settings: dict, residen
     metrics and the times."""
     from mergescale.eval.merge_eval import evaluate_merge, load_resident, resident_source
 
-    worker_setup(settings)
     t0 = time.time()
+    worker_setup(settings)
     if resident is None:
         resident = load_resident(resident_source(config), settings["backend"], dtype=settings["dtype"],
                                  max_length=settings["max_length"])

@@ -183,7 +183,7 @@ def _references(plan: StudyPlan, digests: C.Digests, progress: bool) -> dict[tup
                             res["end"] - res["start"])
         rd.write_scores("references", k, rows)
         rd.log_timing("eval", k, res["start"], res["end"], model=f"{m.base}/{m.role}",
-                      param_examples=res["computed"] * plan.model_params[m.base])
+                      param_examples=res["computed"] * plan.model_params[m.base], setup_s=res["setup_s"])
         return None
 
     def failed(m: ModelRef, step, err):
@@ -304,7 +304,7 @@ def _run_cells(plan: StudyPlan, keys: dict, results: dict, refs: dict, progress:
             m = merged.pop(key)
             eval_start = res["start"]
         rd.log_timing("eval", key, eval_start, res["end"],
-                      param_examples=res["computed"] * plan.model_params[cell.base])
+                      param_examples=res["computed"] * plan.model_params[cell.base], setup_s=res.get("setup_s", 0.0))
         rows = C.score_rows(rd.root, cell.name, key, res["metrics"], groups, m["fingerprint"], rd.path("evals", key),
                             m["end"] - m["start"], res["end"] - eval_start)
         rd.write_scores("results", key, rows)  # the cell is done from here on

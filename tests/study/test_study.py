@@ -110,6 +110,9 @@ def test_tiny_study_completes_with_the_paper_metric(full_run):
     assert events(run_dir, "residents")[0]["started"] == 2
     loads = events(run_dir, "replica_load")  # each replica's load of its base is timed, once
     assert len(loads) == 2 and all(e["end"] > e["start"] for e in loads)
+    # an evaluation's span holds its setup in the worker (the benchmark reports the overhead both ways)
+    assert all(0.0 <= e["setup_s"] <= e["end"] - e["start"] for e in events(run_dir, "eval"))
+    assert any(e["setup_s"] > 0.0 for e in events(run_dir, "eval"))
 
 
 def test_seed_rule_is_shared_by_every_base_and_method(full_run):
