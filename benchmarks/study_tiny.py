@@ -7,8 +7,9 @@ Overhead is the run's wall time (from `study.run`'s start to its end, as logged 
 which no training, evaluation or merge was executing: planning, Ray start, content digests, scheduling gaps, Ray
 worker start-up, ledger writes. An evaluation's span starts with its setup in the worker (importing transformers,
 registering custom tasks), as a resident replica's load does; the overhead with that setup counted as overhead
-instead (as before that was made consistent) is printed too. Busy times overlap (a merge and an evaluation run side
-by side), so the phases are reported as wall-clock spans of each kind plus the union of all of them.
+instead (as the first three passes in docs/BENCHMARKS.md counted it) is printed too. Busy times overlap (a merge
+and an evaluation run side by side), so the phases are reported as wall-clock spans of each kind plus the union of
+all of them.
 
     PYTHONPATH=. .venv/bin/python benchmarks/study_tiny.py [--root DIR] [--examples 16] [--address ADDR]
 """
